@@ -1,0 +1,1 @@
+"""HTTP layer: controllers and wire schemas only; no Slurm details here."""

@@ -1,0 +1,139 @@
+"""One typed settings object, read from ``GATEWAY_*`` environment variables.
+
+Validation happens once, at start-up; a bad value stops the process with a
+message naming the variable. Every variable is listed in README.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+PREFIX = "GATEWAY_"
+
+
+class SlurmAuthMode(enum.StrEnum):
+    MINT = "mint"  # sign tokens with the cluster's JWT key
+    STATIC = "static"  # a token from GATEWAY_SLURM_TOKEN or GATEWAY_SLURM_TOKEN_FILE
+
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a pod listens on all interfaces
+    port: Port = 8001
+    log_level: str = "info"
+    log_json: bool = False
+
+    # A cluster.json written by deploy/local/cluster.sh fills the slurm_* values
+    # below that are not set explicitly.
+    slurm_cluster_file: str | None = None
+    slurm_url: str = ""
+    slurm_api_version: str | None = None
+    slurm_user: str = ""
+    slurm_auth: SlurmAuthMode = SlurmAuthMode.MINT
+    slurm_jwt_key_file: str | None = None
+    slurm_jwt_lifespan: Annotated[int, msgspec.Meta(ge=30)] = 1800
+    slurm_token: str | None = None
+    slurm_token_file: str | None = None
+    slurm_timeout: Seconds = 10.0
+    slurm_connect_timeout: Seconds = 3.0
+
+    def __repr__(self) -> str:
+        # Never print the token, even in a debugger or a crash report.
+        fields = {
+            f: ("<hidden>" if f == "slurm_token" and getattr(self, f) else getattr(self, f))
+            for f in self.__struct_fields__
+        }
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+_FIELD_IN_PATH = re.compile(r"at `\$\.([a-z_]+)")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for field in Settings.__struct_fields__:
+        value = env.get(env_name(field))
+        if value is not None and value != "":
+            raw[field] = value
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        match = _FIELD_IN_PATH.search(str(exc))
+        name = env_name(match.group(1)) if match else "a GATEWAY_ variable"
+        reason = str(exc).split(" - at ")[0]
+        raise SettingsError(f"{name}: {reason}") from None
+    if settings.slurm_cluster_file is not None:
+        settings = _apply_cluster_file(settings, raw)
+    _check_slurm(settings)
+    return settings
+
+
+def _apply_cluster_file(settings: Settings, explicit: Mapping[str, Any]) -> Settings:
+    path = settings.slurm_cluster_file
+    assert path is not None
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SettingsError(
+            f"{env_name('slurm_cluster_file')}: cannot read {path}: {exc}"
+        ) from None
+    from_file = {
+        "slurm_url": info.get("url"),
+        "slurm_user": info.get("user"),
+        "slurm_jwt_key_file": info.get("jwt_key"),
+    }
+    updates = {k: v for k, v in from_file.items() if v and k not in explicit}
+    return msgspec.convert({**msgspec.structs.asdict(settings), **updates}, Settings, strict=False)
+
+
+def _check_slurm(s: Settings) -> None:
+    if not s.slurm_url:
+        raise SettingsError(
+            f"{env_name('slurm_url')}: required (the slurmrestd base URL, "
+            "e.g. http://127.0.0.1:6820), or set "
+            f"{env_name('slurm_cluster_file')}"
+        )
+    if not re.match(r"^https?://", s.slurm_url):
+        raise SettingsError(f"{env_name('slurm_url')}: must start with http:// or https://")
+    if s.slurm_api_version is not None:
+        from gateway.slurm.adapters import SUPPORTED_VERSIONS
+
+        if s.slurm_api_version not in SUPPORTED_VERSIONS:
+            raise SettingsError(
+                f"{env_name('slurm_api_version')}: {s.slurm_api_version!r} is not one of "
+                + ", ".join(SUPPORTED_VERSIONS)
+            )
+    if s.slurm_auth is SlurmAuthMode.MINT:
+        if s.slurm_jwt_key_file is None:
+            raise SettingsError(
+                f"{env_name('slurm_jwt_key_file')}: required when {env_name('slurm_auth')}=mint"
+            )
+        if not s.slurm_user:
+            raise SettingsError(
+                f"{env_name('slurm_user')}: required when {env_name('slurm_auth')}=mint"
+            )
+    elif (s.slurm_token is None) == (s.slurm_token_file is None):
+        raise SettingsError(
+            f"{env_name('slurm_token')} or {env_name('slurm_token_file')}: set exactly one "
+            f"when {env_name('slurm_auth')}=static"
+        )

@@ -1,0 +1,34 @@
+"""One adapter per slurmrestd API version, newest first.
+
+Each module documents how its version differs from the next newer one; the
+classes inherit in that order, so a difference lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+from gateway.slurm.adapters.base import Adapter, JobList, Request
+from gateway.slurm.adapters.v0_0_38 import V0038
+from gateway.slurm.adapters.v0_0_39 import V0039
+from gateway.slurm.adapters.v0_0_40 import V0040
+from gateway.slurm.adapters.v0_0_41 import V0041
+from gateway.slurm.adapters.v0_0_42 import V0042
+from gateway.slurm.adapters.v0_0_43 import V0043
+from gateway.slurm.adapters.v0_0_44 import V0044
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    cls.version: cls for cls in (V0044, V0043, V0042, V0041, V0040, V0039, V0038)
+}
+SUPPORTED_VERSIONS: tuple[str, ...] = tuple(ADAPTERS)
+
+
+def adapter_for(version: str) -> Adapter:
+    try:
+        return ADAPTERS[version]()
+    except KeyError:
+        raise ValueError(
+            f"unsupported slurmrestd API version {version!r}; "
+            f"supported: {', '.join(SUPPORTED_VERSIONS)}"
+        ) from None
+
+
+__all__ = ["ADAPTERS", "SUPPORTED_VERSIONS", "Adapter", "JobList", "Request", "adapter_for"]

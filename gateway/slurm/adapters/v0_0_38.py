@@ -1,0 +1,113 @@
+"""slurmrestd v0.0.38 (Slurm 21.08, 22.05, 23.02), the oldest version spoken.
+
+Differs from v0.0.39:
+
+* submit: ``job`` keys are sbatch's long options parsed one by one (an unknown
+  key is an error): ``environment`` must be a ``{"K": "V"}`` dictionary,
+  ``nodes`` is the node-count string, GPUs go in ``gpus_per_node``, and
+  integers are plain; the answer has no ``warnings``;
+* job record: every integer is plain (``exit_code`` is the raw waitpid
+  status), and ``standard_output`` is the unexpanded pattern (``%j``);
+* ``errors[]`` entries may be ``{error, error_code}``;
+* ping: ``pings[{hostname, ping: "UP", status, mode}]``, release under
+  ``meta.Slurm``;
+* ``update_time`` is epoch seconds and "nothing changed" is HTTP 304 with an
+  empty body;
+* a bad or expired token is HTTP 500 "slurmctld config is unable to load"
+  (error -1, source ``slurm_load_ctl_conf``) rather than an authentication error.
+
+Checked live on Slurm 22.05.8.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+from gateway.slurm.adapters import v0_0_44 as newer
+from gateway.slurm.adapters.base import JobList
+from gateway.slurm.adapters.v0_0_39 import V0039
+from gateway.slurm.adapters.v0_0_39 import JobsResponse as JobsResponse39
+from gateway.slurm.errors import SlurmAuthError, SlurmError, SlurmErrorDetail
+from gateway.slurm.models import JobSubmission, PingResult
+
+
+class Ping(msgspec.Struct, frozen=True):
+    hostname: str = ""
+    ping: str = ""
+    status: int | None = None
+
+
+class SlurmMeta(msgspec.Struct, frozen=True, rename={"slurm": "Slurm"}):
+    slurm: newer.SlurmMeta = newer.SlurmMeta()
+
+
+class PingResponse(msgspec.Struct, frozen=True):
+    pings: list[Ping] = []
+    meta: SlurmMeta = SlurmMeta()
+
+
+class V0038(V0039):
+    version: ClassVar[str] = "v0.0.38"
+
+    def submit_body(self, job: JobSubmission) -> dict[str, Any]:
+        desc: dict[str, Any] = {
+            "name": job.name,
+            "current_working_directory": job.working_directory,
+            "environment": dict(job.environment),
+            "nodes": str(job.nodes),
+        }
+        optional: dict[str, Any] = {
+            "partition": job.partition,
+            "account": job.account,
+            "standard_output": job.standard_output,
+            "standard_error": job.standard_error,
+            "cpus_per_task": job.cpus_per_task,
+            "memory_per_node": job.memory_per_node_mb,
+            "time_limit": job.time_limit_minutes,
+            "comment": job.comment,
+            "gpus_per_node": str(job.gpus_per_node) if job.gpus_per_node else None,
+        }
+        desc.update({k: v for k, v in optional.items() if v is not None})
+        return {"script": job.script, "job": desc}
+
+    def parse_jobs(self, status: int, content: bytes) -> JobList:
+        if status == 304:
+            return JobList(jobs=(), last_update=None, unchanged=True)
+        return super().parse_jobs(status, content)
+
+    def jobs_response_model(self) -> type[newer.JobsResponse]:
+        return JobsResponse39
+
+    def parse_ping(self, status: int, content: bytes) -> list[PingResult]:
+        self.check(status, content, what="ping")
+        body = self.decode(PingResponse, content, "ping")
+        return [
+            PingResult(
+                hostname=p.hostname,
+                responding=p.ping == "UP",
+                slurm_release=body.meta.slurm.release,
+                api_version=self.version,
+            )
+            for p in body.pings
+        ]
+
+    def error_for(
+        self,
+        status: int,
+        details: tuple[SlurmErrorDetail, ...],
+        *,
+        what: str,
+        body_readable: bool = True,
+    ) -> SlurmError:
+        if status == 500 and any(
+            d.source == "slurm_load_ctl_conf" and d.error_number == -1 for d in details
+        ):
+            return SlurmAuthError(
+                f"slurmrestd {self.version}: {what} failed (HTTP 500): slurmctld refused "
+                "the token (expired, forged or for another user)",
+                status_code=status,
+                errors=details,
+            )
+        return super().error_for(status, details, what=what, body_readable=body_readable)

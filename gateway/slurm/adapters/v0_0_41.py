@@ -1,0 +1,32 @@
+"""slurmrestd v0.0.41 (Slurm 24.05 to 25.11).
+
+Differs from v0.0.42:
+
+* ``update_time`` is parsed by Slurm's ``parse_time()``, so epoch seconds give
+  HTTP 422; we send the relative form ``now-N`` (seconds), which needs no
+  agreement on the server's time zone;
+* cancel answers only ``errors[]`` (no per-job ``status[]``), and cancelling a
+  finished job is a success.
+
+Checked live on Slurm 24.11.5.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import ClassVar
+
+from gateway.slurm.adapters.v0_0_42 import V0042
+
+
+class V0041(V0042):
+    version: ClassVar[str] = "v0.0.41"
+
+    def update_time_param(self, since: datetime) -> dict[str, str]:
+        # One extra second covers the rounding, at worst a full list.
+        age = max(0, int(time.time() - since.timestamp())) + 1
+        return {"update_time": f"now-{age}"}
+
+    def parse_cancel(self, status: int, content: bytes, job_id: int) -> None:
+        self.check(status, content, what=f"cancel job {job_id}")

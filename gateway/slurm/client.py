@@ -1,0 +1,195 @@
+"""Async slurmrestd client: one pooled connection set, API version negotiated once."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Self
+
+import httpx
+import structlog
+
+from gateway.slurm.adapters import SUPPORTED_VERSIONS, Adapter, JobList, Request, adapter_for
+from gateway.slurm.auth import Credentials, FixedCredentials, TokenProvider
+from gateway.slurm.errors import (
+    SlurmAuthError,
+    SlurmUnavailable,
+    SlurmVersionUnsupported,
+)
+from gateway.slurm.models import JobInfo, JobSubmission, PingResult, SubmitResult
+
+log = structlog.get_logger(__name__)
+
+
+class _Negotiated:
+    """The version choice, shared by a client and the views made by ``as_user``."""
+
+    def __init__(self, pinned: str | None) -> None:
+        if pinned is not None:
+            adapter_for(pinned)  # fail fast on a version we cannot speak
+        self.pinned = pinned
+        self.adapter: Adapter | None = None
+        self.lock = asyncio.Lock()
+
+
+class SlurmClient:
+    """Talks to one slurmrestd.
+
+    The API version is the newest one both sides speak, found on first use by
+    probing ``/slurm/<version>/ping`` newest first (a version the daemon does
+    not serve answers 404), unless ``api_version`` pins one.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        tokens: TokenProvider,
+        *,
+        api_version: str | None = None,
+        timeout: float = 10.0,
+        connect_timeout: float = 3.0,
+        max_connections: int = 32,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=transport,
+            headers={"Accept": "application/json"},
+        )
+        self._tokens = tokens
+        self._negotiated = _Negotiated(api_version)
+        self._owns_http = True
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    def as_user(self, credentials: Credentials) -> SlurmClient:
+        """A view acting with a caller's own credentials (pass-through mode),
+        sharing this client's connections and negotiated version."""
+        view = object.__new__(SlurmClient)
+        view._http = self._http
+        view._tokens = FixedCredentials(credentials)
+        view._negotiated = self._negotiated
+        view._owns_http = False
+        return view
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- version negotiation --------------------------------------------------
+
+    async def adapter(self) -> Adapter:
+        neg = self._negotiated
+        if neg.adapter is not None:
+            return neg.adapter
+        async with neg.lock:
+            if neg.adapter is None:
+                neg.adapter = await self._negotiate(neg.pinned)
+                log.info("slurmrestd_version", url=self.base_url, version=neg.adapter.version)
+            return neg.adapter
+
+    async def _negotiate(self, pinned: str | None) -> Adapter:
+        candidates = (pinned,) if pinned else SUPPORTED_VERSIONS
+        for version in candidates:
+            adapter = adapter_for(version)
+            response = await self._send(adapter.ping_request())
+            if response.status_code == 404:
+                continue
+            if response.status_code == 401:
+                raise SlurmAuthError(
+                    f"slurmrestd at {self.base_url} refused the credentials (HTTP 401)",
+                    status_code=401,
+                )
+            return adapter
+        if pinned:
+            raise SlurmVersionUnsupported(
+                f"slurmrestd at {self.base_url} does not serve the pinned API version {pinned}"
+            )
+        raise SlurmVersionUnsupported(
+            f"slurmrestd at {self.base_url} serves none of {', '.join(SUPPORTED_VERSIONS)}"
+        )
+
+    @property
+    def api_version(self) -> str | None:
+        adapter = self._negotiated.adapter
+        return adapter.version if adapter else None
+
+    # -- transport ----------------------------------------------------------------
+
+    async def _send(self, request: Request) -> httpx.Response:
+        credentials = await self._tokens.credentials()
+        try:
+            return await self._http.request(
+                request.method,
+                request.path,
+                params=request.params or None,
+                json=request.body,
+                headers=credentials.headers(),
+            )
+        except httpx.TimeoutException:
+            raise SlurmUnavailable(
+                f"slurmrestd at {self.base_url} did not answer {request.method} "
+                f"{request.path} in time"
+            ) from None
+        except httpx.TransportError as exc:
+            raise SlurmUnavailable(
+                f"slurmrestd at {self.base_url} is unreachable: {type(exc).__name__}"
+            ) from None
+
+    async def _call(self, build: Request) -> httpx.Response:
+        response = await self._send(build)
+        if response.status_code == 401:
+            # slurmrestd's own refusal, before any JSON: no or unusable token.
+            raise SlurmAuthError(
+                f"slurmrestd at {self.base_url} refused the credentials (HTTP 401)",
+                status_code=401,
+            )
+        return response
+
+    # -- operations -------------------------------------------------------------
+
+    async def ping(self) -> list[PingResult]:
+        adapter = await self.adapter()
+        response = await self._call(adapter.ping_request())
+        return adapter.parse_ping(response.status_code, response.content)
+
+    async def submit(self, job: JobSubmission) -> SubmitResult:
+        adapter = await self.adapter()
+        response = await self._call(adapter.submit_request(job))
+        return adapter.parse_submit(response.status_code, response.content)
+
+    async def get_job(self, job_id: int) -> JobInfo:
+        adapter = await self.adapter()
+        response = await self._call(adapter.get_job_request(job_id))
+        return adapter.parse_job(response.status_code, response.content, job_id)
+
+    async def list_jobs(self, changed_since: datetime | None = None) -> JobList:
+        """All jobs slurmctld still holds. With ``changed_since``, Slurm answers
+        ``unchanged`` when no job changed since then (it is not a filter)."""
+        adapter = await self.adapter()
+        response = await self._call(adapter.list_jobs_request(changed_since))
+        return adapter.parse_jobs(response.status_code, response.content)
+
+    async def cancel(self, job_id: int, signal: str | None = None) -> None:
+        """Cancel a job (SIGKILL to all its steps) or send it ``signal``.
+        Cancelling a job that already ended is not an error."""
+        adapter = await self.adapter()
+        response = await self._call(adapter.cancel_request(job_id, signal))
+        adapter.parse_cancel(response.status_code, response.content, job_id)
+
+    async def update_comment(self, job_id: int, comment: str) -> None:
+        adapter = await self.adapter()
+        response = await self._call(adapter.update_comment_request(job_id, comment))
+        adapter.parse_update(response.status_code, response.content, job_id)

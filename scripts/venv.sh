@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv with the gateway and its development tools. Installs Debian's
+# python3-venv first when the interpreter cannot make virtual environments.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+venv=${VENV:-.venv}
+
+if ! command -v "$python" >/dev/null 2>&1 || ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+  echo "venv: installing python3 and python3-venv with apt" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq python3 python3-venv python3-pip >/dev/null
+  python=python3
+fi
+"$python" - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    raise SystemExit(f"venv: Python 3.11 or newer is needed, found {sys.version.split()[0]}")
+PY
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -e '.[dev]'
+touch "$venv/.installed"

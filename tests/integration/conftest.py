@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.slurm import SlurmClient
+from gateway.testing.clusters import LocalCluster, discover, local_root
+
+CLUSTERS = discover()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cluster" in metafunc.fixturenames:
+        if not CLUSTERS:
+            # A missing cluster is a failure, never a silent skip.
+            raise pytest.UsageError(
+                f"no local Slurm clusters under {local_root()}; run `make cluster` first"
+            )
+        metafunc.parametrize("cluster", CLUSTERS, ids=[c.name for c in CLUSTERS])
+
+
+@pytest.fixture
+async def client(cluster: LocalCluster) -> AsyncIterator[SlurmClient]:
+    async with cluster.client() as c:
+        yield c
