@@ -6,10 +6,12 @@ export GATEWAY_LOCAL_ROOT ?= /var/lib/slurm-gateway-local
 # The cluster `make run` serves: c2411 (Slurm 24.11) or c2205 (Slurm 22.05).
 CLUSTER ?= c2411
 
-.PHONY: run test venv cluster cluster-down cluster-status lint format unit integration fixtures clean
+.PHONY: run test venv cluster cluster-down cluster-status lint format unit integration fixtures openapi clean
 
 run: venv cluster
-	GATEWAY_SLURM_CLUSTER_FILE=$(GATEWAY_LOCAL_ROOT)/$(CLUSTER)/cluster.json $(PY) -m gateway
+	GATEWAY_SLURM_CLUSTER_FILE=$(GATEWAY_LOCAL_ROOT)/$(CLUSTER)/cluster.json \
+	GATEWAY_SITE_FILE=$${GATEWAY_SITE_FILE:-deploy/local/site.toml} \
+	$(PY) -m gateway
 
 test: lint cluster
 	$(PY) -m pytest -ra tests
@@ -46,6 +48,10 @@ integration: venv cluster
 # Re-record the adapter fixtures from the live daemons (tests/fixtures/slurmrestd).
 fixtures: venv cluster
 	$(PY) scripts/record_fixtures.py
+
+# Regenerate openapi/openapi.json from the app (a unit test fails when it is stale).
+openapi: venv
+	$(PY) scripts/openapi.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -4,38 +4,88 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from litestar import Litestar
 from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.structlog import StructlogPlugin
 
 from gateway import __version__
+from gateway.api import errors
 from gateway.api.health import HealthController
+from gateway.api.recipes import RecipesController
+from gateway.api.services import ServicesController
+from gateway.core.recipes import RecipeCatalog
+from gateway.core.services import ServiceManager
 from gateway.settings import Settings, load_settings
+from gateway.slurm import SlurmClient
+from gateway.upstream.probe import HealthProber
 from gateway.wiring import slurm_client
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def load_recipes(settings: Settings) -> RecipeCatalog:
+    site = Path(settings.site_file) if settings.site_file else None
+    return RecipeCatalog.load(settings.recipe_folders(), site)
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="Slurm AI Gateway",
+        version=__version__,
+        description="Run AI services (vLLM first) on Slurm clusters through one HTTP API.",
+        path="/api/v1/schema",
+    )
+
+
+def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None = None) -> Litestar:
     settings = settings or load_settings()
+    # Recipes are checked before anything is served: a broken one stops start-up.
+    catalog = recipes if recipes is not None else load_recipes(settings)
 
     @asynccontextmanager
-    async def slurm_lifespan(app: Litestar) -> AsyncIterator[None]:
+    async def adapters(app: Litestar) -> AsyncIterator[None]:
         client = slurm_client(settings)
+        prober = HealthProber(timeout=settings.health_timeout, ttl=settings.health_cache_seconds)
         app.state.slurm = client
+        app.state.services = ServiceManager(
+            slurm=client,
+            recipes=catalog,
+            prober=prober,
+            job_dir=settings.job_dir,
+            slurm_user=settings.slurm_user,
+            partition=settings.slurm_partition,
+            account=settings.slurm_account,
+            path_map=settings.path_mapping(),
+            log_max_bytes=settings.log_max_bytes,
+        )
         try:
             yield
         finally:
+            await prober.aclose()
             await client.aclose()
 
+    def provide_services(state: State) -> ServiceManager:
+        services: ServiceManager = state.services
+        return services
+
+    def provide_slurm(state: State) -> SlurmClient:
+        slurm: SlurmClient = state.slurm
+        return slurm
+
+    def provide_recipes() -> RecipeCatalog:
+        return catalog
+
     return Litestar(
-        route_handlers=[HealthController],
-        lifespan=[slurm_lifespan],
-        plugins=[StructlogPlugin()],
-        openapi_config=OpenAPIConfig(
-            title="Slurm AI Gateway",
-            version=__version__,
-            path="/api/v1/schema",
-        ),
+        route_handlers=[HealthController, ServicesController, RecipesController],
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "slurm": Provide(provide_slurm, sync_to_thread=False),
+            "recipes": Provide(provide_recipes, sync_to_thread=False),
+        },
+        lifespan=[adapters],
+        plugins=[StructlogPlugin(), errors.plugin()],
+        openapi_config=openapi_config(),
         state=State({"settings": settings}),
     )

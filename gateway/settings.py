@@ -47,6 +47,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     slurm_token_file: str | None = None
     slurm_timeout: Seconds = 10.0
     slurm_connect_timeout: Seconds = 3.0
+    slurm_partition: str | None = None
+    slurm_account: str | None = None
+
+    # Services
+    recipes_dirs: str = "recipes"
+    site_file: str | None = None
+    job_dir: str = "/tmp"  # noqa: S108 - a folder on the cluster, for job output
+    path_map: str = ""
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    health_timeout: Seconds = 2.0
+    health_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0
+
+    def recipe_folders(self) -> list[Path]:
+        return [Path(p) for p in self.recipes_dirs.split(":") if p]
+
+    def path_mapping(self) -> list[tuple[str, str]]:
+        """``GATEWAY_PATH_MAP``: ``cluster_prefix=local_prefix`` pairs, comma separated."""
+        pairs = []
+        for item in self.path_map.split(","):
+            if item.strip():
+                remote, _, local = item.partition("=")
+                pairs.append((remote.strip(), local.strip()))
+        # Longest prefix first, so /home/x wins over /.
+        return sorted(pairs, key=lambda p: len(p[0]), reverse=True)
 
     def __repr__(self) -> str:
         # Never print the token, even in a debugger or a crash report.
@@ -97,10 +121,15 @@ def _apply_cluster_file(settings: Settings, explicit: Mapping[str, Any]) -> Sett
         raise SettingsError(
             f"{env_name('slurm_cluster_file')}: cannot read {path}: {exc}"
         ) from None
+    user = info.get("user")
     from_file = {
         "slurm_url": info.get("url"),
-        "slurm_user": info.get("user"),
+        "slurm_user": user,
         "slurm_jwt_key_file": info.get("jwt_key"),
+        "slurm_partition": info.get("partition"),
+        "job_dir": f"/home/{user}" if user else None,
+        # Jobs of a chroot cluster write their files under the chroot.
+        "path_map": f"/={info['chroot']}" if info.get("chroot") else None,
     }
     updates = {k: v for k, v in from_file.items() if v and k not in explicit}
     return msgspec.convert({**msgspec.structs.asdict(settings), **updates}, Settings, strict=False)
@@ -113,6 +142,13 @@ def _check_slurm(s: Settings) -> None:
             "e.g. http://127.0.0.1:6820), or set "
             f"{env_name('slurm_cluster_file')}"
         )
+    for remote, local in s.path_mapping():
+        if not remote.startswith("/") or not local.startswith("/"):
+            raise SettingsError(
+                f"{env_name('path_map')}: {remote}={local}: both sides must be absolute paths"
+            )
+    if not s.job_dir.startswith("/"):
+        raise SettingsError(f"{env_name('job_dir')}: must be an absolute path on the cluster")
     if not re.match(r"^https?://", s.slurm_url):
         raise SettingsError(f"{env_name('slurm_url')}: must start with http:// or https://")
     if s.slurm_api_version is not None:

@@ -22,5 +22,5 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e '.[dev]'
+"$venv/bin/python" -m pip install -q --config-settings editable_mode=compat -e '.[dev]'
 touch "$venv/.installed"

@@ -62,6 +62,9 @@ load_cluster() {
         # slurmrestd -s choices, best first; the first that serves is remembered.
         C_REST_PLUGIN_CHOICES=("openapi/v0.0.36,openapi/v0.0.37,openapi/v0.0.38" "openapi/v0.0.38")
         C_PING_VERSION="v0.0.38"
+        # 22.05 has no "disabled" cgroup plugin, and its autodetection fails in a chroot
+        # without /sys/fs/cgroup ("cgroup filesystem not mounted"): name v1, never mount.
+        C_CGROUP_CONF=$'CgroupPlugin=cgroup/v1\nCgroupAutomount=no'
         C_API_CANDIDATES=(v0.0.38 v0.0.37 v0.0.36)
         ;;
     c2411)
@@ -71,6 +74,8 @@ load_cluster() {
         C_REST_PORT="7820"
         C_REST_PLUGIN_CHOICES=("openapi/slurmctld")
         C_PING_VERSION="v0.0.42"
+        # No cgroup controllers here: 24.11's slurmd refuses to start without this.
+        C_CGROUP_CONF="CgroupPlugin=disabled"
         C_API_CANDIDATES=(v0.0.44 v0.0.43 v0.0.42 v0.0.41 v0.0.40 v0.0.39)
         ;;
     *) die "unknown cluster '${C_NAME}' (known: ${ALL_CLUSTERS[*]})" ;;
@@ -99,6 +104,9 @@ pidfile_of() {
 logfile_of() {
     case "$1" in
     munged) printf '%s\n' "${C_CHROOT}/var/log/munge/munged.log" ;;
+    # What a daemon prints before its own logging starts (munged insists that its
+    # log file belongs to it, so nothing else may write there).
+    *-stdio) printf '%s\n' "${C_DIR}/${1%-stdio}.stdio.log" ;;
     *) printf '%s\n' "${C_CHROOT}/var/log/slurm/$1.log" ;;
     esac
 }
@@ -253,12 +261,13 @@ ensure_host_tools() {
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v mountpoint >/dev/null 2>&1 || missing+=(util-linux)
     command -v flock >/dev/null 2>&1 || missing+=(util-linux)
+    command -v mount >/dev/null 2>&1 || missing+=(mount)
     [[ -e /usr/share/keyrings/debian-archive-keyring.gpg || -e /usr/share/keyrings/debian-archive-keyring.pgp ]] ||
         missing+=(debian-archive-keyring)
     ((${#missing[@]} == 0)) && return 0
     command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
     log "host: installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null || log "host: apt-get update reported errors"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         "${missing[@]}" debian-archive-keyring >/dev/null
 }
@@ -272,13 +281,10 @@ is_provisioned() {
 
 # Removes a chroot that is not (fully) provisioned. Never crosses a mount.
 remove_chroot() {
-    local pid
     local -a pids=()
     if [[ -d "${C_CHROOT}" ]]; then
         mapfile -t pids < <(pids_in_chroot "${C_CHROOT}")
-        for pid in "${pids[@]}"; do
-            [[ -n "${pid}" ]] && terminate_pids "${C_CHROOT}" 15 "${pid}"
-        done
+        ((${#pids[@]} == 0)) || terminate_pids "${C_CHROOT}" 15 "${pids[@]}"
         unmount_under "${C_CHROOT}"
         log "${C_NAME}: removing ${C_CHROOT}"
         rm -rf --one-file-system "${C_CHROOT}"
@@ -332,12 +338,6 @@ EOF
 # ---------------------------------------------------------------------------
 # Configuration: cheap and idempotent, done on every `up`
 
-ensure_user() {
-    local name="$1"
-    shift
-    chroot_id "${name}" 3 >/dev/null || in_chroot "$@"
-}
-
 # Writes FILE (host path) only if its content differs; sets CONFIG_CHANGED.
 write_if_changed() {
     local file="$1" mode="$2" content="$3"
@@ -374,6 +374,9 @@ configure() {
         die "${C_NAME}: ${JOB_USER} exists in the chroot with another uid/gid than ${JOB_UID}"
     install -d -m 0755 -o "${JOB_UID}" -g "${JOB_UID}" "${C_CHROOT}/home/${JOB_USER}"
     chmod 0755 "${C_CHROOT}/home/${JOB_USER}"
+    # Nothing is mounted on /dev/shm in the chroot: let jobs use the plain folder.
+    install -d -m 1777 "${C_CHROOT}/dev/shm" "${C_CHROOT}/tmp"
+    chmod 1777 "${C_CHROOT}/dev/shm" "${C_CHROOT}/tmp"
 
     su="$(chroot_id slurm 3)"
     sg="$(chroot_id slurm 4)"
@@ -388,6 +391,7 @@ configure() {
     install -d -m 0755 -o "${mu}" -g "${mg}" "${C_CHROOT}/run/munge"
     install -d -m 0700 -o "${mu}" -g "${mg}" "${C_CHROOT}/var/lib/munge" "${C_CHROOT}/var/log/munge" \
         "${C_CHROOT}/etc/munge"
+    chown -R "${mu}:${mg}" "${C_CHROOT}/var/log/munge" "${C_CHROOT}/var/lib/munge"
 
     # Keys: created once, kept across runs.
     if [[ ! -s "${C_CHROOT}/etc/munge/munge.key" ]]; then
@@ -403,11 +407,11 @@ configure() {
     chmod 0600 "${C_CHROOT}${JWT_KEY_IN_CHROOT}"
 
     # /etc/hosts must resolve the short hostname used in SlurmctldHost/NodeHostname.
-    host="$(hostname -s 2>/dev/null || hostname)"
+    host="$(cat /proc/sys/kernel/hostname)"
     host="${host%%.*}"
     [[ -n "${host}" ]] || die "cannot determine the short hostname"
     write_if_changed "${C_CHROOT}/etc/hosts" 0644 "127.0.0.1 localhost
-127.0.1.1 ${host}
+127.0.0.1 ${host}
 ::1 localhost ip6-localhost ip6-loopback"
 
     cpus="$(nproc)"
@@ -435,6 +439,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=512
 ReturnToService=2
+JobRequeue=0
 MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=60
@@ -452,8 +457,12 @@ SlurmdDebug=info
 NodeName=${C_NODE} NodeHostname=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
 PartitionName=${PARTITION} Nodes=${C_NODE} Default=YES MaxTime=INFINITE State=UP"
 
-    # No cgroup controllers here; 24.11's slurmd refuses to start without this.
-    write_if_changed "${C_CHROOT}/etc/slurm/cgroup.conf" 0644 "CgroupPlugin=disabled"
+    if [[ -n "${C_CGROUP_CONF}" ]]; then
+        write_if_changed "${C_CHROOT}/etc/slurm/cgroup.conf" 0644 "${C_CGROUP_CONF}"
+    elif [[ -e "${C_CHROOT}/etc/slurm/cgroup.conf" ]]; then
+        rm -f "${C_CHROOT}/etc/slurm/cgroup.conf"
+        CONFIG_CHANGED=1
+    fi
 }
 
 # ---------------------------------------------------------------------------
@@ -502,9 +511,9 @@ start_munged() {
     log "${C_NAME}: starting munged"
     chroot --userspec="${mu}:${mg}" "${C_CHROOT}" /usr/bin/env -i PATH="${CHROOT_PATH}" \
         /usr/sbin/munged --pid-file=/run/munge/munged.pid --log-file=/var/log/munge/munged.log \
-        </dev/null >>"$(logfile_of munged)" 2>&1 9>&- ||
-        fail_with_logs "munged failed to start" munged
-    wait_for_daemon munged 15 || fail_with_logs "munged did not come up" munged
+        </dev/null >>"$(logfile_of munged-stdio)" 2>&1 9>&- ||
+        fail_with_logs "munged failed to start" munged-stdio munged
+    wait_for_daemon munged 15 || fail_with_logs "munged did not come up" munged-stdio munged
 }
 
 start_slurm_daemon() {
@@ -513,9 +522,9 @@ start_slurm_daemon() {
     daemon_pid "${daemon}" >/dev/null && return 0
     clear_stale_pidfile "${daemon}"
     log "${C_NAME}: starting ${daemon}"
-    in_chroot "${daemon}" "$@" </dev/null >>"$(logfile_of "${daemon}")" 2>&1 9>&- ||
-        fail_with_logs "${daemon} failed to start" "${daemon}"
-    wait_for_daemon "${daemon}" 30 || fail_with_logs "${daemon} did not come up" "${daemon}"
+    in_chroot "${daemon}" "$@" </dev/null >>"$(logfile_of "${daemon}-stdio")" 2>&1 9>&- ||
+        fail_with_logs "${daemon} failed to start" "${daemon}-stdio" "${daemon}"
+    wait_for_daemon "${daemon}" 30 || fail_with_logs "${daemon} did not come up" "${daemon}-stdio" "${daemon}"
 }
 
 # The PID of this chroot's slurmrestd process, found by program name and root.
@@ -585,7 +594,11 @@ wait_for_rest() {
 start_slurmrestd() {
     local choice
     local -a choices=()
-    daemon_pid slurmrestd >/dev/null && return 0
+    if daemon_pid slurmrestd >/dev/null; then
+        wait_for_rest 10 && return 0
+        log "${C_NAME}: slurmrestd runs but does not answer; restarting it"
+        stop_daemon slurmrestd 10
+    fi
     clear_stale_pidfile slurmrestd
     if [[ -s "${C_PLUGIN_CHOICE_FILE}" ]]; then
         choices=("$(cat "${C_PLUGIN_CHOICE_FILE}")")
@@ -727,35 +740,86 @@ start_cluster() {
     fi
     start_munged
     start_slurm_daemon slurmctld
+    local slurmd_started=""
+    if ! daemon_pid slurmd >/dev/null; then slurmd_started="$(date +%s)"; fi
     start_slurm_daemon slurmd -N "${C_NODE}"
     wait_for_node
+    if [[ -n "${slurmd_started}" ]]; then cancel_ghost_jobs "${slurmd_started}"; fi
     start_slurmrestd
     check_job
     write_cluster_json
 }
 
+active_jobs() {
+    in_chroot squeue -h -a -t PENDING,RUNNING,SUSPENDED,CONFIGURING,COMPLETING,REQUEUED,RESIZING,SIGNALING,STAGE_OUT \
+        -o '%i' 2>/dev/null
+}
+
+cancel_all_jobs() {
+    local end
+    local -a ids=()
+    mapfile -t ids < <(active_jobs)
+    ((${#ids[@]} > 0)) || return 0
+    log "${C_NAME}: cancelling jobs ${ids[*]}"
+    in_chroot scancel "${ids[@]}" >/dev/null 2>&1 || true
+    end=$((SECONDS + 15))
+    while ((SECONDS < end)); do
+        [[ -z "$(active_jobs)" ]] && return 0
+        sleep 0.5
+    done
+    log "${C_NAME}: jobs still active after scancel: $(active_jobs | tr '\n' ' ')"
+}
+
+# After a crash or reboot slurmctld recovers the jobs that ran then as RUNNING,
+# though their processes are gone: cancel those that started before the new slurmd
+# when no slurmstepd is left in the chroot.
+cancel_ghost_jobs() {
+    local since="$1" id start pid
+    local -a ghosts=()
+    # A slurmstepd survives a slurmd restart: if any runs, its job may be real; keep all.
+    while read -r pid; do
+        [[ "$(exe_name "${pid}" 2>/dev/null)" == slurmstepd* ]] && return 0
+    done < <(pids_in_chroot "${C_CHROOT}")
+    while read -r id start; do
+        if [[ "${start}" =~ ^[0-9]+$ ]] && ((start < since)); then ghosts+=("${id}"); fi
+    done < <(in_chroot env SLURM_TIME_FORMAT=%s squeue -h -a -t RUNNING,SUSPENDED,CONFIGURING,COMPLETING \
+        -o '%i %S' 2>/dev/null)
+    ((${#ghosts[@]} > 0)) || return 0
+    log "${C_NAME}: cancelling jobs ${ghosts[*]}, left RUNNING from before slurmd was restarted"
+    in_chroot scancel "${ghosts[@]}" >/dev/null 2>&1 || true
+}
+
 stop_cluster() {
     local pid
-    local -a pids=()
+    local -a pids=() leftover=() names=()
     load_cluster "$1"
     [[ -d "${C_CHROOT}" ]] || return 0
+    # Their processes die with the cluster anyway: cancel the jobs first, or slurmctld
+    # would bring them back as RUNNING ghosts (holding CPUs) on the next `up`.
+    if daemon_pid slurmctld >/dev/null; then cancel_all_jobs; fi
     stop_daemon slurmrestd 10
     stop_daemon slurmd 20
     stop_daemon slurmctld 30
-    # Leftover job processes (slurmstepd, job scripts), then munged and anything else.
+    # Leftover job processes (slurmstepd, job scripts), then munged, then anything else.
     mapfile -t pids < <(pids_in_chroot "${C_CHROOT}")
     for pid in "${pids[@]}"; do
-        [[ -n "${pid}" ]] || continue
-        if [[ "$(exe_name "${pid}" 2>/dev/null)" != munged ]]; then
-            log "${C_NAME}: stopping leftover process ${pid} ($(exe_name "${pid}" 2>/dev/null || echo '?'))"
-            terminate_pids "${C_CHROOT}" 10 "${pid}"
-        fi
+        [[ -n "${pid}" && "$(exe_name "${pid}" 2>/dev/null)" != munged ]] || continue
+        leftover+=("${pid}")
+        names+=("${pid}:$(exe_name "${pid}" 2>/dev/null || echo '?')")
     done
+    if ((${#leftover[@]} > 0)); then
+        log "${C_NAME}: stopping leftover processes ${names[*]}"
+        # slurmstepd ignores SIGTERM: kill it at once; job processes get SIGTERM first.
+        for pid in "${leftover[@]}"; do
+            if [[ "$(exe_name "${pid}" 2>/dev/null)" == slurmstepd* ]] && pid_in_chroot "${pid}" "${C_CHROOT}"; then
+                kill -KILL "${pid}" 2>/dev/null || true
+            fi
+        done
+        terminate_pids "${C_CHROOT}" 10 "${leftover[@]}"
+    fi
     stop_daemon munged 10
     mapfile -t pids < <(pids_in_chroot "${C_CHROOT}")
-    for pid in "${pids[@]}"; do
-        [[ -n "${pid}" ]] && terminate_pids "${C_CHROOT}" 10 "${pid}"
-    done
+    ((${#pids[@]} == 0)) || terminate_pids "${C_CHROOT}" 10 "${pids[@]}"
     unmount_under "${C_CHROOT}"
     log "${C_NAME}: down"
 }
@@ -830,7 +894,10 @@ cmd_destroy() {
         log "${C_NAME}: removing ${C_DIR}"
         rm -rf --one-file-system "${C_DIR}"
     done
-    rmdir "${ROOT}" 2>/dev/null || true
+    if [[ -z "$(find "${ROOT}" -mindepth 1 -maxdepth 1 ! -name .lock -print -quit)" ]]; then
+        rm -f "${ROOT}/.lock"
+        rmdir "${ROOT}" 2>/dev/null || true
+    fi
 }
 
 cmd_status() {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 from litestar import Controller, get
-from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.response import Response
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
@@ -37,8 +37,7 @@ class HealthController(Controller):
         summary="Readiness: slurmrestd answers and slurmctld responds",
         responses={},
     )
-    async def ready(self, state: State) -> Response[Readiness]:
-        slurm: SlurmClient = state.slurm
+    async def ready(self, slurm: NamedDependency[SlurmClient]) -> Response[Readiness]:
         try:
             pings = await slurm.ping()
         except SlurmError as exc:

@@ -26,6 +26,7 @@ class LocalCluster(msgspec.Struct, frozen=True, kw_only=True):
     partition: str
     node: str
     api_versions: list[str]
+    cpus: int = 1
 
     def host_path(self, cluster_path: str) -> Path:
         """Where a path inside the cluster (a job's stdout) is on this host."""

@@ -1,0 +1,137 @@
+"""One error shape for the whole API: RFC 9457 problem details with field errors.
+
+Domain and Slurm failures are mapped here, once, to HTTP statuses; controllers
+just raise.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.plugins.problem_details import (
+    ProblemDetailsConfig,
+    ProblemDetailsException,
+    ProblemDetailsPlugin,
+)
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_404_NOT_FOUND,
+    HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_502_BAD_GATEWAY,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+
+from gateway.core.errors import FieldError, GatewayError
+from gateway.slurm import (
+    SlurmAuthError,
+    SlurmError,
+    SlurmJobNotFound,
+    SlurmRequestRejected,
+    SlurmUnavailable,
+)
+
+RETRY_AFTER_SECONDS = 5
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    errors: tuple[FieldError, ...] | list[FieldError] = (),
+    headers: dict[str, str] | None = None,
+) -> ProblemDetailsException:
+    extra: dict[str, Any] = {}
+    if errors:
+        extra["errors"] = [{"field": e.field, "message": e.message} for e in errors]
+    return ProblemDetailsException(
+        status_code=status, title=title, detail=detail, extra=extra or None, headers=headers
+    )
+
+
+def from_gateway_error(exc: GatewayError) -> ProblemDetailsException:
+    return problem(exc.status_code, exc.title, exc.detail, exc.errors)
+
+
+def from_slurm_error(exc: SlurmError) -> ProblemDetailsException:
+    if isinstance(exc, SlurmUnavailable):
+        return problem(
+            HTTP_503_SERVICE_UNAVAILABLE,
+            "Slurm unavailable",
+            str(exc),
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    if isinstance(exc, SlurmJobNotFound):
+        return problem(HTTP_404_NOT_FOUND, "Not found", str(exc))
+    if isinstance(exc, SlurmRequestRejected):
+        return problem(HTTP_422_UNPROCESSABLE_ENTITY, "Rejected by Slurm", str(exc))
+    if isinstance(exc, SlurmAuthError):
+        return problem(HTTP_502_BAD_GATEWAY, "Slurm refused the gateway's credentials", str(exc))
+    return problem(HTTP_502_BAD_GATEWAY, "Unexpected answer from Slurm", str(exc))
+
+
+_NAMED_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
+_AT_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+
+
+def from_validation(exc: ValidationException) -> ProblemDetailsException:
+    """Litestar's body and parameter validation, with the offending field named."""
+    errors: list[FieldError] = []
+    items = exc.extra if isinstance(exc.extra, list) else []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        message = str(item.get("message", "invalid"))
+        key = str(item.get("key") or "")
+        source = str(item.get("source") or "")
+        match = _AT_PATH.match(message)
+        if match and match.group("path") is not None:
+            message = match.group("msg")
+            key = key or _dotted(match.group("path"))
+        if key == "data":  # Litestar's name for the whole body
+            key = ""
+        named = _NAMED_FIELD.search(message)
+        if named:
+            key = f"{key}.{named.group(1)}" if key else named.group(1)
+        errors.append(FieldError(field=key or source or "body", message=message))
+    malformed = not errors and "decode" in (exc.detail or "").lower()
+    if malformed or any("malformed" in e.message.lower() for e in errors):
+        return problem(HTTP_400_BAD_REQUEST, "Malformed request", _first(exc, errors), errors)
+    return problem(HTTP_422_UNPROCESSABLE_ENTITY, "Invalid request", _first(exc, errors), errors)
+
+
+def _dotted(path: str) -> str:
+    return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".") or "body"
+
+
+def _first(exc: ValidationException, errors: list[FieldError]) -> str:
+    if errors:
+        return "; ".join(f"{e.field}: {e.message}" for e in errors)
+    return exc.detail or "invalid request"
+
+
+def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
+    return problem(exc.status_code, _title(exc.status_code), exc.detail or _title(exc.status_code))
+
+
+def _title(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def plugin() -> ProblemDetailsPlugin:
+    return ProblemDetailsPlugin(
+        ProblemDetailsConfig(
+            exception_to_problem_detail_map={
+                GatewayError: from_gateway_error,
+                SlurmError: from_slurm_error,
+                ValidationException: from_validation,
+                HTTPException: from_http_exception,
+            }
+        )
+    )

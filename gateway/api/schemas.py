@@ -1,0 +1,209 @@
+"""Wire schemas of the public API (msgspec Structs; OpenAPI is generated from them)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from gateway.core.recipes import Recipe, VariableSpec
+from gateway.core.services import Logs, Service
+from gateway.core.status import ServiceStatus
+
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+EnvValue = Annotated[str, Meta(max_length=4096)]
+GpuCount = Annotated[str, Meta(description="GPUs per node; null for a CPU-only service")]
+
+
+class ResourcesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Overrides of the recipe's default resources; absent fields keep the default."""
+
+    nodes: Annotated[int, Meta(ge=1, le=1024)] | UnsetType = UNSET
+    cpu: Annotated[str, Meta(examples=["8"])] | int | UnsetType = UNSET
+    memory: Annotated[str, Meta(examples=["64G", "512M"])] | UnsetType = UNSET
+    time_limit: Annotated[int, Meta(ge=1, description="minutes")] | UnsetType = UNSET
+    gpu: GpuCount | int | UnsetType | None = UNSET
+
+    def overrides(self) -> dict[str, object]:
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not UNSET}
+
+
+class ServiceConfigRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    environment: dict[EnvName, EnvValue] = msgspec.field(default_factory=dict)
+    resources: ResourcesRequest = msgspec.field(default_factory=ResourcesRequest)
+    # Accepted for compatibility with clients that put the node count here.
+    nodes: Annotated[int, Meta(ge=1, le=1024)] | UnsetType = UNSET
+
+
+class CreateServiceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    recipe_name: Annotated[str, Meta(min_length=1, max_length=200, examples=["inference/vllm"])]
+    config: ServiceConfigRequest = msgspec.field(default_factory=ServiceConfigRequest)
+
+
+class ServiceConfigResponse(msgspec.Struct, kw_only=True):
+    environment: dict[str, str]
+    resources: dict[str, str | int | None]
+
+
+class ServiceResponse(msgspec.Struct, kw_only=True):
+    id: Annotated[str, Meta(description="the Slurm job id", examples=["3652098"])]
+    name: str
+    recipe_name: str
+    status: ServiceStatus
+    status_reason: str
+    config: ServiceConfigResponse
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    node: str | None
+    endpoint: Annotated[
+        str | None, Meta(description="where the service listens, once it published it")
+    ]
+    owner: str
+    slurm_state: str
+    slurm_reason: str
+
+    @classmethod
+    def of(cls, s: Service) -> ServiceResponse:
+        return cls(
+            id=s.id,
+            name=s.name,
+            recipe_name=s.recipe_name,
+            status=s.status,
+            status_reason=s.status_reason,
+            config=ServiceConfigResponse(
+                environment=s.config.environment, resources=s.config.resources
+            ),
+            created_at=s.created_at,
+            started_at=s.started_at,
+            ended_at=s.ended_at,
+            node=s.node,
+            endpoint=s.endpoint,
+            owner=s.owner,
+            slurm_state=s.slurm_state,
+            slurm_reason=s.slurm_reason,
+        )
+
+
+class ServiceStatusResponse(msgspec.Struct, kw_only=True):
+    id: str
+    status: ServiceStatus
+    status_reason: str
+    slurm_state: str
+    slurm_reason: str
+    node: str | None
+    endpoint: str | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+
+    @classmethod
+    def of(cls, s: Service) -> ServiceStatusResponse:
+        return cls(
+            id=s.id,
+            status=s.status,
+            status_reason=s.status_reason,
+            slurm_state=s.slurm_state,
+            slurm_reason=s.slurm_reason,
+            node=s.node,
+            endpoint=s.endpoint,
+            created_at=s.created_at,
+            started_at=s.started_at,
+            ended_at=s.ended_at,
+        )
+
+
+class LogsResponse(msgspec.Struct, kw_only=True):
+    id: str
+    logs: Annotated[str, Meta(description="stdout, then stderr when it is a separate file")]
+    stdout: str
+    stderr: str | None
+    truncated: Annotated[bool, Meta(description="older lines were left out (tail or size cap)")]
+
+    @classmethod
+    def of(cls, service_id: str, logs: Logs) -> LogsResponse:
+        combined = logs.stdout
+        if logs.stderr:
+            separator = "\n" if combined and not combined.endswith("\n") else ""
+            combined = combined + separator + logs.stderr
+        return cls(
+            id=service_id,
+            logs=combined,
+            stdout=logs.stdout,
+            stderr=logs.stderr,
+            truncated=logs.truncated,
+        )
+
+
+class StopResponse(msgspec.Struct, kw_only=True):
+    id: str
+    status: ServiceStatus
+    message: str
+
+
+class VariableResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    type: str
+    description: str = ""
+    default: str | None = None
+    pattern: str | None = None
+    min: float | None = None
+    max: float | None = None
+    choices: list[str] | None = None
+
+    @classmethod
+    def of(cls, spec: VariableSpec, default: str | None) -> VariableResponse:
+        return cls(
+            type=spec.type,
+            description=spec.description,
+            default=default,
+            pattern=spec.pattern,
+            min=spec.min,
+            max=spec.max,
+            choices=spec.choices,
+        )
+
+
+class RecipeResponse(msgspec.Struct, kw_only=True):
+    name: Annotated[str, Meta(examples=["vllm"])]
+    category: Annotated[str, Meta(examples=["inference"])]
+    path: Annotated[str, Meta(description="what recipe_name takes", examples=["inference/vllm"])]
+    description: str
+    version: str
+    kind: str
+    resources: dict[str, str | int | None]
+    environment: dict[str, str]
+    parameters: dict[str, VariableResponse]
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> RecipeResponse:
+        spec = recipe.spec
+        return cls(
+            name=recipe.name.split("/", 1)[1],
+            category=recipe.category,
+            path=recipe.name,
+            description=spec.description,
+            version=spec.version,
+            kind=spec.service.kind,
+            resources=recipe.default_resources.as_config(),
+            environment=dict(spec.environment_defaults),
+            parameters={
+                k: VariableResponse.of(v, spec.environment_defaults.get(k))
+                for k, v in spec.environment.items()
+            },
+        )
+
+
+class FieldErrorResponse(msgspec.Struct):
+    field: str
+    message: str
+
+
+class ProblemResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Every error of the API (RFC 9457 problem details)."""
+
+    status: int
+    title: str
+    detail: str
+    errors: list[FieldErrorResponse] = msgspec.field(default_factory=list)

@@ -1,0 +1,141 @@
+"""``/api/v1/services``: create, list, describe, status, logs, stop."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, delete, get, post
+from litestar.di import NamedDependency
+from litestar.openapi.spec import Example
+from litestar.params import Body, Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+from msgspec import UNSET
+
+from gateway.api.schemas import (
+    CreateServiceRequest,
+    LogsResponse,
+    ServiceResponse,
+    ServiceStatusResponse,
+    StopResponse,
+)
+from gateway.core.services import CreateRequest, ServiceManager
+
+ServiceId = Annotated[
+    str,
+    Parameter(description="the service id: its Slurm job id", examples=[Example(value="3652098")]),
+]
+
+_CREATE_EXAMPLES = [
+    Example(summary="Default model", value={"recipe_name": "inference/vllm"}),
+    Example(
+        summary="Custom model and resources",
+        value={
+            "recipe_name": "inference/vllm",
+            "config": {
+                "environment": {"VLLM_MODEL": "gpt2"},
+                "resources": {
+                    "nodes": 1,
+                    "cpu": "8",
+                    "memory": "64G",
+                    "time_limit": 120,
+                    "gpu": "1",
+                },
+            },
+        },
+    ),
+    Example(
+        summary="CPU only",
+        value={
+            "recipe_name": "inference/vllm",
+            "config": {
+                "environment": {"VLLM_MODEL": "gpt2"},
+                "resources": {"nodes": 1, "cpu": "4", "memory": "16G", "gpu": None},
+            },
+        },
+    ),
+]
+
+
+class ServicesController(Controller):
+    path = "/api/v1/services"
+    tags = ("services",)
+
+    @post(
+        "/",
+        operation_id="createService",
+        summary="Start a service from a recipe",
+        description="Renders the recipe with the given overrides and submits it to Slurm. "
+        "The new service is usually `pending`; poll its status.",
+        status_code=HTTP_201_CREATED,
+    )
+    async def create(
+        self,
+        services: NamedDependency[ServiceManager],
+        data: Annotated[CreateServiceRequest, Body(examples=_CREATE_EXAMPLES)],
+    ) -> ServiceResponse:
+        resources = data.config.resources.overrides()
+        if "nodes" not in resources and data.config.nodes is not UNSET:
+            resources["nodes"] = data.config.nodes
+        service = await services.create(
+            CreateRequest(
+                recipe_name=data.recipe_name,
+                environment=dict(data.config.environment),
+                resources=resources,
+            )
+        )
+        return ServiceResponse.of(service)
+
+    @get("/", operation_id="listServices", summary="List the services Slurm still knows")
+    async def list_services(
+        self, services: NamedDependency[ServiceManager]
+    ) -> list[ServiceResponse]:
+        return [ServiceResponse.of(s) for s in await services.list()]
+
+    @get("/{service_id:str}", operation_id="getService", summary="Describe one service")
+    async def get_service(
+        self, services: NamedDependency[ServiceManager], service_id: ServiceId
+    ) -> ServiceResponse:
+        return ServiceResponse.of(await services.get(service_id))
+
+    @get(
+        "/{service_id:str}/status",
+        operation_id="getServiceStatus",
+        summary="A service's status: pending, building, starting, running, completed, "
+        "failed, cancelled or timeout",
+    )
+    async def get_status(
+        self, services: NamedDependency[ServiceManager], service_id: ServiceId
+    ) -> ServiceStatusResponse:
+        return ServiceStatusResponse.of(await services.get(service_id))
+
+    @get(
+        "/{service_id:str}/logs",
+        operation_id="getServiceLogs",
+        summary="The service's stdout and stderr",
+    )
+    async def get_logs(
+        self,
+        services: NamedDependency[ServiceManager],
+        service_id: ServiceId,
+        tail: Annotated[
+            int | None,
+            Parameter(ge=0, le=100_000, description="only the last N lines", required=False),
+        ] = None,
+    ) -> LogsResponse:
+        return LogsResponse.of(service_id, await services.logs(service_id, tail=tail))
+
+    @delete(
+        "/{service_id:str}",
+        operation_id="stopService",
+        summary="Stop a service (cancels its Slurm job)",
+        status_code=HTTP_200_OK,
+    )
+    async def stop(
+        self, services: NamedDependency[ServiceManager], service_id: ServiceId
+    ) -> StopResponse:
+        service = await services.stop(service_id)
+        return StopResponse(
+            id=service.id,
+            status=service.status,
+            message=f"Service {service.id} stopped successfully",
+        )

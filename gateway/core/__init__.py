@@ -1,0 +1,1 @@
+"""Domain core: recipes, resources, service state. No HTTP, no slurmrestd shapes."""

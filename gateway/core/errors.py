@@ -1,0 +1,45 @@
+"""Domain failures, mapped to HTTP statuses by the API layer."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    """One invalid input: where it is (``config.resources.memory``) and why."""
+
+    field: str
+    message: str
+
+
+class GatewayError(Exception):
+    status_code = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str, *, errors: tuple[FieldError, ...] = ()) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+
+
+class InvalidRequest(GatewayError):
+    status_code = 422
+    title = "Invalid request"
+
+    @classmethod
+    def field(cls, field: str, message: str) -> InvalidRequest:
+        return cls(f"{field}: {message}", errors=(FieldError(field, message),))
+
+
+class NotFound(GatewayError):
+    status_code = 404
+    title = "Not found"
+
+
+class Conflict(GatewayError):
+    status_code = 409
+    title = "Conflict"
+
+
+class RecipeError(Exception):
+    """A recipe or site overlay on disk is broken; start-up stops with this."""

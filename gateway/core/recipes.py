@@ -1,0 +1,290 @@
+"""Recipes are data: ``recipes/<category>/<name>/recipe.toml`` plus a Jinja2
+batch-script template beside it.
+
+A site overlay (TOML) can change a recipe's defaults (model, partitions,
+account, runtime paths) without editing the recipe. Everything is loaded and
+validated at start-up; a broken file stops start-up with a message naming the
+file and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import msgspec
+
+from gateway.core import shell
+from gateway.core.errors import InvalidRequest, NotFound, RecipeError
+from gateway.core.resources import (
+    MAX_CPUS,
+    MAX_GPUS,
+    MAX_NODES,
+    MAX_TIME_LIMIT,
+    Resources,
+    parse_count,
+    parse_memory,
+)
+
+RECIPE_FILE = "recipe.toml"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*/[a-z0-9][a-z0-9_.-]*$")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# What any string variable may hold unless the recipe says otherwise.
+_DEFAULT_STRING = re.compile(r"^[^\x00-\x1f\x7f]{0,4096}$")
+
+VarType = Literal["string", "int", "float", "port", "host", "device_list", "bool"]
+
+
+class VariableSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """An environment variable a request may set, and what it may hold."""
+
+    description: str = ""
+    type: VarType = "string"
+    pattern: str | None = None
+    min: float | None = None
+    max: float | None = None
+    choices: list[str] | None = None
+
+
+class ResourceDefaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    nodes: int = 1
+    cpu: str | int = "1"
+    memory: str | int = "4G"
+    time_limit: int = 60
+    gpu: str | int | None = None
+
+
+class Partitions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    gpu: str | None = None
+    cpu: str | None = None
+
+
+class ServiceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How the gateway talks to what the job serves."""
+
+    kind: Literal["vllm", "http"] = "http"
+    health_path: str = "/health"
+    port_variable: str | None = None
+
+
+class RecipeSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    description: str
+    version: str = "1"
+    template: str = "job.sh.j2"
+    resources: ResourceDefaults = ResourceDefaults()
+    environment_defaults: dict[str, str] = msgspec.field(default_factory=dict)
+    environment: dict[str, VariableSpec] = msgspec.field(default_factory=dict)
+    partitions: Partitions = Partitions()
+    account: str | None = None
+    service: ServiceSpec = ServiceSpec()
+    runtime: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Recipe:
+    """A loaded, validated recipe with its compiled template."""
+
+    def __init__(self, name: str, folder: Path, spec: RecipeSpec, template: jinja2.Template):
+        self.name = name
+        self.folder = folder
+        self.spec = spec
+        self.template = template
+        self.default_resources = resolve_resources(spec.resources, None, field="resources")
+
+    @property
+    def category(self) -> str:
+        return self.name.split("/", 1)[0]
+
+    def environment(self, overrides: Mapping[str, str]) -> dict[str, str]:
+        """The recipe's defaults with the request's variables, each validated."""
+        merged = dict(self.spec.environment_defaults)
+        for key, value in overrides.items():
+            field = f"config.environment.{key}"
+            spec = self.spec.environment.get(key)
+            if spec is None:
+                allowed = ", ".join(sorted(self.spec.environment)) or "none"
+                raise InvalidRequest.field(
+                    field, f"not a variable of recipe {self.name} (allowed: {allowed})"
+                )
+            merged[key] = check_variable(spec, value, field)
+        return merged
+
+    def partition(self, resources: Resources) -> str | None:
+        return self.spec.partitions.gpu if resources.gpus else self.spec.partitions.cpu
+
+    def render(self, context: Mapping[str, Any]) -> str:
+        try:
+            return self.template.render(**context)
+        except jinja2.TemplateError as exc:
+            raise RecipeError(f"recipe {self.name}: template failed: {exc}") from exc
+
+
+def check_variable(spec: VariableSpec, value: Any, field: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidRequest.field(field, "expected a string")
+    text = str(value)
+    if spec.choices is not None and text not in spec.choices:
+        raise InvalidRequest.field(field, f"must be one of {', '.join(spec.choices)}")
+    kind = spec.type
+    if kind in ("int", "port", "float"):
+        try:
+            number = float(text) if kind == "float" else int(text)
+        except ValueError:
+            raise InvalidRequest.field(field, f"{text!r} is not a {kind} number") from None
+        low = 1 if kind == "port" else spec.min
+        high = 65535 if kind == "port" else spec.max
+        if low is not None and number < low:
+            raise InvalidRequest.field(field, f"must be at least {low:g}")
+        if high is not None and number > high:
+            raise InvalidRequest.field(field, f"must be at most {high:g}")
+    elif kind == "bool" and text not in ("0", "1", "true", "false"):
+        raise InvalidRequest.field(field, "must be true, false, 1 or 0")
+    elif kind == "host" and not re.match(r"^[A-Za-z0-9.:-]{1,253}$", text):
+        raise InvalidRequest.field(field, f"{text!r} is not a host name or address")
+    elif kind == "device_list" and not re.match(r"^\d+(,\d+)*$", text):
+        raise InvalidRequest.field(field, f"{text!r} is not a list of device numbers like '0,1'")
+    pattern = spec.pattern
+    if pattern is not None and not re.fullmatch(pattern, text):
+        raise InvalidRequest.field(field, f"{text!r} does not match {pattern}")
+    if pattern is None and not _DEFAULT_STRING.match(text):
+        raise InvalidRequest.field(field, "control characters are not allowed")
+    return text
+
+
+def resolve_resources(
+    defaults: ResourceDefaults, request: Mapping[str, Any] | None, *, field: str
+) -> Resources:
+    """Defaults overlaid with a request's fields; ``gpu: null`` means CPU-only."""
+    values: dict[str, Any] = msgspec.structs.asdict(defaults)
+    if request:
+        values.update(request)
+    gpu = values.get("gpu")
+    gpus = (
+        0 if gpu in (None, "", 0, "0") else parse_count(gpu, f"{field}.gpu", low=1, high=MAX_GPUS)
+    )
+    return Resources(
+        nodes=parse_count(values["nodes"], f"{field}.nodes", low=1, high=MAX_NODES),
+        cpus=parse_count(values["cpu"], f"{field}.cpu", low=1, high=MAX_CPUS),
+        memory_mb=parse_memory(values["memory"], f"{field}.memory"),
+        time_limit_minutes=parse_count(
+            values["time_limit"], f"{field}.time_limit", low=1, high=MAX_TIME_LIMIT
+        ),
+        gpus=gpus,
+    )
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+
+
+class SiteOverlay(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Site settings applied over every recipe, then per recipe."""
+
+    account: str | None = None
+    partitions: dict[str, str] = msgspec.field(default_factory=dict)
+    runtime: dict[str, str] = msgspec.field(default_factory=dict)
+    recipes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+class RecipeCatalog:
+    def __init__(self, recipes: dict[str, Recipe]) -> None:
+        self._recipes = dict(sorted(recipes.items()))
+
+    @classmethod
+    def load(cls, folders: list[Path], overlay_file: Path | None = None) -> RecipeCatalog:
+        overlay = SiteOverlay()
+        if overlay_file is not None:
+            try:
+                overlay = msgspec.convert(_read_toml(overlay_file), SiteOverlay)
+            except msgspec.ValidationError as exc:
+                raise RecipeError(f"{overlay_file}: {exc}") from None
+        recipes: dict[str, Recipe] = {}
+        for folder in folders:
+            if not folder.is_dir():
+                raise RecipeError(f"{folder}: recipe folder does not exist")
+            for meta in sorted(folder.glob(f"*/*/{RECIPE_FILE}")):
+                name = f"{meta.parent.parent.name}/{meta.parent.name}"
+                # A later folder overrides an earlier one (tests add their own).
+                recipes[name] = _load_recipe(name, meta, overlay)
+        unknown = set(overlay.recipes) - set(recipes)
+        if unknown:
+            raise RecipeError(
+                f"{overlay_file}: overlay names unknown recipes: {', '.join(sorted(unknown))}"
+            )
+        return cls(recipes)
+
+    def __iter__(self) -> Iterator[Recipe]:
+        return iter(self._recipes.values())
+
+    def __len__(self) -> int:
+        return len(self._recipes)
+
+    def get(self, name: str) -> Recipe:
+        recipe = self._recipes.get(name)
+        if recipe is None:
+            known = ", ".join(self._recipes) or "none"
+            raise NotFound(f"recipe {name!r} does not exist (known recipes: {known})")
+        return recipe
+
+    def names(self) -> list[str]:
+        return list(self._recipes)
+
+
+def _load_recipe(name: str, meta: Path, overlay: SiteOverlay) -> Recipe:
+    if not _NAME.match(name):
+        raise RecipeError(f"{meta}: recipe name {name!r} must be <category>/<name> in lower case")
+    raw = _read_toml(meta)
+    site: dict[str, Any] = {}
+    if overlay.account:
+        site["account"] = overlay.account
+    if overlay.partitions:
+        site["partitions"] = overlay.partitions
+    if overlay.runtime:
+        site["runtime"] = overlay.runtime
+    merged = _merge(_merge(raw, site), overlay.recipes.get(name, {}))
+    try:
+        spec = msgspec.convert(merged, RecipeSpec)
+    except msgspec.ValidationError as exc:
+        raise RecipeError(f"{meta}: {exc}") from None
+    for key in [*spec.environment, *spec.environment_defaults]:
+        if not _ENV_NAME.match(key):
+            raise RecipeError(f"{meta}: environment variable name {key!r} is not valid")
+    for key, value in spec.environment_defaults.items():
+        var = spec.environment.get(key)
+        if var is not None:
+            try:
+                check_variable(var, value, f"environment_defaults.{key}")
+            except InvalidRequest as exc:
+                raise RecipeError(f"{meta}: {exc.detail}") from None
+    template_path = meta.parent / spec.template
+    env = shell.environment(jinja2.FileSystemLoader(meta.parent))
+    try:
+        template = env.get_template(spec.template)
+    except jinja2.TemplateNotFound:
+        raise RecipeError(f"{meta}: template: {template_path} does not exist") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise RecipeError(f"{template_path}:{exc.lineno}: template: {exc.message}") from None
+    try:
+        return Recipe(name, meta.parent, spec, template)
+    except InvalidRequest as exc:
+        raise RecipeError(f"{meta}: {exc.detail}") from None

@@ -1,0 +1,309 @@
+"""Services: a recipe plus overrides, run as one Slurm job.
+
+Nothing here is stored by the gateway. A service is rebuilt on every read from
+the job record (state, times, node) and the job's comment (recipe, requested
+configuration, creation time, owner, and what the job published about itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway.core import jobscript, metadata
+from gateway.core.errors import Conflict, InvalidRequest, NotFound
+from gateway.core.recipes import Recipe, RecipeCatalog, resolve_resources
+from gateway.core.status import ServiceStatus, derive
+from gateway.slurm import (
+    JobInfo,
+    JobState,
+    JobSubmission,
+    SlurmClient,
+    SlurmJobNotFound,
+)
+from gateway.upstream.probe import HealthProber
+
+JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
+    environment: dict[str, str]
+    resources: dict[str, str | int | None]
+
+
+class Service(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    recipe_name: str
+    kind: str
+    status: ServiceStatus
+    status_reason: str
+    config: ServiceConfig
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    owner: str
+    slurm_state: str
+    slurm_reason: str
+    node: str | None
+    endpoint: str | None
+
+
+class Logs(msgspec.Struct, frozen=True, kw_only=True):
+    stdout: str
+    stderr: str | None
+    truncated: bool
+
+
+class CreateRequest(msgspec.Struct, frozen=True, kw_only=True):
+    recipe_name: str
+    environment: dict[str, str] = msgspec.field(default_factory=dict)
+    resources: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ServiceManager:
+    def __init__(
+        self,
+        *,
+        slurm: SlurmClient,
+        recipes: RecipeCatalog,
+        prober: HealthProber,
+        job_dir: str,
+        slurm_user: str,
+        partition: str | None = None,
+        account: str | None = None,
+        path_map: list[tuple[str, str]] | None = None,
+        log_max_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.slurm = slurm
+        self.recipes = recipes
+        self.prober = prober
+        self.job_dir = job_dir.rstrip("/") or "/"
+        self.slurm_user = slurm_user
+        self.partition = partition
+        self.account = account
+        self.path_map = path_map or []
+        self.log_max_bytes = log_max_bytes
+
+    # -- create ---------------------------------------------------------------
+
+    async def create(self, request: CreateRequest) -> Service:
+        recipe = self._recipe_for_create(request.recipe_name)
+        environment = recipe.environment(request.environment)
+        resources = resolve_resources(
+            recipe.spec.resources, request.resources, field="config.resources"
+        )
+        resources_wire = resources.as_config()
+        meta = metadata.ServiceMeta(
+            recipe=recipe.name,
+            created=time.time(),
+            owner=self.slurm_user,
+            environment=environment,
+            resources=resources_wire,
+        )
+        context = jobscript.render_context(recipe, environment, resources_wire)
+        job_name = "gw-" + recipe.name.replace("/", "-")
+        submission = JobSubmission(
+            script=jobscript.build(recipe, meta, context),
+            name=job_name,
+            working_directory=self.job_dir,
+            environment={"PATH": JOB_PATH, **environment},
+            partition=recipe.partition(resources) or self.partition,
+            account=recipe.spec.account or self.account,
+            standard_output=f"{self.job_dir}/{job_name}-%j.out",
+            standard_error=f"{self.job_dir}/{job_name}-%j.err",
+            nodes=resources.nodes,
+            cpus_per_task=resources.cpus,
+            memory_per_node_mb=resources.memory_mb,
+            time_limit_minutes=resources.time_limit_minutes,
+            gpus_per_node=resources.gpus or None,
+            comment=metadata.encode(meta),
+        )
+        submitted = await self.slurm.submit(submission)
+        try:
+            job = await self.slurm.get_job(submitted.job_id)
+        except SlurmJobNotFound:
+            # Submitted but already purged (MinJobAge): describe it from what we sent.
+            return self._service_from_submission(submitted.job_id, recipe, meta)
+        return await self._service(job, meta_and_reported(job))
+
+    def _recipe_for_create(self, name: str) -> Recipe:
+        try:
+            return self.recipes.get(name)
+        except NotFound as exc:
+            raise InvalidRequest.field("recipe_name", exc.detail) from None
+
+    def _service_from_submission(
+        self, job_id: int, recipe: Recipe, meta: metadata.ServiceMeta
+    ) -> Service:
+        return Service(
+            id=str(job_id),
+            name=f"{recipe.name.rsplit('/', 1)[-1]}-{job_id}",
+            recipe_name=recipe.name,
+            kind=recipe.spec.service.kind,
+            status=ServiceStatus.PENDING,
+            status_reason="submitted",
+            config=ServiceConfig(environment=meta.environment, resources=meta.resources),
+            created_at=datetime.fromtimestamp(meta.created, tz=UTC),
+            started_at=None,
+            ended_at=None,
+            owner=meta.owner,
+            slurm_state=JobState.PENDING.value,
+            slurm_reason="",
+            node=None,
+            endpoint=None,
+        )
+
+    # -- read -----------------------------------------------------------------
+
+    async def list(self) -> list[Service]:
+        """Every service Slurm still knows: one slurmrestd call, probes in parallel."""
+        listing = await self.slurm.list_jobs()
+        ours = [(job, parsed) for job in listing.jobs if (parsed := meta_and_reported(job))]
+        services = await asyncio.gather(*(self._service(job, parsed) for job, parsed in ours))
+        return sorted(services, key=lambda s: int(s.id), reverse=True)
+
+    async def get(self, service_id: str) -> Service:
+        job = await self._job(service_id)
+        return await self._service(job, meta_and_reported(job))
+
+    async def _job(self, service_id: str) -> JobInfo:
+        job_id = parse_id(service_id)
+        try:
+            job = await self.slurm.get_job(job_id)
+        except SlurmJobNotFound:
+            raise NotFound(
+                f"service {service_id} does not exist (Slurm does not know job {job_id}; "
+                "finished jobs are forgotten after Slurm's MinJobAge)"
+            ) from None
+        if meta_and_reported(job) is None:
+            raise NotFound(f"service {service_id} does not exist (job {job_id} is not a service)")
+        return job
+
+    async def _service(
+        self, job: JobInfo, parsed: tuple[metadata.ServiceMeta, metadata.Reported] | None
+    ) -> Service:
+        assert parsed is not None
+        meta, reported = parsed
+        recipe_kind, health_path = self._service_spec(meta.recipe)
+        endpoint = f"http://{reported.endpoint}" if reported.endpoint else None
+        healthy: bool | None = None
+        if endpoint and job.state is JobState.RUNNING and reported.phase in ("starting", "running"):
+            healthy = await self.prober.healthy(endpoint + health_path)
+        status, reason = derive(job, reported, healthy)
+        return Service(
+            id=str(job.job_id),
+            name=f"{meta.recipe.rsplit('/', 1)[-1]}-{job.job_id}",
+            recipe_name=meta.recipe,
+            kind=recipe_kind,
+            status=status,
+            status_reason=reason,
+            config=ServiceConfig(environment=meta.environment, resources=meta.resources),
+            created_at=datetime.fromtimestamp(meta.created, tz=UTC),
+            started_at=job.start_time if job.state is not JobState.PENDING else None,
+            ended_at=job.end_time if job.state.is_terminal else None,
+            owner=meta.owner,
+            slurm_state=job.state.value,
+            slurm_reason=job.state_reason,
+            node=job.batch_host or job.nodes or None,
+            endpoint=endpoint if not status.is_terminal else None,
+        )
+
+    def _service_spec(self, recipe_name: str) -> tuple[str, str]:
+        try:
+            spec = self.recipes.get(recipe_name).spec.service
+        except NotFound:
+            return "http", "/health"  # recipe removed since: still list the service
+        return spec.kind, spec.health_path
+
+    # -- logs -----------------------------------------------------------------
+
+    async def logs(self, service_id: str, *, tail: int | None) -> Logs:
+        job = await self._job(service_id)
+        if job.state is JobState.PENDING:
+            raise Conflict(f"service {service_id} is pending: it has not started, so no logs yet")
+        stdout_path = self.local_path(job.standard_output)
+        stderr_path = (
+            self.local_path(job.standard_error)
+            if job.standard_error and job.standard_error != job.standard_output
+            else None
+        )
+        stdout = await asyncio.to_thread(_read_tail, stdout_path, tail, self.log_max_bytes)
+        stderr = (
+            await asyncio.to_thread(_read_tail, stderr_path, tail, self.log_max_bytes)
+            if stderr_path
+            else None
+        )
+        if stdout is None and (stderr is None):
+            raise NotFound(
+                f"no log file of service {service_id} at {job.standard_output} "
+                f"(looked at {stdout_path} on the gateway host)"
+            )
+        return Logs(
+            stdout=stdout[0] if stdout else "",
+            stderr=stderr[0] if stderr else None,
+            truncated=bool((stdout and stdout[1]) or (stderr and stderr[1])),
+        )
+
+    def local_path(self, cluster_path: str) -> Path:
+        for remote, local in self.path_map:
+            if cluster_path == remote or cluster_path.startswith(remote.rstrip("/") + "/"):
+                rest = cluster_path[len(remote.rstrip("/")) :].lstrip("/")
+                return Path(local) / rest
+        return Path(cluster_path)
+
+    # -- stop -----------------------------------------------------------------
+
+    async def stop(self, service_id: str) -> Service:
+        job = await self._job(service_id)
+        parsed = meta_and_reported(job)
+        if job.state.is_terminal:
+            service = await self._service(job, parsed)
+            if service.status is ServiceStatus.CANCELLED:
+                return service  # stopping twice is fine
+            raise Conflict(
+                f"service {service_id} already ended ({service.status.value}: "
+                f"{service.status_reason}); there is nothing to stop"
+            )
+        await self.slurm.cancel(job.job_id)
+        job = await self.slurm.get_job(job.job_id)
+        return await self._service(job, parsed)
+
+
+def meta_and_reported(job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
+    return metadata.decode(job.comment)
+
+
+def parse_id(service_id: str) -> int:
+    if not service_id.isdigit() or len(service_id) > 12:
+        raise NotFound(f"service {service_id!r} does not exist (ids are Slurm job numbers)")
+    return int(service_id)
+
+
+def _read_tail(path: Path, lines: int | None, max_bytes: int) -> tuple[str, bool] | None:
+    """The last ``lines`` lines (all if None), at most ``max_bytes``; None if missing."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read(max_bytes)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    truncated = start > 0
+    if truncated:
+        # Drop the partial first line.
+        data = data.split(b"\n", 1)[1] if b"\n" in data else data
+    text = data.decode("utf-8", errors="replace")
+    if lines is not None:
+        parts = text.splitlines(keepends=True)
+        if len(parts) > lines:
+            truncated = True
+            text = "".join(parts[-lines:]) if lines else ""
+    return text, truncated
