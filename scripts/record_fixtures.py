@@ -16,6 +16,7 @@ import asyncio
 import json
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ echo "to stderr" >&2
 sleep 3
 exit 3
 """
-SLEEP_SCRIPT = "#!/bin/sh\nsleep 300\n"
+# USR1 would end a plain sleep (and the job, as FAILED) before the cancel.
+SLEEP_SCRIPT = "#!/bin/sh\ntrap 'echo got USR1' USR1\nwhile true; do sleep 1; done\n"
 
 
 class Recorder:
@@ -114,7 +116,8 @@ class Recorder:
         while time.monotonic() < deadline:
             response = await self.send(self.adapter.get_job_request(job_id))
             info = self.adapter.parse_job(response.status_code, response.content, job_id)
-            if info.state in states:
+            # Wait until Slurm is done with the job too, so later answers are stable.
+            if info.state in states and "COMPLETING" not in info.state_flags:
                 return
             await asyncio.sleep(0.5)
         raise TimeoutError(f"job {job_id} did not reach {states} in {DEADLINE}s")
@@ -137,9 +140,17 @@ class Recorder:
             "job_finished", a.get_job_request(job_id), meta={**meta, "return_code": 3}
         )
         listed = await self.record("jobs_list", a.list_jobs_request(None), meta=meta)
-        last = a.parse_jobs(listed.status_code, listed.content).last_update
-        if last is not None:
-            await self.record("jobs_list_unchanged", a.list_jobs_request(last), meta=meta)
+        # "Nothing changed since T" needs a quiet moment on slurmctld (it bumps
+        # its change time on its own now and then): retry with a fresh T.
+        for _ in range(10):
+            listed = await self.send(a.list_jobs_request(None))
+            last = a.parse_jobs(listed.status_code, listed.content).last_update
+            # v0.0.38 has no last_update: the time of the listing serves instead.
+            since = last + timedelta(seconds=1) if last else datetime.now(tz=UTC)
+            await asyncio.sleep(2.0)
+            answer = await self.record("jobs_list_unchanged", a.list_jobs_request(since), meta=meta)
+            if a.parse_jobs(answer.status_code, answer.content).unchanged:
+                break
         await self.record("job_cancel_finished", a.cancel_request(job_id, None), meta=meta)
 
         sleeper = self.job("fx-sleep", SLEEP_SCRIPT)
@@ -174,6 +185,11 @@ class Recorder:
             headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token}
             await self.record(f"ping_{label}_token", a.ping_request(), headers=headers)
             await self.record(f"jobs_{label}_token", a.list_jobs_request(None), headers=headers)
+            await self.record(
+                f"submit_{label}_token",
+                a.submit_request(self.job("fx-auth", "#!/bin/sh\ntrue\n")),
+                headers=headers,
+            )
         await self.record("ping_no_token", a.ping_request(), headers={})
 
 

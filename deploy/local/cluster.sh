@@ -21,6 +21,9 @@ START_TIMEOUT="${GATEWAY_LOCAL_START_TIMEOUT:-120}"
 ALL_CLUSTERS=(c2205 c2411)
 # Bump when the provisioning steps change: chroots with another marker are rebuilt.
 PROVISION_VERSION="3"
+NODE_CPUS=16
+NODE_MEMORY_MB=131072
+NODE_GPUS=4
 CHROOT_PACKAGES=(slurmctld slurmd slurmrestd slurm-client slurm-wlm-jwt-plugin munge python3 procps)
 JOB_USER="gwuser"
 JOB_UID="5000"
@@ -414,9 +417,12 @@ configure() {
 127.0.0.1 ${host}
 ::1 localhost ip6-localhost ip6-loopback"
 
-    cpus="$(nproc)"
-    mem_kb="$(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo)"
-    mem_mb=$((mem_kb * 80 / 100 / 1024))
+    # The node is declared with the shape of a production GPU node, so that the
+    # API's examples (8 CPUs, 64G, a GPU) are accepted here too. config_overrides
+    # makes slurmd trust these numbers; nothing enforces them without cgroups, and
+    # the GPUs are stand-in device files with no hardware behind them.
+    cpus=${NODE_CPUS}
+    mem_mb=${NODE_MEMORY_MB}
 
     write_if_changed "${C_CHROOT}/etc/slurm/slurm.conf" 0644 "# Written by deploy/local/cluster.sh on every 'up'; edits are overwritten.
 ClusterName=${C_NAME}
@@ -454,8 +460,19 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=${C_NODE} NodeHostname=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
+SlurmdParameters=config_overrides
+GresTypes=gpu
+NodeName=${C_NODE} NodeHostname=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} Gres=gpu:${NODE_GPUS} State=UNKNOWN
 PartitionName=${PARTITION} Nodes=${C_NODE} Default=YES MaxTime=INFINITE State=UP"
+
+    # Stand-in GPU devices (copies of /dev/null): slurmd counts a gres/gpu only
+    # through its device files, and CountOnly GPUs register as 0 on 22.05.
+    local i
+    for ((i = 0; i < NODE_GPUS; i++)); do
+        [[ -e "${C_CHROOT}/dev/gwgpu${i}" ]] || mknod -m 0666 "${C_CHROOT}/dev/gwgpu${i}" c 1 3
+    done
+    write_if_changed "${C_CHROOT}/etc/slurm/gres.conf" 0644 "AutoDetect=off
+Name=gpu File=/dev/gwgpu[0-$((NODE_GPUS - 1))]"
 
     if [[ -n "${C_CGROUP_CONF}" ]]; then
         write_if_changed "${C_CHROOT}/etc/slurm/cgroup.conf" 0644 "${C_CGROUP_CONF}"
@@ -714,6 +731,9 @@ write_cluster_json() {
   "chroot": $(json_str "${C_CHROOT}"),
   "partition": $(json_str "${PARTITION}"),
   "node": $(json_str "${C_NODE}"),
+  "cpus": ${NODE_CPUS},
+  "memory_mb": ${NODE_MEMORY_MB},
+  "gpus": ${NODE_GPUS},
   "api_versions": [${list}]
 }
 EOF

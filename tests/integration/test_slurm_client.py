@@ -79,8 +79,8 @@ async def test_every_served_version_submits_reads_and_cancels(cluster: LocalClus
 async def test_job_runs_with_environment_and_completes_with_exit_code(
     cluster: LocalCluster, client: SlurmClient
 ) -> None:
-    script = '#!/bin/sh\necho "message=$GW_MESSAGE"\nexit 3\n'
-    submitted = await client.submit(job(cluster, script, cpus_per_task=2))
+    script = '#!/bin/sh\necho "message=$GW_MESSAGE"\necho "gpus=$SLURM_GPUS_ON_NODE"\nexit 3\n'
+    submitted = await client.submit(job(cluster, script, cpus_per_task=2, gpus_per_node=1))
     info = await client.get_job(submitted.job_id)
     assert info.name.startswith("it-")
     assert info.user_name == cluster.user
@@ -97,6 +97,7 @@ async def test_job_runs_with_environment_and_completes_with_exit_code(
     output = cluster.host_path(done.standard_output).read_text()
     # The value arrived as inert data: no command substitution happened.
     assert "message=it works; $(not run)" in output
+    assert "gpus=1" in output  # the GPU request reached Slurm in this version's shape
 
 
 async def test_cancel_running_job(cluster: LocalCluster, client: SlurmClient) -> None:
@@ -190,13 +191,19 @@ async def test_bad_tokens_give_auth_error(
     with pytest.raises(SlurmAuthError) as info:
         await bad.list_jobs()
     assert token not in str(info.value)
+    with pytest.raises(SlurmAuthError):
+        await bad.submit(job(cluster, "#!/bin/sh\ntrue\n"))
 
 
 async def test_pass_through_credentials(cluster: LocalCluster, client: SlurmClient) -> None:
     own = await cluster.tokens().credentials()
     as_caller = client.as_user(own)
-    listed = await as_caller.list_jobs()
-    assert listed.last_update is not None
+    submitted = await as_caller.submit(job(cluster, "#!/bin/sh\nsleep 60\n"))
+    try:
+        listed = await as_caller.list_jobs()
+        assert submitted.job_id in {j.job_id for j in listed.jobs}
+    finally:
+        await as_caller.cancel(submitted.job_id)
 
 
 async def test_minted_tokens_are_renewed_before_expiry(cluster: LocalCluster) -> None:

@@ -13,8 +13,11 @@ Differs from v0.0.39:
   ``meta.Slurm``;
 * ``update_time`` is epoch seconds and "nothing changed" is HTTP 304 with an
   empty body;
-* a bad or expired token is HTTP 500 "slurmctld config is unable to load"
-  (error -1, source ``slurm_load_ctl_conf``) rather than an authentication error.
+* a bad or expired token is HTTP 500 with error -1 "Unspecified error" (ping:
+  "slurmctld config is unable to load"; get job: "Unable to find JobId=N") or,
+  on submit, 5005 "Zero Bytes were transmitted or received", rather than an
+  authentication error;
+* the job listing has no ``last_update``.
 
 Checked live on Slurm 22.05.8.
 """
@@ -31,6 +34,8 @@ from gateway.slurm.adapters.v0_0_39 import V0039
 from gateway.slurm.adapters.v0_0_39 import JobsResponse as JobsResponse39
 from gateway.slurm.errors import SlurmAuthError, SlurmError, SlurmErrorDetail
 from gateway.slurm.models import JobSubmission, PingResult
+
+_ZERO_BYTES = 5005  # SLURM_PROTOCOL_SOCKET_ZERO_BYTES_SENT
 
 
 class Ping(msgspec.Struct, frozen=True):
@@ -101,12 +106,22 @@ class V0038(V0039):
         what: str,
         body_readable: bool = True,
     ) -> SlurmError:
-        if status == 500 and any(
-            d.source == "slurm_load_ctl_conf" and d.error_number == -1 for d in details
+        # 22.05 reports slurmctld's refusal of a token as error -1 "Unspecified
+        # error" (or 5005 "Zero Bytes were transmitted" on submit); a real
+        # failure of the request carries its own number (2017, 2000...).
+        if (
+            status == 500
+            and details
+            and all(
+                (d.error_number == -1 and d.error == "Unspecified error")
+                or d.error_number == _ZERO_BYTES
+                for d in details
+            )
         ):
             return SlurmAuthError(
                 f"slurmrestd {self.version}: {what} failed (HTTP 500): slurmctld refused "
-                "the token (expired, forged or for another user)",
+                "the request; on Slurm 22.05 this means the token was rejected "
+                "(expired, forged or for another user)",
                 status_code=status,
                 errors=details,
             )
