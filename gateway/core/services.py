@@ -29,6 +29,7 @@ from gateway.slurm import (
 )
 from gateway.upstream.probe import HealthProber
 
+STOP_WAIT_SECONDS = 5.0
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -272,8 +273,15 @@ class ServiceManager:
                 f"{service.status_reason}); there is nothing to stop"
             )
         await self.slurm.cancel(job.job_id)
-        job = await self.slurm.get_job(job.job_id)
-        return await self._service(job, parsed)
+        # Slurm ends the job within moments; answer with its final state when
+        # it arrives in time, else with what Slurm says now.
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while True:
+            job = await self.slurm.get_job(job.job_id)
+            done = job.state.is_terminal and "COMPLETING" not in job.state_flags
+            if done or time.monotonic() > deadline:
+                return await self._service(job, parsed)
+            await asyncio.sleep(0.25)
 
 
 def meta_and_reported(job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:

@@ -49,10 +49,33 @@ class JobState(enum.StrEnum):
                 base = cls[upper]
             else:
                 flags.append(upper)
+        if base is cls.UNKNOWN:
+            # v0.0.38 names only the flag while one is set ("COMPLETING").
+            for flag in flags:
+                if flag in _BASE_OF_FLAG:
+                    base = _BASE_OF_FLAG[flag]
+                    break
         return base, tuple(flags)
 
 
 _ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RUNNING, JobState.SUSPENDED})
+
+# The base state implied by a flag when Slurm sends the flag alone.
+_BASE_OF_FLAG = {
+    "COMPLETING": JobState.RUNNING,  # processes still being cleaned up
+    "CONFIGURING": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING,
+    "STOPPED": JobState.RUNNING,
+    "POWER_UP_NODE": JobState.RUNNING,
+    "REQUEUED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING,
+    "RESV_DEL_HOLD": JobState.PENDING,
+    "REVOKED": JobState.CANCELLED,
+    "SPECIAL_EXIT": JobState.FAILED,
+}
 
 
 class JobSubmission(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,11 +14,12 @@ import pytest
 
 from gateway.slurm import (
     JobState,
+    JobSubmission,
     SlurmAuthError,
     SlurmJobNotFound,
     SlurmRequestRejected,
 )
-from gateway.slurm.adapters import Adapter, adapter_for
+from gateway.slurm.adapters import ADAPTERS, Adapter, adapter_for
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "slurmrestd"
 VERSION_DIRS = sorted(p for p in FIXTURES.glob("*/v*") if p.is_dir())
@@ -192,3 +193,13 @@ def test_bad_tokens_are_auth_errors(rec: Recorded, label: str, call: str) -> Non
         return
     # v0.0.42+ answers ping with HTTP 200 and responding=false instead.
     assert call == "ping" and not any(p.responding for p in result)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("version", list(ADAPTERS))
+def test_a_job_without_environment_still_gets_one(version: str) -> None:
+    # Slurm refuses an empty environment (22.05 and 24.11 both, seen live).
+    body = adapter_for(version).submit_body(
+        JobSubmission(script="#!/bin/sh\ntrue\n", name="x", working_directory="/tmp")
+    )
+    env = body["job"]["environment"]
+    assert env in ({"PATH": "/usr/local/bin:/usr/bin:/bin"}, ["PATH=/usr/local/bin:/usr/bin:/bin"])

@@ -37,6 +37,8 @@ def test_expand_output_path(pattern: str, expected: str) -> None:
         (["PENDING", "REQUEUED"], JobState.PENDING, ("REQUEUED",)),
         (["COMPLETING", "CANCELLED"], JobState.CANCELLED, ("COMPLETING",)),
         (["SOMETHING_NEW"], JobState.UNKNOWN, ("SOMETHING_NEW",)),
+        ("COMPLETING", JobState.RUNNING, ("COMPLETING",)),
+        ("REQUEUE_HOLD", JobState.PENDING, ("REQUEUE_HOLD",)),
     ],
 )
 def test_state_words(words: list[str] | str, state: JobState, flags: tuple[str, ...]) -> None:

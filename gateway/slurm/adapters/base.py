@@ -29,6 +29,10 @@ from gateway.slurm.models import JobInfo, JobSubmission, PingResult, SubmitResul
 
 T = TypeVar("T")
 
+# Slurm refuses a batch job without environment (22.05: "environment must be
+# set"; 24.11: error 2019 writing it), so a job given none gets this.
+FALLBACK_ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
     method: str

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from gateway.slurm.adapters import v0_0_44 as newer
-from gateway.slurm.adapters.base import JobList
+from gateway.slurm.adapters.base import FALLBACK_ENVIRONMENT, JobList
 from gateway.slurm.adapters.v0_0_39 import V0039
 from gateway.slurm.adapters.v0_0_39 import JobsResponse as JobsResponse39
 from gateway.slurm.errors import SlurmAuthError, SlurmError, SlurmErrorDetail
@@ -60,7 +60,7 @@ class V0038(V0039):
         desc: dict[str, Any] = {
             "name": job.name,
             "current_working_directory": job.working_directory,
-            "environment": dict(job.environment),
+            "environment": dict(job.environment or FALLBACK_ENVIRONMENT),
             "nodes": str(job.nodes),
         }
         optional: dict[str, Any] = {

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from gateway.slurm.adapters.base import (
+    FALLBACK_ENVIRONMENT,
     Adapter,
     ErrorEntry,
     JobList,
@@ -180,7 +181,7 @@ class V0044(Adapter):
         return desc
 
     def environment(self, env: dict[str, str]) -> Any:
-        return [f"{k}={v}" for k, v in env.items()]
+        return [f"{k}={v}" for k, v in (env or FALLBACK_ENVIRONMENT).items()]
 
     def integer(self, value: int) -> Any:
         return {"set": True, "infinite": False, "number": value}
