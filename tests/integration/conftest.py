@@ -8,6 +8,13 @@ from gateway.slurm import SlurmClient
 from gateway.testing.clusters import LocalCluster, discover, local_root
 
 CLUSTERS = discover()
+# (cluster, Slurm release, API version) as negotiated by the tests, for the summary.
+NEGOTIATED: list[tuple[str, str, str]] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for name, release, version in NEGOTIATED:
+        terminalreporter.write_line(f"cluster {name}: Slurm {release}, slurmrestd API {version}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -24,6 +24,7 @@ from gateway.slurm import (
 )
 from gateway.testing.clusters import LocalCluster
 from tests.conftest import poll
+from tests.integration.conftest import NEGOTIATED
 
 
 def job(cluster: LocalCluster, script: str, **overrides: object) -> JobSubmission:
@@ -60,7 +61,7 @@ async def test_negotiates_newest_served_version(cluster: LocalCluster, client: S
     assert client.api_version == newest
     assert pings[0].responding
     assert pings[0].slurm_release == cluster.slurm_release
-    print(f"\n{cluster.name}: Slurm {pings[0].slurm_release} via slurmrestd {client.api_version}")
+    NEGOTIATED.append((cluster.name, pings[0].slurm_release, client.api_version))
 
 
 async def test_every_served_version_submits_reads_and_cancels(cluster: LocalCluster) -> None:
