@@ -17,11 +17,13 @@ from gateway.api import errors
 from gateway.api.health import HealthController
 from gateway.api.recipes import RecipesController
 from gateway.api.services import ServicesController
+from gateway.api.vllm import VllmController
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import ServiceManager
 from gateway.settings import Settings, load_settings
 from gateway.slurm import SlurmClient
 from gateway.upstream.probe import HealthProber
+from gateway.upstream.vllm import VllmClient
 from gateway.wiring import slurm_client
 
 
@@ -48,7 +50,9 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
     async def adapters(app: Litestar) -> AsyncIterator[None]:
         client = slurm_client(settings)
         prober = HealthProber(timeout=settings.health_timeout, ttl=settings.health_cache_seconds)
+        vllm = VllmClient(timeout=settings.vllm_timeout)
         app.state.slurm = client
+        app.state.vllm = vllm
         app.state.services = ServiceManager(
             slurm=client,
             recipes=catalog,
@@ -64,6 +68,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             yield
         finally:
             await prober.aclose()
+            await vllm.aclose()
             await client.aclose()
 
     def provide_services(state: State) -> ServiceManager:
@@ -74,15 +79,20 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         slurm: SlurmClient = state.slurm
         return slurm
 
+    def provide_vllm(state: State) -> VllmClient:
+        vllm: VllmClient = state.vllm
+        return vllm
+
     def provide_recipes() -> RecipeCatalog:
         return catalog
 
     return Litestar(
-        route_handlers=[HealthController, ServicesController, RecipesController],
+        route_handlers=[HealthController, ServicesController, RecipesController, VllmController],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "slurm": Provide(provide_slurm, sync_to_thread=False),
             "recipes": Provide(provide_recipes, sync_to_thread=False),
+            "vllm": Provide(provide_vllm, sync_to_thread=False),
         },
         lifespan=[adapters],
         plugins=[StructlogPlugin(), errors.plugin()],

@@ -58,6 +58,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
     health_timeout: Seconds = 2.0
     health_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0
+    vllm_timeout: Seconds = 300.0
 
     def recipe_folders(self) -> list[Path]:
         return [Path(p) for p in self.recipes_dirs.split(":") if p]

@@ -51,7 +51,11 @@ def problem(
 
 
 def from_gateway_error(exc: GatewayError) -> ProblemDetailsException:
-    return problem(exc.status_code, exc.title, exc.detail, exc.errors)
+    failure = problem(exc.status_code, exc.title, exc.detail, exc.errors)
+    service_status = getattr(exc, "service_status", None)
+    if service_status is not None and isinstance(failure.extra, dict | None):
+        failure.extra = {**(failure.extra or {}), "service_status": service_status}
+    return failure
 
 
 def from_slurm_error(exc: SlurmError) -> ProblemDetailsException:

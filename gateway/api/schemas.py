@@ -207,3 +207,55 @@ class ProblemResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     title: str
     detail: str
     errors: list[FieldErrorResponse] = msgspec.field(default_factory=list)
+
+
+# -- vLLM -------------------------------------------------------------------------
+
+
+class VllmServiceResponse(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    recipe_name: str
+    status: ServiceStatus
+    endpoint: str | None
+    model: str | None
+    node: str | None
+
+
+class VllmServicesResponse(msgspec.Struct, kw_only=True):
+    vllm_services: list[VllmServiceResponse]
+
+
+class ModelsResponse(msgspec.Struct, kw_only=True):
+    service_id: str
+    endpoint: str
+    models: list[str]
+
+
+class PromptRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    prompt: Annotated[str, Meta(min_length=1, max_length=1_000_000)]
+    model: Annotated[str, Meta(description="defaults to the service's model")] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 150
+    temperature: Annotated[float, Meta(ge=0, le=2)] = 0.7
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    stop: list[str] | None = None
+    stream: Annotated[
+        bool, Meta(description="answer with Server-Sent Events as vLLM produces them")
+    ] = False
+
+
+class UsageResponse(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class PromptResponse(msgspec.Struct, kw_only=True):
+    success: bool
+    response: Annotated[str, Meta(description="the generated text")]
+    model: str
+    finish_reason: str | None
+    usage: UsageResponse
+    service_id: str
+    endpoint: str
+    endpoint_used: Annotated[str, Meta(description="chat or completions")]

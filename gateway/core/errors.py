@@ -40,6 +40,22 @@ class Conflict(GatewayError):
     status_code = 409
     title = "Conflict"
 
+    def __init__(self, detail: str, *, service_status: str | None = None) -> None:
+        super().__init__(detail)
+        self.service_status = service_status
+
+
+class UpstreamFailed(GatewayError):
+    """The service itself (vLLM) answered with an error."""
+
+    status_code = 502
+    title = "The service answered with an error"
+
+
+class UpstreamTimeout(GatewayError):
+    status_code = 504
+    title = "The service did not answer in time"
+
 
 class RecipeError(Exception):
     """A recipe or site overlay on disk is broken; start-up stops with this."""

@@ -196,7 +196,12 @@ class ServiceManager:
         endpoint = f"http://{reported.endpoint}" if reported.endpoint else None
         healthy: bool | None = None
         if endpoint and job.state is JobState.RUNNING and reported.phase in ("starting", "running"):
-            healthy = await self.prober.healthy(endpoint + health_path)
+            if recipe_kind == "vllm":
+                # Ready when vLLM answers /health and serves the model asked for.
+                model = meta.environment.get("VLLM_MODEL")
+                healthy = await self.prober.vllm_ready(endpoint, model)
+            else:
+                healthy = await self.prober.healthy(endpoint + health_path)
         status, reason = derive(job, reported, healthy)
         return Service(
             id=str(job.job_id),
@@ -222,6 +227,19 @@ class ServiceManager:
         except NotFound:
             return "http", "/health"  # recipe removed since: still list the service
         return spec.kind, spec.health_path
+
+    async def running(self, service_id: str, *, kind: str | None = None) -> Service:
+        """The service, which must be running (and of ``kind``); 409 otherwise."""
+        service = await self.get(service_id)
+        if kind is not None and service.kind != kind:
+            raise Conflict(f"service {service_id} is a {service.kind} service, not {kind}")
+        if service.status is not ServiceStatus.RUNNING or service.endpoint is None:
+            raise Conflict(
+                f"service {service_id} is {service.status.value}, not running: "
+                f"{service.status_reason}",
+                service_status=service.status.value,
+            )
+        return service
 
     # -- logs -----------------------------------------------------------------
 

@@ -1,7 +1,7 @@
-"""Health probes of service endpoints: concurrent, short, cached for a moment.
+"""Readiness probes of service endpoints: concurrent, short, cached for a moment.
 
 Listing many services must not cost one slow request each, and many callers
-polling one service must not multiply the probes: results are cached for
+polling one service must not multiply the probes: a result is cached for
 ``ttl`` seconds and a probe already under way is shared.
 """
 
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
+
+from gateway.upstream.vllm import VllmClient
 
 
 class HealthProber:
@@ -24,6 +27,7 @@ class HealthProber:
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout), transport=transport, follow_redirects=False
         )
+        self._vllm = VllmClient(timeout=timeout, connect_timeout=timeout, transport=transport)
         self._ttl = ttl
         self._cache: dict[str, tuple[float, bool]] = {}
         self._inflight: dict[str, asyncio.Task[bool]] = {}
@@ -32,27 +36,40 @@ class HealthProber:
         for task in self._inflight.values():
             task.cancel()
         await self._http.aclose()
+        await self._vllm.aclose()
 
     async def healthy(self, url: str) -> bool:
-        now = time.monotonic()
-        cached = self._cache.get(url)
-        if cached is not None and now - cached[0] < self._ttl:
+        """``url`` answers with a 2xx status."""
+        return await self._cached(url, lambda: self._get(url))
+
+    async def vllm_ready(self, endpoint: str, model: str | None) -> bool:
+        """vLLM's ``/health`` answers and ``/v1/models`` lists ``model``."""
+        return await self._cached(
+            f"vllm {endpoint} {model}", lambda: self._vllm.ready(endpoint, model)
+        )
+
+    async def _cached(self, key: str, probe: Callable[[], Awaitable[bool]]) -> bool:
+        cached = self._cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self._ttl:
             return cached[1]
-        task = self._inflight.get(url)
+        task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._probe(url))
-            self._inflight[url] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(url, None))
+            task = asyncio.create_task(self._run(key, probe))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _probe(self, url: str) -> bool:
+    async def _run(self, key: str, probe: Callable[[], Awaitable[bool]]) -> bool:
+        ok = await probe()
+        now = time.monotonic()
+        self._cache[key] = (now, ok)
+        if len(self._cache) > 4096:  # forget services long gone
+            self._cache = {k: v for k, v in self._cache.items() if now - v[0] < self._ttl}
+        return ok
+
+    async def _get(self, url: str) -> bool:
         try:
             response = await self._http.get(url)
-            ok = response.status_code < 300
         except httpx.HTTPError:
-            ok = False
-        self._cache[url] = (time.monotonic(), ok)
-        if len(self._cache) > 4096:  # forget services long gone
-            cutoff = time.monotonic() - self._ttl
-            self._cache = {k: v for k, v in self._cache.items() if v[0] >= cutoff}
-        return ok
+            return False
+        return response.status_code < 300

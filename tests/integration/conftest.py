@@ -10,11 +10,15 @@ from gateway.testing.clusters import LocalCluster, discover, local_root
 CLUSTERS = discover()
 # (cluster, Slurm release, API version) as negotiated by the tests, for the summary.
 NEGOTIATED: list[tuple[str, str, str]] = []
+# Lines about how long things took, for the summary.
+TIMINGS: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, release, version in NEGOTIATED:
         terminalreporter.write_line(f"cluster {name}: Slurm {release}, slurmrestd API {version}")
+    for line in TIMINGS:
+        terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,0 +1,186 @@
+"""``/api/v1/vllm``: running vLLM services, their models, prompts (streamed or not)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, get, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
+from litestar.params import Body
+from litestar.response import Response, Stream
+
+from gateway.api.schemas import (
+    ModelsResponse,
+    PromptRequest,
+    PromptResponse,
+    UsageResponse,
+    VllmServiceResponse,
+    VllmServicesResponse,
+)
+from gateway.api.services import ServiceId
+from gateway.core.errors import UpstreamFailed, UpstreamTimeout
+from gateway.core.services import Service, ServiceManager
+from gateway.core.status import ServiceStatus
+from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
+
+_PROMPT_EXAMPLES = [
+    Example(
+        summary="A prompt",
+        value={"prompt": "Tell me a joke about programming", "max_tokens": 100},
+    ),
+    Example(
+        summary="With options",
+        value={
+            "prompt": "Write a short haiku about AI",
+            "model": "gpt2",
+            "max_tokens": 64,
+            "temperature": 0.7,
+        },
+    ),
+    Example(summary="Streamed", value={"prompt": "Count to five", "stream": True}),
+]
+
+
+class VllmController(Controller):
+    path = "/api/v1/vllm"
+    tags = ("vllm",)
+
+    @get("/services", operation_id="listVllmServices", summary="Running vLLM services")
+    async def list_vllm(self, services: NamedDependency[ServiceManager]) -> VllmServicesResponse:
+        running = [
+            s
+            for s in await services.list()
+            if s.kind == "vllm" and s.status is ServiceStatus.RUNNING
+        ]
+        return VllmServicesResponse(
+            vllm_services=[
+                VllmServiceResponse(
+                    id=s.id,
+                    name=s.name,
+                    recipe_name=s.recipe_name,
+                    status=s.status,
+                    endpoint=s.endpoint,
+                    model=s.config.environment.get("VLLM_MODEL"),
+                    node=s.node,
+                )
+                for s in running
+            ]
+        )
+
+    @get("/{service_id:str}/models", operation_id="listVllmModels", summary="Models vLLM serves")
+    async def models(
+        self,
+        services: NamedDependency[ServiceManager],
+        vllm: NamedDependency[VllmClient],
+        service_id: ServiceId,
+    ) -> ModelsResponse:
+        service = await services.running(service_id, kind="vllm")
+        endpoint = _endpoint(service)
+        try:
+            models = await vllm.models(endpoint)
+        except (UpstreamError, UpstreamUnavailable) as exc:
+            raise _upstream_failure(service_id, exc) from None
+        return ModelsResponse(service_id=service_id, endpoint=endpoint, models=models)
+
+    @post(
+        "/{service_id:str}/prompt",
+        operation_id="promptVllm",
+        summary="Send a prompt; with stream=true the answer is Server-Sent Events",
+        description="Uses the chat API when the model has a chat template, the completions "
+        "API otherwise. A service that is not running answers 409 with its status.",
+        status_code=200,
+        responses={
+            200: ResponseSpec(
+                PromptResponse,
+                generate_examples=False,
+                description="The completion, or with stream=true a text/event-stream of "
+                "vLLM's chunks ending in `data: [DONE]`",
+            )
+        },
+    )
+    async def prompt(
+        self,
+        services: NamedDependency[ServiceManager],
+        vllm: NamedDependency[VllmClient],
+        service_id: ServiceId,
+        data: Annotated[PromptRequest, Body(examples=_PROMPT_EXAMPLES)],
+    ) -> Response[PromptResponse] | Stream:
+        service = await services.running(service_id, kind="vllm")
+        endpoint = _endpoint(service)
+        request = Prompt(
+            prompt=data.prompt,
+            model=data.model or service.config.environment.get("VLLM_MODEL") or "",
+            max_tokens=data.max_tokens,
+            temperature=data.temperature,
+            top_p=data.top_p,
+            stop=data.stop,
+        )
+        if data.stream:
+            return await _stream(vllm, service_id, endpoint, request)
+        try:
+            done = await vllm.complete(endpoint, request)
+        except (UpstreamError, UpstreamUnavailable) as exc:
+            raise _upstream_failure(service_id, exc) from None
+        return Response(
+            PromptResponse(
+                success=True,
+                response=done.text,
+                model=done.model,
+                finish_reason=done.finish_reason,
+                usage=UsageResponse(
+                    prompt_tokens=done.usage.prompt_tokens,
+                    completion_tokens=done.usage.completion_tokens,
+                    total_tokens=done.usage.total_tokens,
+                ),
+                service_id=service_id,
+                endpoint=endpoint,
+                endpoint_used=done.api,
+            )
+        )
+
+
+def _endpoint(service: Service) -> str:
+    assert service.endpoint is not None  # running() guarantees it
+    return service.endpoint
+
+
+async def _stream(vllm: VllmClient, service_id: str, endpoint: str, request: Prompt) -> Stream:
+    chunks = vllm.stream(endpoint, request)
+    # Open the upstream before answering, so a refusal is a proper HTTP error.
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+    except (UpstreamError, UpstreamUnavailable) as exc:
+        await chunks.aclose()
+        raise _upstream_failure(service_id, exc) from None
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        except (UpstreamError, UpstreamUnavailable) as exc:
+            # Headers are gone already: end the stream with an error event.
+            error = {"error": {"message": str(exc), "type": "upstream_error"}}
+            yield b"event: error\ndata: " + msgspec.json.encode(error) + b"\n\n"
+        finally:
+            await chunks.aclose()
+
+    return Stream(
+        relay(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _upstream_failure(service_id: str, exc: Exception) -> Exception:
+    if isinstance(exc, UpstreamUnavailable) and exc.timeout:
+        return UpstreamTimeout(f"vLLM of service {service_id} did not answer in time")
+    if isinstance(exc, UpstreamError):
+        return UpstreamFailed(f"vLLM of service {service_id} answered {exc.status}: {exc.message}")
+    return UpstreamFailed(f"vLLM of service {service_id}: {exc}")

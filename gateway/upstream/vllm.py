@@ -1,0 +1,231 @@
+"""Client of vLLM's OpenAI-compatible server: models, prompts, streamed prompts.
+
+A prompt goes to ``/v1/chat/completions`` when the model has a chat template
+and to ``/v1/completions`` otherwise. Which one works is learnt from vLLM's
+answer (a 400 naming the chat template) and remembered per endpoint and model,
+so the fallback costs one extra request once, not on every prompt.
+
+Streams are passed through as vLLM sends them, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any, Literal
+
+import httpx
+import msgspec
+
+Api = Literal["chat", "completions"]
+
+
+class UpstreamError(Exception):
+    """vLLM answered with an error; ``status`` and ``message`` are vLLM's."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UpstreamUnavailable(Exception):
+    """vLLM could not be reached or did not answer in time."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _Message(msgspec.Struct, frozen=True):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct, frozen=True):
+    text: str | None = None
+    message: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _Completion(msgspec.Struct, frozen=True):
+    model: str = ""
+    choices: list[_Choice] = []
+    usage: Usage | None = None
+
+
+class _Model(msgspec.Struct, frozen=True):
+    id: str
+    max_model_len: int | None = None
+
+
+class _Models(msgspec.Struct, frozen=True):
+    data: list[_Model] = []
+
+
+class _ErrorBody(msgspec.Struct, frozen=True):
+    message: str | None = None
+    error: Any = None
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: Usage
+    api: Api
+
+
+class Prompt(msgspec.Struct, frozen=True, kw_only=True):
+    prompt: str
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+
+
+class VllmClient:
+    def __init__(
+        self,
+        *,
+        timeout: float = 120.0,
+        connect_timeout: float = 3.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            transport=transport,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+        self._api: dict[tuple[str, str], Api] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def models(self, endpoint: str) -> list[str]:
+        response = await self._send("GET", f"{endpoint}/v1/models")
+        _raise_for_status(response)
+        try:
+            return [m.id for m in msgspec.json.decode(response.content, type=_Models).data]
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise UpstreamError(502, "vLLM's /v1/models answer is not a model list") from None
+
+    async def ready(self, endpoint: str, model: str | None = None) -> bool:
+        """``/health`` answers and ``/v1/models`` lists ``model`` (any, if None)."""
+        try:
+            health = await self._http.get(f"{endpoint}/health")
+            if health.status_code != 200:
+                return False
+            served = await self.models(endpoint)
+        except (httpx.HTTPError, UpstreamError, UpstreamUnavailable):
+            return False
+        return model in served if model else bool(served)
+
+    async def complete(self, endpoint: str, prompt: Prompt) -> Completion:
+        api = self._api.get((endpoint, prompt.model), "chat")
+        response = await self._send("POST", _url(endpoint, api), json=_body(api, prompt, False))
+        if api == "chat" and _no_chat_template(response):
+            api = "completions"
+            response = await self._send("POST", _url(endpoint, api), json=_body(api, prompt, False))
+        _raise_for_status(response)
+        self._api[(endpoint, prompt.model)] = api
+        try:
+            body = msgspec.json.decode(response.content, type=_Completion)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise UpstreamError(502, "vLLM's completion is not in the OpenAI shape") from None
+        choice = body.choices[0] if body.choices else _Choice()
+        text = (choice.message.content if choice.message else choice.text) or ""
+        return Completion(
+            text=text,
+            model=body.model or prompt.model,
+            finish_reason=choice.finish_reason,
+            usage=body.usage or Usage(),
+            api=api,
+        )
+
+    async def stream(self, endpoint: str, prompt: Prompt) -> AsyncGenerator[bytes, None]:
+        """vLLM's SSE bytes, as they arrive. Closing the iterator (a client that
+        went away) closes the upstream connection, which makes vLLM abort."""
+        api = self._api.get((endpoint, prompt.model), "chat")
+        response = await self._open(endpoint, api, prompt)
+        if api == "chat" and response.status_code == 400:
+            await response.aread()
+            if _no_chat_template(response):
+                await response.aclose()
+                api = "completions"
+                response = await self._open(endpoint, api, prompt)
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for_status(response)
+            self._api[(endpoint, prompt.model)] = api
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(
+                f"the stream from vLLM broke off: {type(exc).__name__}"
+            ) from None
+        finally:
+            await response.aclose()
+
+    async def _open(self, endpoint: str, api: Api, prompt: Prompt) -> httpx.Response:
+        request = self._http.build_request(
+            "POST", _url(endpoint, api), json=_body(api, prompt, True)
+        )
+        try:
+            return await self._http.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
+
+    async def _send(self, method: str, url: str, json: Any = None) -> httpx.Response:
+        try:
+            return await self._http.request(method, url, json=json)
+        except httpx.TimeoutException:
+            raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
+
+
+def _url(endpoint: str, api: Api) -> str:
+    return f"{endpoint}/v1/chat/completions" if api == "chat" else f"{endpoint}/v1/completions"
+
+
+def _body(api: Api, prompt: Prompt, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": prompt.model, "stream": stream}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": prompt.prompt}]
+    else:
+        body["prompt"] = prompt.prompt
+    for key in ("max_tokens", "temperature", "top_p", "stop"):
+        value = getattr(prompt, key)
+        if value is not None:
+            body[key] = value
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = msgspec.json.decode(response.content, type=_ErrorBody)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return response.text[:500] or f"HTTP {response.status_code}"
+    if isinstance(body.error, dict) and body.error.get("message"):
+        return str(body.error["message"])
+    return body.message or (str(body.error) if body.error else f"HTTP {response.status_code}")
+
+
+def _no_chat_template(response: httpx.Response) -> bool:
+    return response.status_code == 400 and "chat template" in _error_message(response).lower()
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        raise UpstreamError(response.status_code, _error_message(response))

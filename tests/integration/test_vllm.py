@@ -1,0 +1,268 @@
+"""Real vLLM (CPU build, tiny local models) started by Slurm through the gateway.
+
+Runs on the clusters whose chroot has the local vLLM runtime
+(deploy/local/vllm-runtime.sh, part of `make test`): cluster c2205.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.testing.clusters import LocalCluster
+from tests.conftest import poll
+from tests.integration.conftest import CLUSTERS, TIMINGS
+from tests.integration.gateway_process import GatewayProcess
+
+VLLM_CLUSTERS = [c for c in CLUSTERS if (Path(c.chroot) / "opt/vllm/bin/python").exists()]
+STARTUP = 420.0  # seconds; two vLLMs starting at once on two cores
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "gateway" in metafunc.fixturenames:
+        if not VLLM_CLUSTERS:
+            raise pytest.UsageError(
+                "no local cluster has the vLLM runtime; run deploy/local/vllm-runtime.sh"
+            )
+        metafunc.parametrize(
+            "gateway",
+            VLLM_CLUSTERS,
+            ids=[c.name for c in VLLM_CLUSTERS],
+            indirect=True,
+            scope="module",
+        )
+
+
+@pytest.fixture(scope="module")
+def gateway(request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
+    with GatewayProcess(request.param) as process:
+        yield process
+
+
+@pytest.fixture
+async def api(gateway: GatewayProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
+        yield client
+
+
+async def status_of(api: httpx.AsyncClient, sid: str) -> dict[str, Any]:
+    body: dict[str, Any] = (await api.get(f"/api/v1/services/{sid}/status")).json()
+    return body
+
+
+def vllm_processes(cluster: LocalCluster, port: int) -> list[int]:
+    """PIDs of processes rooted in the cluster's chroot whose command names ``port``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            root = (proc / "root").readlink()
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(root) == cluster.chroot and "vllm" in cmd and f"--port {port}" in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[str]:
+    async for line in response.aiter_lines():
+        if line.startswith("data: "):
+            yield line[len("data: ") :]
+
+
+async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) -> None:
+    cluster = gateway.cluster
+    started = time.monotonic()
+    # The seed's "default model" and "custom model" examples, at once.
+    chat = (await api.post("/api/v1/services", json={"recipe_name": "inference/vllm"})).json()
+    base = (
+        await api.post(
+            "/api/v1/services",
+            json={
+                "recipe_name": "inference/vllm",
+                "config": {"environment": {"VLLM_MODEL": "gpt2"}},
+            },
+        )
+    ).json()
+    ids = [chat["id"], base["id"]]
+    try:
+        seen: dict[str, list[str]] = {sid: [] for sid in ids}
+
+        async def both() -> list[dict[str, Any]]:
+            states = [await status_of(api, sid) for sid in ids]
+            for sid, s in zip(ids, states, strict=True):
+                if not seen[sid] or seen[sid][-1] != s["status"]:
+                    seen[sid].append(s["status"])
+            return states
+
+        states = await poll(
+            both,
+            lambda ss: all(s["status"] in ("running", "failed", "cancelled") for s in ss),
+            timeout=STARTUP,
+            interval=1.0,
+            what="both vLLM services running",
+        )
+        assert [s["status"] for s in states] == ["running", "running"], (states, seen)
+        TIMINGS.append(
+            f"vLLM: POST to running took {time.monotonic() - started:.0f} s "
+            f"(two services starting at once; walks: {seen})"
+        )
+        for walk in seen.values():
+            order = ["pending", "building", "starting", "running"]
+            assert walk == [s for s in order if s in walk], walk
+            assert "starting" in walk
+        endpoints = [s["endpoint"] for s in states]
+        assert endpoints[0] != endpoints[1]
+
+        listed = (await api.get("/api/v1/vllm/services")).json()["vllm_services"]
+        mine = {s["id"]: s for s in listed if s["id"] in ids}
+        assert mine[chat["id"]]["endpoint"] == endpoints[0]
+        assert mine[chat["id"]]["model"] == "/opt/models/tiny-chat"
+        assert mine[base["id"]]["model"] == "gpt2"
+
+        models = (await api.get(f"/api/v1/vllm/{chat['id']}/models")).json()
+        assert models["models"] == ["/opt/models/tiny-chat"]
+
+        # The seed's prompt examples: a chat model, then gpt2 (no chat template).
+        answer = await api.post(
+            f"/api/v1/vllm/{chat['id']}/prompt",
+            json={"prompt": "Tell me a joke about programming", "max_tokens": 100},
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["success"] is True
+        assert body["endpoint_used"] == "chat"
+        assert body["response"]
+        assert body["usage"]["completion_tokens"] > 0
+        assert body["finish_reason"] in ("length", "stop")
+        advanced = await api.post(
+            f"/api/v1/vllm/{base['id']}/prompt",
+            json={
+                "prompt": "Write a short haiku about AI",
+                "model": "gpt2",
+                "max_tokens": 64,
+                "temperature": 0.7,
+            },
+        )
+        assert advanced.status_code == 200, advanced.text
+        assert advanced.json()["endpoint_used"] == "completions"
+        assert advanced.json()["model"] == "gpt2"
+
+        # Streaming: SSE chunks as vLLM sends them, ending in [DONE].
+        async with api.stream(
+            "POST",
+            f"/api/v1/vllm/{chat['id']}/prompt",
+            json={"prompt": "Count to five", "max_tokens": 16, "stream": True},
+        ) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            events = [e async for e in sse_events(stream)]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert len(chunks) > 2
+        assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in chunks)
+
+        logs = (await api.get(f"/api/v1/services/{chat['id']}/logs")).json()["logs"]
+        assert "Starting vLLM API server" in logs or "Application startup complete" in logs
+
+        port = int(endpoints[0].rsplit(":", 1)[1])
+        assert vllm_processes(cluster, port)
+        stopped = await api.delete(f"/api/v1/services/{chat['id']}")
+        assert stopped.status_code == 200
+        assert stopped.json()["status"] == "cancelled"
+        await poll(
+            lambda: asyncio.to_thread(vllm_processes, cluster, port),
+            lambda pids: not pids,
+            timeout=30,
+            what="vLLM processes gone",
+        )
+    finally:
+        for sid in ids:
+            await api.delete(f"/api/v1/services/{sid}")
+
+
+async def test_client_disconnect_cancels_the_upstream_request(
+    gateway: GatewayProcess, api: httpx.AsyncClient
+) -> None:
+    created = (await api.post("/api/v1/services", json={"recipe_name": "inference/vllm"})).json()
+    sid = created["id"]
+    try:
+        running = await poll(
+            lambda: status_of(api, sid),
+            lambda s: s["status"] in ("running", "failed"),
+            timeout=STARTUP,
+            interval=1.0,
+        )
+        assert running["status"] == "running", running
+        metrics_url = running["endpoint"] + "/metrics"
+
+        async def requests_running() -> float:
+            text = (await api.get(metrics_url)).text
+            values = re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$", text, re.M)
+            return sum(float(v) for v in values)
+
+        long_story = {"prompt": "Tell a long story", "max_tokens": 480, "stream": True}
+        async with (
+            httpx.AsyncClient(base_url=gateway.url, timeout=60) as client,
+            client.stream("POST", f"/api/v1/vllm/{sid}/prompt", json=long_story) as stream,
+        ):
+            assert stream.status_code == 200
+            async for _ in sse_events(stream):
+                break  # first chunk arrived; vLLM is generating
+            assert await requests_running() >= 1
+        # Leaving the block closed the connection mid-stream.
+        await poll(requests_running, lambda n: n == 0, timeout=30, what="vLLM request aborted")
+    finally:
+        await api.delete(f"/api/v1/services/{sid}")
+
+
+async def test_missing_model_fails_with_reason(api: httpx.AsyncClient) -> None:
+    created = (
+        await api.post(
+            "/api/v1/services",
+            json={
+                "recipe_name": "inference/vllm",
+                "config": {"environment": {"VLLM_MODEL": "no-such-org/no-such-model"}},
+            },
+        )
+    ).json()
+    final = await poll(
+        lambda: status_of(api, created["id"]),
+        lambda s: s["status"] in ("failed", "completed", "cancelled", "running"),
+        timeout=120,
+        interval=1.0,
+    )
+    assert final["status"] == "failed"
+    assert "no-such-org/no-such-model" in final["status_reason"]
+    assert "Hugging Face cache" in final["status_reason"]
+    response = await api.post(f"/api/v1/vllm/{created['id']}/prompt", json={"prompt": "hi"})
+    assert response.status_code == 409
+    assert response.json()["service_status"] == "failed"
+
+
+async def test_prompt_to_a_service_that_is_not_running_is_409(api: httpx.AsyncClient) -> None:
+    created = (
+        await api.post(
+            "/api/v1/services",
+            json={
+                "recipe_name": "testing/http",
+                "config": {"environment": {"BUILD_SECONDS": "60"}},
+            },
+        )
+    ).json()
+    try:
+        response = await api.post(f"/api/v1/vllm/{created['id']}/prompt", json={"prompt": "hi"})
+        assert response.status_code == 409
+        assert "not vllm" in response.json()["detail"]
+    finally:
+        await api.delete(f"/api/v1/services/{created['id']}")
