@@ -3,17 +3,18 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export GATEWAY_LOCAL_ROOT ?= /var/lib/slurm-gateway-local
-# The cluster `make run` serves: c2411 (Slurm 24.11) or c2205 (Slurm 22.05).
-CLUSTER ?= c2411
+# The cluster `make run` serves: c2205 (Slurm 22.05, has the local vLLM
+# runtime) or c2411 (Slurm 24.11).
+CLUSTER ?= c2205
 
-.PHONY: run test venv cluster cluster-down cluster-status lint format unit integration fixtures openapi clean
+.PHONY: run test venv cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
 
-run: venv cluster
+run: venv cluster vllm-runtime
 	GATEWAY_SLURM_CLUSTER_FILE=$(GATEWAY_LOCAL_ROOT)/$(CLUSTER)/cluster.json \
 	GATEWAY_SITE_FILE=$${GATEWAY_SITE_FILE:-deploy/local/site.toml} \
 	$(PY) -m gateway
 
-test: lint cluster
+test: lint cluster vllm-runtime
 	$(PY) -m pytest -ra tests
 
 venv: $(VENV)/.installed
@@ -24,6 +25,10 @@ $(VENV)/.installed: pyproject.toml scripts/venv.sh
 cluster:
 	deploy/local/cluster.sh up
 
+# vLLM's CPU build and tiny local models, inside cluster c2205's chroot.
+vllm-runtime: cluster
+	deploy/local/vllm-runtime.sh
+
 cluster-down:
 	deploy/local/cluster.sh down
 
@@ -31,19 +36,23 @@ cluster-status:
 	deploy/local/cluster.sh status
 
 lint: venv
-	$(VENV)/bin/ruff check gateway tests scripts
-	$(VENV)/bin/ruff format --check gateway tests scripts
+	$(VENV)/bin/ruff check gateway tests scripts bench deploy
+	$(VENV)/bin/ruff format --check gateway tests scripts bench deploy
 	$(VENV)/bin/mypy gateway
 
 format: venv
-	$(VENV)/bin/ruff check --fix gateway tests scripts
-	$(VENV)/bin/ruff format gateway tests scripts
+	$(VENV)/bin/ruff check --fix gateway tests scripts bench deploy
+	$(VENV)/bin/ruff format gateway tests scripts bench deploy
 
 unit: venv
 	$(PY) -m pytest -ra tests/unit
 
-integration: venv cluster
+integration: venv cluster vllm-runtime
 	$(PY) -m pytest -ra tests/integration
+
+# Latency of /prompt through the gateway against the same request straight to vLLM.
+bench: venv cluster vllm-runtime
+	$(PY) bench/prompt_latency.py
 
 # Re-record the adapter fixtures from the live daemons (tests/fixtures/slurmrestd).
 fixtures: venv cluster

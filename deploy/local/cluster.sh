@@ -43,7 +43,7 @@ usage() {
     cat >&2 <<'EOF'
 usage: cluster.sh {up|down|status|destroy} [c2205|c2411 ...]
   up       build the chroots if needed, start the daemons, check them, write cluster.json
-  down     stop the daemons and leftover job processes, unmount /proc; keep the chroots
+  down     stop the daemons and leftover job processes, unmount /proc and /sys; keep the chroots
   status   print each cluster's state (exit 0 only if all are up and answering)
   destroy  down, then remove the chroots
 Root folder: ${GATEWAY_LOCAL_ROOT:-/var/lib/slurm-gateway-local}
@@ -232,9 +232,13 @@ unmount_under() {
 }
 
 mount_proc() {
-    mkdir -p "${C_CHROOT}/proc"
+    mkdir -p "${C_CHROOT}/proc" "${C_CHROOT}/sys"
     if ! mountpoint -q "${C_CHROOT}/proc"; then
         mount -t proc -o nosuid,nodev,noexec proc "${C_CHROOT}/proc"
+    fi
+    # Read-only sysfs: jobs need the CPU topology (vLLM's CPU build runs lscpu).
+    if ! mountpoint -q "${C_CHROOT}/sys"; then
+        mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "${C_CHROOT}/sys"
     fi
 }
 

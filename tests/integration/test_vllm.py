@@ -109,7 +109,7 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
             both,
             lambda ss: all(s["status"] in ("running", "failed", "cancelled") for s in ss),
             timeout=STARTUP,
-            interval=1.0,
+            interval=0.25,
             what="both vLLM services running",
         )
         assert [s["status"] for s in states] == ["running", "running"], (states, seen)
@@ -117,10 +117,12 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
             f"vLLM: POST to running took {time.monotonic() - started:.0f} s "
             f"(two services starting at once; walks: {seen})"
         )
+        order = ["pending", "building", "starting", "running"]
         for walk in seen.values():
-            order = ["pending", "building", "starting", "running"]
             assert walk == [s for s in order if s in walk], walk
             assert "starting" in walk
+        # Building lasts a second or two; at least one of the two walks shows it.
+        assert any("building" in walk for walk in seen.values()), seen
         endpoints = [s["endpoint"] for s in states]
         assert endpoints[0] != endpoints[1]
 
