@@ -129,11 +129,11 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
         listed = (await api.get("/api/v1/vllm/services")).json()["vllm_services"]
         mine = {s["id"]: s for s in listed if s["id"] in ids}
         assert mine[chat["id"]]["endpoint"] == endpoints[0]
-        assert mine[chat["id"]]["model"] == "/opt/models/tiny-chat"
+        assert mine[chat["id"]]["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
         assert mine[base["id"]]["model"] == "gpt2"
 
         models = (await api.get(f"/api/v1/vllm/{chat['id']}/models")).json()
-        assert models["models"] == ["/opt/models/tiny-chat"]
+        assert models["models"] == ["Qwen/Qwen2.5-0.5B-Instruct"]
 
         # The seed's prompt examples: a chat model, then gpt2 (no chat template).
         answer = await api.post(
