@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -26,3 +27,11 @@ async def poll(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s; last: {last!r}")
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (once the probe socket is closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -15,6 +15,15 @@ from gateway.core.status import ServiceStatus
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 EnvValue = Annotated[str, Meta(max_length=4096)]
 GpuCount = Annotated[str, Meta(description="GPUs per node; null for a CPU-only service")]
+
+
+W = TypeVar("W", bound=msgspec.Struct)
+
+
+def _copy(wire: type[W], service: Service, **overrides: object) -> W:
+    """The wire view of a service: its fields of the same names, plus overrides."""
+    values = {f: getattr(service, f) for f in wire.__struct_fields__ if f not in overrides}
+    return wire(**values, **overrides)
 
 
 class ResourcesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -67,23 +76,12 @@ class ServiceResponse(msgspec.Struct, kw_only=True):
 
     @classmethod
     def of(cls, s: Service) -> ServiceResponse:
-        return cls(
-            id=s.id,
-            name=s.name,
-            recipe_name=s.recipe_name,
-            status=s.status,
-            status_reason=s.status_reason,
+        return _copy(
+            cls,
+            s,
             config=ServiceConfigResponse(
                 environment=s.config.environment, resources=s.config.resources
             ),
-            created_at=s.created_at,
-            started_at=s.started_at,
-            ended_at=s.ended_at,
-            node=s.node,
-            endpoint=s.endpoint,
-            owner=s.owner,
-            slurm_state=s.slurm_state,
-            slurm_reason=s.slurm_reason,
         )
 
 
@@ -101,18 +99,7 @@ class ServiceStatusResponse(msgspec.Struct, kw_only=True):
 
     @classmethod
     def of(cls, s: Service) -> ServiceStatusResponse:
-        return cls(
-            id=s.id,
-            status=s.status,
-            status_reason=s.status_reason,
-            slurm_state=s.slurm_state,
-            slurm_reason=s.slurm_reason,
-            node=s.node,
-            endpoint=s.endpoint,
-            created_at=s.created_at,
-            started_at=s.started_at,
-            ended_at=s.ended_at,
-        )
+        return _copy(cls, s)
 
 
 class LogsResponse(msgspec.Struct, kw_only=True):

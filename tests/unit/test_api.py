@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,9 @@ from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
 from gateway.settings import load_settings
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -30,7 +23,7 @@ async def api(tmp_path: Path) -> AsyncIterator[AsyncTestClient[Any]]:
     settings = load_settings(
         {
             # Nothing listens here: every Slurm call fails as "unavailable".
-            "GATEWAY_SLURM_URL": f"http://127.0.0.1:{closed_port()}",
+            "GATEWAY_SLURM_URL": f"http://127.0.0.1:{free_port()}",
             "GATEWAY_SLURM_USER": "gwuser",
             "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
             "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",

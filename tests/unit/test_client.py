@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 from pytest_httpx import HTTPXMock
@@ -17,6 +15,7 @@ from gateway.slurm import (
     SlurmUnexpectedResponse,
     SlurmVersionUnsupported,
 )
+from tests.conftest import free_port
 
 URL = "http://slurmrestd.test:6820"
 PING_42 = {
@@ -77,11 +76,7 @@ async def test_timeout_is_unavailable(httpx_mock: HTTPXMock) -> None:
 
 
 async def test_closed_port_is_unavailable() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # Nothing listens on the port once the socket is closed.
-    client = SlurmClient(f"http://127.0.0.1:{port}", MintedTokens(b"k" * 32, "u"))
+    client = SlurmClient(f"http://127.0.0.1:{free_port()}", MintedTokens(b"k" * 32, "u"))
     async with client:
         with pytest.raises(SlurmUnavailable, match="unreachable"):
             await client.ping()
