@@ -7,17 +7,22 @@ import sys
 import uvicorn
 
 from gateway.app import create_app
+from gateway.core.errors import RecipeError
 from gateway.settings import SettingsError, load_settings
 
 
 def main() -> int:
     try:
         settings = load_settings()
+        app = create_app(settings)
     except SettingsError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    except RecipeError as exc:
+        print(f"gateway: recipe error: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
