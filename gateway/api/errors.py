@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
@@ -23,6 +24,7 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
+from gateway.api.schemas import ProblemResponse
 from gateway.core.errors import FieldError, GatewayError
 from gateway.slurm import (
     SlurmAuthError,
@@ -33,6 +35,29 @@ from gateway.slurm import (
 )
 
 RETRY_AFTER_SECONDS = 5
+
+_MEANINGS = {
+    400: "Malformed request (not JSON)",
+    404: "No such service or recipe",
+    409: "The service is not in a state that allows this",
+    422: "Invalid request; `errors` names the fields, or Slurm refused the job",
+    502: "Slurm or the service answered with an error",
+    503: "Slurm is unreachable; retry after Retry-After seconds",
+    504: "The service did not answer in time",
+}
+
+
+def problem_responses(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problem-details errors a route can answer."""
+    return {
+        code: ResponseSpec(
+            ProblemResponse,
+            description=_MEANINGS[code],
+            media_type="application/problem+json",
+            generate_examples=False,
+        )
+        for code in codes
+    }
 
 
 def problem(

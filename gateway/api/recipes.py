@@ -8,6 +8,7 @@ from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import Parameter
 
+from gateway.api.errors import problem_responses
 from gateway.api.schemas import RecipeResponse
 from gateway.core.errors import NotFound
 from gateway.core.recipes import Recipe, RecipeCatalog
@@ -24,6 +25,7 @@ class RecipesController(Controller):
     @get(
         "/{recipe_name:path}",
         operation_id="getRecipe",
+        responses=problem_responses(404),
         summary="One recipe, by path (inference/vllm) or by unique name (vllm)",
     )
     async def get_recipe(

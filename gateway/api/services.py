@@ -11,6 +11,7 @@ from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from msgspec import UNSET
 
+from gateway.api.errors import problem_responses
 from gateway.api.schemas import (
     CreateServiceRequest,
     LogsResponse,
@@ -63,6 +64,7 @@ class ServicesController(Controller):
     @post(
         "/",
         operation_id="createService",
+        responses=problem_responses(400, 422, 502, 503),
         summary="Start a service from a recipe",
         description="Renders the recipe with the given overrides and submits it to Slurm. "
         "The new service is usually `pending`; poll its status.",
@@ -85,13 +87,23 @@ class ServicesController(Controller):
         )
         return ServiceResponse.of(service)
 
-    @get("/", operation_id="listServices", summary="List the services Slurm still knows")
+    @get(
+        "/",
+        operation_id="listServices",
+        responses=problem_responses(502, 503),
+        summary="List the services Slurm still knows",
+    )
     async def list_services(
         self, services: NamedDependency[ServiceManager]
     ) -> list[ServiceResponse]:
         return [ServiceResponse.of(s) for s in await services.list()]
 
-    @get("/{service_id:str}", operation_id="getService", summary="Describe one service")
+    @get(
+        "/{service_id:str}",
+        operation_id="getService",
+        responses=problem_responses(404, 502, 503),
+        summary="Describe one service",
+    )
     async def get_service(
         self, services: NamedDependency[ServiceManager], service_id: ServiceId
     ) -> ServiceResponse:
@@ -100,6 +112,7 @@ class ServicesController(Controller):
     @get(
         "/{service_id:str}/status",
         operation_id="getServiceStatus",
+        responses=problem_responses(404, 502, 503),
         summary="A service's status: pending, building, starting, running, completed, "
         "failed, cancelled or timeout",
     )
@@ -111,6 +124,7 @@ class ServicesController(Controller):
     @get(
         "/{service_id:str}/logs",
         operation_id="getServiceLogs",
+        responses=problem_responses(404, 409, 502, 503),
         summary="The service's stdout and stderr",
     )
     async def get_logs(
@@ -127,6 +141,7 @@ class ServicesController(Controller):
     @delete(
         "/{service_id:str}",
         operation_id="stopService",
+        responses=problem_responses(404, 409, 502, 503),
         summary="Stop a service (cancels its Slurm job)",
         status_code=HTTP_200_OK,
     )

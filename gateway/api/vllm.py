@@ -13,6 +13,7 @@ from litestar.openapi.spec import Example
 from litestar.params import Body
 from litestar.response import Response, Stream
 
+from gateway.api.errors import problem_responses
 from gateway.api.schemas import (
     ModelsResponse,
     PromptRequest,
@@ -49,7 +50,12 @@ class VllmController(Controller):
     path = "/api/v1/vllm"
     tags = ("vllm",)
 
-    @get("/services", operation_id="listVllmServices", summary="Running vLLM services")
+    @get(
+        "/services",
+        operation_id="listVllmServices",
+        responses=problem_responses(502, 503),
+        summary="Running vLLM services",
+    )
     async def list_vllm(self, services: NamedDependency[ServiceManager]) -> VllmServicesResponse:
         running = [
             s
@@ -71,7 +77,12 @@ class VllmController(Controller):
             ]
         )
 
-    @get("/{service_id:str}/models", operation_id="listVllmModels", summary="Models vLLM serves")
+    @get(
+        "/{service_id:str}/models",
+        operation_id="listVllmModels",
+        responses=problem_responses(404, 409, 502, 503, 504),
+        summary="Models vLLM serves",
+    )
     async def models(
         self,
         services: NamedDependency[ServiceManager],
@@ -94,12 +105,13 @@ class VllmController(Controller):
         "API otherwise. A service that is not running answers 409 with its status.",
         status_code=200,
         responses={
+            **problem_responses(400, 404, 409, 422, 502, 503, 504),
             200: ResponseSpec(
                 PromptResponse,
                 generate_examples=False,
                 description="The completion, or with stream=true a text/event-stream of "
                 "vLLM's chunks ending in `data: [DONE]`",
-            )
+            ),
         },
     )
     async def prompt(
