@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             account=settings.slurm_account,
             path_map=settings.path_mapping(),
             log_max_bytes=settings.log_max_bytes,
+            running_ttl=settings.health_cache_seconds,
         )
         try:
             yield

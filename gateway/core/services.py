@@ -81,6 +81,7 @@ class ServiceManager:
         account: str | None = None,
         path_map: list[tuple[str, str]] | None = None,
         log_max_bytes: int = 1024 * 1024,
+        running_ttl: float = 2.0,
     ) -> None:
         self.slurm = slurm
         self.recipes = recipes
@@ -91,6 +92,8 @@ class ServiceManager:
         self.account = account
         self.path_map = path_map or []
         self.log_max_bytes = log_max_bytes
+        self.running_ttl = running_ttl
+        self._running: dict[str, tuple[float, Service]] = {}
 
     # -- create ---------------------------------------------------------------
 
@@ -229,8 +232,23 @@ class ServiceManager:
         return spec.kind, spec.health_path
 
     async def running(self, service_id: str, *, kind: str | None = None) -> Service:
-        """The service, which must be running (and of ``kind``); 409 otherwise."""
-        service = await self.get(service_id)
+        """The service, which must be running (and of ``kind``); 409 otherwise.
+
+        This is on every prompt's path, so a running service is remembered for
+        ``running_ttl`` seconds instead of asking Slurm each time; at worst a
+        prompt reaches a service stopped by another replica meanwhile, and gets
+        vLLM's connection error (502).
+        """
+        cached = self._running.get(service_id)
+        if cached is not None and time.monotonic() < cached[0]:
+            service = cached[1]
+        else:
+            service = await self.get(service_id)
+            if service.status is ServiceStatus.RUNNING:
+                self._running[service_id] = (time.monotonic() + self.running_ttl, service)
+                if len(self._running) > 4096:
+                    now = time.monotonic()
+                    self._running = {k: v for k, v in self._running.items() if v[0] > now}
         if kind is not None and service.kind != kind:
             raise Conflict(f"service {service_id} is a {service.kind} service, not {kind}")
         if service.status is not ServiceStatus.RUNNING or service.endpoint is None:
@@ -280,6 +298,7 @@ class ServiceManager:
     # -- stop -----------------------------------------------------------------
 
     async def stop(self, service_id: str) -> Service:
+        self._running.pop(service_id, None)
         job = await self._job(service_id)
         parsed = meta_and_reported(job)
         if job.state.is_terminal:

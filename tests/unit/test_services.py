@@ -112,3 +112,21 @@ async def test_comment_from_the_job_is_parsed_not_trusted(httpx_mock: HTTPXMock)
     assert json.loads(json.dumps(service.config.environment)) == {}
     await services.prober.aclose()
     await services.slurm.aclose()
+
+
+async def test_prompt_path_asks_slurm_once_per_ttl(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    httpx_mock.add_response(
+        url=f"{URL}/slurm/v0.0.42/job/7",
+        json={"jobs": [job(7, service_comment(9100))]},
+        is_reusable=True,
+    )
+    httpx_mock.add_response(url="http://node1:9100/health", is_reusable=True)
+    services = manager()
+    first = await services.running("7")
+    second = await services.running("7")
+    assert first.status is ServiceStatus.RUNNING
+    assert second == first
+    assert len(httpx_mock.get_requests(url=f"{URL}/slurm/v0.0.42/job/7")) == 1
+    await services.prober.aclose()
+    await services.slurm.aclose()
