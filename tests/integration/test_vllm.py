@@ -208,22 +208,40 @@ async def test_client_disconnect_cancels_the_upstream_request(
         assert running["status"] == "running", running
         metrics_url = running["endpoint"] + "/metrics"
 
-        async def requests_running() -> float:
+        async def metric(name: str, label: str = "") -> float:
             text = (await api.get(metrics_url)).text
-            values = re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$", text, re.M)
-            return sum(float(v) for v in values)
+            pattern = rf"^{re.escape(name)}\{{([^}}]*)\}} ([0-9.e+]+)$"
+            return sum(
+                float(value) for labels, value in re.findall(pattern, text, re.M) if label in labels
+            )
 
-        long_story = {"prompt": "Tell a long story", "max_tokens": 480, "stream": True}
+        long_story = {"prompt": "Tell a long story", "max_tokens": 480, "temperature": 0}
+        # Control: the same request, read to the end, generates many tokens.
+        control = await api.post(f"/api/v1/vllm/{sid}/prompt", json=long_story)
+        full = control.json()["usage"]["completion_tokens"]
+        assert full > 40, control.json()
+
+        generated_before = await metric("vllm:generation_tokens_total")
         async with (
             httpx.AsyncClient(base_url=gateway.url, timeout=60) as client,
-            client.stream("POST", f"/api/v1/vllm/{sid}/prompt", json=long_story) as stream,
+            client.stream(
+                "POST", f"/api/v1/vllm/{sid}/prompt", json={**long_story, "stream": True}
+            ) as stream,
         ):
             assert stream.status_code == 200
             async for _ in sse_events(stream):
-                break  # first chunk arrived; vLLM is generating
-            assert await requests_running() >= 1
+                break  # the first chunk arrived: vLLM is generating
         # Leaving the block closed the connection mid-stream.
-        await poll(requests_running, lambda n: n == 0, timeout=30, what="vLLM request aborted")
+        await poll(
+            lambda: metric("vllm:num_requests_running"),
+            lambda n: n == 0,
+            timeout=30,
+            what="no request running in vLLM",
+        )
+        await asyncio.sleep(1)  # a request still generating would add tokens now
+        generated = await metric("vllm:generation_tokens_total") - generated_before
+        # vLLM stopped early: far fewer tokens than the same request read to the end.
+        assert generated < full / 2, (generated, full)
     finally:
         await api.delete(f"/api/v1/services/{sid}")
 
