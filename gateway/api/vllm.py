@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated
 
+import anyio
 import msgspec
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
@@ -23,6 +24,7 @@ from gateway.api.schemas import (
     VllmServicesResponse,
 )
 from gateway.api.services import ServiceId
+from gateway.api.streaming import ClosingStream
 from gateway.core.errors import UpstreamFailed, UpstreamTimeout
 from gateway.core.services import Service, ServiceManager
 from gateway.core.status import ServiceStatus
@@ -160,7 +162,9 @@ def _endpoint(service: Service) -> str:
     return service.endpoint
 
 
-async def _stream(vllm: VllmClient, service_id: str, endpoint: str, request: Prompt) -> Stream:
+async def _stream(
+    vllm: VllmClient, service_id: str, endpoint: str, request: Prompt
+) -> ClosingStream:
     chunks = vllm.stream(endpoint, request)
     # Open the upstream before answering, so a refusal is a proper HTTP error.
     try:
@@ -171,19 +175,24 @@ async def _stream(vllm: VllmClient, service_id: str, endpoint: str, request: Pro
         await chunks.aclose()
         raise _upstream_failure(service_id, exc) from None
 
-    async def relay() -> AsyncIterator[bytes]:
+    async def relay() -> AsyncGenerator[bytes, None]:
         try:
             yield first
             async for chunk in chunks:
                 yield chunk
+                # When vLLM is ahead of us every read returns at once and this
+                # loop never lets the event loop run, so nobody would notice a
+                # client that went away until vLLM had finished. Yield to it.
+                await anyio.lowlevel.checkpoint()
         except (UpstreamError, UpstreamUnavailable) as exc:
             # Headers are gone already: end the stream with an error event.
             error = {"error": {"message": str(exc), "type": "upstream_error"}}
             yield b"event: error\ndata: " + msgspec.json.encode(error) + b"\n\n"
         finally:
-            await chunks.aclose()
+            with anyio.CancelScope(shield=True):  # see VllmClient.stream
+                await chunks.aclose()
 
-    return Stream(
+    return ClosingStream(
         relay(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
+import anyio
 import httpx
 import msgspec
 
@@ -171,7 +172,11 @@ class VllmClient:
                 f"the stream from vLLM broke off: {type(exc).__name__}"
             ) from None
         finally:
-            await response.aclose()
+            # Shielded: when the client went away this runs under a cancelled
+            # scope, where an unshielded await would be cancelled before the
+            # connection is closed, and vLLM would go on generating.
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
 
     async def _open(self, endpoint: str, api: Api, prompt: Prompt) -> httpx.Response:
         request = self._http.build_request(

@@ -196,7 +196,17 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
 async def test_client_disconnect_cancels_the_upstream_request(
     gateway: GatewayProcess, api: httpx.AsyncClient
 ) -> None:
-    created = (await api.post("/api/v1/services", json={"recipe_name": "inference/vllm"})).json()
+    # A long context, so that a request runs for seconds: its early end is then
+    # told apart from a natural one whatever the disconnect's latency.
+    created = (
+        await api.post(
+            "/api/v1/services",
+            json={
+                "recipe_name": "inference/vllm",
+                "config": {"environment": {"VLLM_MAX_MODEL_LEN": "2048"}},
+            },
+        )
+    ).json()
     sid = created["id"]
     try:
         running = await poll(
@@ -215,13 +225,18 @@ async def test_client_disconnect_cancels_the_upstream_request(
                 float(value) for labels, value in re.findall(pattern, text, re.M) if label in labels
             )
 
-        long_story = {"prompt": "Tell a long story", "max_tokens": 480, "temperature": 0}
+        long_story = {"prompt": "Tell a long story", "max_tokens": 1900, "temperature": 0}
+        tokens = "vllm:generation_tokens_total"
+        start = await metric(tokens)  # nothing has run on this new service yet
         # Control: the same request, read to the end, generates many tokens.
         control = await api.post(f"/api/v1/vllm/{sid}/prompt", json=long_story)
         full = control.json()["usage"]["completion_tokens"]
-        assert full > 40, control.json()
-
-        generated_before = await metric("vllm:generation_tokens_total")
+        assert full > 400, control.json()
+        # vLLM counts tokens a moment after answering: wait for the control's.
+        generated_before = await poll(
+            lambda: metric(tokens), lambda n: n >= start + full, timeout=30
+        )
+        assert generated_before == start + full
         async with (
             httpx.AsyncClient(base_url=gateway.url, timeout=60) as client,
             client.stream(
@@ -229,8 +244,9 @@ async def test_client_disconnect_cancels_the_upstream_request(
             ) as stream,
         ):
             assert stream.status_code == 200
-            async for _ in sse_events(stream):
-                break  # the first chunk arrived: vLLM is generating
+            async for line in stream.aiter_lines():
+                if line.startswith("data: "):
+                    break  # the first chunk arrived: vLLM is generating
         # Leaving the block closed the connection mid-stream.
         await poll(
             lambda: metric("vllm:num_requests_running"),
@@ -238,8 +254,8 @@ async def test_client_disconnect_cancels_the_upstream_request(
             timeout=30,
             what="no request running in vLLM",
         )
-        await asyncio.sleep(1)  # a request still generating would add tokens now
-        generated = await metric("vllm:generation_tokens_total") - generated_before
+        await asyncio.sleep(2)  # a request still generating would add tokens now
+        generated = await metric(tokens) - generated_before
         # vLLM stopped early: far fewer tokens than the same request read to the end.
         assert generated < full / 2, (generated, full)
     finally:
