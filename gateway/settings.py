@@ -32,7 +32,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     host: str = "0.0.0.0"  # noqa: S104 - a service in a pod listens on all interfaces
     port: Port = 8001
     log_level: str = "info"
-    log_json: bool = False
 
     # A cluster.json written by deploy/local/cluster.sh fills the slurm_* values
     # below that are not set explicitly.
