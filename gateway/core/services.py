@@ -135,7 +135,8 @@ class ServiceManager:
         except SlurmJobNotFound:
             # Submitted but already purged (MinJobAge): describe it from what we sent.
             return self._service_from_submission(submitted.job_id, recipe, meta)
-        return await self._service(job, meta_and_reported(job))
+        parsed = metadata.decode(job.comment) or (meta, metadata.Reported())
+        return await self._service(job, *parsed)
 
     def _recipe_for_create(self, name: str) -> Recipe:
         try:
@@ -148,7 +149,7 @@ class ServiceManager:
     ) -> Service:
         return Service(
             id=str(job_id),
-            name=f"{recipe.name.rsplit('/', 1)[-1]}-{job_id}",
+            name=service_name(recipe.name, job_id),
             recipe_name=recipe.name,
             kind=recipe.spec.service.kind,
             status=ServiceStatus.PENDING,
@@ -169,15 +170,17 @@ class ServiceManager:
     async def list(self) -> list[Service]:
         """Every service Slurm still knows: one slurmrestd call, probes in parallel."""
         listing = await self.slurm.list_jobs()
-        ours = [(job, parsed) for job in listing.jobs if (parsed := meta_and_reported(job))]
-        services = await asyncio.gather(*(self._service(job, parsed) for job, parsed in ours))
+        ours = [(job, parsed) for job in listing.jobs if (parsed := metadata.decode(job.comment))]
+        services = await asyncio.gather(*(self._service(job, *parsed) for job, parsed in ours))
         return sorted(services, key=lambda s: int(s.id), reverse=True)
 
     async def get(self, service_id: str) -> Service:
-        job = await self._job(service_id)
-        return await self._service(job, meta_and_reported(job))
+        return await self._service(*await self._job(service_id))
 
-    async def _job(self, service_id: str) -> JobInfo:
+    async def _job(
+        self, service_id: str
+    ) -> tuple[JobInfo, metadata.ServiceMeta, metadata.Reported]:
+        """The job of a service with what its comment holds; 404 for any other."""
         job_id = parse_id(service_id)
         try:
             job = await self.slurm.get_job(job_id)
@@ -186,15 +189,14 @@ class ServiceManager:
                 f"service {service_id} does not exist (Slurm does not know job {job_id}; "
                 "finished jobs are forgotten after Slurm's MinJobAge)"
             ) from None
-        if meta_and_reported(job) is None:
+        parsed = metadata.decode(job.comment)
+        if parsed is None:
             raise NotFound(f"service {service_id} does not exist (job {job_id} is not a service)")
-        return job
+        return job, *parsed
 
     async def _service(
-        self, job: JobInfo, parsed: tuple[metadata.ServiceMeta, metadata.Reported] | None
+        self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
     ) -> Service:
-        assert parsed is not None
-        meta, reported = parsed
         recipe_kind, health_path = self._service_spec(meta.recipe)
         endpoint = f"http://{reported.endpoint}" if reported.endpoint else None
         healthy: bool | None = None
@@ -208,7 +210,7 @@ class ServiceManager:
         status, reason = derive(job, reported, healthy)
         return Service(
             id=str(job.job_id),
-            name=f"{meta.recipe.rsplit('/', 1)[-1]}-{job.job_id}",
+            name=service_name(meta.recipe, job.job_id),
             recipe_name=meta.recipe,
             kind=recipe_kind,
             status=status,
@@ -262,7 +264,7 @@ class ServiceManager:
     # -- logs -----------------------------------------------------------------
 
     async def logs(self, service_id: str, *, tail: int | None) -> Logs:
-        job = await self._job(service_id)
+        job, _, _ = await self._job(service_id)
         if job.state is JobState.PENDING:
             raise Conflict(f"service {service_id} is pending: it has not started, so no logs yet")
         stdout_path = self.local_path(job.standard_output)
@@ -299,10 +301,9 @@ class ServiceManager:
 
     async def stop(self, service_id: str) -> Service:
         self._running.pop(service_id, None)
-        job = await self._job(service_id)
-        parsed = meta_and_reported(job)
+        job, meta, reported = await self._job(service_id)
         if job.state.is_terminal:
-            service = await self._service(job, parsed)
+            service = await self._service(job, meta, reported)
             if service.status is ServiceStatus.CANCELLED:
                 return service  # stopping twice is fine
             raise Conflict(
@@ -317,12 +318,13 @@ class ServiceManager:
             job = await self.slurm.get_job(job.job_id)
             done = job.state.is_terminal and "COMPLETING" not in job.state_flags
             if done or time.monotonic() > deadline:
-                return await self._service(job, parsed)
+                return await self._service(job, meta, reported)
             await asyncio.sleep(0.25)
 
 
-def meta_and_reported(job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
-    return metadata.decode(job.comment)
+def service_name(recipe: str, job_id: int) -> str:
+    """``vllm-12`` for job 12 of ``inference/vllm``."""
+    return f"{recipe.rsplit('/', 1)[-1]}-{job_id}"
 
 
 def parse_id(service_id: str) -> int:

@@ -15,7 +15,6 @@ Tokens and keys never appear in ``repr``, logs or exceptions.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -199,8 +198,3 @@ class FixedCredentials:
 
     async def credentials(self) -> Credentials:
         return self._credentials
-
-
-def token_from_environment(variable: str) -> str | None:
-    value = os.environ.get(variable)
-    return value.removeprefix("SLURM_JWT=") if value else None

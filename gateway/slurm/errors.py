@@ -5,13 +5,9 @@ from __future__ import annotations
 import msgspec
 
 # Slurm error numbers (slurm_errno.h) the gateway reacts to.
-ESLURM_INVALID_PARTITION_NAME = 2000
-ESLURM_REQUESTED_NODE_CONFIG_UNAVAILABLE = 2014
 ESLURM_INVALID_JOB_ID = 2017
 ESLURM_ALREADY_DONE = 2021
-ESLURM_JOB_FINISHED = 2084
 SLURM_PROTOCOL_AUTHENTICATION_ERROR = 1007
-ESLURM_ACCESS_DENIED = 2002
 
 
 class SlurmErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
