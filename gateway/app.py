@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.structlog import StructlogPlugin
+from litestar.plugins.structlog import StructlogConfig, StructlogPlugin
 
 from gateway import __version__
 from gateway.api import errors
@@ -30,6 +31,16 @@ from gateway.wiring import slurm_client
 def load_recipes(settings: Settings) -> RecipeCatalog:
     site = Path(settings.site_file) if settings.site_file else None
     return RecipeCatalog.load(settings.recipe_folders(), site)
+
+
+def _logging() -> StructlogPlugin:
+    # Litestar's request/response middleware would log prompts and generated
+    # text (user data) and one line per streamed chunk; uvicorn's access log
+    # already gives one line per request without bodies.
+    # httpx logs every upstream call and health probe at INFO: too chatty.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return StructlogPlugin(StructlogConfig(enable_middleware_logging=False))
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -96,7 +107,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             "vllm": Provide(provide_vllm, sync_to_thread=False),
         },
         lifespan=[adapters],
-        plugins=[StructlogPlugin(), errors.plugin()],
+        plugins=[_logging(), errors.plugin()],
         openapi_config=openapi_config(),
         state=State({"settings": settings}),
     )

@@ -79,7 +79,7 @@ def build(folder: Path, chat: bool) -> None:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,  # vLLM's CPU attention needs a head size of 32 or more
-        max_position_embeddings=2048,
+        max_position_embeddings=32768,  # long generations for the disconnect test
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

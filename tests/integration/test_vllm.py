@@ -174,6 +174,12 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
         assert len(chunks) > 2
         assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in chunks)
 
+        # The gateway's own log has one line per request, and no user data.
+        own_log = gateway.log.read_text()
+        assert "Tell me a joke about programming" not in own_log
+        assert "chat.completion.chunk" not in own_log
+        assert own_log.count(f"/api/v1/vllm/{chat['id']}/prompt") == 2
+
         logs = (await api.get(f"/api/v1/services/{chat['id']}/logs")).json()["logs"]
         assert "Starting vLLM API server" in logs or "Application startup complete" in logs
 
@@ -196,14 +202,17 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
 async def test_client_disconnect_cancels_the_upstream_request(
     gateway: GatewayProcess, api: httpx.AsyncClient
 ) -> None:
-    # A long context, so that a request runs for seconds: its early end is then
-    # told apart from a natural one whatever the disconnect's latency.
+    # A generation that would run for a minute, so that an early end tells a
+    # cancel apart from a natural one. On this machine every process outside
+    # vLLM can stall for seconds while vLLM generates (README, "Known limits"),
+    # the test client included: the margin must be far wider than a stall.
+    max_tokens = 15_000
     created = (
         await api.post(
             "/api/v1/services",
             json={
                 "recipe_name": "inference/vllm",
-                "config": {"environment": {"VLLM_MAX_MODEL_LEN": "2048"}},
+                "config": {"environment": {"VLLM_MAX_MODEL_LEN": "16384"}},
             },
         )
     ).json()
@@ -218,60 +227,50 @@ async def test_client_disconnect_cancels_the_upstream_request(
         assert running["status"] == "running", running
         metrics_url = running["endpoint"] + "/metrics"
 
-        async def metric(name: str, label: str = "") -> float:
+        async def metric(name: str) -> float:
             text = (await api.get(metrics_url)).text
-            pattern = rf"^{re.escape(name)}\{{([^}}]*)\}} ([0-9.e+]+)$"
-            return sum(
-                float(value) for labels, value in re.findall(pattern, text, re.M) if label in labels
-            )
+            pattern = rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$"
+            return sum(float(value) for value in re.findall(pattern, text, re.M))
 
-        long_story = {"prompt": "Tell a long story", "max_tokens": 1900, "temperature": 0}
-        tokens = "vllm:generation_tokens_total"
-        start = await metric(tokens)  # nothing has run on this new service yet
-        # Control: the same request, read to the end, generates many tokens.
-        control = await api.post(f"/api/v1/vllm/{sid}/prompt", json=long_story)
-        full = control.json()["usage"]["completion_tokens"]
-        assert full > 400, control.json()
-        # vLLM counts tokens a moment after answering: wait for the control's.
-        generated_before = await poll(
-            lambda: metric(tokens), lambda n: n >= start + full, timeout=30
+        tokens, finished = "vllm:generation_tokens_total", "vllm:request_success_total"
+        tokens_before, finished_before = await metric(tokens), await metric(finished)
+        async with (
+            httpx.AsyncClient(base_url=gateway.url, timeout=60) as client,
+            client.stream(
+                "POST",
+                f"/api/v1/vllm/{sid}/prompt",
+                # Greedy: the tiny model then never says its end-of-text token.
+                json={
+                    "prompt": "Tell a long story",
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                },
+            ) as stream,
+        ):
+            assert stream.status_code == 200
+            async for line in stream.aiter_lines():
+                if line.startswith("data: "):
+                    break  # the first chunk arrived: vLLM is generating
+        left = time.monotonic()  # leaving the block closed the connection
+        await poll(
+            lambda: metric("vllm:num_requests_running"),
+            lambda n: n == 0,
+            timeout=120,
+            interval=0.05,
+            what="no request running in vLLM",
         )
-        assert generated_before == start + full
-
-        async def disconnect_mid_stream() -> float:
-            """Tokens vLLM generated for a stream the client left after one chunk."""
-            before = await metric(tokens)
-            async with (
-                httpx.AsyncClient(base_url=gateway.url, timeout=60) as client,
-                client.stream(
-                    "POST", f"/api/v1/vllm/{sid}/prompt", json={**long_story, "stream": True}
-                ) as stream,
-            ):
-                assert stream.status_code == 200
-                async for line in stream.aiter_lines():
-                    if line.startswith("data: "):
-                        break  # the first chunk arrived: vLLM is generating
-            # Leaving the block closed the connection mid-stream.
-            await poll(
-                lambda: metric("vllm:num_requests_running"),
-                lambda n: n == 0,
-                timeout=60,
-                what="no request running in vLLM",
-            )
-            await asyncio.sleep(2)  # a request still generating would add tokens now
-            return await metric(tokens) - before
-
-        # Known gap: the cancel usually lands within milliseconds, but in full
-        # runs it has taken seconds, and once never came. Up to three tries,
-        # each reported in the summary so the latency stays visible.
-        counts = []
-        for _ in range(3):
-            counts.append(await disconnect_mid_stream())
-            if counts[-1] < full / 2:
-                break
-        TIMINGS.append(f"vLLM disconnect: tokens generated per try {counts} (full: {full})")
-        # vLLM stopped before the end of the same request read to the end.
-        assert min(counts) < full, (counts, full)
+        stopped_after = time.monotonic() - left
+        await asyncio.sleep(1)  # vLLM updates its counters a moment later
+        generated = await metric(tokens) - tokens_before
+        TIMINGS.append(
+            f"vLLM disconnect: no request running {stopped_after:.2f} s after the client left; "
+            f"{generated:.0f} of {max_tokens} tokens generated"
+        )
+        # vLLM aborted the request: it never finished (vLLM counts finished
+        # requests by reason, aborts not), and stopped far short of its end.
+        assert await metric(finished) == finished_before
+        assert generated < max_tokens / 2, generated
     finally:
         await api.delete(f"/api/v1/services/{sid}")
 
