@@ -74,6 +74,22 @@ def vllm_processes(cluster: LocalCluster, port: int) -> list[int]:
     return found
 
 
+def job_processes(cluster: LocalCluster, job_id: str) -> list[int]:
+    """PIDs of processes rooted in the cluster's chroot that belong to Slurm job ``job_id``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            root = (proc / "root").readlink()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(root) == cluster.chroot and f"SLURM_JOB_ID={job_id}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
 async def sse_events(response: httpx.Response) -> AsyncIterator[str]:
     async for line in response.aiter_lines():
         if line.startswith("data: "):
@@ -297,6 +313,40 @@ async def test_missing_model_fails_with_reason(api: httpx.AsyncClient) -> None:
     response = await api.post(f"/api/v1/vllm/{created['id']}/prompt", json={"prompt": "hi"})
     assert response.status_code == 409
     assert response.json()["service_status"] == "failed"
+
+
+async def test_startup_deadline_fails_the_service(gateway: GatewayProcess, tmp_path: Path) -> None:
+    # A site whose deadline no vLLM can meet: the service must end `failed`
+    # saying why, and leave no vLLM behind.
+    site = (Path(__file__).parents[2] / "deploy" / "local" / "site.toml").read_text()
+    assert 'startup_timeout = "600"' in site
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(site.replace('startup_timeout = "600"', 'startup_timeout = "3"'))
+    cluster = gateway.cluster
+    with GatewayProcess(cluster, GATEWAY_SITE_FILE=str(site_file)) as impatient:
+        async with httpx.AsyncClient(base_url=impatient.url, timeout=60) as api:
+            created = await api.post("/api/v1/services", json={"recipe_name": "inference/vllm"})
+            sid = created.json()["id"]
+            try:
+                final = await poll(
+                    lambda: status_of(api, sid),
+                    lambda s: s["status"] not in ("pending", "building", "starting"),
+                    timeout=180,
+                    interval=1.0,
+                )
+                assert final["status"] == "failed", final
+                assert (
+                    "did not answer /health within 3s of the job's start"
+                    in (final["status_reason"])
+                )
+                await poll(
+                    lambda: asyncio.to_thread(job_processes, cluster, sid),
+                    lambda pids: not pids,
+                    timeout=30,
+                    what="vLLM processes gone",
+                )
+            finally:
+                await api.delete(f"/api/v1/services/{sid}")
 
 
 async def test_prompt_to_a_service_that_is_not_running_is_409(api: httpx.AsyncClient) -> None:
