@@ -25,7 +25,7 @@ from gateway.settings import Settings, load_settings
 from gateway.slurm import SlurmClient
 from gateway.upstream.probe import HealthProber
 from gateway.upstream.vllm import VllmClient
-from gateway.wiring import slurm_client
+from gateway.wiring import slurm_client, token_provider
 
 
 def load_recipes(settings: Settings) -> RecipeCatalog:
@@ -56,10 +56,11 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
     settings = settings or load_settings()
     # Recipes are checked before anything is served: a broken one stops start-up.
     catalog = recipes if recipes is not None else load_recipes(settings)
+    tokens = token_provider(settings)  # so is a token or key that cannot be used
 
     @asynccontextmanager
     async def adapters(app: Litestar) -> AsyncIterator[None]:
-        client = slurm_client(settings)
+        client = slurm_client(settings, tokens)
         prober = HealthProber(timeout=settings.health_timeout, ttl=settings.health_cache_seconds)
         vllm = VllmClient(timeout=settings.vllm_timeout)
         app.state.slurm = client

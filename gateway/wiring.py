@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.settings import Settings, SlurmAuthMode
-from gateway.slurm import MintedTokens, SlurmClient, StaticToken, TokenProvider
+from gateway.settings import Settings, SettingsError, SlurmAuthMode, env_name
+from gateway.slurm import MintedTokens, SlurmAuthError, SlurmClient, StaticToken, TokenProvider
 
 
 def token_provider(settings: Settings) -> TokenProvider:
+    """The configured token source, checked now: a missing key file or a
+    token that is not a JWT raises :class:`SettingsError` naming the variable."""
+    if settings.slurm_auth is SlurmAuthMode.MINT:
+        variable = "slurm_jwt_key_file"
+    else:
+        variable = "slurm_token_file" if settings.slurm_token_file is not None else "slurm_token"
+    try:
+        return _provider(settings)
+    except SlurmAuthError as exc:
+        raise SettingsError(f"{env_name(variable)}: {exc}") from None
+
+
+def _provider(settings: Settings) -> TokenProvider:
     if settings.slurm_auth is SlurmAuthMode.MINT:
         assert settings.slurm_jwt_key_file is not None
         return MintedTokens.from_key_file(
@@ -16,17 +29,19 @@ def token_provider(settings: Settings) -> TokenProvider:
             settings.slurm_user,
             lifespan=float(settings.slurm_jwt_lifespan),
         )
+    user = settings.slurm_user or None
     if settings.slurm_token_file is not None:
-        return StaticToken(
-            path=Path(settings.slurm_token_file), user_name=settings.slurm_user or None
-        )
-    return StaticToken(value=settings.slurm_token, user_name=settings.slurm_user or None)
+        static = StaticToken(path=Path(settings.slurm_token_file), user_name=user)
+    else:
+        static = StaticToken(value=settings.slurm_token, user_name=user)
+    static.check()
+    return static
 
 
-def slurm_client(settings: Settings) -> SlurmClient:
+def slurm_client(settings: Settings, tokens: TokenProvider | None = None) -> SlurmClient:
     return SlurmClient(
         settings.slurm_url,
-        token_provider(settings),
+        tokens or token_provider(settings),
         api_version=settings.slurm_api_version,
         timeout=settings.slurm_timeout,
         connect_timeout=settings.slurm_connect_timeout,

@@ -117,6 +117,11 @@ def _claims(token: str) -> dict[str, object]:
     return dict(claims)
 
 
+def _unprefixed(token: str) -> str:
+    """The raw token, also from scontrol's ``SLURM_JWT=...`` line."""
+    return token.strip().removeprefix("SLURM_JWT=").strip()
+
+
 class StaticToken:
     """A token made elsewhere (``scontrol token``, a secret store).
 
@@ -135,7 +140,7 @@ class StaticToken:
     ) -> None:
         if (value is None) == (path is None):
             raise ValueError("give exactly one of value or path")
-        self._value = value.strip() if value is not None else None
+        self._value = _unprefixed(value) if value is not None else None
         self._path = path
         self._user_name = user_name
         self._clock = clock
@@ -146,6 +151,15 @@ class StaticToken:
     def __repr__(self) -> str:
         source = f"path={self._path!s}" if self._path else "value=<hidden>"
         return f"StaticToken({source}, user_name={self._user_name!r})"
+
+    def check(self) -> None:
+        """Read and parse the token now, so a bad one stops start-up; its
+        expiry is left to each call, since a mounted file may be renewed."""
+        if self._path is not None:
+            self._reload_if_changed(self._path)
+        else:
+            assert self._value is not None
+            self._current = self._build(self._value)
 
     async def credentials(self) -> Credentials:
         if self._path is not None:
@@ -169,10 +183,11 @@ class StaticToken:
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._stamp and self._current is not None:
             return
-        text = path.read_text(encoding="utf-8").strip()
-        # Accept the raw token or scontrol's "SLURM_JWT=..." line.
-        if text.startswith("SLURM_JWT="):
-            text = text.removeprefix("SLURM_JWT=")
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SlurmAuthError(f"cannot read the token file {path}: {exc}") from None
+        text = _unprefixed(text)
         if not text:
             raise SlurmAuthError(f"the token file {path} is empty")
         self._current = self._build(text)

@@ -3,9 +3,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jwt
 import pytest
 
 from gateway.settings import SettingsError, SlurmAuthMode, load_settings
+from gateway.slurm import StaticToken
+from gateway.wiring import token_provider
 
 BASE = {
     "GATEWAY_SLURM_URL": "http://127.0.0.1:6820",
@@ -64,3 +67,44 @@ def test_cluster_file_fills_slurm_settings(tmp_path: Path) -> None:
 def test_token_is_hidden_in_repr() -> None:
     s = load_settings({**BASE, "GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN": "eyJsecret"})
     assert "eyJsecret" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "GATEWAY_SLURM_JWT_KEY_FILE: cannot read the JWT key file /nonexistent/jwt.key"),
+        (
+            {"GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN": "not-a-jwt"},
+            "GATEWAY_SLURM_TOKEN: the configured Slurm token is not a JWT",
+        ),
+        (
+            {"GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN_FILE": "/nonexistent/token"},
+            "GATEWAY_SLURM_TOKEN_FILE: cannot read the token file /nonexistent/token",
+        ),
+    ],
+)
+def test_unusable_credentials_stop_start_up(env: dict[str, str], message: str) -> None:
+    settings = load_settings({**BASE, "GATEWAY_SLURM_JWT_KEY_FILE": "/nonexistent/jwt.key", **env})
+    with pytest.raises(SettingsError) as info:
+        token_provider(settings)
+    assert str(info.value).startswith(message)
+    assert "not-a-jwt" not in str(info.value)  # the token itself is never echoed
+
+
+def test_a_good_static_token_file_is_accepted(tmp_path: Path) -> None:
+    token = jwt.encode({"sun": "alice", "exp": 4_000_000_000}, "k" * 32, algorithm="HS256")
+    path = tmp_path / "token"
+    path.write_text(f"SLURM_JWT={token}\n")
+    settings = load_settings(
+        {**BASE, "GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN_FILE": str(path)}
+    )
+    assert isinstance(token_provider(settings), StaticToken)
+
+
+async def test_a_static_token_may_carry_the_scontrol_prefix() -> None:
+    token = jwt.encode({"sun": "alice"}, "k" * 32, algorithm="HS256")
+    settings = load_settings(
+        {**BASE, "GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN": f"SLURM_JWT={token}"}
+    )
+    credentials = await token_provider(settings).credentials()
+    assert (credentials.user_name, credentials.token) == ("gwuser", token)
