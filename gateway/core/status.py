@@ -44,7 +44,8 @@ def derive(job: JobInfo, reported: Reported, healthy: bool | None) -> tuple[Serv
     """
     state = job.state
     if state is JobState.PENDING:
-        return ServiceStatus.PENDING, _slurm_reason(job) or "waiting for resources"
+        # Slurm says "None" until its scheduler has looked at the job.
+        return ServiceStatus.PENDING, _slurm_reason(job) or "queued; not yet considered by Slurm"
     if state.is_terminal:
         if reported.phase == "failed" and state is not JobState.CANCELLED:
             return ServiceStatus.FAILED, reported.reason or "the service reported a failure"
