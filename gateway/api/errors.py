@@ -37,7 +37,7 @@ from gateway.slurm import (
 RETRY_AFTER_SECONDS = 5
 
 _MEANINGS = {
-    400: "Malformed request (not JSON)",
+    400: "Malformed request: a body that is not JSON, or a parameter that cannot be read",
     404: "No such service or recipe",
     409: "The service is not in a state that allows this",
     422: "Invalid request; `errors` names the fields, or Slurm refused the job",

@@ -25,7 +25,7 @@ class RecipesController(Controller):
     @get(
         "/{recipe_name:path}",
         operation_id="getRecipe",
-        responses=problem_responses(404),
+        responses=problem_responses(400, 404),
         summary="One recipe, by path (inference/vllm) or by unique name (vllm)",
     )
     async def get_recipe(

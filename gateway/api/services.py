@@ -101,7 +101,7 @@ class ServicesController(Controller):
     @get(
         "/{service_id:str}",
         operation_id="getService",
-        responses=problem_responses(404, 502, 503),
+        responses=problem_responses(400, 404, 502, 503),
         summary="Describe one service",
     )
     async def get_service(
@@ -112,7 +112,7 @@ class ServicesController(Controller):
     @get(
         "/{service_id:str}/status",
         operation_id="getServiceStatus",
-        responses=problem_responses(404, 502, 503),
+        responses=problem_responses(400, 404, 502, 503),
         summary="A service's status: pending, building, starting, running, completed, "
         "failed, cancelled or timeout",
     )
@@ -124,7 +124,7 @@ class ServicesController(Controller):
     @get(
         "/{service_id:str}/logs",
         operation_id="getServiceLogs",
-        responses=problem_responses(404, 409, 502, 503),
+        responses=problem_responses(400, 404, 409, 422, 502, 503),
         summary="The service's stdout and stderr",
     )
     async def get_logs(
@@ -141,7 +141,7 @@ class ServicesController(Controller):
     @delete(
         "/{service_id:str}",
         operation_id="stopService",
-        responses=problem_responses(404, 409, 502, 503),
+        responses=problem_responses(400, 404, 409, 502, 503),
         summary="Stop a service (cancels its Slurm job)",
         status_code=HTTP_200_OK,
     )

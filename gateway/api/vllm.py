@@ -82,7 +82,7 @@ class VllmController(Controller):
     @get(
         "/{service_id:str}/models",
         operation_id="listVllmModels",
-        responses=problem_responses(404, 409, 502, 503, 504),
+        responses=problem_responses(400, 404, 409, 502, 503, 504),
         summary="Models vLLM serves",
     )
     async def models(

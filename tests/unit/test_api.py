@@ -138,3 +138,27 @@ async def test_every_route_has_an_operation_id(api: AsyncTestClient[Any]) -> Non
     ids = [op.get("operationId") for op in ops]
     assert all(ids), ids
     assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("tail", ["-1", "many", "100001"])
+async def test_bad_log_tail_is_422_naming_it(api: AsyncTestClient[Any], tail: str) -> None:
+    response = await api.get(f"/api/v1/services/1/logs?tail={tail}")
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert_problem(body, 422)
+    assert [e["field"] for e in body["errors"]] == ["tail"]
+
+
+def test_openapi_documents_one_error_shape(api: AsyncTestClient[Any]) -> None:
+    """Every documented error answer is our problem document, never Litestar's own."""
+    schema = api.app.openapi_schema.to_schema()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for code, response in operation["responses"].items():
+                if code.startswith(("4", "5")):
+                    assert list(response["content"]) == ["application/problem+json"], (
+                        method,
+                        path,
+                        code,
+                    )
