@@ -349,6 +349,32 @@ async def test_startup_deadline_fails_the_service(gateway: GatewayProcess, tmp_p
                 await api.delete(f"/api/v1/services/{sid}")
 
 
+async def test_a_taken_vllm_port_fails_the_service(
+    gateway: GatewayProcess, api: httpx.AsyncClient
+) -> None:
+    # The gateway's own port is taken on the node (the same machine here).
+    created = (
+        await api.post(
+            "/api/v1/services",
+            json={
+                "recipe_name": "inference/vllm",
+                "config": {"environment": {"VLLM_PORT": str(gateway.port)}},
+            },
+        )
+    ).json()
+    try:
+        final = await poll(
+            lambda: status_of(api, created["id"]),
+            lambda s: s["status"] not in ("pending", "building", "starting"),
+            timeout=120,
+            interval=1.0,
+        )
+        assert final["status"] == "failed", final
+        assert f"port {gateway.port} is not free" in final["status_reason"]
+    finally:
+        await api.delete(f"/api/v1/services/{created['id']}")
+
+
 async def test_prompt_to_a_service_that_is_not_running_is_409(api: httpx.AsyncClient) -> None:
     created = (
         await api.post(
