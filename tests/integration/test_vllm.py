@@ -58,6 +58,29 @@ async def status_of(api: httpx.AsyncClient, sid: str) -> dict[str, Any]:
     return body
 
 
+async def create(
+    api: httpx.AsyncClient,
+    environment: dict[str, str] | None = None,
+    recipe: str = "inference/vllm",
+) -> str:
+    """Start a service; its id."""
+    body: dict[str, Any] = {"recipe_name": recipe}
+    if environment:
+        body["config"] = {"environment": environment}
+    sid: str = (await api.post("/api/v1/services", json=body)).json()["id"]
+    return sid
+
+
+async def settled(api: httpx.AsyncClient, sid: str, timeout: float) -> dict[str, Any]:
+    """The service's status once it has left pending, building and starting."""
+    return await poll(
+        lambda: status_of(api, sid),
+        lambda s: s["status"] not in ("pending", "building", "starting"),
+        timeout=timeout,
+        interval=1.0,
+    )
+
+
 def vllm_processes(cluster: LocalCluster, port: int) -> list[int]:
     """PIDs of processes rooted in the cluster's chroot whose command names ``port``."""
     found = []
@@ -223,23 +246,9 @@ async def test_client_disconnect_cancels_the_upstream_request(
     # vLLM can stall for seconds while vLLM generates (README, "Known limits"),
     # the test client included: the margin must be far wider than a stall.
     max_tokens = 15_000
-    created = (
-        await api.post(
-            "/api/v1/services",
-            json={
-                "recipe_name": "inference/vllm",
-                "config": {"environment": {"VLLM_MAX_MODEL_LEN": "16384"}},
-            },
-        )
-    ).json()
-    sid = created["id"]
+    sid = await create(api, {"VLLM_MAX_MODEL_LEN": "16384"})
     try:
-        running = await poll(
-            lambda: status_of(api, sid),
-            lambda s: s["status"] in ("running", "failed"),
-            timeout=STARTUP,
-            interval=1.0,
-        )
+        running = await settled(api, sid, STARTUP)
         assert running["status"] == "running", running
         metrics_url = running["endpoint"] + "/metrics"
 
@@ -292,25 +301,12 @@ async def test_client_disconnect_cancels_the_upstream_request(
 
 
 async def test_missing_model_fails_with_reason(api: httpx.AsyncClient) -> None:
-    created = (
-        await api.post(
-            "/api/v1/services",
-            json={
-                "recipe_name": "inference/vllm",
-                "config": {"environment": {"VLLM_MODEL": "no-such-org/no-such-model"}},
-            },
-        )
-    ).json()
-    final = await poll(
-        lambda: status_of(api, created["id"]),
-        lambda s: s["status"] in ("failed", "completed", "cancelled", "running"),
-        timeout=120,
-        interval=1.0,
-    )
+    sid = await create(api, {"VLLM_MODEL": "no-such-org/no-such-model"})
+    final = await settled(api, sid, 120)
     assert final["status"] == "failed"
     assert "no-such-org/no-such-model" in final["status_reason"]
     assert "Hugging Face cache" in final["status_reason"]
-    response = await api.post(f"/api/v1/vllm/{created['id']}/prompt", json={"prompt": "hi"})
+    response = await api.post(f"/api/v1/vllm/{sid}/prompt", json={"prompt": "hi"})
     assert response.status_code == 409
     assert response.json()["service_status"] == "failed"
 
@@ -325,15 +321,9 @@ async def test_startup_deadline_fails_the_service(gateway: GatewayProcess, tmp_p
     cluster = gateway.cluster
     with GatewayProcess(cluster, GATEWAY_SITE_FILE=str(site_file)) as impatient:
         async with httpx.AsyncClient(base_url=impatient.url, timeout=60) as api:
-            created = await api.post("/api/v1/services", json={"recipe_name": "inference/vllm"})
-            sid = created.json()["id"]
+            sid = await create(api)
             try:
-                final = await poll(
-                    lambda: status_of(api, sid),
-                    lambda s: s["status"] not in ("pending", "building", "starting"),
-                    timeout=180,
-                    interval=1.0,
-                )
+                final = await settled(api, sid, 180)
                 assert final["status"] == "failed", final
                 assert (
                     "did not answer /health within 3s of the job's start"
@@ -353,41 +343,20 @@ async def test_a_taken_vllm_port_fails_the_service(
     gateway: GatewayProcess, api: httpx.AsyncClient
 ) -> None:
     # The gateway's own port is taken on the node (the same machine here).
-    created = (
-        await api.post(
-            "/api/v1/services",
-            json={
-                "recipe_name": "inference/vllm",
-                "config": {"environment": {"VLLM_PORT": str(gateway.port)}},
-            },
-        )
-    ).json()
+    sid = await create(api, {"VLLM_PORT": str(gateway.port)})
     try:
-        final = await poll(
-            lambda: status_of(api, created["id"]),
-            lambda s: s["status"] not in ("pending", "building", "starting"),
-            timeout=120,
-            interval=1.0,
-        )
+        final = await settled(api, sid, 120)
         assert final["status"] == "failed", final
         assert f"port {gateway.port} is not free" in final["status_reason"]
     finally:
-        await api.delete(f"/api/v1/services/{created['id']}")
+        await api.delete(f"/api/v1/services/{sid}")
 
 
 async def test_prompt_to_a_service_that_is_not_running_is_409(api: httpx.AsyncClient) -> None:
-    created = (
-        await api.post(
-            "/api/v1/services",
-            json={
-                "recipe_name": "testing/http",
-                "config": {"environment": {"BUILD_SECONDS": "60"}},
-            },
-        )
-    ).json()
+    sid = await create(api, {"BUILD_SECONDS": "60"}, recipe="testing/http")
     try:
-        response = await api.post(f"/api/v1/vllm/{created['id']}/prompt", json={"prompt": "hi"})
+        response = await api.post(f"/api/v1/vllm/{sid}/prompt", json={"prompt": "hi"})
         assert response.status_code == 409
         assert "not vllm" in response.json()["detail"]
     finally:
-        await api.delete(f"/api/v1/services/{created['id']}")
+        await api.delete(f"/api/v1/services/{sid}")
