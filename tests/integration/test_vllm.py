@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,36 +81,38 @@ async def settled(api: httpx.AsyncClient, sid: str, timeout: float) -> dict[str,
     )
 
 
-def vllm_processes(cluster: LocalCluster, port: int) -> list[int]:
-    """PIDs of processes rooted in the cluster's chroot whose command names ``port``."""
+def chroot_processes(cluster: LocalCluster, wanted: Callable[[Path], bool]) -> list[int]:
+    """PIDs of processes rooted in the cluster's chroot for which ``wanted(/proc/PID)``."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            root = (proc / "root").readlink()
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if str((proc / "root").readlink()) == cluster.chroot and wanted(proc):
+                found.append(int(proc.name))
         except OSError:
-            continue
-        if str(root) == cluster.chroot and "vllm" in cmd and f"--port {port}" in cmd:
-            found.append(int(proc.name))
+            continue  # gone meanwhile
     return found
+
+
+def vllm_processes(cluster: LocalCluster, port: int) -> list[int]:
+    """The cluster's vLLM processes whose command names ``port``."""
+
+    def wanted(proc: Path) -> bool:
+        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        return "vllm" in cmd and f"--port {port}" in cmd
+
+    return chroot_processes(cluster, wanted)
 
 
 def job_processes(cluster: LocalCluster, job_id: str) -> list[int]:
-    """PIDs of processes rooted in the cluster's chroot that belong to Slurm job ``job_id``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            root = (proc / "root").readlink()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(root) == cluster.chroot and f"SLURM_JOB_ID={job_id}".encode() in environ:
-            found.append(int(proc.name))
-    return found
+    """The cluster's processes that belong to Slurm job ``job_id``."""
+    tag = f"SLURM_JOB_ID={job_id}".encode()
+
+    def wanted(proc: Path) -> bool:
+        return tag in (proc / "environ").read_bytes().split(b"\0")
+
+    return chroot_processes(cluster, wanted)
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[str]:
