@@ -25,7 +25,7 @@ from gateway.settings import Settings, load_settings
 from gateway.slurm import SlurmClient
 from gateway.upstream.probe import HealthProber
 from gateway.upstream.vllm import VllmClient
-from gateway.wiring import slurm_client, token_provider
+from gateway.wiring import metadata_codec, slurm_client, token_provider
 
 
 def load_recipes(settings: Settings) -> RecipeCatalog:
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
     # Recipes are checked before anything is served: a broken one stops start-up.
     catalog = recipes if recipes is not None else load_recipes(settings)
     tokens = token_provider(settings)  # so is a token or key that cannot be used
+    codec = metadata_codec(settings)  # and a secret that cannot be read
 
     @asynccontextmanager
     async def adapters(app: Litestar) -> AsyncIterator[None]:
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             slurm=client,
             recipes=catalog,
             prober=prober,
+            codec=codec,
             job_dir=settings.job_dir,
             slurm_user=settings.slurm_user,
             partition=settings.slurm_partition,

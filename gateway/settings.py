@@ -49,6 +49,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     slurm_partition: str | None = None
     slurm_account: str | None = None
 
+    # Authenticates what the gateway writes into job comments and derives each
+    # service's upstream key; every replica needs the same one. Defaults to one
+    # derived from the Slurm JWT key (mint mode).
+    secret: str | None = None
+    secret_file: str | None = None
+
     # Services
     recipes_dirs: str = "recipes"
     site_file: str | None = None
@@ -75,10 +81,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def __repr__(self) -> str:
         # Never print the token, even in a debugger or a crash report.
         fields = {
-            f: ("<hidden>" if f == "slurm_token" and getattr(self, f) else getattr(self, f))
+            f: ("<hidden>" if f in _HIDDEN and getattr(self, f) else getattr(self, f))
             for f in self.__struct_fields__
         }
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+_HIDDEN = frozenset({"slurm_token", "secret"})
 
 
 class SettingsError(ValueError):
@@ -172,4 +181,12 @@ def _check_slurm(s: Settings) -> None:
         raise SettingsError(
             f"{env_name('slurm_token')} or {env_name('slurm_token_file')}: set exactly one "
             f"when {env_name('slurm_auth')}=static"
+        )
+    if s.secret is not None and s.secret_file is not None:
+        raise SettingsError(f"{env_name('secret')} or {env_name('secret_file')}: set one, not both")
+    if s.slurm_auth is SlurmAuthMode.STATIC and s.secret is None and s.secret_file is None:
+        raise SettingsError(
+            f"{env_name('secret_file')} or {env_name('secret')}: required when "
+            f"{env_name('slurm_auth')}=static (a secret every replica shares, at least 16 "
+            "bytes, e.g. `openssl rand -hex 32`)"
         )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from pathlib import Path
 
+from gateway.core.metadata import MetaCodec
 from gateway.settings import Settings, SettingsError, SlurmAuthMode, env_name
 from gateway.slurm import MintedTokens, SlurmAuthError, SlurmClient, StaticToken, TokenProvider
 
@@ -46,3 +49,32 @@ def slurm_client(settings: Settings, tokens: TokenProvider | None = None) -> Slu
         timeout=settings.slurm_timeout,
         connect_timeout=settings.slurm_connect_timeout,
     )
+
+
+def metadata_codec(settings: Settings) -> MetaCodec:
+    """The codec of job comments, under the configured secret (checked now)."""
+    if settings.secret_file is not None:
+        variable = "secret_file"
+        try:
+            secret = Path(settings.secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise SettingsError(
+                f"{env_name(variable)}: cannot read {settings.secret_file}: {exc.strerror}"
+            ) from None
+    elif settings.secret is not None:
+        variable = "secret"
+        secret = settings.secret.encode()
+    else:
+        # Mint mode: every replica has the cluster's JWT key, so derive from it.
+        # Rotating that key then hides the services started before.
+        variable = "slurm_jwt_key_file"
+        assert settings.slurm_jwt_key_file is not None
+        try:
+            key = Path(settings.slurm_jwt_key_file).read_bytes()
+        except OSError as exc:
+            raise SettingsError(f"{env_name(variable)}: cannot read: {exc.strerror}") from None
+        secret = hmac.digest(key, b"slurm-ai-gateway/secret", hashlib.sha256)
+    try:
+        return MetaCodec(secret)
+    except ValueError as exc:
+        raise SettingsError(f"{env_name(variable)}: {exc}") from None

@@ -163,6 +163,10 @@ class Recorder:
         await self.record("job_cancelled", a.get_job_request(sleep_id), meta=sleep_meta)
 
         await self.record("job_unknown", a.get_job_request(999_999), meta={"job_id": 999_999})
+        node = self.cluster.node
+        await self.record("node", a.get_node_request(node), meta={"node": node})
+        unknown = "gw-no-such-node"
+        await self.record("node_unknown", a.get_node_request(unknown), meta={"node": unknown})
         bad_partition = self.job("fx-bad", "#!/bin/sh\ntrue\n", partition="no-such-partition")
         await self.record("submit_bad_partition", a.submit_request(bad_partition))
         too_big = self.job("fx-big", "#!/bin/sh\ntrue\n", memory_per_node_mb=64 * 1024 * 1024)
@@ -185,6 +189,13 @@ class Recorder:
             headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token}
             await self.record(f"ping_{label}_token", a.ping_request(), headers=headers)
             await self.record(f"jobs_{label}_token", a.list_jobs_request(None), headers=headers)
+            if label == "forged":
+                await self.record(
+                    "node_forged_token",
+                    a.get_node_request(node),
+                    headers=headers,
+                    meta={"node": node},
+                )
             await self.record(
                 f"submit_{label}_token",
                 a.submit_request(self.job("fx-auth", "#!/bin/sh\ntrue\n")),

@@ -27,6 +27,9 @@ NODE_GPUS=4
 CHROOT_PACKAGES=(slurmctld slurmd slurmrestd slurm-client slurm-wlm-jwt-plugin munge python3 procps)
 JOB_USER="gwuser"
 JOB_UID="5000"
+# Another cluster user, who is not the gateway's: the tests submit hostile jobs as it.
+OTHER_USER="gwother"
+OTHER_UID="5001"
 REST_USER="slurmrestd"
 PARTITION="debug"
 CHROOT_PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -381,6 +384,12 @@ configure() {
         die "${C_NAME}: ${JOB_USER} exists in the chroot with another uid/gid than ${JOB_UID}"
     install -d -m 0755 -o "${JOB_UID}" -g "${JOB_UID}" "${C_CHROOT}/home/${JOB_USER}"
     chmod 0755 "${C_CHROOT}/home/${JOB_USER}"
+    if ! chroot_id "${OTHER_USER}" 3 >/dev/null; then
+        in_chroot groupadd --gid "${OTHER_UID}" "${OTHER_USER}"
+        in_chroot useradd --uid "${OTHER_UID}" --gid "${OTHER_UID}" --create-home \
+            --home-dir "/home/${OTHER_USER}" --shell /bin/bash "${OTHER_USER}"
+    fi
+    install -d -m 0755 -o "${OTHER_UID}" -g "${OTHER_UID}" "${C_CHROOT}/home/${OTHER_USER}"
     # Nothing is mounted on /dev/shm in the chroot: let jobs use the plain folder.
     install -d -m 1777 "${C_CHROOT}/dev/shm" "${C_CHROOT}/tmp"
     chmod 1777 "${C_CHROOT}/dev/shm" "${C_CHROOT}/tmp"
@@ -730,6 +739,7 @@ write_cluster_json() {
   "url": $(json_str "${C_URL}"),
   "user": $(json_str "${JOB_USER}"),
   "uid": ${JOB_UID},
+  "other_user": $(json_str "${OTHER_USER}"),
   "jwt_key": $(json_str "${C_CHROOT}${JWT_KEY_IN_CHROOT}"),
   "cluster_name": $(json_str "${C_NAME}"),
   "chroot": $(json_str "${C_CHROOT}"),

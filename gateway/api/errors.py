@@ -7,10 +7,15 @@ just raise.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
+import structlog
+from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.openapi.spec.base import BaseSchemaObject
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
@@ -20,6 +25,7 @@ from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_502_BAD_GATEWAY,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
@@ -41,6 +47,7 @@ _MEANINGS = {
     404: "No such service or recipe",
     409: "The service is not in a state that allows this",
     422: "Invalid request; `errors` names the fields, or Slurm refused the job",
+    500: "Unexpected failure of the gateway; the details are in its log",
     502: "Slurm or the service answered with an error",
     503: "Slurm is unreachable; retry after Retry-After seconds",
     504: "The service did not answer in time",
@@ -58,6 +65,43 @@ def problem_responses(*codes: int) -> dict[int, ResponseSpec]:
         )
         for code in codes
     }
+
+
+@dataclass
+class JsonExample(BaseSchemaObject):
+    """An OpenAPI example value written out as is, `None` included (as `null`).
+
+    Litestar's ``to_schema()`` drops every ``None`` dict value of the spec tree,
+    example values included, and offers no switch; it hands a spec object's own
+    ``to_schema()`` result through untouched, so wrapping the value keeps it.
+    """
+
+    value: dict[str, Any]
+
+    def to_schema(self) -> dict[str, Any]:
+        return self.value
+
+
+EVENT_STREAM = (
+    "Server-Sent Events: vLLM's chunks as they come, as `data: {...}` events, ending in "
+    "`data: [DONE]`. If vLLM fails once the stream has begun, it ends instead with an "
+    '`event: error` event whose data is `{"error": {"message": ..., "type": "upstream_error"}}`.'
+)
+
+
+@dataclass
+class EventStreamOperation(Operation):
+    """An operation whose 200 answer is JSON, or a text/event-stream (EVENT_STREAM).
+
+    A ResponseSpec documents one media type; Litestar builds each operation with
+    the route's ``operation_class``, which adds the second one here.
+    """
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            stream = Schema(type=OpenAPIType.STRING, description=EVENT_STREAM)
+            ok.content = {**(ok.content or {}), "text/event-stream": OpenAPIMediaType(stream)}
 
 
 def problem(
@@ -144,6 +188,29 @@ def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
     return problem(exc.status_code, _title(exc.status_code), exc.detail or _title(exc.status_code))
 
 
+class _Unexpected(ProblemDetailsException):
+    """A 500 for an exception nothing else maps; its text stays in the log."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(
+            status_code=HTTP_500_INTERNAL_SERVER_ERROR,
+            title="Internal error",
+            detail="The gateway failed unexpectedly; the error was logged",
+        )
+        self.cause = cause
+
+    def to_response(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        # Logged here because the converters of the map never see the request.
+        structlog.get_logger(__name__).exception(
+            "unhandled exception", path=request.url.path, exc_info=self.cause
+        )
+        return super().to_response(request)
+
+
+def from_unexpected(exc: Exception) -> ProblemDetailsException:
+    return _Unexpected(exc)
+
+
 def _title(status: int) -> str:
     from http import HTTPStatus
 
@@ -161,6 +228,7 @@ def plugin() -> ProblemDetailsPlugin:
                 SlurmError: from_slurm_error,
                 ValidationException: from_validation,
                 HTTPException: from_http_exception,
+                Exception: from_unexpected,  # last resort: any exception not mapped above
             }
         )
     )

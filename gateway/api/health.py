@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from litestar import Controller, get
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Response
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
@@ -35,7 +36,14 @@ class HealthController(Controller):
         "/ready",
         operation_id="getReadiness",
         summary="Readiness: slurmrestd answers and slurmctld responds",
-        responses={},
+        responses={
+            HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
+                Readiness,
+                generate_examples=False,
+                description="Not ready: slurmrestd cannot be reached or slurmctld does not "
+                "respond; `detail` says which",
+            )
+        },
     )
     async def ready(self, slurm: NamedDependency[SlurmClient]) -> Response[Readiness]:
         try:

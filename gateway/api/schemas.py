@@ -108,6 +108,13 @@ class LogsResponse(msgspec.Struct, kw_only=True):
     stdout: str
     stderr: str | None
     truncated: Annotated[bool, Meta(description="older lines were left out (tail or size cap)")]
+    reason: Annotated[
+        str | None,
+        Meta(
+            description="why a log file was not read: the gateway reads only the files it "
+            "chose for the job, when they are regular files owned by the job's user"
+        ),
+    ] = None
 
     @classmethod
     def of(cls, service_id: str, logs: Logs) -> LogsResponse:
@@ -121,6 +128,7 @@ class LogsResponse(msgspec.Struct, kw_only=True):
             stdout=logs.stdout,
             stderr=logs.stderr,
             truncated=logs.truncated,
+            reason=logs.reason,
         )
 
 
@@ -194,6 +202,10 @@ class ProblemResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     title: str
     detail: str
     errors: list[FieldErrorResponse] = msgspec.field(default_factory=list)
+    service_status: (
+        Annotated[str, Meta(description="the service's status when the conflict is about it")]
+        | None
+    ) = None
 
 
 # -- vLLM -------------------------------------------------------------------------

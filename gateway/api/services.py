@@ -11,7 +11,7 @@ from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from msgspec import UNSET
 
-from gateway.api.errors import problem_responses
+from gateway.api.errors import JsonExample, problem_responses
 from gateway.api.schemas import (
     CreateServiceRequest,
     LogsResponse,
@@ -46,13 +46,17 @@ _CREATE_EXAMPLES = [
     ),
     Example(
         summary="CPU only",
-        value={
-            "recipe_name": "inference/vllm",
-            "config": {
-                "environment": {"VLLM_MODEL": "gpt2"},
-                "resources": {"nodes": 1, "cpu": "4", "memory": "16G", "gpu": None},
-            },
-        },
+        # JsonExample: Litestar would drop `"gpu": None` (and so the recipe's GPU
+        # default would apply to a client that copies the example).
+        value=JsonExample(
+            {
+                "recipe_name": "inference/vllm",
+                "config": {
+                    "environment": {"VLLM_MODEL": "gpt2"},
+                    "resources": {"nodes": 1, "cpu": "4", "memory": "16G", "gpu": None},
+                },
+            }
+        ),
     ),
 ]
 

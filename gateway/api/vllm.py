@@ -14,7 +14,7 @@ from litestar.openapi.spec import Example
 from litestar.params import Body
 from litestar.response import Response, Stream
 
-from gateway.api.errors import problem_responses
+from gateway.api.errors import EventStreamOperation, problem_responses
 from gateway.api.schemas import (
     ModelsResponse,
     PromptRequest,
@@ -26,7 +26,7 @@ from gateway.api.schemas import (
 from gateway.api.services import ServiceId
 from gateway.api.streaming import ClosingStream
 from gateway.core.errors import UpstreamFailed, UpstreamTimeout
-from gateway.core.services import Service, ServiceManager
+from gateway.core.services import Service, ServiceManager, Upstream
 from gateway.core.status import ServiceStatus
 from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
 
@@ -92,9 +92,10 @@ class VllmController(Controller):
         service_id: ServiceId,
     ) -> ModelsResponse:
         service = await services.running(service_id, kind="vllm")
-        endpoint = _endpoint(service)
+        upstream = _upstream(service)
+        endpoint = upstream.url
         try:
-            models = await vllm.models(endpoint)
+            models = await vllm.models(endpoint, upstream.key)
         except (UpstreamError, UpstreamUnavailable) as exc:
             raise _upstream_failure(service_id, exc) from None
         return ModelsResponse(service_id=service_id, endpoint=endpoint, models=models)
@@ -115,6 +116,7 @@ class VllmController(Controller):
                 "vLLM's chunks ending in `data: [DONE]`",
             ),
         },
+        operation_class=EventStreamOperation,  # adds the text/event-stream 200 answer
     )
     async def prompt(
         self,
@@ -124,7 +126,8 @@ class VllmController(Controller):
         data: Annotated[PromptRequest, Body(examples=_PROMPT_EXAMPLES)],
     ) -> Response[PromptResponse] | Stream:
         service = await services.running(service_id, kind="vllm")
-        endpoint = _endpoint(service)
+        upstream = _upstream(service)
+        endpoint = upstream.url
         request = Prompt(
             prompt=data.prompt,
             model=data.model or service.config.environment.get("VLLM_MODEL") or "",
@@ -134,9 +137,9 @@ class VllmController(Controller):
             stop=data.stop,
         )
         if data.stream:
-            return await _stream(vllm, service_id, endpoint, request)
+            return await _stream(vllm, service_id, upstream, request)
         try:
-            done = await vllm.complete(endpoint, request)
+            done = await vllm.complete(endpoint, request, upstream.key)
         except (UpstreamError, UpstreamUnavailable) as exc:
             raise _upstream_failure(service_id, exc) from None
         return Response(
@@ -157,15 +160,15 @@ class VllmController(Controller):
         )
 
 
-def _endpoint(service: Service) -> str:
-    assert service.endpoint is not None  # running() guarantees it
-    return service.endpoint
+def _upstream(service: Service) -> Upstream:
+    assert service.upstream is not None  # running() guarantees it
+    return service.upstream
 
 
 async def _stream(
-    vllm: VllmClient, service_id: str, endpoint: str, request: Prompt
+    vllm: VllmClient, service_id: str, upstream: Upstream, request: Prompt
 ) -> ClosingStream:
-    chunks = vllm.stream(endpoint, request)
+    chunks = vllm.stream(upstream.url, request, upstream.key)
     # Open the upstream before answering, so a refusal is a proper HTTP error.
     try:
         first = await anext(chunks)

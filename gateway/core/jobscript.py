@@ -10,7 +10,12 @@ The preamble gives every recipe three shell helpers:
 * ``gw_fail REASON...`` publishes ``failed`` with the reason and exits.
 
 No shared filesystem is involved: ``scontrol update`` from inside a job needs
-no token, and the gateway reads the comment with the job.
+no token, and the gateway reads the comment with the job. Slurm refuses a
+comment over 1024 bytes, so a reason is cut to what fits (printable ASCII
+only), and a publish Slurm refuses anyway is written to the job's log.
+
+The service's upstream key arrives as ``$GW_SERVICE_KEY``; the preamble stops
+exporting it, so only what the recipe hands it to (``VLLM_API_KEY=...``) sees it.
 """
 
 from __future__ import annotations
@@ -25,19 +30,25 @@ from gateway.core.shell import quote
 _PREAMBLE = r"""#!/bin/bash
 # --- slurm-ai-gateway preamble: helpers for the recipe below ---
 GW_META=__META__
+GW_COMMENT_LIMIT=__LIMIT__
 GW_PHASE=building
 GW_ENDPOINT=
 GW_REASON=
+GW_SERVICE_KEY=${GW_SERVICE_KEY:-}
+export -n GW_SERVICE_KEY
 gw_publish() {
-  local comment="$GW_META|phase=$GW_PHASE|endpoint=$GW_ENDPOINT"
-  [ -n "$GW_REASON" ] && comment="$comment|reason=$GW_REASON"
-  scontrol update jobid="$SLURM_JOB_ID" comment="$comment" >/dev/null 2>&1 \
-    || echo "gateway: could not publish the service state" >&2
+  local comment="$GW_META|phase=$GW_PHASE|endpoint=$GW_ENDPOINT" room out
+  if [ -n "$GW_REASON" ]; then
+    room=$(( GW_COMMENT_LIMIT - ${#comment} - 8 ))
+    [ "$room" -gt 0 ] && comment="$comment|reason=${GW_REASON:0:room}"
+  fi
+  out=$(scontrol update jobid="$SLURM_JOB_ID" comment="$comment" 2>&1) \
+    || echo "gateway: Slurm refused to publish the service state ($GW_PHASE): $out" >&2
 }
 gw_phase() {
   GW_PHASE=$1
   shift
-  GW_REASON=$(printf '%s' "$*" | tr -d '\n|' | cut -c1-400)
+  GW_REASON=$(printf '%s' "$*" | LC_ALL=C tr -c '[:print:]' ' ' | tr -d '|' | cut -c1-__REASON__)
   echo "gateway: phase $GW_PHASE${GW_REASON:+ ($GW_REASON)}" >&2
   gw_publish
 }
@@ -79,9 +90,12 @@ gw_phase building
 """
 
 
-def build(recipe: Recipe, meta: metadata.ServiceMeta, context: Mapping[str, Any]) -> str:
-    preamble = _PREAMBLE.replace("__META__", quote(metadata.encode(meta))).replace(
-        "__RECIPE__", recipe.name
+def build(recipe: Recipe, encoded_meta: str, context: Mapping[str, Any]) -> str:
+    preamble = (
+        _PREAMBLE.replace("__META__", quote(encoded_meta))
+        .replace("__LIMIT__", str(metadata.COMMENT_LIMIT))
+        .replace("__REASON__", str(metadata.REASON_MAX))
+        .replace("__RECIPE__", recipe.name)
     )
     return preamble + recipe.render(context)
 

@@ -3,66 +3,159 @@
 The job's ``comment`` holds everything, so any gateway replica can rebuild a
 service from slurmrestd alone:
 
-    gw1:<base64url(JSON metadata)>|phase=<phase>|endpoint=<host:port>|reason=<text>
+    gw2:<base64url(msgpack meta)>.<base64url(mac)>|phase=<phase>|endpoint=<host:port>|reason=<text>
 
 The metadata part is written at submission and never changes; the job itself
 rewrites the fields after it (``scontrol update jobid=... comment=...`` works
 inside a job with no token) to publish its phase and endpoint. ``reason`` is
 last, so it may contain anything but newlines.
+
+Every cluster user can submit a job with any comment and read everyone's
+comments (``squeue -o %k``), so a comment is untrusted input. The metadata is
+authenticated with an HMAC under a secret all replicas share: a forged or
+edited blob is not a service. The job's Slurm user is checked by the caller,
+which makes a comment copied onto another user's job worthless. What follows
+the blob is the job's own say about itself and is bounded and checked here;
+whether an endpoint is on the job's node is checked by the caller.
+
+Slurm refuses comments over :data:`COMMENT_LIMIT` bytes, at submission and at
+every update, so the blob is compact (msgpack, no field names) and its size is
+checked at creation against what the job must still be able to publish.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
+import math
 import re
+import secrets
 
 import msgspec
 
-PREFIX = "gw1:"
+PREFIX = "gw2:"
 PHASES = ("building", "starting", "running", "failed")
-_ENDPOINT = re.compile(r"^[A-Za-z0-9.-]{1,253}:\d{1,5}$|^\[[0-9A-Fa-f:]+\]:\d{1,5}$")
+# slurmctld refuses a longer comment, at submit and at update.
+COMMENT_LIMIT = 1024
+# What the job appends after the blob must fit too: the longest phase and an
+# endpoint of a 64-character host name, plus room for a useful reason.
+ENDPOINT_MAX = 72
+REASON_MIN = 120
+REASON_MAX = 400
+META_BUDGET = COMMENT_LIMIT - len("|phase=building|endpoint=|reason=") - ENDPOINT_MAX - REASON_MIN
+_MAC_BYTES = 16
+_HOST = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*|\[[0-9A-Fa-f:.]{2,45}\])$"
+)
+_PORT = re.compile(r"^[0-9]{1,5}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Seconds since the epoch a gateway could have written: 0 up to the year 9999.
+_LATEST = 253402300799.0
 
 
-class ServiceMeta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Written once, at submission."""
+class ServiceMeta(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Written once, at submission; encoded without field names to save space."""
 
     recipe: str
     created: float
-    owner: str = ""
+    owner: str
     environment: dict[str, str] = msgspec.field(default_factory=dict)
     resources: dict[str, str | int | None] = msgspec.field(default_factory=dict)
-    name: str = ""
+    # Random per service: what its upstream key is derived from.
+    nonce: bytes = b""
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def bare_host(self) -> str:
+        """The host without IPv6 brackets, as Slurm writes node addresses."""
+        return self.host[1:-1] if self.host.startswith("[") else self.host
 
 
 class Reported(msgspec.Struct, frozen=True, kw_only=True):
-    """What the job published about itself."""
+    """What the job published about itself, checked for shape only."""
 
     phase: str | None = None
-    endpoint: str | None = None
+    endpoint: Endpoint | None = None
     reason: str | None = None
+    # A published value that was refused, and why (for the status reason).
+    refused: str | None = None
 
 
-def encode(meta: ServiceMeta) -> str:
-    raw = msgspec.json.encode(meta)
-    return PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+class MetaCodec:
+    """Writes and authenticates the metadata blob under the shared secret."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("the metadata secret must be at least 16 bytes")
+        self._mac_key = hmac.digest(secret, b"slurm-ai-gateway/metadata", hashlib.sha256)
+        self._upstream_key = hmac.digest(secret, b"slurm-ai-gateway/upstream", hashlib.sha256)
+
+    def new_meta(
+        self,
+        *,
+        recipe: str,
+        created: float,
+        owner: str,
+        environment: dict[str, str],
+        resources: dict[str, str | int | None],
+    ) -> ServiceMeta:
+        return ServiceMeta(
+            recipe=recipe,
+            created=created,
+            owner=owner,
+            environment=environment,
+            resources=resources,
+            nonce=secrets.token_bytes(12),
+        )
+
+    def encode(self, meta: ServiceMeta) -> str:
+        raw = msgspec.msgpack.encode(meta)
+        mac = hmac.digest(self._mac_key, raw, hashlib.sha256)[:_MAC_BYTES]
+        return f"{PREFIX}{_b64(raw)}.{_b64(mac)}"
+
+    def decode(self, comment: str) -> tuple[ServiceMeta, Reported] | None:
+        """The service a comment describes; None for anything the gateway did
+        not write (no prefix, a bad MAC, a blob that does not parse)."""
+        if not comment.startswith(PREFIX):
+            return None
+        head, _, tail = comment.partition("|")
+        blob, _, mac_text = head[len(PREFIX) :].partition(".")
+        try:
+            raw = _unb64(blob)
+            mac = _unb64(mac_text)
+        except (binascii.Error, ValueError):
+            return None
+        expected = hmac.digest(self._mac_key, raw, hashlib.sha256)[:_MAC_BYTES]
+        if not hmac.compare_digest(mac, expected):
+            return None
+        try:
+            meta = msgspec.msgpack.decode(raw, type=ServiceMeta)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if not (math.isfinite(meta.created) and 0 <= meta.created <= _LATEST):
+            return None
+        return meta, parse_reported(tail)
+
+    def upstream_key(self, meta: ServiceMeta) -> str:
+        """The bearer key the service's endpoint requires: derived, never stored."""
+        return hmac.digest(self._upstream_key, meta.nonce, hashlib.sha256).hex()[:40]
 
 
-def decode(comment: str) -> tuple[ServiceMeta, Reported] | None:
-    """Parse a job comment; None for jobs the gateway did not launch."""
-    if not comment.startswith(PREFIX):
-        return None
-    head, _, tail = comment.partition("|")
-    blob = head[len(PREFIX) :]
-    try:
-        raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
-        meta = msgspec.json.decode(raw, type=ServiceMeta)
-    except (binascii.Error, ValueError, msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return meta, _reported(tail)
+def comment_room(meta_text: str) -> int:
+    """How far the encoded metadata is over (positive) or under its budget."""
+    return len(meta_text.encode()) - META_BUDGET
 
 
-def _reported(tail: str) -> Reported:
+def parse_reported(tail: str) -> Reported:
     fields: dict[str, str] = {}
     rest = tail
     while rest:
@@ -71,12 +164,42 @@ def _reported(tail: str) -> Reported:
             break
         item, _, rest = rest.partition("|")
         key, sep, value = item.partition("=")
-        if sep:
+        if sep and key not in fields:
             fields[key] = value
     phase = fields.get("phase")
-    endpoint = fields.get("endpoint")
+    reason = _CONTROL.sub(" ", fields.get("reason", ""))[:REASON_MAX].strip()
+    endpoint: Endpoint | None = None
+    refused: str | None = None
+    raw_endpoint = fields.get("endpoint", "")
+    if raw_endpoint:
+        endpoint = parse_endpoint(raw_endpoint)
+        if endpoint is None:
+            shown = _CONTROL.sub(" ", raw_endpoint)[:80]
+            refused = f"the job published an endpoint that is not host:port ({shown!r})"
     return Reported(
         phase=phase if phase in PHASES else None,
-        endpoint=endpoint if endpoint and _ENDPOINT.match(endpoint) else None,
-        reason=fields.get("reason") or None,
+        endpoint=endpoint,
+        reason=reason or None,
+        refused=refused,
     )
+
+
+def parse_endpoint(text: str) -> Endpoint | None:
+    """``host:port`` with a DNS name, IPv4 or bracketed IPv6 host and a port 1-65535."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not _PORT.match(port) or not _HOST.match(host) or len(host) > 253:
+        return None
+    number = int(port)
+    if not 1 <= number <= 65535:
+        return None
+    return Endpoint(host, number)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    if not text or not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -10,6 +10,7 @@ file and the field.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -30,12 +31,15 @@ from gateway.core.resources import (
     parse_count,
     parse_memory,
 )
+from gateway.core.template_lint import lint_template
 
 RECIPE_FILE = "recipe.toml"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*/[a-z0-9][a-z0-9_.-]*$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 # What any string variable may hold unless the recipe says otherwise.
-_DEFAULT_STRING = re.compile(r"^[^\x00-\x1f\x7f]{0,4096}$")
+_DEFAULT_STRING = re.compile(r"[^\x00-\x1f\x7f]{0,4096}")
+_INT = re.compile(r"-?[0-9]{1,18}")
+_FLOAT = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,18})?(?:[eE][-+]?[0-9]{1,3})?")
 
 VarType = Literal["string", "int", "float", "port", "host", "device_list", "bool"]
 
@@ -131,27 +135,36 @@ def check_variable(spec: VariableSpec, value: Any, field: str) -> str:
         raise InvalidRequest.field(field, f"must be one of {', '.join(spec.choices)}")
     kind = spec.type
     if kind in ("int", "port", "float"):
-        try:
-            number = float(text) if kind == "float" else int(text)
-        except ValueError:
-            raise InvalidRequest.field(field, f"{text!r} is not a {kind} number") from None
+        # Python's int() and float() also take " 8001", "٨", "1_000", "nan" and
+        # "inf": the job would get a string its program reads differently.
+        if not (_FLOAT if kind == "float" else _INT).fullmatch(text):
+            raise InvalidRequest.field(field, f"{text!r} is not a {kind} number")
+        number = float(text) if kind == "float" else int(text)
+        if not math.isfinite(number):
+            raise InvalidRequest.field(field, f"{text!r} is not a finite number")
         low = 1 if kind == "port" else spec.min
         high = 65535 if kind == "port" else spec.max
         if low is not None and number < low:
             raise InvalidRequest.field(field, f"must be at least {low:g}")
         if high is not None and number > high:
             raise InvalidRequest.field(field, f"must be at most {high:g}")
+        # What the job gets is the normalised number ("007" -> "7", "9e-1" -> "0.9").
+        text = repr(number) if kind == "float" else str(number)
     elif kind == "bool" and text not in ("0", "1", "true", "false"):
         raise InvalidRequest.field(field, "must be true, false, 1 or 0")
-    elif kind == "host" and not re.match(r"^[A-Za-z0-9.:-]{1,253}$", text):
+    elif kind == "host" and not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", text):
         raise InvalidRequest.field(field, f"{text!r} is not a host name or address")
-    elif kind == "device_list" and not re.match(r"^\d+(,\d+)*$", text):
+    elif kind == "device_list" and not re.fullmatch(r"[0-9]{1,4}(,[0-9]{1,4}){0,255}", text):
         raise InvalidRequest.field(field, f"{text!r} is not a list of device numbers like '0,1'")
     pattern = spec.pattern
+    # Whatever a recipe's pattern says: a newline would end a shell comment or
+    # a quoted heredoc that a template puts the value in.
+    if not _DEFAULT_STRING.fullmatch(text):
+        raise InvalidRequest.field(
+            field, "control characters are not allowed (at most 4096 characters)"
+        )
     if pattern is not None and not re.fullmatch(pattern, text):
         raise InvalidRequest.field(field, f"{text!r} does not match {pattern}")
-    if pattern is None and not _DEFAULT_STRING.match(text):
-        raise InvalidRequest.field(field, "control characters are not allowed")
     return text
 
 
@@ -284,6 +297,8 @@ def _load_recipe(name: str, meta: Path, overlay: SiteOverlay) -> Recipe:
         raise RecipeError(f"{meta}: template: {template_path} does not exist") from None
     except jinja2.TemplateSyntaxError as exc:
         raise RecipeError(f"{template_path}:{exc.lineno}: template: {exc.message}") from None
+    # Quoting every value is safe only where the shell reads it as a word.
+    lint_template(template_path.read_text(encoding="utf-8"), template_path, env)
     try:
         return Recipe(name, meta.parent, spec, template)
     except InvalidRequest as exc:

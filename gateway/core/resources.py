@@ -8,7 +8,8 @@ import msgspec
 
 from gateway.core.errors import InvalidRequest
 
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTkmgt]?)(?:[iI]?[bB])?\s*$")
+_MEMORY = re.compile(r"\s*([0-9]{1,15}(?:\.[0-9]{1,15})?)\s*([KMGTkmgt]?)(?:[iI]?[bB])?\s*")
+_COUNT = re.compile(r"[0-9]{1,9}")
 _UNIT_MB = {"": 1.0, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
 
 MAX_NODES = 1024
@@ -53,7 +54,7 @@ def parse_memory(value: str | int, field: str) -> int:
     if isinstance(value, int):
         mb = value
     else:
-        match = _MEMORY.match(value)
+        match = _MEMORY.fullmatch(value)
         if not match:
             raise InvalidRequest.field(
                 field, f"{value!r} is not a size; use a number with K, M, G or T, e.g. '64G'"
@@ -69,7 +70,7 @@ def parse_count(value: str | int, field: str, *, low: int, high: int) -> int:
         raise InvalidRequest.field(field, "expected a whole number")
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdigit():
+        if not _COUNT.fullmatch(text):  # isdigit() also takes "²"
             raise InvalidRequest.field(field, f"{value!r} is not a whole number")
         number = int(text)
     else:

@@ -1,23 +1,34 @@
 """Services: a recipe plus overrides, run as one Slurm job.
 
 Nothing here is stored by the gateway. A service is rebuilt on every read from
-the job record (state, times, node) and the job's comment (recipe, requested
-configuration, creation time, owner, and what the job published about itself).
+the job record (state, times, node, user) and the job's comment (recipe,
+requested configuration, creation time, owner, and what the job published
+about itself).
+
+What a job writes is untrusted: a job is a service only when its metadata
+carries the gateway's MAC and its Slurm user is one the gateway submits as;
+its endpoint is used only when it names the job's own node; its logs are read
+only from the files the gateway chose.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import dataclasses
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
 from gateway.core import jobscript, metadata
 from gateway.core.errors import Conflict, InvalidRequest, NotFound
+from gateway.core.joblogs import LogFile, read_tail
+from gateway.core.metadata import MetaCodec
+from gateway.core.nodes import NodeAddresses
 from gateway.core.recipes import Recipe, RecipeCatalog, resolve_resources
 from gateway.core.status import ServiceStatus, derive
 from gateway.slurm import (
@@ -25,17 +36,31 @@ from gateway.slurm import (
     JobState,
     JobSubmission,
     SlurmClient,
+    SlurmError,
     SlurmJobNotFound,
 )
 from gateway.upstream.probe import HealthProber
 
+log = structlog.get_logger(__name__)
+
 STOP_WAIT_SECONDS = 5.0
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The job's copy of its upstream key; the recipe hands it to the server.
+KEY_VARIABLE = "GW_SERVICE_KEY"
+_SERVICE_ID = re.compile(r"[0-9]{1,12}")
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     environment: dict[str, str]
     resources: dict[str, str | int | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """Where a running service answers, and the key it requires."""
+
+    url: str
+    key: str = dataclasses.field(repr=False)
 
 
 class Service(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,12 +79,14 @@ class Service(msgspec.Struct, frozen=True, kw_only=True):
     slurm_reason: str
     node: str | None
     endpoint: str | None
+    upstream: Upstream | None = None
 
 
 class Logs(msgspec.Struct, frozen=True, kw_only=True):
     stdout: str
     stderr: str | None
     truncated: bool
+    reason: str | None = None
 
 
 class CreateRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +102,7 @@ class ServiceManager:
         slurm: SlurmClient,
         recipes: RecipeCatalog,
         prober: HealthProber,
+        codec: MetaCodec,
         job_dir: str,
         slurm_user: str,
         partition: str | None = None,
@@ -82,10 +110,12 @@ class ServiceManager:
         path_map: list[tuple[str, str]] | None = None,
         log_max_bytes: int = 1024 * 1024,
         running_ttl: float = 2.0,
+        node_ttl: float = 300.0,
     ) -> None:
         self.slurm = slurm
         self.recipes = recipes
         self.prober = prober
+        self.codec = codec
         self.job_dir = job_dir.rstrip("/") or "/"
         self.slurm_user = slurm_user
         self.partition = partition
@@ -93,7 +123,15 @@ class ServiceManager:
         self.path_map = path_map or []
         self.log_max_bytes = log_max_bytes
         self.running_ttl = running_ttl
+        self.nodes = NodeAddresses(slurm, ttl=node_ttl)
         self._running: dict[str, tuple[float, Service]] = {}
+        self._reported_bad: set[int] = set()
+
+    async def owner(self) -> str:
+        """The Slurm user the gateway submits as (static tokens name it)."""
+        if not self.slurm_user:
+            self.slurm_user = await self.slurm.user_name()
+        return self.slurm_user
 
     # -- create ---------------------------------------------------------------
 
@@ -104,20 +142,26 @@ class ServiceManager:
             recipe.spec.resources, request.resources, field="config.resources"
         )
         resources_wire = resources.as_config()
-        meta = metadata.ServiceMeta(
+        meta = self.codec.new_meta(
             recipe=recipe.name,
             created=time.time(),
-            owner=self.slurm_user,
+            owner=await self.owner(),
             environment=environment,
             resources=resources_wire,
         )
+        encoded = self.codec.encode(meta)
+        self._check_comment_budget(encoded, environment)
         context = jobscript.render_context(recipe, environment, resources_wire)
-        job_name = "gw-" + recipe.name.replace("/", "-")
+        job_name = job_name_of(recipe.name)
         submission = JobSubmission(
-            script=jobscript.build(recipe, meta, context),
+            script=jobscript.build(recipe, encoded, context),
             name=job_name,
             working_directory=self.job_dir,
-            environment={"PATH": JOB_PATH, **environment},
+            environment={
+                "PATH": JOB_PATH,
+                **environment,
+                KEY_VARIABLE: self.codec.upstream_key(meta),
+            },
             partition=recipe.partition(resources) or self.partition,
             account=recipe.spec.account or self.account,
             standard_output=f"{self.job_dir}/{job_name}-%j.out",
@@ -127,22 +171,34 @@ class ServiceManager:
             memory_per_node_mb=resources.memory_mb,
             time_limit_minutes=resources.time_limit_minutes,
             gpus_per_node=resources.gpus or None,
-            comment=metadata.encode(meta),
+            comment=encoded,
         )
         submitted = await self.slurm.submit(submission)
-        try:
-            job = await self.slurm.get_job(submitted.job_id)
-        except SlurmJobNotFound:
-            # Submitted but already purged (MinJobAge): describe it from what we sent.
-            return self._service_from_submission(submitted.job_id, recipe, meta)
-        parsed = metadata.decode(job.comment) or (meta, metadata.Reported())
-        return await self._service(job, *parsed)
+        # One slurmrestd call: the job exists now, and reading it back could
+        # only fail a create that worked (a client retrying would start a
+        # second job). A new job is pending; reads show it as Slurm has it.
+        return self._service_from_submission(submitted.job_id, recipe, meta)
 
     def _recipe_for_create(self, name: str) -> Recipe:
         try:
             return self.recipes.get(name)
         except NotFound as exc:
             raise InvalidRequest.field("recipe_name", exc.detail) from None
+
+    @staticmethod
+    def _check_comment_budget(encoded: str, environment: dict[str, str]) -> None:
+        over = metadata.comment_room(encoded)
+        if over <= 0:
+            return
+        # The longest value is the one to shorten; base64 makes 3 bytes 4 characters.
+        key = max(environment, key=lambda k: len(environment[k]), default=None)
+        field = f"config.environment.{key}" if key else "config"
+        raise InvalidRequest.field(
+            field,
+            f"too long: the service's metadata would take {over} characters more than "
+            f"the {metadata.META_BUDGET} that fit in Slurm's {metadata.COMMENT_LIMIT}-character "
+            f"job comment; shorten it by at least {-(-over * 3 // 4)} characters",
+        )
 
     def _service_from_submission(
         self, job_id: int, recipe: Recipe, meta: metadata.ServiceMeta
@@ -167,12 +223,45 @@ class ServiceManager:
 
     # -- read -----------------------------------------------------------------
 
+    def _parse(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
+        """The job's metadata when the job is a service of this gateway's users."""
+        if not job.comment.startswith(metadata.PREFIX):
+            return None
+        parsed = self.codec.decode(job.comment)
+        if parsed is None or parsed[0].owner != job.user_name or not job.user_name:
+            return None
+        if self.slurm_user and job.user_name != self.slurm_user:
+            return None
+        return parsed
+
     async def list(self) -> list[Service]:
-        """Every service Slurm still knows: one slurmrestd call, probes in parallel."""
+        """Every service Slurm still knows: one slurmrestd call, probes in parallel.
+
+        One job's bad data never fails the listing: it is left out and logged once.
+        """
+        await self.owner()
         listing = await self.slurm.list_jobs()
-        ours = [(job, parsed) for job in listing.jobs if (parsed := metadata.decode(job.comment))]
-        services = await asyncio.gather(*(self._service(job, *parsed) for job, parsed in ours))
+        ours = [(job, parsed) for job in listing.jobs if (parsed := self._parse(job))]
+        built = await asyncio.gather(
+            *(self._service(job, *parsed) for job, parsed in ours), return_exceptions=True
+        )
+        services: list[Service] = []
+        for (job, _), result in zip(ours, built, strict=True):
+            if isinstance(result, Service):
+                services.append(result)
+            elif isinstance(result, Exception):
+                self._log_bad_job(job.job_id, result)
+            else:
+                raise result
         return sorted(services, key=lambda s: int(s.id), reverse=True)
+
+    def _log_bad_job(self, job_id: int, exc: Exception) -> None:
+        if job_id in self._reported_bad:
+            return
+        if len(self._reported_bad) > 65536:
+            self._reported_bad.clear()
+        self._reported_bad.add(job_id)
+        log.warning("service_skipped", job_id=job_id, error=repr(exc)[:300])
 
     async def get(self, service_id: str) -> Service:
         return await self._service(*await self._job(service_id))
@@ -182,6 +271,7 @@ class ServiceManager:
     ) -> tuple[JobInfo, metadata.ServiceMeta, metadata.Reported]:
         """The job of a service with what its comment holds; 404 for any other."""
         job_id = parse_id(service_id)
+        await self.owner()
         try:
             job = await self.slurm.get_job(job_id)
         except SlurmJobNotFound:
@@ -189,7 +279,7 @@ class ServiceManager:
                 f"service {service_id} does not exist (Slurm does not know job {job_id}; "
                 "finished jobs are forgotten after Slurm's MinJobAge)"
             ) from None
-        parsed = metadata.decode(job.comment)
+        parsed = self._parse(job)
         if parsed is None:
             raise NotFound(f"service {service_id} does not exist (job {job_id} is not a service)")
         return job, *parsed
@@ -198,16 +288,22 @@ class ServiceManager:
         self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
     ) -> Service:
         recipe_kind, health_path = self._service_spec(meta.recipe)
-        endpoint = f"http://{reported.endpoint}" if reported.endpoint else None
+        reported = await self._checked(job, reported)
+        upstream = (
+            Upstream(f"http://{reported.endpoint}", self.codec.upstream_key(meta))
+            if reported.endpoint
+            else None
+        )
         healthy: bool | None = None
-        if endpoint and job.state is JobState.RUNNING and reported.phase in ("starting", "running"):
+        if upstream and job.state is JobState.RUNNING and reported.phase in ("starting", "running"):
             if recipe_kind == "vllm":
                 # Ready when vLLM answers /health and serves the model asked for.
                 model = meta.environment.get("VLLM_MODEL")
-                healthy = await self.prober.vllm_ready(endpoint, model)
+                healthy = await self.prober.vllm_ready(upstream.url, model, upstream.key)
             else:
-                healthy = await self.prober.healthy(endpoint + health_path)
+                healthy = await self.prober.healthy(upstream.url + health_path, upstream.key)
         status, reason = derive(job, reported, healthy)
+        live = upstream if not status.is_terminal else None
         return Service(
             id=str(job.job_id),
             name=service_name(meta.recipe, job.job_id),
@@ -223,8 +319,33 @@ class ServiceManager:
             slurm_state=job.state.value,
             slurm_reason=job.state_reason,
             node=job.batch_host or job.nodes or None,
-            endpoint=endpoint if not status.is_terminal else None,
+            endpoint=live.url if live else None,
+            upstream=live,
         )
+
+    async def _checked(self, job: JobInfo, reported: metadata.Reported) -> metadata.Reported:
+        """``reported`` with its endpoint kept only when it is on the job's node."""
+        if reported.refused:
+            return msgspec.structs.replace(reported, endpoint=None, reason=reported.refused)
+        endpoint = reported.endpoint
+        if endpoint is None or job.state is not JobState.RUNNING:
+            return reported
+        node = job.batch_host or job.nodes.split(",")[0]
+        why: str | None = None
+        try:
+            names = await self.nodes.names(node) if node else frozenset()
+        except (SlurmError, ValueError) as exc:
+            why = f"cannot check the published endpoint against node {node}: {exc}"
+        else:
+            if endpoint.bare_host.lower() not in names:
+                why = (
+                    f"the job published the endpoint {endpoint}, which is not on its node "
+                    f"{node or '(none)'}; ignored"
+                )
+        if why is None:
+            return reported
+        self._log_bad_job(job.job_id, ValueError(why))
+        return msgspec.structs.replace(reported, endpoint=None, reason=why)
 
     def _service_spec(self, recipe_name: str) -> tuple[str, str]:
         try:
@@ -253,7 +374,7 @@ class ServiceManager:
                     self._running = {k: v for k, v in self._running.items() if v[0] > now}
         if kind is not None and service.kind != kind:
             raise Conflict(f"service {service_id} is a {service.kind} service, not {kind}")
-        if service.status is not ServiceStatus.RUNNING or service.endpoint is None:
+        if service.status is not ServiceStatus.RUNNING or service.upstream is None:
             raise Conflict(
                 f"service {service_id} is {service.status.value}, not running: "
                 f"{service.status_reason}",
@@ -264,30 +385,50 @@ class ServiceManager:
     # -- logs -----------------------------------------------------------------
 
     async def logs(self, service_id: str, *, tail: int | None) -> Logs:
-        job, _, _ = await self._job(service_id)
+        job, meta, _ = await self._job(service_id)
         if job.state is JobState.PENDING:
             raise Conflict(f"service {service_id} is pending: it has not started, so no logs yet")
-        stdout_path = self.local_path(job.standard_output)
-        stderr_path = (
-            self.local_path(job.standard_error)
-            if job.standard_error and job.standard_error != job.standard_output
-            else None
-        )
-        stdout = await asyncio.to_thread(_read_tail, stdout_path, tail, self.log_max_bytes)
-        stderr = (
-            await asyncio.to_thread(_read_tail, stderr_path, tail, self.log_max_bytes)
-            if stderr_path
-            else None
-        )
-        if stdout is None and (stderr is None):
+        stdout = await self._log_file(job, meta, "out", job.standard_output, tail)
+        stderr: LogFile | None = None
+        if job.standard_error and job.standard_error != job.standard_output:
+            stderr = await self._log_file(job, meta, "err", job.standard_error, tail)
+        files = [f for f in (stdout, stderr) if f is not None]
+        if all(f.missing for f in files):
             raise NotFound(
-                f"no log file of service {service_id} at {job.standard_output} "
-                f"(looked at {stdout_path} on the gateway host)"
+                f"no log file of service {service_id} at {self.job_dir} yet "
+                f"(looked at {self.local_path(self.job_dir)} on the gateway host)"
             )
+        refused = "; ".join(f.refused for f in files if f.refused)
         return Logs(
-            stdout=stdout[0] if stdout else "",
-            stderr=stderr[0] if stderr else None,
-            truncated=bool((stdout and stdout[1]) or (stderr and stderr[1])),
+            stdout=stdout.text,
+            stderr=stderr.text if stderr is not None and not stderr.missing else None,
+            truncated=any(f.truncated for f in files),
+            reason=refused or None,
+        )
+
+    async def _log_file(
+        self,
+        job: JobInfo,
+        meta: metadata.ServiceMeta,
+        suffix: str,
+        reported: str,
+        tail: int | None,
+    ) -> LogFile:
+        name = f"{job_name_of(meta.recipe)}-{job.job_id}.{suffix}"
+        expected = f"{self.job_dir.rstrip('/')}/{name}"
+        if reported != expected:
+            shown = reported[:200].encode("unicode_escape").decode("ascii")
+            return LogFile(
+                refused=f"Slurm reports the job's output at '{shown}', not in the file "
+                f"the gateway chose ({expected}); not read"
+            )
+        return await asyncio.to_thread(
+            read_tail,
+            self.local_path(self.job_dir),
+            name,
+            uid=job.user_id,
+            lines=tail,
+            max_bytes=self.log_max_bytes,
         )
 
     def local_path(self, cluster_path: str) -> Path:
@@ -308,18 +449,39 @@ class ServiceManager:
                 return service  # stopping twice is fine
             raise Conflict(
                 f"service {service_id} already ended ({service.status.value}: "
-                f"{service.status_reason}); there is nothing to stop"
+                f"{service.status_reason}); there is nothing to stop",
+                service_status=service.status.value,
             )
-        await self.slurm.cancel(job.job_id)
+        try:
+            await self.slurm.cancel(job.job_id)
+        except SlurmJobNotFound:
+            return await self._gone(job, meta, reported)
         # Slurm ends the job within moments; answer with its final state when
         # it arrives in time, else with what Slurm says now.
         deadline = time.monotonic() + STOP_WAIT_SECONDS
         while True:
-            job = await self.slurm.get_job(job.job_id)
+            try:
+                job = await self.slurm.get_job(job.job_id)
+            except SlurmJobNotFound:
+                return await self._gone(job, meta, reported)
             done = job.state.is_terminal and "COMPLETING" not in job.state_flags
             if done or time.monotonic() > deadline:
                 return await self._service(job, meta, reported)
             await asyncio.sleep(0.25)
+
+    async def _gone(
+        self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
+    ) -> Service:
+        """A job purged while being stopped: it was cancelled, and is no more."""
+        ended = msgspec.structs.replace(
+            job, state=JobState.CANCELLED, end_time=job.end_time or datetime.now(tz=UTC)
+        )
+        return await self._service(ended, meta, reported)
+
+
+def job_name_of(recipe: str) -> str:
+    """The Slurm job name, which also names the log files: ``gw-inference-vllm``."""
+    return "gw-" + recipe.replace("/", "-")
 
 
 def service_name(recipe: str, job_id: int) -> str:
@@ -328,29 +490,7 @@ def service_name(recipe: str, job_id: int) -> str:
 
 
 def parse_id(service_id: str) -> int:
-    if not service_id.isdigit() or len(service_id) > 12:
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    if not _SERVICE_ID.fullmatch(service_id):
         raise NotFound(f"service {service_id!r} does not exist (ids are Slurm job numbers)")
     return int(service_id)
-
-
-def _read_tail(path: Path, lines: int | None, max_bytes: int) -> tuple[str, bool] | None:
-    """The last ``lines`` lines (all if None), at most ``max_bytes``; None if missing."""
-    try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            start = max(0, size - max_bytes)
-            f.seek(start)
-            data = f.read(max_bytes)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    truncated = start > 0
-    if truncated:
-        # Drop the partial first line.
-        data = data.split(b"\n", 1)[1] if b"\n" in data else data
-    text = data.decode("utf-8", errors="replace")
-    if lines is not None:
-        parts = text.splitlines(keepends=True)
-        if len(parts) > lines:
-            truncated = True
-            text = "".join(parts[-lines:]) if lines else ""
-    return text, truncated

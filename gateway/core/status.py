@@ -58,7 +58,8 @@ def derive(job: JobInfo, reported: Reported, healthy: bool | None) -> tuple[Serv
         if healthy:
             return ServiceStatus.RUNNING, "the service answers its health check"
         return ServiceStatus.STARTING, reported.reason or "waiting for the health check to pass"
-    if reported.phase == "starting":
+    if reported.phase in ("starting", "running"):
+        # No usable endpoint yet (or the one published was refused: the reason says).
         return ServiceStatus.STARTING, reported.reason or "the service is starting"
     return ServiceStatus.BUILDING, reported.reason or "preparing the service environment"
 

@@ -13,10 +13,19 @@ from gateway.slurm.adapters import SUPPORTED_VERSIONS, Adapter, JobList, Request
 from gateway.slurm.auth import Credentials, FixedCredentials, TokenProvider
 from gateway.slurm.errors import (
     SlurmAuthError,
+    SlurmError,
     SlurmUnavailable,
+    SlurmUnexpectedResponse,
     SlurmVersionUnsupported,
 )
-from gateway.slurm.models import JobInfo, JobSubmission, PingResult, SubmitResult
+from gateway.slurm.models import (
+    JobInfo,
+    JobSubmission,
+    NodeInfo,
+    PingResult,
+    SubmitResult,
+    check_node_name,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +46,9 @@ class SlurmClient:
 
     The API version is the newest one both sides speak, found on first use by
     probing ``/slurm/<version>/ping`` newest first (a version the daemon does
-    not serve answers 404), unless ``api_version`` pins one.
+    not serve answers 404), unless ``api_version`` pins one. Only a successful
+    ping picks a version; any other failure is raised as its typed error and
+    nothing is remembered, so the next call negotiates again.
     """
 
     def __init__(
@@ -101,17 +112,34 @@ class SlurmClient:
             return neg.adapter
 
     async def _negotiate(self, pinned: str | None) -> Adapter:
+        """The newest version whose ping succeeds. 404 means "not served": try
+        the next older one. Any other failure (a proxy's 503 at start-up, a
+        refused token, a body that is no ping) is raised as the adapter's typed
+        error rather than taken as an answer, since it says nothing about the
+        versions served."""
         candidates = (pinned,) if pinned else SUPPORTED_VERSIONS
         for version in candidates:
             adapter = adapter_for(version)
             response = await self._send(adapter.ping_request())
             if response.status_code == 404:
                 continue
-            if response.status_code == 401:
-                raise SlurmAuthError(
-                    f"slurmrestd at {self.base_url} refused the credentials (HTTP 401)",
-                    status_code=401,
+            try:
+                if not adapter.parse_ping(response.status_code, response.content):
+                    # slurmrestd lists every configured controller; a JSON
+                    # answer without any is some other service's.
+                    raise SlurmUnexpectedResponse(
+                        f"slurmrestd {version}: ping answered no controller",
+                        status_code=response.status_code,
+                    )
+            except SlurmError as exc:
+                log.warning(
+                    "slurmrestd_negotiation_failed",
+                    url=self.base_url,
+                    version=version,
+                    status=response.status_code,
+                    error=type(exc).__name__,
                 )
+                raise
             return adapter
         if pinned:
             raise SlurmVersionUnsupported(
@@ -160,6 +188,10 @@ class SlurmClient:
 
     # -- operations -------------------------------------------------------------
 
+    async def user_name(self) -> str:
+        """The Slurm user this client acts as (a static token names it)."""
+        return (await self._tokens.credentials()).user_name
+
     async def ping(self) -> list[PingResult]:
         adapter = await self.adapter()
         response = await self._call(adapter.ping_request())
@@ -169,6 +201,17 @@ class SlurmClient:
         adapter = await self.adapter()
         response = await self._call(adapter.submit_request(job))
         return adapter.parse_submit(response.status_code, response.content)
+
+    async def get_node(self, name: str) -> NodeInfo:
+        """The names of node ``name``: Slurm's NodeName, NodeHostname, NodeAddr.
+
+        Raises ValueError, before any request, for a name that is not 1 to 255
+        of ``A-Z a-z 0-9 . _ -``; SlurmNodeNotFound when Slurm knows no such node.
+        """
+        check_node_name(name)
+        adapter = await self.adapter()
+        response = await self._call(adapter.get_node_request(name))
+        return adapter.parse_node(response.status_code, response.content, name)
 
     async def get_job(self, job_id: int) -> JobInfo:
         adapter = await self.adapter()

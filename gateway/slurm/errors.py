@@ -6,6 +6,7 @@ import msgspec
 
 # Slurm error numbers (slurm_errno.h) the gateway reacts to.
 ESLURM_INVALID_JOB_ID = 2017
+ESLURM_INVALID_NODE_NAME = 2018
 ESLURM_ALREADY_DONE = 2021
 SLURM_PROTOCOL_AUTHENTICATION_ERROR = 1007
 
@@ -59,6 +60,10 @@ class SlurmAuthError(SlurmError):
 
 class SlurmJobNotFound(SlurmError):
     """Slurm does not know the job id (never existed, or purged after MinJobAge)."""
+
+
+class SlurmNodeNotFound(SlurmError):
+    """Slurm knows no node of that name."""
 
 
 class SlurmRequestRejected(SlurmError):

@@ -7,6 +7,7 @@ nothing outside ``gateway.slurm.adapters`` ever sees a version-specific shape.
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime
 
 import msgspec
@@ -50,7 +51,7 @@ class JobState(enum.StrEnum):
             else:
                 flags.append(upper)
         if base is cls.UNKNOWN:
-            # v0.0.38 names only the flag while one is set ("COMPLETING").
+            # v0.0.38/39 name only the flag while one is set ("REQUEUED").
             for flag in flags:
                 if flag in _BASE_OF_FLAG:
                     base = _BASE_OF_FLAG[flag]
@@ -60,9 +61,11 @@ class JobState(enum.StrEnum):
 
 _ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RUNNING, JobState.SUSPENDED})
 
-# The base state implied by a flag when Slurm sends the flag alone.
+# The base state implied by a flag when Slurm sends the flag alone. A bare
+# "COMPLETING" is absent on purpose: the job has ended, and only its exit code
+# tells how (the v0.0.39 adapter derives the base state from it), so the word
+# alone gives UNKNOWN.
 _BASE_OF_FLAG = {
-    "COMPLETING": JobState.RUNNING,  # processes still being cleaned up
     "CONFIGURING": JobState.RUNNING,
     "SIGNALING": JobState.RUNNING,
     "STAGE_OUT": JobState.RUNNING,
@@ -120,6 +123,7 @@ class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
     job_id: int
     name: str
     user_name: str
+    user_id: int | None = None  # numeric uid of user_name
     state: JobState
     state_flags: tuple[str, ...] = ()
     state_reason: str = ""
@@ -150,6 +154,28 @@ class PingResult(msgspec.Struct, frozen=True, kw_only=True):
     slurm_release: str
     api_version: str
     latency_us: int | None = None
+
+
+class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The names of one node: Slurm's NodeName, NodeHostname and NodeAddr."""
+
+    name: str
+    hostname: str
+    address: str
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def check_node_name(name: str) -> str:
+    """Return ``name`` if it is safe as one URL path segment, else raise ValueError.
+
+    Allowed: 1 to 255 of ``A-Z a-z 0-9 . _ -``, except the dot segments ``.``
+    and ``..`` (which a URL resolves to another path).
+    """
+    if not _NODE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"invalid node name {name[:80]!r}: expected 1 to 255 of A-Z a-z 0-9 . _ -")
+    return name
 
 
 def expand_output_path(pattern: str, job: JobInfo) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import msgspec
@@ -27,6 +28,8 @@ class LocalCluster(msgspec.Struct, frozen=True, kw_only=True):
     node: str
     api_versions: list[str]
     cpus: int = 1
+    # A second cluster user who is not the gateway's (hostile-job tests).
+    other_user: str = "gwother"
 
     def host_path(self, cluster_path: str) -> Path:
         """Where a path inside the cluster (a job's stdout) is on this host."""
@@ -37,6 +40,30 @@ class LocalCluster(msgspec.Struct, frozen=True, kw_only=True):
 
     def client(self, api_version: str | None = None) -> SlurmClient:
         return SlurmClient(self.url, self.tokens(), api_version=api_version)
+
+    def run_as(self, user: str, *command: str, timeout: float = 30) -> str:
+        """Run a command inside the cluster as a cluster user (``sbatch ...``), as
+        that user would from a login node; its stdout. Fails on a non-zero exit."""
+        ids = self.user_ids(user)
+        done = subprocess.run(
+            [
+                "chroot", f"--userspec={ids[0]}:{ids[1]}", self.chroot, "/usr/bin/env", "-i",
+                "PATH=/usr/local/bin:/usr/bin:/bin", f"HOME=/home/{user}", f"USER={user}",
+                "LANG=C.UTF-8", *command,
+            ],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"{command[0]} as {user} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def user_ids(self, user: str) -> tuple[int, int]:
+        """uid and gid of a user of the cluster's chroot."""
+        for line in (Path(self.chroot) / "etc/passwd").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == user:
+                return int(fields[2]), int(fields[3])
+        raise KeyError(f"no user {user} in {self.chroot}")
 
 
 def local_root() -> Path:

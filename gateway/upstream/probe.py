@@ -38,14 +38,14 @@ class HealthProber:
         await self._http.aclose()
         await self._vllm.aclose()
 
-    async def healthy(self, url: str) -> bool:
+    async def healthy(self, url: str, key: str | None = None) -> bool:
         """``url`` answers with a 2xx status."""
-        return await self._cached(url, lambda: self._get(url))
+        return await self._cached(url, lambda: self._get(url, key))
 
-    async def vllm_ready(self, endpoint: str, model: str | None) -> bool:
+    async def vllm_ready(self, endpoint: str, model: str | None, key: str | None = None) -> bool:
         """vLLM's ``/health`` answers and ``/v1/models`` lists ``model``."""
         return await self._cached(
-            f"vllm {endpoint} {model}", lambda: self._vllm.ready(endpoint, model)
+            f"vllm {endpoint} {model} {key}", lambda: self._vllm.ready(endpoint, model, key)
         )
 
     async def _cached(self, key: str, probe: Callable[[], Awaitable[bool]]) -> bool:
@@ -67,9 +67,10 @@ class HealthProber:
             self._cache = {k: v for k, v in self._cache.items() if now - v[0] < self._ttl}
         return ok
 
-    async def _get(self, url: str) -> bool:
+    async def _get(self, url: str, key: str | None) -> bool:
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         try:
-            response = await self._http.get(url)
+            response = await self._http.get(url, headers=headers)
         except httpx.HTTPError:
             return False
         return response.status_code < 300

@@ -108,31 +108,31 @@ class VllmClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def models(self, endpoint: str) -> list[str]:
-        response = await self._send("GET", f"{endpoint}/v1/models")
+    async def models(self, endpoint: str, key: str | None = None) -> list[str]:
+        response = await self._send("GET", f"{endpoint}/v1/models", key)
         _raise_for_status(response)
         try:
             return [m.id for m in msgspec.json.decode(response.content, type=_Models).data]
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise UpstreamError(502, "vLLM's /v1/models answer is not a model list") from None
 
-    async def ready(self, endpoint: str, model: str | None = None) -> bool:
+    async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:
         """``/health`` answers and ``/v1/models`` lists ``model`` (any, if None)."""
         try:
-            health = await self._http.get(f"{endpoint}/health")
+            health = await self._http.get(f"{endpoint}/health", headers=_auth(key))
             if health.status_code != 200:
                 return False
-            served = await self.models(endpoint)
+            served = await self.models(endpoint, key)
         except (httpx.HTTPError, UpstreamError, UpstreamUnavailable):
             return False
         return model in served if model else bool(served)
 
-    async def complete(self, endpoint: str, prompt: Prompt) -> Completion:
+    async def complete(self, endpoint: str, prompt: Prompt, key: str | None = None) -> Completion:
         api = self._api.get((endpoint, prompt.model), "chat")
-        response = await self._send("POST", _url(endpoint, api), json=_body(api, prompt, False))
+        response = await self._send("POST", _url(endpoint, api), key, _body(api, prompt, False))
         if api == "chat" and _no_chat_template(response):
             api = "completions"
-            response = await self._send("POST", _url(endpoint, api), json=_body(api, prompt, False))
+            response = await self._send("POST", _url(endpoint, api), key, _body(api, prompt, False))
         _raise_for_status(response)
         self._api[(endpoint, prompt.model)] = api
         try:
@@ -149,17 +149,19 @@ class VllmClient:
             api=api,
         )
 
-    async def stream(self, endpoint: str, prompt: Prompt) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, endpoint: str, prompt: Prompt, key: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """vLLM's SSE bytes, as they arrive. Closing the iterator (a client that
         went away) closes the upstream connection, which makes vLLM abort."""
         api = self._api.get((endpoint, prompt.model), "chat")
-        response = await self._open(endpoint, api, prompt)
+        response = await self._open(endpoint, api, prompt, key)
         if api == "chat" and response.status_code == 400:
             await response.aread()
             if _no_chat_template(response):
                 await response.aclose()
                 api = "completions"
-                response = await self._open(endpoint, api, prompt)
+                response = await self._open(endpoint, api, prompt, key)
         try:
             if response.status_code >= 400:
                 await response.aread()
@@ -178,9 +180,11 @@ class VllmClient:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-    async def _open(self, endpoint: str, api: Api, prompt: Prompt) -> httpx.Response:
+    async def _open(
+        self, endpoint: str, api: Api, prompt: Prompt, key: str | None
+    ) -> httpx.Response:
         request = self._http.build_request(
-            "POST", _url(endpoint, api), json=_body(api, prompt, True)
+            "POST", _url(endpoint, api), json=_body(api, prompt, True), headers=_auth(key)
         )
         try:
             return await self._http.send(request, stream=True)
@@ -189,13 +193,20 @@ class VllmClient:
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
 
-    async def _send(self, method: str, url: str, json: Any = None) -> httpx.Response:
+    async def _send(
+        self, method: str, url: str, key: str | None, json: Any = None
+    ) -> httpx.Response:
         try:
-            return await self._http.request(method, url, json=json)
+            return await self._http.request(method, url, json=json, headers=_auth(key))
         except httpx.TimeoutException:
             raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
+
+
+def _auth(key: str | None) -> dict[str, str] | None:
+    """The service's bearer key (vLLM's ``--api-key``), which only the gateway knows."""
+    return {"Authorization": f"Bearer {key}"} if key else None
 
 
 def _url(endpoint: str, api: Api) -> str:

@@ -17,7 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.settings import load_settings
 from gateway.testing.clusters import LocalCluster
+from gateway.wiring import metadata_codec
 from tests.conftest import poll
 from tests.integration.conftest import CLUSTERS, TIMINGS
 from tests.integration.gateway_process import GatewayProcess
@@ -115,6 +117,31 @@ def job_processes(cluster: LocalCluster, job_id: str) -> list[int]:
     return chroot_processes(cluster, wanted)
 
 
+async def service_key(gateway: GatewayProcess, sid: str) -> tuple[str, str]:
+    """The key the gateway derives for a service, and the job's comment."""
+    codec = metadata_codec(load_settings(gateway.env))
+    async with gateway.cluster.client() as slurm:
+        comment = (await slurm.get_job(int(sid))).comment
+    decoded = codec.decode(comment)
+    assert decoded is not None
+    return codec.upstream_key(decoded[0]), comment
+
+
+def long_model_path(cluster: LocalCluster, length: int = 320) -> str:
+    """A model folder whose path is ``length`` characters long (a link to the
+    tiny chat model), as a site's deep model trees have."""
+    base = "/tmp/gw-long-model"
+    parts = [base]
+    while len("/".join(parts)) + len("/tiny-chat") < length:
+        parts.append("d" * min(60, length - len("/".join(parts)) - len("/tiny-chat") - 1))
+    path = "/".join([*parts, "tiny-chat"])
+    link = cluster.host_path(path)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to("/opt/models/tiny-chat")
+    return path
+
+
 async def sse_events(response: httpx.Response) -> AsyncIterator[str]:
     async for line in response.aiter_lines():
         if line.startswith("data: "):
@@ -176,6 +203,18 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
         models = (await api.get(f"/api/v1/vllm/{chat['id']}/models")).json()
         assert models["models"] == ["Qwen/Qwen2.5-0.5B-Instruct"]
 
+        # vLLM wants the service's own key: finding its endpoint in the job's
+        # comment (any cluster user can) is no way in.
+        key, comment = await service_key(gateway, chat["id"])
+        async with httpx.AsyncClient(timeout=30) as direct:
+            url = endpoints[0] + "/v1/models"
+            assert (await direct.get(url)).status_code == 401
+            wrong = {"Authorization": "Bearer " + "0" * len(key)}
+            assert (await direct.get(url, headers=wrong)).status_code == 401
+            right = {"Authorization": f"Bearer {key}"}
+            assert (await direct.get(url, headers=right)).status_code == 200
+        assert key not in comment
+
         # The seed's prompt examples: a chat model, then gpt2 (no chat template).
         answer = await api.post(
             f"/api/v1/vllm/{chat['id']}/prompt",
@@ -223,6 +262,7 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
 
         logs = (await api.get(f"/api/v1/services/{chat['id']}/logs")).json()["logs"]
         assert "Starting vLLM API server" in logs or "Application startup complete" in logs
+        assert key not in logs
 
         port = int(endpoints[0].rsplit(":", 1)[1])
         assert vllm_processes(cluster, port)
@@ -248,7 +288,11 @@ async def test_client_disconnect_cancels_the_upstream_request(
     # vLLM can stall for seconds while vLLM generates (README, "Known limits"),
     # the test client included: the margin must be far wider than a stall.
     max_tokens = 15_000
-    sid = await create(api, {"VLLM_MAX_MODEL_LEN": "16384"})
+    # The model's path is long (its folder is deep): the job's comment still
+    # fits Slurm's 1024-character limit, and the service reaches running.
+    model = long_model_path(gateway.cluster)
+    assert len(model) >= 300
+    sid = await create(api, {"VLLM_MAX_MODEL_LEN": "16384", "VLLM_MODEL": model})
     try:
         running = await settled(api, sid, STARTUP)
         assert running["status"] == "running", running

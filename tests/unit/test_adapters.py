@@ -13,11 +13,15 @@ from typing import Any
 import pytest
 
 from gateway.slurm import (
+    JobExit,
     JobState,
     JobSubmission,
+    NodeInfo,
     SlurmAuthError,
     SlurmJobNotFound,
+    SlurmNodeNotFound,
     SlurmRequestRejected,
+    SlurmUnavailable,
 )
 from gateway.slurm.adapters import ADAPTERS, Adapter, adapter_for
 
@@ -203,3 +207,188 @@ def test_a_job_without_environment_still_gets_one(version: str) -> None:
     )
     env = body["job"]["environment"]
     assert env in ({"PATH": "/usr/local/bin:/usr/bin:/bin"}, ["PATH=/usr/local/bin:/usr/bin:/bin"])
+
+
+# -- user id -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["job_running", "job_finished", "job_cancelled"])
+def test_job_has_the_users_numeric_id(rec: Recorded, scenario: str) -> None:
+    status, body, meta = rec.answer(scenario)
+    sent = json.loads(body)["jobs"][0]["user_id"]
+    job = rec.adapter.parse_job(status, body, meta["job_id"])
+    assert isinstance(sent, int) and sent > 0
+    assert job.user_id == sent
+
+
+def test_listed_jobs_have_user_ids(rec: Recorded) -> None:
+    status, body, _ = rec.answer("jobs_list")
+    listing = rec.adapter.parse_jobs(status, body)
+    assert listing.jobs and all(isinstance(j.user_id, int) for j in listing.jobs)
+
+
+# -- node lookup ---------------------------------------------------------------
+
+
+def test_node_lookup(rec: Recorded) -> None:
+    status, body, meta = rec.answer("node")
+    node = rec.adapter.parse_node(status, body, meta["node"])
+    # Both local clusters name their one node after the cluster on host "vm".
+    assert node == NodeInfo(name=meta["node"], hostname="vm", address="127.0.0.1")
+
+
+def test_unknown_node_is_typed_not_found(rec: Recorded) -> None:
+    status, body, meta = rec.answer("node_unknown")
+    with pytest.raises(SlurmNodeNotFound, match=meta["node"]) as info:
+        rec.adapter.parse_node(status, body, meta["node"])
+    # v0.0.38: HTTP 500, {error, errno: 2018}; v0.0.40+: HTTP 200, error 0.
+    expected = 2018 if rec.folder.name == "v0.0.38" else 0
+    assert info.value.error_numbers == (expected,)
+
+
+def test_node_lookup_with_forged_token_is_auth_error(rec: Recorded) -> None:
+    status, body, meta = rec.answer("node_forged_token")
+    with pytest.raises(SlurmAuthError):
+        rec.adapter.parse_node(status, body, meta["node"])
+
+
+def test_node_request_asks_for_one_node(rec: Recorded) -> None:
+    sent = rec.load("node")["request"]
+    request = rec.adapter.get_node_request(rec.load("node")["meta"]["node"])
+    assert (request.method, request.path, request.params) == (
+        sent["method"],
+        sent["path"],
+        sent["params"],
+    )
+
+
+@pytest.mark.parametrize("version", list(ADAPTERS))
+def test_node_request_path(version: str) -> None:
+    request = adapter_for(version).get_node_request("gpu-01.rack_2")
+    assert request.method == "GET"
+    assert request.path == f"/slurm/{version}/node/gpu-01.rack_2"
+    assert request.body is None
+
+
+@pytest.mark.parametrize("version", list(ADAPTERS))
+@pytest.mark.parametrize("name", ["", "a/b", "..", "n1?x=1", "n 1", "n1%2F", "x" * 256])
+def test_node_request_refuses_unsafe_names(version: str, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid node name"):
+        adapter_for(version).get_node_request(name)
+
+
+def _nodes_body(*names: str, version: str) -> bytes:
+    nodes = [{"name": n, "hostname": f"{n}.lan", "address": "10.0.0.7"} for n in names]
+    if version == "v0.0.38":
+        return json.dumps({"meta": {}, "errors": [], "nodes": nodes}).encode()
+    last_update = {"set": True, "infinite": False, "number": 1795828827}
+    body = {"nodes": nodes, "last_update": last_update, "errors": [], "warnings": []}
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("version", ["v0.0.38", "v0.0.42"])
+def test_node_lookup_picks_the_named_record(version: str) -> None:
+    adapter = adapter_for(version)
+    body = _nodes_body("n1", "n2", version=version)
+    assert adapter.parse_node(200, body, "n2") == NodeInfo(
+        name="n2", hostname="n2.lan", address="10.0.0.7"
+    )
+    # One record is Slurm's match for the name asked (an alias, say).
+    assert adapter.parse_node(200, _nodes_body("n1", version=version), "alias").name == "n1"
+    with pytest.raises(SlurmNodeNotFound):
+        adapter.parse_node(200, body, "n3")
+    with pytest.raises(SlurmNodeNotFound):
+        adapter.parse_node(200, _nodes_body(version=version), "n1")
+
+
+@pytest.mark.parametrize("version", ["v0.0.38", "v0.0.42"])
+def test_node_lookup_keeps_other_failures_typed(version: str) -> None:
+    adapter = adapter_for(version)
+    down = {"errors": [{"error_number": 1001, "error": "Unable to contact slurm controller"}]}
+    with pytest.raises(SlurmUnavailable):
+        adapter.parse_node(500, json.dumps(down).encode(), "n1")
+    denied = {"errors": [{"error_number": 2002, "error": "Access/permission denied"}]}
+    with pytest.raises(SlurmRequestRejected) as info:
+        adapter.parse_node(500, json.dumps(denied).encode(), "n1")
+    assert not isinstance(info.value, SlurmNodeNotFound)
+    with pytest.raises(SlurmUnavailable):
+        adapter.parse_node(503, b"<html>upstream down</html>", "n1")
+
+
+# -- COMPLETING on v0.0.38/39 ----------------------------------------------------
+
+
+def _completing_38(exit_code: int) -> tuple[bytes, int]:
+    """The recorded finished v0.0.38 job, as it reads while still completing."""
+    data = json.loads((FIXTURES / "22.05.8" / "v0.0.38" / "job_finished.json").read_text())
+    body = json.loads(data["body"])
+    body["jobs"][0].update(job_state="COMPLETING", exit_code=exit_code)
+    return json.dumps(body).encode(), data["meta"]["job_id"]
+
+
+def _completing_39(exit_code: int) -> tuple[bytes, int]:
+    job = {
+        "job_id": 77,
+        "name": "fx",
+        "user_name": "gwuser",
+        "user_id": 5000,
+        "job_state": "COMPLETING",
+        "state_reason": "None",
+        "submit_time": 1795738390,
+        "start_time": 1795738391,
+        "end_time": 1795738404,
+        "exit_code": {"set": True, "infinite": False, "number": exit_code},
+        "standard_output": "/tmp/fx-77.out",
+    }
+    return json.dumps({"jobs": [job], "errors": [], "warnings": []}).encode(), 77
+
+
+COMPLETING_CASES = [
+    # raw waitpid status, base state, exit
+    (0, JobState.COMPLETED, JobExit(return_code=0)),
+    (3 << 8, JobState.FAILED, JobExit(return_code=3)),
+    (9, JobState.CANCELLED, JobExit(signal=9)),
+    (15, JobState.CANCELLED, JobExit(signal=15)),
+    (6, JobState.FAILED, JobExit(signal=6)),  # SIGABRT
+    (10, JobState.FAILED, JobExit(signal=10)),  # SIGUSR1 the job did not trap
+]
+
+
+@pytest.mark.parametrize("version", ["v0.0.38", "v0.0.39"])
+@pytest.mark.parametrize(("status", "state", "ended"), COMPLETING_CASES)
+def test_bare_completing_is_a_terminal_job(
+    version: str, status: int, state: JobState, ended: JobExit
+) -> None:
+    body, job_id = (_completing_38 if version == "v0.0.38" else _completing_39)(status)
+    adapter = adapter_for(version)
+    job = adapter.parse_job(200, body, job_id)
+    assert job.state is state
+    assert job.state.is_terminal
+    assert job.state_flags == ("COMPLETING",)
+    assert job.exit == ended
+    assert job.end_time is not None and job.start_time is not None
+    assert job.end_time >= job.start_time
+    listed = adapter.parse_jobs(200, body).jobs
+    assert [(j.state, j.state_flags, j.exit) for j in listed] == [(state, ("COMPLETING",), ended)]
+
+
+def test_other_single_words_of_v0_0_38_keep_their_meaning() -> None:
+    body, job_id = _completing_38(0)
+    data = json.loads(body)
+    data["jobs"][0]["job_state"] = "REQUEUED"
+    job = adapter_for("v0.0.38").parse_job(200, json.dumps(data).encode(), job_id)
+    assert (job.state, job.state_flags, job.exit) == (JobState.PENDING, ("REQUEUED",), None)
+
+
+@pytest.mark.parametrize("version", ["v0.0.40", "v0.0.41", "v0.0.42"])
+@pytest.mark.parametrize("words", [["CANCELLED", "COMPLETING"], ["COMPLETING", "CANCELLED"]])
+def test_completing_flag_with_base_state_on_v0_0_40_and_later(
+    version: str, words: list[str]
+) -> None:
+    data = json.loads((FIXTURES / "24.11.5" / version / "job_cancelled.json").read_text())
+    body = json.loads(data["body"])
+    body["jobs"][0]["job_state"] = words
+    job = adapter_for(version).parse_job(200, json.dumps(body).encode(), data["meta"]["job_id"])
+    assert job.state is JobState.CANCELLED
+    assert job.state_flags == ("COMPLETING",)
+    assert job.exit == JobExit(signal=15)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+import structlog.testing
+from litestar import get
 from litestar.testing import AsyncTestClient
 
+from gateway.api.health import Readiness
 from gateway.app import create_app
 from gateway.settings import load_settings
 from tests.conftest import free_port
@@ -156,9 +161,75 @@ def test_openapi_documents_one_error_shape(api: AsyncTestClient[Any]) -> None:
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             for code, response in operation["responses"].items():
-                if code.startswith(("4", "5")):
+                # Readiness answers 503 with its own body: a probe result, not an error.
+                if code.startswith(("4", "5")) and (path, code) != ("/api/v1/ready", "503"):
                     assert list(response["content"]) == ["application/problem+json"], (
                         method,
                         path,
                         code,
                     )
+
+
+async def test_unexpected_exception_is_a_500_problem(api: AsyncTestClient[Any]) -> None:
+    @get("/api/v1/test-boom", sync_to_thread=False)
+    def boom() -> str:
+        raise RuntimeError("secret internals")
+
+    api.app.register(boom)
+    with structlog.testing.capture_logs() as logs:
+        response = await api.get("/api/v1/test-boom")
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == 500
+    assert body["title"] == "Internal error"
+    assert body["detail"]
+    assert "secret" not in response.text
+    assert "RuntimeError" not in response.text
+    [logged] = [e for e in logs if e.get("log_level") == "error"]
+    assert logged["path"] == "/api/v1/test-boom"
+    assert isinstance(logged["exc_info"], RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/api/v1/nothing-here", 404),
+        ("GET", "/nope", 404),
+        ("DELETE", "/api/v1/health", 405),
+        ("PUT", "/api/v1/recipes", 405),
+    ],
+)
+async def test_litestar_http_errors_stay_problems(
+    api: AsyncTestClient[Any], method: str, path: str, status: int
+) -> None:
+    response = await api.request(method, path)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json() == {
+        "status": status,
+        "title": HTTPStatus(status).phrase,
+        "detail": HTTPStatus(status).phrase,
+    }
+
+
+async def test_not_ready_is_a_503_with_the_readiness_body(api: AsyncTestClient[Any]) -> None:
+    response = await api.get("/api/v1/ready")
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith("application/json")
+    body = msgspec.convert(response.json(), Readiness)
+    assert body.status == "unavailable"
+    assert body.detail
+    documented = api.app.openapi_schema.to_schema()["paths"]["/api/v1/ready"]["get"]
+    assert documented["responses"]["503"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Readiness"
+    }
+
+
+async def test_served_document_keeps_null_in_examples(api: AsyncTestClient[Any]) -> None:
+    schema = (await api.get("/api/v1/schema/openapi.json")).json()
+    body = schema["paths"]["/api/v1/services"]["post"]["requestBody"]
+    examples = body["content"]["application/json"]["schema"]["examples"]
+    assert any(
+        e.get("config", {}).get("resources", {}).get("gpu", "absent") is None for e in examples
+    )

@@ -7,9 +7,12 @@ import pytest
 from pytest_httpx import HTTPXMock
 
 from gateway.slurm import (
+    SUPPORTED_VERSIONS,
     MintedTokens,
+    NodeInfo,
     SlurmAuthError,
     SlurmClient,
+    SlurmNodeNotFound,
     SlurmRequestRejected,
     SlurmUnavailable,
     SlurmUnexpectedResponse,
@@ -23,6 +26,22 @@ PING_42 = {
     "meta": {"slurm": {"release": "24.11.5"}},
     "errors": [],
     "warnings": [],
+}
+PING_38 = {
+    "meta": {"Slurm": {"release": "22.05.8"}},
+    "errors": [],
+    "pings": [{"hostname": "n1", "ping": "UP", "status": 0, "mode": "primary"}],
+}
+# How 22.05 (v0.0.38) refuses an expired or forged token.
+REFUSED_38 = {
+    "errors": [
+        {
+            "description": "slurmctld config is unable to load",
+            "error_number": -1,
+            "error": "Unspecified error",
+            "source": "slurm_load_ctl_conf",
+        }
+    ]
 }
 
 
@@ -157,3 +176,162 @@ async def test_credentials_never_leak_into_errors(httpx_mock: HTTPXMock) -> None
     token = sent.headers["X-SLURM-USER-TOKEN"]
     assert token not in str(info.value)
     assert token not in repr(info.value)
+
+
+# -- negotiation only settles on a successful ping ------------------------------
+
+
+def ping_url(version: str) -> str:
+    return f"{URL}/slurm/{version}/ping"
+
+
+async def test_negotiation_after_a_503_tries_again_on_the_next_call(
+    httpx_mock: HTTPXMock,
+) -> None:
+    httpx_mock.add_response(url=ping_url("v0.0.44"), status_code=503, text="<html>starting</html>")
+    httpx_mock.add_response(url=ping_url("v0.0.44"), json=PING_42, is_reusable=True)
+    async with make_client(None) as client:
+        with pytest.raises(SlurmUnavailable, match="HTTP 503"):
+            await client.ping()
+        assert client.api_version is None  # nothing remembered
+        pings = await client.ping()
+        assert client.api_version == "v0.0.44"
+        assert pings[0].responding
+    # The 503 was not taken for "not served": no older version was probed.
+    assert not httpx_mock.get_requests(url=ping_url("v0.0.43"))
+    assert len(httpx_mock.get_requests(url=ping_url("v0.0.44"))) == 3
+
+
+async def test_negotiation_falls_back_when_the_newest_answers_404(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=ping_url("v0.0.44"), status_code=404)
+    httpx_mock.add_response(url=ping_url("v0.0.43"), json=PING_42)
+    node = {"nodes": [{"name": "n1", "hostname": "vm", "address": "10.0.0.1"}], "errors": []}
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.43/node/n1", json=node)
+    async with make_client(None) as client:
+        assert await client.get_node("n1") == NodeInfo(name="n1", hostname="vm", address="10.0.0.1")
+        assert client.api_version == "v0.0.43"
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_negotiation_failure_is_raised_typed_not_cached(
+    httpx_mock: HTTPXMock, status: int
+) -> None:
+    body = {"errors": [{"error_number": 1001, "error": "Unable to contact slurm controller"}]}
+    httpx_mock.add_response(url=ping_url("v0.0.44"), status_code=status, json=body)
+    httpx_mock.add_response(url=ping_url("v0.0.44"), json=PING_42, is_reusable=True)
+    async with make_client(None) as client:
+        with pytest.raises(SlurmUnavailable):
+            await client.ping()
+        await client.ping()
+        assert client.api_version == "v0.0.44"
+
+
+async def test_negotiation_with_refused_credentials_is_auth_error(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=ping_url("v0.0.44"), status_code=401, text="Authentication failure")
+    httpx_mock.add_response(url=ping_url("v0.0.44"), json=PING_42, is_reusable=True)
+    async with make_client(None) as client:
+        with pytest.raises(SlurmAuthError):
+            await client.ping()
+        assert client.api_version is None
+        await client.ping()
+        assert client.api_version == "v0.0.44"
+
+
+async def test_negotiation_with_v0_0_38_token_refusal_is_auth_error(httpx_mock: HTTPXMock) -> None:
+    for version in SUPPORTED_VERSIONS[:-1]:
+        httpx_mock.add_response(url=ping_url(version), status_code=404, is_reusable=True)
+    httpx_mock.add_response(url=ping_url("v0.0.38"), status_code=500, json=REFUSED_38)
+    httpx_mock.add_response(url=ping_url("v0.0.38"), json=PING_38, is_reusable=True)
+    async with make_client(None) as client:
+        with pytest.raises(SlurmAuthError, match="token was rejected"):
+            await client.ping()
+        assert client.api_version is None
+        pings = await client.ping()
+        assert client.api_version == "v0.0.38"
+        assert pings[0].slurm_release == "22.05.8"
+
+
+async def test_negotiation_refuses_a_body_that_is_no_ping(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=ping_url("v0.0.42"), text="<html>login portal</html>")
+    httpx_mock.add_response(url=ping_url("v0.0.42"), json={"pings": "?"})
+    async with make_client() as client:
+        with pytest.raises(SlurmUnexpectedResponse, match="not JSON"):
+            await client.ping()
+        with pytest.raises(SlurmUnexpectedResponse, match="cannot read"):
+            await client.ping()
+        assert client.api_version is None
+
+
+async def test_negotiation_refuses_a_ping_without_controllers(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=ping_url("v0.0.44"), json={"status": "ok"})
+    httpx_mock.add_response(url=ping_url("v0.0.44"), json=PING_42, is_reusable=True)
+    async with make_client(None) as client:
+        with pytest.raises(SlurmUnexpectedResponse, match="no controller"):
+            await client.ping()
+        assert client.api_version is None
+        await client.ping()
+        assert client.api_version == "v0.0.44"
+
+
+async def test_pinned_version_failing_is_not_unsupported(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=ping_url("v0.0.40"), status_code=503)
+    async with make_client("v0.0.40") as client:
+        with pytest.raises(SlurmUnavailable):
+            await client.ping()
+        assert client.api_version is None
+
+
+# -- node lookup -----------------------------------------------------------------
+
+
+async def test_get_node(httpx_mock: HTTPXMock) -> None:
+    client = negotiated(httpx_mock)
+    body = {
+        "nodes": [{"name": "gpu-01", "hostname": "gpu-01.lan", "address": "10.1.2.3"}],
+        "last_update": {"set": True, "infinite": False, "number": 1795828827},
+        "errors": [],
+        "warnings": [],
+    }
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/node/gpu-01", json=body)
+    async with client:
+        node = await client.get_node("gpu-01")
+    assert node == NodeInfo(name="gpu-01", hostname="gpu-01.lan", address="10.1.2.3")
+
+
+async def test_get_unknown_node_on_v0_0_42(httpx_mock: HTTPXMock) -> None:
+    client = negotiated(httpx_mock)
+    body = {
+        "errors": [
+            {
+                "description": "Failure to query node nope",
+                "error_number": 0,
+                "error": "No error",
+                "source": "_dump_nodes",
+            }
+        ],
+        "warnings": [],
+    }
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/node/nope", json=body)
+    async with client:
+        with pytest.raises(SlurmNodeNotFound, match="nope"):
+            await client.get_node("nope")
+
+
+async def test_get_unknown_node_on_v0_0_38(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=ping_url("v0.0.38"), json=PING_38)
+    body = {"errors": [{"error": "Invalid node name specified", "errno": 2018}], "nodes": []}
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.38/node/nope", status_code=500, json=body)
+    async with make_client("v0.0.38") as client:
+        with pytest.raises(SlurmNodeNotFound) as info:
+            await client.get_node("nope")
+    assert info.value.error_numbers == (2018,)
+
+
+@pytest.mark.parametrize("name", ["", "..", "a/b", "n1?flags=ALL", "n 1", "x" * 256])
+async def test_unsafe_node_name_is_refused_before_any_request(
+    httpx_mock: HTTPXMock, name: str
+) -> None:
+    async with make_client(None) as client:
+        with pytest.raises(ValueError, match="invalid node name"):
+            await client.get_node(name)
+    assert httpx_mock.get_requests() == []

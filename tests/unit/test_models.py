@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.slurm.models import JobExit, JobInfo, JobState, expand_output_path
+from gateway.slurm.models import (
+    JobExit,
+    JobInfo,
+    JobState,
+    check_node_name,
+    expand_output_path,
+)
 
 JOB = JobInfo(
     job_id=42,
@@ -37,7 +43,9 @@ def test_expand_output_path(pattern: str, expected: str) -> None:
         (["PENDING", "REQUEUED"], JobState.PENDING, ("REQUEUED",)),
         (["COMPLETING", "CANCELLED"], JobState.CANCELLED, ("COMPLETING",)),
         (["SOMETHING_NEW"], JobState.UNKNOWN, ("SOMETHING_NEW",)),
-        ("COMPLETING", JobState.RUNNING, ("COMPLETING",)),
+        # The word alone cannot say how the job ended; the v0.0.39 adapter
+        # derives the base state from the exit code.
+        ("COMPLETING", JobState.UNKNOWN, ("COMPLETING",)),
         ("REQUEUE_HOLD", JobState.PENDING, ("REQUEUE_HOLD",)),
     ],
 )
@@ -49,3 +57,21 @@ def test_wait_status() -> None:
     assert JobExit.from_wait_status(768) == JobExit(return_code=3)
     assert JobExit.from_wait_status(9) == JobExit(signal=9)
     assert JobExit.from_wait_status(0) == JobExit(return_code=0)
+
+
+def test_job_info_user_id_defaults_to_unknown() -> None:
+    assert JOB.user_id is None
+
+
+@pytest.mark.parametrize("name", ["n1", "c2205-n1", "gpu-01.rack_2", "N", "x" * 255, "..."])
+def test_node_names_accepted(name: str) -> None:
+    assert check_node_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", ".", "..", "a/b", "../etc", "n 1", "n1\n", "n1?x", "n1#x", "n1%2F", "nöde", "x" * 256],
+)
+def test_node_names_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid node name"):
+        check_node_name(name)

@@ -106,9 +106,10 @@ def test_rendered_script_keeps_values_inert(
 ) -> None:
     recipe = catalog.get("testing/http")
     env = recipe.environment({"MESSAGE": payload.replace("\n", " ")})
-    meta = metadata.ServiceMeta(recipe=recipe.name, created=0, environment=env)
+    meta = metadata.ServiceMeta(recipe=recipe.name, created=0, owner="u", environment=env)
+    encoded = metadata.MetaCodec(b"s" * 32).encode(meta)
     script = jobscript.build(
-        recipe, meta, jobscript.render_context(recipe, env, recipe.default_resources.as_config())
+        recipe, encoded, jobscript.render_context(recipe, env, recipe.default_resources.as_config())
     )
     # Run only the template's echo of the value with bash: it must print the
     # value back verbatim and create nothing.
@@ -119,19 +120,6 @@ def test_rendered_script_keeps_values_inert(
     assert out == f"message from template: {payload.replace(chr(10), ' ')}\n"
     assert not Path("/tmp/pwned").exists()
     assert list(tmp_path.iterdir()) == []
-
-
-def test_metadata_round_trip_and_job_fields() -> None:
-    meta = metadata.ServiceMeta(recipe="inference/vllm", created=1.5, environment={"A": "b|c"})
-    comment = metadata.encode(meta) + "|phase=starting|endpoint=node1:8000|reason=a|b"
-    decoded = metadata.decode(comment)
-    assert decoded is not None
-    assert decoded[0] == meta
-    assert decoded[1] == metadata.Reported(phase="starting", endpoint="node1:8000", reason="a|b")
-    assert metadata.decode("someone else's comment") is None
-    bad = metadata.decode(metadata.encode(meta) + "|phase=hacked|endpoint=evil.com/x:1")
-    assert bad is not None
-    assert bad[1] == metadata.Reported()
 
 
 def _write(folder: Path, name: str, toml: str, template: str = "echo hi\n") -> Path:
@@ -150,6 +138,8 @@ def _write(folder: Path, name: str, toml: str, template: str = "echo hi\n") -> P
         ('description = "x"\n[resources]\nmemory = "lots"\n', "echo\n", "resources.memory"),
         ('description = "x"\n', "{% if %}\n", "job.sh.j2:1: template"),
         ("description = \n", "echo\n", "not valid TOML"),
+        ('description = "x"\n', 'echo hi\necho "v={{ recipe.name }}"\n', "job.sh.j2:2: "),
+        ('description = "x"\n', "cat <<EOF\n{{ recipe.name }}\nEOF\n", "job.sh.j2:2: "),
     ],
 )
 def test_broken_recipe_names_file_and_field(

@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from pytest_httpx import HTTPXMock
+from structlog.testing import capture_logs
 
 from gateway.core import metadata
+from gateway.core.errors import InvalidRequest, NotFound
 from gateway.core.recipes import RecipeCatalog
-from gateway.core.services import ServiceManager
+from gateway.core.services import CreateRequest, ServiceManager
 from gateway.core.status import ServiceStatus
 from gateway.slurm import MintedTokens, SlurmClient
 from gateway.upstream.probe import HealthProber
@@ -36,9 +39,23 @@ def job(job_id: int, comment: str, state: str = "RUNNING") -> dict[str, Any]:
     }
 
 
-def service_comment(port: int) -> str:
-    meta = metadata.ServiceMeta(recipe="testing/http", created=1_800_000_000.0)
-    return f"{metadata.encode(meta)}|phase=starting|endpoint=node1:{port}"
+CODEC = metadata.MetaCodec(b"the gateway's shared secret....!")
+NODE = {"nodes": [{"name": "node1", "hostname": "node1.cluster", "address": "10.0.0.1"}]}
+
+
+def blob(owner: str = "gwuser", **environment: str) -> str:
+    meta = CODEC.new_meta(
+        recipe="testing/http",
+        created=1_800_000_000.0,
+        owner=owner,
+        environment=dict(environment),
+        resources={},
+    )
+    return CODEC.encode(meta)
+
+
+def service_comment(port: int, host: str = "node1") -> str:
+    return f"{blob()}|phase=starting|endpoint={host}:{port}"
 
 
 def manager() -> ServiceManager:
@@ -47,9 +64,14 @@ def manager() -> ServiceManager:
         slurm=slurm,
         recipes=RecipeCatalog.load([ROOT / "recipes", ROOT / "tests" / "recipes"]),
         prober=HealthProber(timeout=1, ttl=5),
+        codec=CODEC,
         job_dir="/home/gwuser",
         slurm_user="gwuser",
     )
+
+
+def mock_node(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/node/node1", json=NODE, is_optional=True)
 
 
 async def test_listing_costs_one_slurm_call_and_probes_run_concurrently(
@@ -59,6 +81,7 @@ async def test_listing_costs_one_slurm_call_and_probes_run_concurrently(
     jobs = [job(10 + i, service_comment(p)) for i, p in enumerate(ports)]
     jobs.append(job(99, "not ours"))
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    mock_node(httpx_mock)
     httpx_mock.add_response(
         url=f"{URL}/slurm/v0.0.42/jobs",
         json={"jobs": jobs, "last_update": {"set": True, "number": 5}},
@@ -100,16 +123,142 @@ async def test_listing_costs_one_slurm_call_and_probes_run_concurrently(
 
 
 async def test_comment_from_the_job_is_parsed_not_trusted(httpx_mock: HTTPXMock) -> None:
-    meta = metadata.ServiceMeta(recipe="testing/http", created=1_800_000_000.0)
-    evil = f"{metadata.encode(meta)}|phase=running|endpoint=169.254.169.254/latest:80"
+    evil = f"{blob()}|phase=running|endpoint=169.254.169.254/latest:80"
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/7", json={"jobs": [job(7, evil)]})
     services = manager()
     service = await services.get("7")
-    # A malformed endpoint is ignored: no probe is sent, the service is building.
+    # A malformed endpoint is ignored, no probe is sent, and the reason says so.
     assert service.endpoint is None
-    assert service.status is ServiceStatus.BUILDING
+    assert service.status is ServiceStatus.STARTING
+    assert "not host:port" in service.status_reason
     assert json.loads(json.dumps(service.config.environment)) == {}
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+async def test_an_endpoint_off_the_jobs_node_is_never_probed(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    mock_node(httpx_mock)
+    jobs = [job(7, service_comment(8001, "127.0.0.1")), job(8, service_comment(9, "x.invalid"))]
+    jobs.append(job(9, service_comment(9100, "10.0.0.1")))  # the node's address: fine
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/jobs", json={"jobs": jobs})
+    httpx_mock.add_response(url="http://10.0.0.1:9100/health")
+    services = manager()
+    listed = {s.id: s for s in await services.list()}
+    for sid in ("7", "8"):
+        assert listed[sid].endpoint is None
+        assert listed[sid].status is ServiceStatus.STARTING
+        assert "not on its node node1" in listed[sid].status_reason
+    assert listed["9"].status is ServiceStatus.RUNNING
+    assert listed["9"].upstream is not None
+    probes = [r for r in httpx_mock.get_requests() if r.url.path == "/health"]
+    assert [str(r.url) for r in probes] == ["http://10.0.0.1:9100/health"]
+    # The probe carries the service's key, derived from its metadata.
+    assert probes[0].headers["Authorization"] == f"Bearer {listed['9'].upstream.key}"
+    # One node lookup for three jobs on it.
+    assert len(httpx_mock.get_requests(url=f"{URL}/slurm/v0.0.42/node/node1")) == 1
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+async def test_only_the_gateways_user_and_genuine_blobs_make_services(
+    httpx_mock: HTTPXMock,
+) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    genuine = blob()
+    jobs = [
+        {**job(1, genuine), "user_name": "alice"},  # a copied comment on another's job
+        job(2, blob(owner="alice")),  # a blob naming another owner
+        job(3, "gw2:" + genuine[4:-3] + "AAA"),  # a broken MAC
+        job(4, genuine, state="PENDING"),
+    ]
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/jobs", json={"jobs": jobs})
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/1", json={"jobs": [jobs[0]]})
+    services = manager()
+    assert [s.id for s in await services.list()] == ["4"]
+    with pytest.raises(NotFound, match="not a service"):
+        await services.get("1")
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+async def test_one_bad_job_never_fails_a_listing(
+    httpx_mock: HTTPXMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    mock_node(httpx_mock)
+    jobs = [job(1, service_comment(9001)), job(2, service_comment(9002))]
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/jobs", json={"jobs": jobs}, is_reusable=True)
+    services = manager()
+
+    async def healthy(url: str, key: str | None = None) -> bool:
+        if ":9001" in url:
+            raise RuntimeError("something no one foresaw")
+        return True
+
+    monkeypatch.setattr(services.prober, "healthy", healthy)
+    with capture_logs() as logs:
+        assert [s.id for s in await services.list()] == ["2"]
+        assert [s.id for s in await services.list()] == ["2"]
+    skipped = [e for e in logs if e["event"] == "service_skipped"]
+    assert [e["job_id"] for e in skipped] == [1]  # logged once
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+async def test_create_is_one_submit_and_survives_a_failing_read(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 41})
+    services = manager()
+    created = await services.create(CreateRequest(recipe_name="testing/http"))
+    assert (created.id, created.status) == ("41", ServiceStatus.PENDING)
+    sent = [r for r in httpx_mock.get_requests() if not r.url.path.endswith("/ping")]
+    assert [r.url.path for r in sent] == ["/slurm/v0.0.42/job/submit"]
+    body = json.loads(sent[0].content)["job"]
+    assert len(body["comment"]) <= metadata.META_BUDGET
+    key = next(e for e in body["environment"] if e.startswith("GW_SERVICE_KEY="))
+    assert len(key) > len("GW_SERVICE_KEY=") + 30
+    assert key.split("=", 1)[1] not in body["comment"]
+    assert key.split("=", 1)[1] not in body["script"]
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+async def test_a_comment_over_slurms_limit_names_the_longest_field() -> None:
+    services = manager()
+    with pytest.raises(InvalidRequest) as info:
+        await services.create(
+            CreateRequest(
+                recipe_name="testing/http", environment={"MESSAGE": "m" * 900, "PORT": "8000"}
+            )
+        )
+    assert info.value.errors[0].field == "config.environment.MESSAGE"
+    assert "1024" in info.value.detail
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+async def test_a_job_purged_while_stopping_answers_stopped(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    running = job(7, f"{blob()}|phase=building")
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/7", json={"jobs": [running]})
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/7", method="DELETE", json={})
+    gone = {"errors": [{"error_number": 2017, "error": "Invalid job id specified"}]}
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/7", status_code=500, json=gone)
+    services = manager()
+    stopped = await services.stop("7")
+    assert stopped.status is ServiceStatus.CANCELLED
+    assert stopped.ended_at is not None
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+@pytest.mark.parametrize("service_id", ["\u00b2", "1\n", "-1", "1.0", "9" * 13, ""])
+async def test_ids_are_ascii_job_numbers(service_id: str) -> None:
+    services = manager()
+    with pytest.raises(NotFound):
+        await services.get(service_id)
     await services.prober.aclose()
     await services.slurm.aclose()
 
@@ -121,6 +270,7 @@ async def test_prompt_path_asks_slurm_once_per_ttl(httpx_mock: HTTPXMock) -> Non
         json={"jobs": [job(7, service_comment(9100))]},
         is_reusable=True,
     )
+    mock_node(httpx_mock)
     httpx_mock.add_response(url="http://node1:9100/health", is_reusable=True)
     services = manager()
     first = await services.running("7")

@@ -8,8 +8,9 @@ import pytest
 
 from gateway.settings import SettingsError, SlurmAuthMode, load_settings
 from gateway.slurm import StaticToken
-from gateway.wiring import token_provider
+from gateway.wiring import metadata_codec, token_provider
 
+SECRET = "s" * 32
 BASE = {
     "GATEWAY_SLURM_URL": "http://127.0.0.1:6820",
     "GATEWAY_SLURM_USER": "gwuser",
@@ -65,7 +66,14 @@ def test_cluster_file_fills_slurm_settings(tmp_path: Path) -> None:
 
 
 def test_token_is_hidden_in_repr() -> None:
-    s = load_settings({**BASE, "GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN": "eyJsecret"})
+    s = load_settings(
+        {
+            **BASE,
+            "GATEWAY_SLURM_AUTH": "static",
+            "GATEWAY_SECRET": SECRET,
+            "GATEWAY_SLURM_TOKEN": "eyJsecret",
+        }
+    )
     assert "eyJsecret" not in repr(s)
 
 
@@ -74,11 +82,19 @@ def test_token_is_hidden_in_repr() -> None:
     [
         ({}, "GATEWAY_SLURM_JWT_KEY_FILE: cannot read the JWT key file /nonexistent/jwt.key"),
         (
-            {"GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN": "not-a-jwt"},
+            {
+                "GATEWAY_SLURM_AUTH": "static",
+                "GATEWAY_SECRET": SECRET,
+                "GATEWAY_SLURM_TOKEN": "not-a-jwt",
+            },
             "GATEWAY_SLURM_TOKEN: the configured Slurm token is not a JWT",
         ),
         (
-            {"GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN_FILE": "/nonexistent/token"},
+            {
+                "GATEWAY_SLURM_AUTH": "static",
+                "GATEWAY_SECRET": SECRET,
+                "GATEWAY_SLURM_TOKEN_FILE": "/nonexistent/token",
+            },
             "GATEWAY_SLURM_TOKEN_FILE: cannot read the token file /nonexistent/token",
         ),
     ],
@@ -96,7 +112,12 @@ def test_a_good_static_token_file_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text(f"SLURM_JWT={token}\n")
     settings = load_settings(
-        {**BASE, "GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN_FILE": str(path)}
+        {
+            **BASE,
+            "GATEWAY_SLURM_AUTH": "static",
+            "GATEWAY_SECRET": SECRET,
+            "GATEWAY_SLURM_TOKEN_FILE": str(path),
+        }
     )
     assert isinstance(token_provider(settings), StaticToken)
 
@@ -104,7 +125,32 @@ def test_a_good_static_token_file_is_accepted(tmp_path: Path) -> None:
 async def test_a_static_token_may_carry_the_scontrol_prefix() -> None:
     token = jwt.encode({"sun": "alice"}, "k" * 32, algorithm="HS256")
     settings = load_settings(
-        {**BASE, "GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN": f"SLURM_JWT={token}"}
+        {
+            **BASE,
+            "GATEWAY_SLURM_AUTH": "static",
+            "GATEWAY_SECRET": SECRET,
+            "GATEWAY_SLURM_TOKEN": f"SLURM_JWT={token}",
+        }
     )
     credentials = await token_provider(settings).credentials()
     assert (credentials.user_name, credentials.token) == ("gwuser", token)
+
+
+def test_static_tokens_need_a_shared_secret() -> None:
+    env = {**BASE, "GATEWAY_SLURM_AUTH": "static", "GATEWAY_SLURM_TOKEN": "eyJsecret"}
+    with pytest.raises(SettingsError, match="GATEWAY_SECRET_FILE or GATEWAY_SECRET: required"):
+        load_settings(env)
+
+
+def test_the_secret_is_checked_and_hidden(tmp_path: Path) -> None:
+    s = load_settings({**BASE, "GATEWAY_SECRET": "short"})
+    assert "short" not in repr(s)
+    with pytest.raises(SettingsError, match="GATEWAY_SECRET: the metadata secret must be"):
+        metadata_codec(s)
+    with pytest.raises(SettingsError, match="GATEWAY_SECRET_FILE: cannot read"):
+        metadata_codec(load_settings({**BASE, "GATEWAY_SECRET_FILE": str(tmp_path / "none")}))
+    (tmp_path / "secret").write_text("q" * 40 + "\n")
+    codec = metadata_codec(load_settings({**BASE, "GATEWAY_SECRET_FILE": str(tmp_path / "secret")}))
+    same = metadata_codec(load_settings({**BASE, "GATEWAY_SECRET": "q" * 40}))
+    meta = codec.new_meta(recipe="a/b", created=1.0, owner="u", environment={}, resources={})
+    assert same.decode(codec.encode(meta)) is not None  # every replica reads every other's

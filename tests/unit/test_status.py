@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from gateway.core.metadata import Reported
+from gateway.core.metadata import Endpoint, Reported
 from gateway.core.status import ServiceStatus, derive
 from gateway.slurm import JobExit, JobInfo, JobState
 
 S = ServiceStatus
-UP = Reported(phase="running", endpoint="node1:8000")
+UP = Reported(phase="running", endpoint=Endpoint("node1", 8000))
 
 
 def job(state: JobState, **fields: Any) -> JobInfo:
@@ -39,6 +39,14 @@ def job(state: JobState, **fields: Any) -> JobInfo:
             "pulling image",
         ),
         (job(JobState.RUNNING), Reported(phase="starting"), None, S.STARTING, "starting"),
+        # A running phase whose endpoint was refused says why, and is not running.
+        (
+            job(JobState.RUNNING),
+            Reported(phase="running", reason="the job published x:1, which is not on its node"),
+            None,
+            S.STARTING,
+            "not on its node",
+        ),
         (job(JobState.RUNNING), UP, False, S.STARTING, "health check"),
         (job(JobState.RUNNING), UP, True, S.RUNNING, "answers"),
         (

@@ -10,10 +10,12 @@ from pytest_httpx import HTTPXMock
 
 from gateway.api.vllm import _stream
 from gateway.core.errors import UpstreamFailed
+from gateway.core.services import Upstream
 from gateway.upstream.vllm import Prompt, VllmClient
 
 ENDPOINT = "http://node1:8000"
 PROMPT = Prompt(prompt="hi", model="m", max_tokens=8)
+UPSTREAM = Upstream(ENDPOINT, "service-key")
 
 
 class BreaksAfterOneChunk(httpx.AsyncByteStream):
@@ -36,7 +38,7 @@ async def test_upstream_dying_mid_stream_ends_with_an_error_event(
         headers={"content-type": "text/event-stream"},
     )
     vllm = VllmClient()
-    response = await _stream(vllm, "7", ENDPOINT, PROMPT)
+    response = await _stream(vllm, "7", UPSTREAM, PROMPT)
     body = await body_of(response)
     assert body.startswith(b'data: {"choices"')
     assert b"event: error\ndata: " in body
@@ -52,7 +54,7 @@ async def test_refusal_before_the_stream_is_a_502(httpx_mock: HTTPXMock) -> None
     )
     vllm = VllmClient()
     with pytest.raises(UpstreamFailed, match="max_tokens is too large"):
-        await _stream(vllm, "7", ENDPOINT, PROMPT)
+        await _stream(vllm, "7", UPSTREAM, PROMPT)
     await vllm.aclose()
 
 
@@ -87,6 +89,6 @@ async def test_vllm_timeout_is_a_504(httpx_mock: HTTPXMock) -> None:
     httpx_mock.add_exception(httpx.ReadTimeout("slow"))
     vllm = VllmClient()
     with pytest.raises(Exception, match="did not answer in time") as info:
-        await _stream(vllm, "7", ENDPOINT, PROMPT)
+        await _stream(vllm, "7", UPSTREAM, PROMPT)
     assert getattr(info.value, "status_code", None) == 504
     await vllm.aclose()

@@ -25,7 +25,14 @@ from gateway.slurm.errors import (
     SlurmUnavailable,
     SlurmUnexpectedResponse,
 )
-from gateway.slurm.models import JobInfo, JobSubmission, PingResult, SubmitResult
+from gateway.slurm.models import (
+    JobInfo,
+    JobSubmission,
+    NodeInfo,
+    PingResult,
+    SubmitResult,
+    check_node_name,
+)
 
 T = TypeVar("T")
 
@@ -77,17 +84,21 @@ def timestamp(value: NoVal | int | None) -> datetime | None:
 
 
 class ErrorEntry(msgspec.Struct, frozen=True):
-    """Both shapes of ``errors[]``: v0.0.38's {error, error_code} and the
-    {description, error_number, error, source} of everything since."""
+    """Every shape of ``errors[]``: v0.0.38's {error, error_code} (its node
+    lookup: {error, errno}) and the {description, error_number, error, source}
+    of everything since."""
 
     error: str = ""
     error_code: int | None = None
+    errno: int | None = None
     error_number: int | None = None
     description: str = ""
     source: str = ""
 
     def detail(self) -> SlurmErrorDetail:
-        num = self.error_number if self.error_number is not None else self.error_code
+        num = next(
+            (n for n in (self.error_number, self.error_code, self.errno) if n is not None), None
+        )
         return SlurmErrorDetail(
             error_number=num if num is not None else -1,
             error=self.error,
@@ -136,6 +147,10 @@ class Adapter(abc.ABC):
         params = {} if changed_since is None else self.update_time_param(changed_since)
         return Request(method="GET", path=self.path("jobs"), params=params)
 
+    def get_node_request(self, name: str) -> Request:
+        """Raises ValueError for a name that is not a safe path segment."""
+        return Request(method="GET", path=self.path(f"node/{check_node_name(name)}"))
+
     def cancel_request(self, job_id: int, signal: str | None) -> Request:
         params = {"signal": signal} if signal else {}
         return Request(method="DELETE", path=self.path(f"job/{job_id}"), params=params)
@@ -165,6 +180,9 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def parse_ping(self, status: int, content: bytes) -> list[PingResult]: ...
+
+    @abc.abstractmethod
+    def parse_node(self, status: int, content: bytes, name: str) -> NodeInfo: ...
 
     def parse_cancel(self, status: int, content: bytes, job_id: int) -> None:
         self.check(status, content, what=f"cancel job {job_id}")

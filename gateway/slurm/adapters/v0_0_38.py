@@ -17,7 +17,12 @@ Differs from v0.0.39:
   "slurmctld config is unable to load"; get job: "Unable to find JobId=N") or,
   on submit, 5005 "Zero Bytes were transmitted or received", rather than an
   authentication error;
-* the job listing has no ``last_update``.
+* the job listing has no ``last_update``;
+* node lookup: an unknown name is HTTP 500 with ``errors[{error: "Invalid
+  node name specified", errno: 2018}]`` (the number under ``errno``, read by
+  the shared ``ErrorEntry``), where v0.0.39+ answer 200 and error 0; the
+  inherited ``parse_node`` maps both to ``SlurmNodeNotFound``. The node
+  record's ``name``, ``hostname`` and ``address`` are the same strings.
 
 Checked live on Slurm 22.05.8.
 """

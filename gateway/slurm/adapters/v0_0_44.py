@@ -10,7 +10,10 @@ Shapes, from Slurm's data_parser v0.0.44 and its release notes:
   pattern again and ``stdout_expanded``/``stderr_expanded`` carry the paths;
 * cancel answers ``status[]`` per job, whose errors count even with HTTP 200;
 * ``update_time`` takes epoch seconds;
-* ping: ``pings[{hostname, responding, latency, pinged (deprecated)}]``.
+* ping: ``pings[{hostname, responding, latency, pinged (deprecated)}]``;
+* node (``GET node/{name}``): ``nodes[{name, hostname, address, ...}]``; an
+  unknown name is HTTP 200 with ``errors[{error_number: 0, description:
+  "Failure to query node NAME"}]`` and no ``nodes`` (seen live on v0.0.40-42).
 
 Not checked against a live 25.11 daemon here; v0.0.42 is, see its module.
 """
@@ -32,16 +35,28 @@ from gateway.slurm.adapters.base import (
     number,
     timestamp,
 )
-from gateway.slurm.errors import ESLURM_ALREADY_DONE, SlurmErrorDetail
+from gateway.slurm.errors import (
+    ESLURM_ALREADY_DONE,
+    ESLURM_INVALID_NODE_NAME,
+    SlurmErrorDetail,
+    SlurmNodeNotFound,
+    SlurmRequestRejected,
+)
 from gateway.slurm.models import (
     JobExit,
     JobInfo,
     JobState,
     JobSubmission,
+    NodeInfo,
     PingResult,
     SubmitResult,
     expand_output_path,
 )
+
+# What ``errors[]`` holds for a node name Slurm does not know: error 0 "No
+# error" ("Failure to query node NAME", v0.0.39+) or 2018 "Invalid node name
+# specified" (v0.0.38).
+_UNKNOWN_NODE_ERRORS = frozenset({0, ESLURM_INVALID_NODE_NAME})
 
 # -- wire shapes ---------------------------------------------------------------
 
@@ -61,6 +76,7 @@ class Job(msgspec.Struct, frozen=True):
     job_id: int
     name: str = ""
     user_name: str = ""
+    user_id: NoVal | int | None = None
     job_state: list[str] | str = []
     state_reason: str = ""
     state_description: str = ""
@@ -121,6 +137,16 @@ class Ping(msgspec.Struct, frozen=True):
 class PingResponse(msgspec.Struct, frozen=True):
     pings: list[Ping] = []
     meta: Meta = Meta()
+
+
+class Node(msgspec.Struct, frozen=True):
+    name: str = ""
+    hostname: str = ""
+    address: str = ""
+
+
+class NodesResponse(msgspec.Struct, frozen=True):
+    nodes: list[Node] = []
 
 
 class CancelError(msgspec.Struct, frozen=True):
@@ -221,11 +247,12 @@ class V0044(Adapter):
         return [self.job_info(job) for job in body.jobs]
 
     def job_info(self, job: Job) -> JobInfo:
-        state, flags = JobState.parse(job.job_state)
+        state, flags = self.job_state(job)
         info = JobInfo(
             job_id=job.job_id,
             name=job.name,
             user_name=job.user_name,
+            user_id=number(job.user_id),
             state=state,
             state_flags=flags,
             state_reason=job.state_reason,
@@ -245,6 +272,9 @@ class V0044(Adapter):
             working_directory=job.current_working_directory,
         )
         return self.with_output_paths(info, job)
+
+    def job_state(self, job: Job) -> tuple[JobState, tuple[str, ...]]:
+        return JobState.parse(job.job_state)
 
     def job_exit(self, job: Job, state: JobState) -> JobExit | None:
         if not state.is_terminal or job.exit_code is None:
@@ -277,6 +307,33 @@ class V0044(Adapter):
             )
             for p in body.pings
         ]
+
+    def parse_node(self, status: int, content: bytes, name: str) -> NodeInfo:
+        what = f"get node {name}"
+        try:
+            self.check(status, content, what=what)
+        except SlurmRequestRejected as exc:
+            if exc.errors and all(e.error_number in _UNKNOWN_NODE_ERRORS for e in exc.errors):
+                raise self.node_not_found(name, status, exc.errors) from None
+            raise
+        body = self.decode(NodesResponse, content, what)
+        # The record of that name; else the one record Slurm matched to it.
+        found = [n for n in body.nodes if n.name == name]
+        if not found and len(body.nodes) == 1:
+            found = body.nodes
+        if not found:
+            raise self.node_not_found(name, status, ())
+        node = found[0]
+        return NodeInfo(name=node.name, hostname=node.hostname, address=node.address)
+
+    def node_not_found(
+        self, name: str, status: int, details: tuple[SlurmErrorDetail, ...]
+    ) -> SlurmNodeNotFound:
+        return SlurmNodeNotFound(
+            f"slurmrestd {self.version}: Slurm knows no node {name!r}",
+            status_code=status,
+            errors=details,
+        )
 
     def parse_cancel(self, status: int, content: bytes, job_id: int) -> None:
         what = f"cancel job {job_id}"

@@ -1,0 +1,287 @@
+"""Jobs any cluster user can submit, crafted to fool the gateway.
+
+They are submitted with ``sbatch`` straight to Slurm, as a cluster user would
+from a login node: as ``gwother`` (a user the gateway does not submit as) and
+as the gateway's own user. Their comments copy a real service's, or forge one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.slurm import JobInfo
+from gateway.testing.clusters import LocalCluster
+from tests.conftest import free_port, poll
+from tests.integration.test_services_api import (  # noqa: F401 - fixtures
+    Services,
+    api,
+    cluster_of,
+    gateway,
+    pytest_generate_tests,
+    services,
+)
+
+KEY_IN_CLUSTER = "/etc/slurm/jwt_hs256.key"
+
+
+def sbatch(cluster: LocalCluster, user: str, *args: str) -> int:
+    out = cluster.run_as(
+        user, "sbatch", "--parsable", "-p", cluster.partition, "-D", f"/home/{user}", *args
+    )
+    return int(out.strip().split(";")[0])
+
+
+async def job(cluster: LocalCluster, job_id: int) -> JobInfo:
+    async with cluster.client() as slurm:
+        return await slurm.get_job(job_id)
+
+
+async def ended(cluster: LocalCluster, job_id: int) -> JobInfo:
+    return await poll(
+        lambda: job(cluster, job_id), lambda j: j.state.is_terminal, timeout=30, what="job end"
+    )
+
+
+async def real_service(services: Services, cluster: LocalCluster) -> tuple[dict[str, Any], str]:
+    """A running service and the metadata part of its job's comment (what
+    ``squeue -o %k`` shows every cluster user)."""
+    created = await services.http(MESSAGE="the real one")
+    running = await services.wait(created["id"], "running")
+    comment = (await job(cluster, int(created["id"]))).comment
+    return running, comment.split("|", 1)[0]
+
+
+@pytest.fixture
+async def cleanup(cluster_of: LocalCluster) -> AsyncIterator[list[tuple[str, int]]]:
+    """(user, job id) of the crafted jobs, cancelled at the end."""
+    jobs: list[tuple[str, int]] = []
+    yield jobs
+    for user, job_id in jobs:
+        with contextlib.suppress(RuntimeError):
+            cluster_of.run_as(user, "scancel", str(job_id))
+
+
+async def test_another_users_job_with_a_copied_comment_is_not_a_service(
+    services: Services, cluster_of: LocalCluster, api: httpx.AsyncClient, cleanup: list[Any]
+) -> None:
+    cluster = cluster_of
+    running, meta = await real_service(services, cluster)
+    endpoint = running["endpoint"].removeprefix("http://")
+    other = cluster.other_user
+    job_id = sbatch(
+        cluster, other, "--hold", f"--comment={meta}|phase=running|endpoint={endpoint}",
+        f"--output={KEY_IN_CLUSTER}", "--wrap=true",
+    )  # fmt: skip
+    cleanup.append((other, job_id))
+    cluster.run_as(other, "scancel", str(job_id))
+    assert (await ended(cluster, job_id)).user_name == other
+
+    listed = {s["id"] for s in (await api.get("/api/v1/services")).json()}
+    assert running["id"] in listed
+    assert str(job_id) not in listed
+    for path in ("", "/status", "/logs"):
+        response = await api.get(f"/api/v1/services/{job_id}{path}")
+        assert response.status_code == 404, response.text
+        assert "not a service" in response.json()["detail"]
+
+
+async def test_logs_are_read_only_from_the_file_the_gateway_chose(
+    services: Services, cluster_of: LocalCluster, api: httpx.AsyncClient, cleanup: list[Any]
+) -> None:
+    cluster = cluster_of
+    _, meta = await real_service(services, cluster)
+    user = cluster.user
+    secret = Path(cluster.jwt_key).read_bytes()
+    home = f"/home/{user}"
+    # The output file the gateway would choose for a job of this recipe.
+    expected = f"{home}/gw-testing-http-%j.out"
+    cases = {
+        "the JWT key": (KEY_IN_CLUSTER, None),
+        "the gateway's environment": ("/proc/self/environ", None),
+        "a path with ..": (f"{home}/../..{KEY_IN_CLUSTER}", None),
+        "a symlink to the key": (expected, "symlink"),
+        "a FIFO": (expected, "fifo"),
+    }
+    jobs: dict[str, int] = {}
+    for what, (output, plant) in cases.items():
+        job_id = sbatch(
+            cluster, user, "--hold", f"--comment={meta}", f"--output={output}", "--wrap=true"
+        )
+        cleanup.append((user, job_id))
+        jobs[what] = job_id
+        target = cluster.host_path(f"{home}/gw-testing-http-{job_id}.out")
+        if plant == "symlink":
+            target.symlink_to(cluster.host_path(KEY_IN_CLUSTER))
+        elif plant == "fifo":
+            os.mkfifo(target)
+        cluster.run_as(user, "scancel", str(job_id))
+    reasons = {}
+    for what, job_id in jobs.items():
+        await ended(cluster, job_id)
+        started = time.monotonic()
+        response = await api.get(f"/api/v1/services/{job_id}/logs", timeout=10)
+        took = time.monotonic() - started
+        assert response.status_code == 200, (what, response.text)
+        body = response.json()
+        assert body["logs"] == body["stdout"] == "", (what, body)
+        assert secret not in response.content
+        assert b"GATEWAY_" not in response.content
+        assert body["reason"], (what, body)
+        assert took < 5, (what, took)
+        reasons[what] = body["reason"]
+    assert "not in the file the gateway chose" in reasons["the JWT key"]
+    assert "not in the file the gateway chose" in reasons["a path with .."]
+    assert "symbolic link" in reasons["a symlink to the key"]
+    assert "not a regular file" in reasons["a FIFO"]
+
+
+class Listener:
+    """A loopback TCP server that counts the connections made to it."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Listener:
+        async def accept(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+
+        self._server = await asyncio.start_server(accept, "127.0.0.1", 0, family=socket.AF_INET)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_forged_endpoints_are_never_shown_nor_probed(
+    services: Services, cluster_of: LocalCluster, api: httpx.AsyncClient, cleanup: list[Any]
+) -> None:
+    cluster = cluster_of
+    running, meta = await real_service(services, cluster)
+    user = cluster.user
+    async with Listener() as listener:
+        forged = [
+            "gw-forged.invalid:8080",
+            # The loopback under a name that is not the node's: if the gateway
+            # believed it, the listener would count a probe.
+            f"localhost:{listener.port}",
+        ]
+        ids = []
+        for endpoint in forged:
+            job_id = sbatch(
+                cluster, user, f"--comment={meta}|phase=running|endpoint={endpoint}",
+                "--output=/dev/null", "--wrap=sleep 120",
+            )  # fmt: skip
+            cleanup.append((user, job_id))
+            ids.append(job_id)
+        for job_id in ids:
+            await poll(lambda j=job_id: job(cluster, j), lambda j: j.state.value == "RUNNING")
+            for _ in range(3):  # more than one read, past the probe cache
+                status = (await api.get(f"/api/v1/services/{job_id}/status")).json()
+                assert status["endpoint"] is None, status
+                assert status["status"] == "starting", status
+                assert "not on its node" in status["status_reason"], status
+                await asyncio.sleep(0.5)
+            prompt = await api.post(f"/api/v1/vllm/{job_id}/prompt", json={"prompt": "hi"})
+            assert prompt.status_code == 409
+        listed = {s["id"]: s for s in (await api.get("/api/v1/services")).json()}
+        assert all(listed[str(j)]["endpoint"] is None for j in ids)
+        # The real service keeps its own endpoint.
+        assert listed[running["id"]]["endpoint"] == running["endpoint"]
+        assert listener.connections == 0
+
+
+async def test_garbage_in_comments_never_breaks_a_listing(
+    services: Services, cluster_of: LocalCluster, api: httpx.AsyncClient, cleanup: list[Any]
+) -> None:
+    cluster = cluster_of
+    _, meta = await real_service(services, cluster)
+    old_style = base64.urlsafe_b64encode(json.dumps({"recipe": "x", "created": 1e20}).encode())
+    comments = {
+        cluster.other_user: [
+            f"gw1:{old_style.decode()}|phase=running|endpoint=127.0.0.1:70000",
+            f"{meta}|phase=running|endpoint=127.0.0.1:70000",
+        ],
+        cluster.user: [
+            "gw2:not base64!|phase=running",
+            meta.rsplit(".", 1)[0] + ".AAAAAAAAAAAAAAAAAAAAAA|phase=running",
+            f"{meta}|phase=running|endpoint=127.0.0.1:70000",
+            f"{meta}|phase=running|endpoint=[::1]:99999|reason=" + "x" * 600,
+            f"{meta}|phase=\u00b2|endpoint=|reason=\u00e9\u00e9",
+        ],
+    }
+    mine: list[int] = []
+    for user, texts in comments.items():
+        for text in texts:
+            job_id = sbatch(
+                cluster, user, f"--comment={text}", "--output=/dev/null", "--wrap=sleep 120"
+            )
+            cleanup.append((user, job_id))
+            if user == cluster.user and text.startswith(meta + "|"):
+                mine.append(job_id)
+    for _, job_id in cleanup:
+        await poll(lambda j=job_id: job(cluster, j), lambda j: j.state.value == "RUNNING")
+    for path in ("/api/v1/services", "/api/v1/vllm/services"):
+        response = await api.get(path)
+        assert response.status_code == 200, response.text
+    listed = {s["id"]: s for s in (await api.get("/api/v1/services")).json()}
+    crafted = {str(j) for _, j in cleanup}
+    # Only the gateway user's jobs carrying a genuine blob are services.
+    assert crafted & set(listed) == {str(j) for j in mine}
+    for job_id in mine:
+        service = listed[str(job_id)]
+        assert service["endpoint"] is None, service
+        assert len(service["status_reason"]) <= 400, service
+    odd = await api.get("/api/v1/services/%C2%B2")
+    assert odd.status_code == 404
+    assert odd.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_a_comment_over_slurms_limit_is_refused_naming_the_field(
+    services: Services, api: httpx.AsyncClient
+) -> None:
+    response = await api.post(
+        "/api/v1/services",
+        json={"recipe_name": "testing/http", "config": {"environment": {"MESSAGE": "m" * 900}}},
+    )
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["errors"][0]["field"] == "config.environment.MESSAGE"
+    assert "1024" in body["detail"]
+    # A long value that fits still runs, and the job can publish every phase.
+    long = "l" * 400
+    created = await services.http(MESSAGE=long)
+    running = await services.wait(created["id"], "running")
+    assert running["endpoint"]
+
+
+async def test_numbers_reach_the_job_normalised(services: Services) -> None:
+    created = await services.http(PORT="000" + str(free_port()))
+    assert created["config"]["environment"]["PORT"].isdigit()
+    assert not created["config"]["environment"]["PORT"].startswith("0")
+    running = await services.wait(created["id"], "running")
+    assert running["endpoint"].endswith(":" + created["config"]["environment"]["PORT"])
+    for bad in (" 8001", "nan", "8001\n", "\u0668\u0660"):
+        response = await services.api.post(
+            "/api/v1/services",
+            json={"recipe_name": "testing/http", "config": {"environment": {"PORT": bad}}},
+        )
+        assert response.status_code == 422, (bad, response.text)
+        assert response.json()["errors"][0]["field"] == "config.environment.PORT"
