@@ -7,7 +7,7 @@ import pytest
 
 from gateway.core import jobscript, metadata
 from gateway.core.errors import InvalidRequest, NotFound, RecipeError
-from gateway.core.recipes import RecipeCatalog, resolve_resources
+from gateway.core.recipes import RecipeCatalog, VariableSpec, check_variable, resolve_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -172,3 +172,46 @@ def test_site_overlay_for_unknown_recipe_fails(tmp_path: Path) -> None:
     site.write_text('[recipes."nope/x"]\ndescription = "y"\n')
     with pytest.raises(RecipeError, match="unknown recipes: nope/x"):
         RecipeCatalog.load([RECIPES], site)
+
+
+@pytest.mark.parametrize(
+    ("kind", "given", "gets"),
+    [
+        ("port", "0008001", "8001"),
+        ("int", "-0", "0"),
+        ("int", 42, "42"),
+        ("float", "9e-1", "0.9"),
+        ("float", "0.50", "0.5"),
+        ("float", 1, "1.0"),
+    ],
+)
+def test_numbers_are_normalised_for_the_job(kind: str, given: object, gets: str) -> None:
+    spec = VariableSpec(type=kind)  # type: ignore[arg-type]
+    assert check_variable(spec, given, "config.environment.X") == gets
+
+
+@pytest.mark.parametrize(
+    ("kind", "given"),
+    [
+        ("port", " 8001"),
+        ("port", "8001\n"),
+        ("port", "\u0668\u0660"),  # Arabic-Indic digits: int() takes them
+        ("int", "1_000"),
+        ("int", "+5"),
+        ("float", "nan"),
+        ("float", "inf"),
+        ("float", "1e999"),
+        ("float", "0x10"),
+    ],
+)
+def test_numbers_take_ascii_digits_only(kind: str, given: str) -> None:
+    spec = VariableSpec(type=kind)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest) as info:
+        check_variable(spec, given, "config.environment.X")
+    assert info.value.errors[0].field == "config.environment.X"
+
+
+def test_control_characters_are_refused_whatever_the_pattern() -> None:
+    spec = VariableSpec(pattern=r"(?s).*")
+    with pytest.raises(InvalidRequest, match="control characters"):
+        check_variable(spec, "a\nb", "config.environment.X")
