@@ -57,8 +57,11 @@ def read_tail(
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return LogFile(refused=f"{name} is not a regular file")
-        if uid is not None and info.st_uid != uid:
+        if uid is None or info.st_uid != uid:
             return LogFile(refused=f"{name} is not owned by the job's user")
+        if info.st_nlink != 1:
+            # A hard link to someone else's file of the same owner.
+            return LogFile(refused=f"{name} has other hard links; not read")
         start = max(0, info.st_size - max_bytes)
         f.seek(start)
         data = f.read(max_bytes)

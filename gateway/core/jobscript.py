@@ -20,12 +20,15 @@ exporting it, so only what the recipe hands it to (``VLLM_API_KEY=...``) sees it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from gateway.core import metadata
 from gateway.core.recipes import Recipe
 from gateway.core.shell import quote
+
+_PLACEHOLDER = re.compile(r"__(?:META|LIMIT|REASON|RECIPE)__")
 
 _PREAMBLE = r"""#!/bin/bash
 # --- slurm-ai-gateway preamble: helpers for the recipe below ---
@@ -91,12 +94,14 @@ gw_phase building
 
 
 def build(recipe: Recipe, encoded_meta: str, context: Mapping[str, Any]) -> str:
-    preamble = (
-        _PREAMBLE.replace("__META__", quote(encoded_meta))
-        .replace("__LIMIT__", str(metadata.COMMENT_LIMIT))
-        .replace("__REASON__", str(metadata.REASON_MAX))
-        .replace("__RECIPE__", recipe.name)
-    )
+    values = {
+        "__META__": quote(encoded_meta),
+        "__LIMIT__": str(metadata.COMMENT_LIMIT),
+        "__REASON__": str(metadata.REASON_MAX),
+        "__RECIPE__": recipe.name,
+    }
+    # One pass, so that no value is read again as a placeholder.
+    preamble = _PLACEHOLDER.sub(lambda m: values[m.group(0)], _PREAMBLE)
     return preamble + recipe.render(context)
 
 

@@ -36,6 +36,14 @@ from gateway.core.template_lint import lint_template
 RECIPE_FILE = "recipe.toml"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*/[a-z0-9][a-z0-9_.-]*$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# Variables a request must never set: they run code (BASH_ENV, LD_PRELOAD,
+# PYTHONSTARTUP), trace secrets into the log (SHELLOPTS=xtrace, PS4), or are
+# the gateway's and Slurm's own.
+_RESERVED_NAMES = frozenset(
+    {"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "PATH", "HOME", "CDPATH"}
+    | {"GLOBIGNORE", "PROMPT_COMMAND", "TMPDIR", "SHELL", "USER", "LOGNAME"}
+)
+_RESERVED_PREFIXES = ("LD_", "PYTHON", "GW_", "SLURM_", "BASH_FUNC_", "SBATCH_", "SRUN_")
 # What any string variable may hold unless the recipe says otherwise.
 _DEFAULT_STRING = re.compile(r"[^\x00-\x1f\x7f]{0,4096}")
 _INT = re.compile(r"-?[0-9]{1,18}")
@@ -282,6 +290,11 @@ def _load_recipe(name: str, meta: Path, overlay: SiteOverlay) -> Recipe:
     for key in [*spec.environment, *spec.environment_defaults]:
         if not _ENV_NAME.match(key):
             raise RecipeError(f"{meta}: environment variable name {key!r} is not valid")
+        if key in _RESERVED_NAMES or key.startswith(_RESERVED_PREFIXES):
+            raise RecipeError(
+                f"{meta}: environment variable {key} is reserved: a request could change "
+                "how the shell, the loader or Python run the job, or the gateway's own values"
+            )
     for key, value in spec.environment_defaults.items():
         var = spec.environment.get(key)
         if var is not None:

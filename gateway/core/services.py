@@ -14,7 +14,6 @@ only from the files the gateway chose.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import time
 from datetime import UTC, datetime
@@ -55,12 +54,27 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     resources: dict[str, str | int | None]
 
 
-@dataclasses.dataclass(frozen=True)
 class Upstream:
-    """Where a running service answers, and the key it requires."""
+    """Where a running service answers, and the key it requires.
 
-    url: str
-    key: str = dataclasses.field(repr=False)
+    A plain class on purpose: msgspec and the API refuse to serialise it, and
+    its repr hides the key, so no response or log line can carry the key.
+    """
+
+    __slots__ = ("key", "url")
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Upstream) and (self.url, self.key) == (other.url, other.key)
+
+    def __hash__(self) -> int:
+        return hash(self.url)
 
 
 class Service(msgspec.Struct, frozen=True, kw_only=True):
@@ -241,6 +255,8 @@ class ServiceManager:
         """
         await self.owner()
         listing = await self.slurm.list_jobs()
+        if listing.unreadable:
+            log.warning("jobs_unreadable", count=listing.unreadable)
         ours = [(job, parsed) for job in listing.jobs if (parsed := self._parse(job))]
         built = await asyncio.gather(
             *(self._service(job, *parsed) for job, parsed in ours), return_exceptions=True
@@ -328,14 +344,18 @@ class ServiceManager:
         if reported.refused:
             return msgspec.structs.replace(reported, endpoint=None, reason=reported.refused)
         endpoint = reported.endpoint
-        if endpoint is None or job.state is not JobState.RUNNING:
+        if endpoint is None:
             return reported
+        if job.state is not JobState.RUNNING:
+            # Suspended, requeued or ended: whatever it published is stale.
+            return msgspec.structs.replace(reported, endpoint=None)
         node = job.batch_host or job.nodes.split(",")[0]
         why: str | None = None
         try:
             names = await self.nodes.names(node) if node else frozenset()
         except (SlurmError, ValueError) as exc:
-            why = f"cannot check the published endpoint against node {node}: {exc}"
+            log.warning("node_lookup_failed", node=node, error=str(exc))
+            why = f"the published endpoint cannot be checked: Slurm did not describe node {node}"
         else:
             if endpoint.bare_host.lower() not in names:
                 why = (

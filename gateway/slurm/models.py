@@ -214,9 +214,10 @@ def expand_output_path(pattern: str, job: JobInfo) -> str:
             continue
         # Slurm allows a zero-padding width between % and the letter (%5j).
         j = i + 1
-        while j < len(pattern) and pattern[j].isdigit():
+        while j < len(pattern) and pattern[j] in "0123456789":  # isdigit() takes '²'
             j += 1
-        width = int(pattern[i + 1 : j]) if j > i + 1 else 0
+        # Slurm caps the width at 10; anyone's job can ask for 50000000.
+        width = min(int(pattern[i + 1 : j]), 10) if j > i + 1 else 0
         letter = pattern[j] if j < len(pattern) else ""
         if letter in values:
             value = values[letter]

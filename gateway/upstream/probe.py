@@ -29,6 +29,8 @@ class HealthProber:
         )
         self._vllm = VllmClient(timeout=timeout, connect_timeout=timeout, transport=transport)
         self._ttl = ttl
+        # A vLLM probe is two requests.
+        self._deadline = 2 * timeout + 0.5
         self._cache: dict[str, tuple[float, bool]] = {}
         self._inflight: dict[str, asyncio.Task[bool]] = {}
 
@@ -60,7 +62,12 @@ class HealthProber:
         return await asyncio.shield(task)
 
     async def _run(self, key: str, probe: Callable[[], Awaitable[bool]]) -> bool:
-        ok = await probe()
+        # httpx's timeouts are per read: an endpoint that trickles a byte at a
+        # time would hold the probe, and every listing waiting on it, for ever.
+        try:
+            ok = await asyncio.wait_for(probe(), timeout=self._deadline)
+        except TimeoutError:
+            ok = False
         now = time.monotonic()
         self._cache[key] = (now, ok)
         if len(self._cache) > 4096:  # forget services long gone
@@ -70,7 +77,8 @@ class HealthProber:
     async def _get(self, url: str, key: str | None) -> bool:
         headers = {"Authorization": f"Bearer {key}"} if key else None
         try:
-            response = await self._http.get(url, headers=headers)
+            # The status is the answer: the body is never read.
+            async with self._http.stream("GET", url, headers=headers) as response:
+                return response.status_code < 300
         except httpx.HTTPError:
             return False
-        return response.status_code < 300

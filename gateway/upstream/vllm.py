@@ -18,6 +18,8 @@ import httpx
 import msgspec
 
 Api = Literal["chat", "completions"]
+# The most a model list (or a probe's answer) may take.
+_SMALL_ANSWER = 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -109,19 +111,39 @@ class VllmClient:
         await self._http.aclose()
 
     async def models(self, endpoint: str, key: str | None = None) -> list[str]:
-        response = await self._send("GET", f"{endpoint}/v1/models", key)
-        _raise_for_status(response)
+        content = await self._get_bounded(f"{endpoint}/v1/models", key)
         try:
-            return [m.id for m in msgspec.json.decode(response.content, type=_Models).data]
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            return [m.id for m in msgspec.json.decode(content, type=_Models).data]
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             raise UpstreamError(502, "vLLM's /v1/models answer is not a model list") from None
+
+    async def _get_bounded(self, url: str, key: str | None) -> bytes:
+        """A small answer (a model list), read up to ``_SMALL_ANSWER`` bytes:
+        whatever listens on an endpoint must not make the gateway hold gigabytes."""
+        try:
+            async with self._http.stream("GET", url, headers=_auth(key)) as response:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > _SMALL_ANSWER:
+                        raise UpstreamError(502, f"{url} answered more than {_SMALL_ANSWER} bytes")
+                    chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
+        content = b"".join(chunks)
+        if response.status_code >= 400:
+            raise UpstreamError(response.status_code, _message_of(content, response.status_code))
+        return content
 
     async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:
         """``/health`` answers and ``/v1/models`` lists ``model`` (any, if None)."""
         try:
-            health = await self._http.get(f"{endpoint}/health", headers=_auth(key))
-            if health.status_code != 200:
-                return False
+            async with self._http.stream("GET", f"{endpoint}/health", headers=_auth(key)) as health:
+                if health.status_code != 200:  # the body is never read
+                    return False
             served = await self.models(endpoint, key)
         except (httpx.HTTPError, UpstreamError, UpstreamUnavailable):
             return False
@@ -137,7 +159,7 @@ class VllmClient:
         self._api[(endpoint, prompt.model)] = api
         try:
             body = msgspec.json.decode(response.content, type=_Completion)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             raise UpstreamError(502, "vLLM's completion is not in the OpenAI shape") from None
         choice = body.choices[0] if body.choices else _Choice()
         text = (choice.message.content if choice.message else choice.text) or ""
@@ -229,13 +251,17 @@ def _body(api: Api, prompt: Prompt, stream: bool) -> dict[str, Any]:
 
 
 def _error_message(response: httpx.Response) -> str:
+    return _message_of(response.content, response.status_code)
+
+
+def _message_of(content: bytes, status: int) -> str:
     try:
-        body = msgspec.json.decode(response.content, type=_ErrorBody)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return response.text[:500] or f"HTTP {response.status_code}"
+        body = msgspec.json.decode(content, type=_ErrorBody)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        return content[:500].decode("utf-8", errors="replace") or f"HTTP {status}"
     if isinstance(body.error, dict) and body.error.get("message"):
-        return str(body.error["message"])
-    return body.message or (str(body.error) if body.error else f"HTTP {response.status_code}")
+        return str(body.error["message"])[:500]
+    return (body.message or (str(body.error) if body.error else f"HTTP {status}"))[:500]
 
 
 def _no_chat_template(response: httpx.Response) -> bool:

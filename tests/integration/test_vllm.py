@@ -207,6 +207,11 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
         # comment (any cluster user can) is no way in.
         key, comment = await service_key(gateway, chat["id"])
         async with httpx.AsyncClient(timeout=30) as direct:
+            # vLLM's own --api-key leaves /invocations (SageMaker's prompt
+            # route) open; the recipe's middleware does not.
+            invoke = {"model": "Qwen/Qwen2.5-0.5B-Instruct", "prompt": "hi", "max_tokens": 1}
+            sneak = await direct.post(endpoints[0] + "/invocations", json=invoke)
+            assert sneak.status_code == 401, sneak.text
             url = endpoints[0] + "/v1/models"
             assert (await direct.get(url)).status_code == 401
             wrong = {"Authorization": "Bearer " + "0" * len(key)}
@@ -297,9 +302,12 @@ async def test_client_disconnect_cancels_the_upstream_request(
         running = await settled(api, sid, STARTUP)
         assert running["status"] == "running", running
         metrics_url = running["endpoint"] + "/metrics"
+        key, _ = await service_key(gateway, sid)  # vLLM wants it on /metrics too
 
         async def metric(name: str) -> float:
-            text = (await api.get(metrics_url)).text
+            response = await api.get(metrics_url, headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 200, response.text
+            text = response.text
             pattern = rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$"
             return sum(float(value) for value in re.findall(pattern, text, re.M))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import msgspec
 import pytest
 from pytest_httpx import HTTPXMock
 
@@ -122,8 +123,29 @@ async def test_wrong_shape_is_unexpected_not_keyerror(httpx_mock: HTTPXMock) -> 
     client = negotiated(httpx_mock)
     httpx_mock.add_response(json={"jobs": [{"job_id": "seven"}], "errors": []})
     async with client:
-        with pytest.raises(SlurmUnexpectedResponse, match=r"\$\.jobs\[0\]\.job_id"):
-            await client.list_jobs()
+        with pytest.raises(SlurmUnexpectedResponse, match=r"\$\.job_id"):
+            await client.get_job(7)
+
+
+async def test_one_unreadable_job_never_fails_a_listing(httpx_mock: HTTPXMock) -> None:
+    # Any cluster user's job is in the listing: odd bytes, shapes, times or
+    # output patterns in one of them leave it out, and only it.
+    client = negotiated(httpx_mock)
+    good = {"job_id": 8, "job_state": ["RUNNING"], "standard_output": "/o/%50000000j"}
+    body = (
+        b'{"jobs": [{"job_id": 1, "comment": "\xff"}, {"job_id": "seven"}, '
+        b'{"job_id": 3, "begin_time": {"set": true, "number": 99999999999999}, '
+        b'"start_time": {"set": true, "number": 99999999999999}}, '
+        + msgspec.json.encode(good)
+        + b'], "errors": []}'
+    )
+    httpx_mock.add_response(content=body)
+    async with client:
+        listing = await client.list_jobs()
+    assert [j.job_id for j in listing.jobs] == [3, 8]
+    assert listing.jobs[0].start_time is None
+    assert listing.jobs[1].standard_output == "/o/" + "8".zfill(10)
+    assert listing.unreadable == 2
 
 
 async def test_errors_on_http_200_are_raised(httpx_mock: HTTPXMock) -> None:

@@ -215,3 +215,10 @@ def test_control_characters_are_refused_whatever_the_pattern() -> None:
     spec = VariableSpec(pattern=r"(?s).*")
     with pytest.raises(InvalidRequest, match="control characters"):
         check_variable(spec, "a\nb", "config.environment.X")
+
+
+@pytest.mark.parametrize("name", ["BASH_ENV", "PS4", "SHELLOPTS", "LD_PRELOAD", "PYTHONPATH"])
+def test_a_recipe_may_not_let_requests_set_reserved_variables(tmp_path: Path, name: str) -> None:
+    _write(tmp_path, "cat/reserved", f'description = "x"\n[environment.{name}]\n')
+    with pytest.raises(RecipeError, match=f"environment variable {name} is reserved"):
+        RecipeCatalog.load([tmp_path])

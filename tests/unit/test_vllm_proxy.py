@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import httpx
+import msgspec
 import pytest
 from pytest_httpx import HTTPXMock
 
 from gateway.api.vllm import _stream
 from gateway.core.errors import UpstreamFailed
 from gateway.core.services import Upstream
-from gateway.upstream.vllm import Prompt, VllmClient
+from gateway.upstream.probe import HealthProber
+from gateway.upstream.vllm import Prompt, UpstreamError, VllmClient
 
 ENDPOINT = "http://node1:8000"
 PROMPT = Prompt(prompt="hi", model="m", max_tokens=8)
@@ -92,3 +97,47 @@ async def test_vllm_timeout_is_a_504(httpx_mock: HTTPXMock) -> None:
         await _stream(vllm, "7", UPSTREAM, PROMPT)
     assert getattr(info.value, "status_code", None) == 504
     await vllm.aclose()
+
+
+async def test_a_huge_or_garbled_model_list_is_refused_not_held(httpx_mock: HTTPXMock) -> None:
+    vllm = VllmClient()
+    httpx_mock.add_response(url=f"{ENDPOINT}/v1/models", content=b"[" * (2 * 1024 * 1024))
+    with pytest.raises(UpstreamError, match="more than"):
+        await vllm.models(ENDPOINT)
+    httpx_mock.add_response(url=f"{ENDPOINT}/v1/models", content=b'{"data": [{"id": "\xff"}]}')
+    with pytest.raises(UpstreamError, match="not a model list"):
+        await vllm.models(ENDPOINT)
+    httpx_mock.add_response(url=f"{ENDPOINT}/health")
+    httpx_mock.add_response(url=f"{ENDPOINT}/v1/models", status_code=500, content=b"\xff\xfe")
+    assert await vllm.ready(ENDPOINT, "m") is False
+    await vllm.aclose()
+
+
+async def test_a_trickling_endpoint_cannot_hold_a_probe() -> None:
+    # One byte every 0.2 s never trips httpx's per-read timeout.
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1000):
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    prober = HealthProber(timeout=0.5, ttl=5)
+    started = time.monotonic()
+    ready = await prober.vllm_ready(f"http://127.0.0.1:{port}", "m", "k")
+    took = time.monotonic() - started
+    await prober.aclose()
+    server.close()
+    assert ready is False
+    assert took < 3, took
+
+
+def test_the_upstream_key_cannot_be_serialised() -> None:
+    upstream = Upstream("http://node1:8000", "the-key")
+    assert "the-key" not in repr(upstream)
+    with pytest.raises(TypeError):
+        msgspec.json.encode(upstream)

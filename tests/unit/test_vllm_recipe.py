@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,52 @@ def test_vllm_gets_the_key_in_its_environment_only(tmp_path: Path) -> None:
     assert KEY not in (tmp_path / "argv").read_text()  # not on the command line (ps)
     assert (tmp_path / "leaked").read_text() == "unset"  # not exported to vLLM itself
     assert KEY not in (tmp_path / "comments").read_text()
+
+
+def test_no_endpoint_is_published_before_vllm_answers(tmp_path: Path) -> None:
+    reports = run_recipe(tmp_path, VLLM_MODEL="gpt2")
+    assert [r.phase for r in reports if r.endpoint] == ["running"]
+
+
+def _middleware() -> type:
+    """The key-checking middleware the recipe writes for vLLM, loaded here."""
+    template = (ROOT / "recipes/inference/vllm/job.sh.j2").read_text()
+    source = template.split("gw_vllm_auth.py\" <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(source, "gw_vllm_auth.py", "exec"), namespace)  # noqa: S102 - our own file
+    cls = namespace["RequireKey"]
+    assert isinstance(cls, type)
+    return cls
+
+
+async def _call(app: object, path: str, headers: list[tuple[bytes, bytes]]) -> int:
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "headers": headers, "method": "POST"}
+    await app(scope, receive, send)  # type: ignore[operator]
+    status = sent[0]["status"]
+    assert isinstance(status, int)
+    return status
+
+
+async def test_vllm_wants_the_key_on_every_path_but_health(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def inner(scope: object, receive: object, send: Callable[..., Awaitable[None]]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    monkeypatch.setenv("VLLM_API_KEY", KEY)
+    app = _middleware()(inner)
+    right = [(b"authorization", f"Bearer {KEY}".encode())]
+    wrong = [(b"authorization", b"Bearer " + b"0" * len(KEY))]
+    for path in ("/v1/chat/completions", "/invocations", "/tokenize", "/pooling", "/metrics"):
+        assert await _call(app, path, []) == 401, path
+        assert await _call(app, path, wrong) == 401, path
+        assert await _call(app, path, right) == 200, path
+    assert await _call(app, "/health", []) == 200

@@ -55,6 +55,8 @@ class JobList(msgspec.Struct, frozen=True, kw_only=True):
     jobs: tuple[JobInfo, ...]
     last_update: datetime | None = None
     unchanged: bool = False
+    # Jobs Slurm listed whose data could not be read (left out).
+    unreadable: int = 0
 
 
 class NoVal(msgspec.Struct, frozen=True):
@@ -80,7 +82,10 @@ def timestamp(value: NoVal | int | None) -> datetime | None:
     seconds = number(value)
     if not seconds:  # Slurm uses 0 for "not yet"
         return None
-    return datetime.fromtimestamp(seconds, tz=UTC)
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        return None  # a begin time thousands of years ahead, which anyone can ask for
 
 
 class ErrorEntry(msgspec.Struct, frozen=True):
@@ -195,7 +200,7 @@ class Adapter(abc.ABC):
     def decode(self, model: type[T], content: bytes, what: str) -> T:
         try:
             return msgspec.json.decode(content, type=model)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             raise SlurmUnexpectedResponse(
                 f"slurmrestd {self.version} sent a body we cannot read for {what}: {exc}"
             ) from None
@@ -210,7 +215,7 @@ class Adapter(abc.ABC):
         if content.strip():
             try:
                 envelope = msgspec.json.decode(content, type=Envelope)
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
                 envelope = None
         details = tuple(e.detail() for e in envelope.errors) if envelope else ()
         if status < 300 and envelope is not None and not details:

@@ -36,7 +36,6 @@ import msgspec
 from gateway.slurm.adapters import v0_0_44 as newer
 from gateway.slurm.adapters.base import FALLBACK_ENVIRONMENT, JobList
 from gateway.slurm.adapters.v0_0_39 import V0039
-from gateway.slurm.adapters.v0_0_39 import JobsResponse as JobsResponse39
 from gateway.slurm.errors import SlurmAuthError, SlurmError, SlurmErrorDetail
 from gateway.slurm.models import JobSubmission, PingResult
 
@@ -86,9 +85,6 @@ class V0038(V0039):
         if status == 304:
             return JobList(jobs=(), last_update=None, unchanged=True)
         return super().parse_jobs(status, content)
-
-    def jobs_response_model(self) -> type[newer.JobsResponse]:
-        return JobsResponse39
 
     def parse_ping(self, status: int, content: bytes) -> list[PingResult]:
         self.check(status, content, what="ping")

@@ -26,8 +26,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-import msgspec
-
 from gateway.slurm.adapters import v0_0_44 as newer
 from gateway.slurm.adapters.base import NoVal, number
 from gateway.slurm.adapters.v0_0_40 import V0040
@@ -41,21 +39,15 @@ class Job(newer.Job, frozen=True):
     exit_code: NoVal | int | None = None  # type: ignore[assignment]
 
 
-class JobsResponse(newer.JobsResponse, frozen=True):
-    jobs: list[Job] = msgspec.field(default_factory=list)  # type: ignore[assignment]
-
-
 class V0039(V0040):
     version: ClassVar[str] = "v0.0.39"
+    job_model: ClassVar[type[newer.Job]] = Job
 
     def update_time_param(self, since: datetime) -> dict[str, str]:
         return {"update_time": str(int(since.timestamp()))}
 
     def submit_body(self, job: JobSubmission) -> dict[str, Any]:
         return {"script": job.script, "job": self.job_description(job)}
-
-    def jobs_response_model(self) -> type[newer.JobsResponse]:
-        return JobsResponse
 
     def job_state(self, job: newer.Job) -> tuple[JobState, tuple[str, ...]]:
         state, flags = super().job_state(job)

@@ -41,6 +41,7 @@ from gateway.slurm.errors import (
     SlurmErrorDetail,
     SlurmNodeNotFound,
     SlurmRequestRejected,
+    SlurmUnexpectedResponse,
 )
 from gateway.slurm.models import (
     JobExit,
@@ -115,7 +116,10 @@ class Meta(msgspec.Struct, frozen=True):
 
 
 class JobsResponse(msgspec.Struct, frozen=True):
-    jobs: list[Job] = []
+    """Each job is kept raw and read on its own: any cluster user's job is in
+    a listing, and one that cannot be read must not fail the others."""
+
+    jobs: list[msgspec.Raw] = []
     last_update: NoVal | int | None = None
     errors: list[ErrorEntry] = []
     warnings: list[WarningEntry] = []
@@ -222,9 +226,16 @@ class V0044(Adapter):
         return SubmitResult(job_id=body.job_id, warnings=self.warnings_of(envelope))
 
     def parse_job(self, status: int, content: bytes, job_id: int) -> JobInfo:
-        self.check(status, content, what=f"get job {job_id}")
-        body = self.decode(self.jobs_response_model(), content, f"get job {job_id}")
-        for job in self.jobs_of(body):
+        what = f"get job {job_id}"
+        self.check(status, content, what=what)
+        body = self.decode(JobsResponse, content, what)
+        for raw in body.jobs:
+            try:
+                job = self.job_info(msgspec.json.decode(raw, type=self.job_model))
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+                raise SlurmUnexpectedResponse(
+                    f"slurmrestd {self.version} sent a job we cannot read for {what}: {exc}"
+                ) from None
             if job.job_id == job_id:
                 return job
         raise self.error_for(
@@ -235,16 +246,21 @@ class V0044(Adapter):
 
     def parse_jobs(self, status: int, content: bytes) -> JobList:
         self.check(status, content, what="list jobs")
-        body = self.decode(self.jobs_response_model(), content, "list jobs")
-        jobs = tuple(self.jobs_of(body))
+        body = self.decode(JobsResponse, content, "list jobs")
+        jobs: list[JobInfo] = []
+        unreadable = 0
+        for raw in body.jobs:
+            try:
+                jobs.append(self.job_info(msgspec.json.decode(raw, type=self.job_model)))
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+                unreadable += 1  # a job with data we cannot read: no service of ours
         last_update = timestamp(body.last_update)
-        return JobList(jobs=jobs, last_update=last_update, unchanged=not jobs and not last_update)
-
-    def jobs_response_model(self) -> type[JobsResponse]:
-        return JobsResponse
-
-    def jobs_of(self, body: JobsResponse) -> list[JobInfo]:
-        return [self.job_info(job) for job in body.jobs]
+        return JobList(
+            jobs=tuple(jobs),
+            last_update=last_update,
+            unchanged=not body.jobs and not last_update,
+            unreadable=unreadable,
+        )
 
     def job_info(self, job: Job) -> JobInfo:
         state, flags = self.job_state(job)
