@@ -236,7 +236,16 @@ async def test_garbage_in_comments_never_breaks_a_listing(
             cleanup.append((user, job_id))
             if user == cluster.user and text.startswith(meta + "|"):
                 mine.append(job_id)
-    for _, job_id in cleanup:
+    # Bytes that are not UTF-8 (slurmrestd passes them on), an output pattern
+    # asking for a 50-million-digit job id, a start thousands of years ahead.
+    other = cluster.other_user
+    for args in (
+        ["--comment=\udcff\udcfe", "-J", "n\udcff", "--output=/dev/null"],
+        ["--output=/tmp/gw-%50000000j-%\u00b2j.out"],
+        ["--begin=now+3000000days", "--output=/dev/null"],
+    ):
+        cleanup.append((other, sbatch(cluster, other, *args, "--wrap=sleep 120")))
+    for job_id in mine:
         await poll(lambda j=job_id: job(cluster, j), lambda j: j.state.value == "RUNNING")
     for path in ("/api/v1/services", "/api/v1/vllm/services"):
         response = await api.get(path)
