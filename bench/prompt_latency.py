@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.testing.clusters import discover  # noqa: E402
+from gateway.testing.clusters import LocalCluster, discover, upstream_key  # noqa: E402
 from tests.integration.gateway_process import GatewayProcess  # noqa: E402
 
 
@@ -47,7 +49,13 @@ def summary(name: str, seconds: list[float]) -> tuple[float, float]:
     return median, p90
 
 
-async def run(gateway_url: str, requests: int, max_tokens: int) -> None:
+async def run(
+    gateway_url: str,
+    requests: int,
+    max_tokens: int,
+    cluster: LocalCluster,
+    gateway_env: Mapping[str, str],
+) -> None:
     async with httpx.AsyncClient(base_url=gateway_url, timeout=300) as api:
         body = {"recipe_name": "inference/vllm"}
         created = (await api.post("/api/v1/services", json=body)).json()
@@ -63,7 +71,10 @@ async def run(gateway_url: str, requests: int, max_tokens: int) -> None:
                 "max_tokens": max_tokens,
                 "temperature": 0,
             }
-            async with httpx.AsyncClient(timeout=300) as vllm:
+            # vLLM wants the service's key, which only the gateway's secret derives.
+            key = await upstream_key(cluster, gateway_env, int(sid))
+            headers = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(timeout=300, headers=headers) as vllm:
                 # Warm both paths (first requests compile and fill caches).
                 for _ in range(3):
                     await api.post(f"/api/v1/vllm/{sid}/prompt", json=prompt)
@@ -94,17 +105,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--cluster", default="c2205", help="local cluster to start a gateway on")
+    parser.add_argument("--cluster", default="c2205", help="local cluster of the gateway")
     parser.add_argument("--gateway", help="URL of a running gateway instead of starting one")
     args = parser.parse_args()
-    if args.gateway:
-        asyncio.run(run(args.gateway, args.requests, args.max_tokens))
-        return 0
     cluster = next((c for c in discover() if c.name == args.cluster), None)
     if cluster is None:
         raise SystemExit(f"no local cluster {args.cluster}; run `make cluster`")
+    if args.gateway:
+        # A running gateway: its GATEWAY_* settings must be in this environment.
+        asyncio.run(run(args.gateway, args.requests, args.max_tokens, cluster, os.environ))
+        return 0
     with GatewayProcess(cluster) as gateway:
-        asyncio.run(run(gateway.url, args.requests, args.max_tokens))
+        asyncio.run(run(gateway.url, args.requests, args.max_tokens, cluster, gateway.env))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
@@ -76,3 +77,19 @@ def discover(root: Path | None = None) -> list[LocalCluster]:
     for path in sorted(base.glob("*/cluster.json")):
         found.append(msgspec.json.decode(path.read_bytes(), type=LocalCluster))
     return found
+
+
+async def upstream_key(cluster: LocalCluster, gateway_env: Mapping[str, str], job_id: int) -> str:
+    """The key a gateway with settings ``gateway_env`` derives for service
+    ``job_id``: what a test or bench needs to talk to a service's server
+    directly, as only the gateway otherwise can."""
+    from gateway.settings import load_settings
+    from gateway.wiring import metadata_codec
+
+    codec = metadata_codec(load_settings(gateway_env))
+    async with cluster.client() as slurm:
+        comment = (await slurm.get_job(job_id)).comment
+    decoded = codec.decode(comment)
+    if decoded is None:
+        raise ValueError(f"job {job_id} is not a service of that gateway")
+    return codec.upstream_key(decoded[0])

@@ -17,9 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.settings import load_settings
-from gateway.testing.clusters import LocalCluster
-from gateway.wiring import metadata_codec
+from gateway.testing.clusters import LocalCluster, upstream_key
 from tests.conftest import poll
 from tests.integration.conftest import CLUSTERS, TIMINGS
 from tests.integration.gateway_process import GatewayProcess
@@ -119,12 +117,10 @@ def job_processes(cluster: LocalCluster, job_id: str) -> list[int]:
 
 async def service_key(gateway: GatewayProcess, sid: str) -> tuple[str, str]:
     """The key the gateway derives for a service, and the job's comment."""
-    codec = metadata_codec(load_settings(gateway.env))
+    key = await upstream_key(gateway.cluster, gateway.env, int(sid))
     async with gateway.cluster.client() as slurm:
         comment = (await slurm.get_job(int(sid))).comment
-    decoded = codec.decode(comment)
-    assert decoded is not None
-    return codec.upstream_key(decoded[0]), comment
+    return key, comment
 
 
 def long_model_path(cluster: LocalCluster, length: int = 320) -> str:
