@@ -74,11 +74,6 @@ class Endpoint(msgspec.Struct, frozen=True):
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @property
-    def bare_host(self) -> str:
-        """The host without IPv6 brackets, as Slurm writes node addresses."""
-        return self.host[1:-1] if self.host.startswith("[") else self.host
-
 
 class Reported(msgspec.Struct, frozen=True, kw_only=True):
     """What the job published about itself, checked for shape only."""

@@ -6,26 +6,55 @@ host is one of the names of the node Slurm runs the job on. Nodes rarely
 change address, so each node is asked about once per ``ttl`` (the RPC load
 grows with the nodes in use, not with clients or polls), and concurrent
 lookups of one node share one request.
+
+The gateway then connects to the node's address as Slurm has it (NodeAddr),
+not to the name the job published: Slurm reaches its nodes that way, while the
+gateway's host may not resolve the nodes' host names at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 
+import msgspec
+
 from gateway.slurm import SlurmClient
+
+
+class Node(msgspec.Struct, frozen=True):
+    names: frozenset[str]  # lower case: Slurm's name, the host name, the address
+    address: str  # where to connect: NodeAddr, else the name
+
+    def connect_host(self, published: str) -> str | None:
+        """Where to reach a server the job says listens on ``published``
+        (brackets allowed); None when that is not one of this node's names."""
+        bare = published[1:-1] if published.startswith("[") else published
+        if bare.lower() not in self.names:
+            return None
+        # A specific address of the node is what the server listens on.
+        host = bare if _is_ip(bare) else self.address
+        return f"[{host}]" if ":" in host else host
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class NodeAddresses:
     def __init__(self, slurm: SlurmClient, *, ttl: float = 300.0) -> None:
         self._slurm = slurm
         self._ttl = ttl
-        self._known: dict[str, tuple[float, frozenset[str]]] = {}
-        self._inflight: dict[str, asyncio.Task[frozenset[str]]] = {}
+        self._known: dict[str, tuple[float, Node]] = {}
+        self._inflight: dict[str, asyncio.Task[Node]] = {}
 
-    async def names(self, node: str) -> frozenset[str]:
-        """Every name the node answers to, lower case: its Slurm name, host
-        name and address. Raises the Slurm error when the lookup fails."""
+    async def get(self, node: str) -> Node:
+        """The node's names and address. Raises the Slurm error when the lookup fails."""
         known = self._known.get(node)
         if known is not None and time.monotonic() < known[0]:
             return known[1]
@@ -36,11 +65,12 @@ class NodeAddresses:
             task.add_done_callback(lambda _t: self._inflight.pop(node, None))
         return await asyncio.shield(task)
 
-    async def _lookup(self, node: str) -> frozenset[str]:
+    async def _lookup(self, node: str) -> Node:
         info = await self._slurm.get_node(node)
         names = frozenset(n.lower() for n in (node, info.name, info.hostname, info.address) if n)
+        found = Node(names=names, address=info.address or info.name or node)
         now = time.monotonic()
-        self._known[node] = (now + self._ttl, names)
+        self._known[node] = (now + self._ttl, found)
         if len(self._known) > 65536:  # nodes long gone
             self._known = {k: v for k, v in self._known.items() if v[0] > now}
-        return names
+        return found

@@ -352,18 +352,20 @@ class ServiceManager:
         node = job.batch_host or job.nodes.split(",")[0]
         why: str | None = None
         try:
-            names = await self.nodes.names(node) if node else frozenset()
+            host = (await self.nodes.get(node)).connect_host(endpoint.host) if node else None
         except (SlurmError, ValueError) as exc:
             log.warning("node_lookup_failed", node=node, error=str(exc))
             why = f"the published endpoint cannot be checked: Slurm did not describe node {node}"
         else:
-            if endpoint.bare_host.lower() not in names:
+            if host is None:
                 why = (
                     f"the job published the endpoint {endpoint}, which is not on its node "
                     f"{node or '(none)'}; ignored"
                 )
-        if why is None:
-            return reported
+            else:
+                # Reached at the node's address, as Slurm has it.
+                endpoint = metadata.Endpoint(host, endpoint.port)
+                return msgspec.structs.replace(reported, endpoint=endpoint)
         self._log_bad_job(job.job_id, ValueError(why))
         return msgspec.structs.replace(reported, endpoint=None, reason=why)
 

@@ -99,10 +99,10 @@ async def test_listing_costs_one_slurm_call_and_probes_run_concurrently(
         return httpx.Response(200 if request.url.port != 9004 else 503)
 
     httpx_mock.add_callback(
-        health, url=httpx.URL("http://node1/health").copy_with(), is_optional=True
+        health, url=httpx.URL("http://10.0.0.1/health").copy_with(), is_optional=True
     )
     for port in ports:
-        httpx_mock.add_callback(health, url=f"http://node1:{port}/health", is_reusable=True)
+        httpx_mock.add_callback(health, url=f"http://10.0.0.1:{port}/health", is_reusable=True)
 
     services = manager()
     listed = await services.list()
@@ -141,7 +141,9 @@ async def test_an_endpoint_off_the_jobs_node_is_never_probed(httpx_mock: HTTPXMo
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
     mock_node(httpx_mock)
     jobs = [job(7, service_comment(8001, "127.0.0.1")), job(8, service_comment(9, "x.invalid"))]
-    jobs.append(job(9, service_comment(9100, "10.0.0.1")))  # the node's address: fine
+    # The node's host name: reached at its address, as Slurm has it (the
+    # gateway's host need not resolve node names).
+    jobs.append(job(9, service_comment(9100, "node1.cluster")))
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/jobs", json={"jobs": jobs})
     httpx_mock.add_response(url="http://10.0.0.1:9100/health")
     services = manager()
@@ -271,7 +273,7 @@ async def test_prompt_path_asks_slurm_once_per_ttl(httpx_mock: HTTPXMock) -> Non
         is_reusable=True,
     )
     mock_node(httpx_mock)
-    httpx_mock.add_response(url="http://node1:9100/health", is_reusable=True)
+    httpx_mock.add_response(url="http://10.0.0.1:9100/health", is_reusable=True)
     services = manager()
     first = await services.running("7")
     second = await services.running("7")
