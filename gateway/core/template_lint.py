@@ -86,8 +86,8 @@ interpreter's arguments after its script or module (``python3 serve.py
 Allowed although not strictly safe: ``{{ }}`` in a shell comment or in the body
 of a quoted heredoc (``<<'EOF'``) fed to a command that does not read code. A
 value with a newline ends the comment, or can repeat the delimiter line, there;
-``check_variable`` refuses control characters in values unless a recipe sets
-its own ``pattern``.
+``check_variable`` refuses control characters in every request value, whatever
+a recipe's ``pattern``; runtime values come from the recipe and the site overlay.
 
 Known limits, which a recipe's author must mind:
 
