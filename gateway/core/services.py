@@ -239,8 +239,6 @@ class ServiceManager:
 
     def _parse(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
         """The job's metadata when the job is a service of this gateway's users."""
-        if not job.comment.startswith(metadata.PREFIX):
-            return None
         parsed = self.codec.decode(job.comment)
         if parsed is None or parsed[0].owner != job.user_name or not job.user_name:
             return None

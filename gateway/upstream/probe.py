@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from gateway.upstream.vllm import VllmClient
+from gateway.upstream.vllm import VllmClient, auth_headers
 
 
 class HealthProber:
@@ -75,10 +75,9 @@ class HealthProber:
         return ok
 
     async def _get(self, url: str, key: str | None) -> bool:
-        headers = {"Authorization": f"Bearer {key}"} if key else None
         try:
             # The status is the answer: the body is never read.
-            async with self._http.stream("GET", url, headers=headers) as response:
+            async with self._http.stream("GET", url, headers=auth_headers(key)) as response:
                 return response.status_code < 300
         except httpx.HTTPError:
             return False

@@ -121,7 +121,7 @@ class VllmClient:
         """A small answer (a model list), read up to ``_SMALL_ANSWER`` bytes:
         whatever listens on an endpoint must not make the gateway hold gigabytes."""
         try:
-            async with self._http.stream("GET", url, headers=_auth(key)) as response:
+            async with self._http.stream("GET", url, headers=auth_headers(key)) as response:
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.aiter_bytes():
@@ -141,7 +141,9 @@ class VllmClient:
     async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:
         """``/health`` answers and ``/v1/models`` lists ``model`` (any, if None)."""
         try:
-            async with self._http.stream("GET", f"{endpoint}/health", headers=_auth(key)) as health:
+            async with self._http.stream(
+                "GET", f"{endpoint}/health", headers=auth_headers(key)
+            ) as health:
                 if health.status_code != 200:  # the body is never read
                     return False
             served = await self.models(endpoint, key)
@@ -206,7 +208,7 @@ class VllmClient:
         self, endpoint: str, api: Api, prompt: Prompt, key: str | None
     ) -> httpx.Response:
         request = self._http.build_request(
-            "POST", _url(endpoint, api), json=_body(api, prompt, True), headers=_auth(key)
+            "POST", _url(endpoint, api), json=_body(api, prompt, True), headers=auth_headers(key)
         )
         try:
             return await self._http.send(request, stream=True)
@@ -219,14 +221,14 @@ class VllmClient:
         self, method: str, url: str, key: str | None, json: Any = None
     ) -> httpx.Response:
         try:
-            return await self._http.request(method, url, json=json, headers=_auth(key))
+            return await self._http.request(method, url, json=json, headers=auth_headers(key))
         except httpx.TimeoutException:
             raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
 
 
-def _auth(key: str | None) -> dict[str, str] | None:
+def auth_headers(key: str | None) -> dict[str, str] | None:
     """The service's bearer key (vLLM's ``--api-key``), which only the gateway knows."""
     return {"Authorization": f"Bearer {key}"} if key else None
 
