@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export GATEWAY_LOCAL_ROOT ?= /var/lib/slurm-gateway-local
 # The cluster `make run` serves: c2205 (Slurm 22.05, has the local vLLM
-# runtime) or c2411 (Slurm 24.11).
+# runtime), c2411 (Slurm 24.11) or c2605 (Slurm 26.05 from Debian sid).
 CLUSTER ?= c2205
 
 .PHONY: run test venv cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
@@ -54,9 +54,10 @@ integration: venv cluster vllm-runtime
 bench: venv cluster vllm-runtime
 	$(PY) bench/prompt_latency.py
 
-# Re-record the adapter fixtures from the live daemons (tests/fixtures/slurmrestd).
+# Re-record the adapter fixtures from the live daemons (tests/fixtures/slurmrestd);
+# ONLY="c2605" limits it to the clusters named.
 fixtures: venv cluster
-	$(PY) scripts/record_fixtures.py
+	$(PY) scripts/record_fixtures.py $(ONLY)
 
 # Regenerate openapi/openapi.json from the app (a unit test fails when it is stale).
 openapi: venv

@@ -7,11 +7,14 @@ stores each answer untouched under
 ``{"scenario", "request", "status", "body", "meta"}``. ``meta`` holds what the
 tests need to know about the scenario (the job id, the expected exit code).
 
-Usage: ``make fixtures`` (the clusters must be up: ``make cluster``).
+Usage: ``make fixtures`` (the clusters must be up: ``make cluster``);
+``make fixtures ONLY=c2605`` records one cluster's answers and leaves the
+others' files untouched.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -204,11 +207,17 @@ class Recorder:
         await self.record("ping_no_token", a.ping_request(), headers={})
 
 
-async def main() -> int:
+async def main(only: list[str]) -> int:
     clusters = discover()
     if not clusters:
         print("no local clusters found; run `make cluster` first", file=sys.stderr)
         return 1
+    if only:
+        unknown = set(only) - {c.name for c in clusters}
+        if unknown:
+            print(f"no such local cluster: {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 1
+        clusters = [c for c in clusters if c.name in only]
     async with httpx.AsyncClient(timeout=30.0) as http:
         for cluster in clusters:
             print(f"{cluster.name}: Slurm {cluster.slurm_release} at {cluster.url}")
@@ -223,4 +232,6 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("clusters", nargs="*", help="cluster names (default: all)")
+    raise SystemExit(asyncio.run(main(parser.parse_args().clusters)))

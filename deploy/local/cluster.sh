@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Local Slurm test clusters for the gateway: Slurm 22.05 (Debian bookworm) and
-# Slurm 24.11 (Debian trixie), each in its own debootstrap chroot, each with its
-# own munged, slurmctld, slurmd and slurmrestd (JWT auth) on loopback ports.
+# Local Slurm test clusters for the gateway: Slurm 22.05 (Debian bookworm),
+# Slurm 24.11 (Debian trixie) and Slurm 26.05 (Debian sid), each in its own
+# debootstrap chroot, each with its own munged, slurmctld, slurmd and slurmrestd
+# (JWT auth) on loopback ports.
 #
-#   cluster.sh up      [c2205|c2411 ...]   build if needed, start, check, write cluster.json
-#   cluster.sh down    [c2205|c2411 ...]   stop the daemons (and jobs), unmount; chroots stay
-#   cluster.sh status  [c2205|c2411 ...]   print the state of each cluster
-#   cluster.sh destroy [c2205|c2411 ...]   down, then delete the chroots
+#   cluster.sh up      [c2205|c2411|c2605 ...]   build if needed, start, check, write cluster.json
+#   cluster.sh down    [c2205|c2411|c2605 ...]   stop the daemons (and jobs), unmount; chroots stay
+#   cluster.sh status  [c2205|c2411|c2605 ...]   print the state of each cluster
+#   cluster.sh destroy [c2205|c2411|c2605 ...]   down, then delete the chroots
 #
 # Everything lives under ${GATEWAY_LOCAL_ROOT:-/var/lib/slurm-gateway-local}; the
 # host's own /etc/slurm and /etc/munge are never read or written. Needs root.
@@ -18,7 +19,7 @@ SECURITY_MIRROR="${GATEWAY_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-
 # Seconds allowed for each cluster to come up once its daemons were started.
 START_TIMEOUT="${GATEWAY_LOCAL_START_TIMEOUT:-120}"
 
-ALL_CLUSTERS=(c2205 c2411)
+ALL_CLUSTERS=(c2205 c2411 c2605)
 # Bump when the provisioning steps change: chroots with another marker are rebuilt.
 PROVISION_VERSION="3"
 NODE_CPUS=16
@@ -44,7 +45,7 @@ die() {
 
 usage() {
     cat >&2 <<'EOF'
-usage: cluster.sh {up|down|status|destroy} [c2205|c2411 ...]
+usage: cluster.sh {up|down|status|destroy} [c2205|c2411|c2605 ...]
   up       build the chroots if needed, start the daemons, check them, write cluster.json
   down     stop the daemons and leftover job processes, unmount /proc and /sys; keep the chroots
   status   print each cluster's state (exit 0 only if all are up and answering)
@@ -83,6 +84,17 @@ load_cluster() {
         # No cgroup controllers here: 24.11's slurmd refuses to start without this.
         C_CGROUP_CONF="CgroupPlugin=disabled"
         C_API_CANDIDATES=(v0.0.44 v0.0.43 v0.0.42 v0.0.41 v0.0.40 v0.0.39)
+        ;;
+    c2605)
+        # Debian's development suite: its Slurm moves on with it (26.05 when added).
+        C_SUITE="sid"
+        C_CTLD_PORT="8817"
+        C_SLURMD_PORT="8818"
+        C_REST_PORT="8820"
+        C_REST_PLUGIN_CHOICES=("openapi/slurmctld")
+        C_PING_VERSION="v0.0.42"
+        C_CGROUP_CONF="CgroupPlugin=disabled"
+        C_API_CANDIDATES=(v0.0.46 v0.0.45 v0.0.44 v0.0.43 v0.0.42 v0.0.41 v0.0.40)
         ;;
     *) die "unknown cluster '${C_NAME}' (known: ${ALL_CLUSTERS[*]})" ;;
     esac
@@ -315,13 +327,20 @@ provision() {
     # No service may start inside the chroot while packages are installed.
     printf '#!/bin/sh\nexit 101\n' >"${C_CHROOT}/usr/sbin/policy-rc.d"
     chmod 0755 "${C_CHROOT}/usr/sbin/policy-rc.d"
-    cat >"${C_CHROOT}/etc/apt/sources.list" <<EOF
+    if [[ "${C_SUITE}" == "sid" ]]; then
+        # The development suite has no -updates or -security archives.
+        printf 'deb %s sid main\n' "${MIRROR}" >"${C_CHROOT}/etc/apt/sources.list"
+    else
+        cat >"${C_CHROOT}/etc/apt/sources.list" <<EOF
 deb ${MIRROR} ${C_SUITE} main
 deb ${MIRROR} ${C_SUITE}-updates main
 deb ${SECURITY_MIRROR} ${C_SUITE}-security main
 EOF
+    fi
     rm -f "${C_CHROOT}/etc/apt/sources.list.d/debian.sources"
-    printf 'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n' \
+    # Mirrors and caches may serve a snapshot of sid whose Release file is past
+    # its Valid-Until date; apt would then refuse it (seen on this machine).
+    printf 'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\nAcquire::Check-Valid-Until "false";\n' \
         >"${C_CHROOT}/etc/apt/apt.conf.d/90gateway-local"
 
     mount_proc
@@ -597,7 +616,8 @@ mint_token() {
     printf '%s\n' "${out}"
 }
 
-# GET /slurm/VERSION/ping with TOKEN; succeeds on HTTP 200 and an "UP" controller.
+# GET /slurm/VERSION/ping with TOKEN; succeeds on HTTP 200 and a controller that
+# is "UP" (v0.0.38-v0.0.44) or "responding": true (v0.0.42+; v0.0.45 drops "UP").
 rest_ping() {
     local version="$1" token="$2" body code
     body="$(curl -sS -m 5 -w '\n%{http_code}' \
@@ -605,7 +625,7 @@ rest_ping() {
         "${C_URL}/slurm/${version}/ping" 2>/dev/null)" || return 1
     code="${body##*$'\n'}"
     [[ "${code}" == "200" ]] || return 1
-    [[ "${body}" == *'"UP"'* ]]
+    [[ "${body}" == *'"UP"'* ]] || [[ "${body}" =~ \"responding\"[[:space:]]*:[[:space:]]*true ]]
 }
 
 wait_for_rest() {

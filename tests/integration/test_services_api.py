@@ -1,4 +1,4 @@
-"""The services and recipes API of a live gateway process on both clusters."""
+"""The services and recipes API of a live gateway process on every local cluster."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import httpx
 import pytest
 
 from gateway.slurm import JobSubmission
+from gateway.slurm.adapters import SUPPORTED_VERSIONS
 from gateway.testing.clusters import LocalCluster
 from tests.conftest import poll
+from tests.integration.conftest import TIMINGS
 from tests.integration.gateway_process import GatewayProcess
 
 TERMINAL = {"completed", "failed", "cancelled", "timeout"}
@@ -282,6 +284,35 @@ async def test_logs_tail_and_stop_twice(services: Services, api: httpx.AsyncClie
     assert first.json()["status"] == "cancelled"
     again = await api.delete(f"/api/v1/services/{created['id']}")
     assert again.status_code == 200
+
+
+async def test_walk_on_every_served_api_version(cluster: LocalCluster) -> None:
+    """create -> running -> logs -> stop -> cancelled through a gateway pinned to
+    each API version the cluster's slurmrestd serves (not only the newest)."""
+    versions = [v for v in cluster.api_versions if v in SUPPORTED_VERSIONS]
+    assert versions, f"{cluster.name} serves none of {SUPPORTED_VERSIONS}"
+    walked: list[str] = []
+    for version in versions:
+        with GatewayProcess(cluster, GATEWAY_SLURM_API_VERSION=version) as gateway:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as api:
+                ready = (await api.get("/api/v1/ready")).json()
+                assert ready["slurm_api_version"] == version, ready
+                assert ready["slurm_release"] == cluster.slurm_release, ready
+                services = Services(api)
+                try:
+                    created = await services.http(MESSAGE=f"pinned-{version}")
+                    assert created["status"] == "pending"
+                    running = await services.wait(created["id"], "running")
+                    assert running["slurm_state"] == "RUNNING"
+                    logs = (await api.get(f"/api/v1/services/{created['id']}/logs")).json()
+                    assert f"message from environment: pinned-{version}" in logs["logs"]
+                    stop = await api.delete(f"/api/v1/services/{created['id']}")
+                    assert stop.status_code == 200, stop.text
+                    await services.wait(created["id"], "cancelled")
+                finally:
+                    await services.cleanup()
+        walked.append(version)
+    TIMINGS.append(f"services walk on {cluster.name}: {', '.join(walked)}")
 
 
 async def test_stopping_a_finished_service_is_a_clear_409(

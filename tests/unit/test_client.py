@@ -22,6 +22,8 @@ from gateway.slurm import (
 from tests.conftest import free_port
 
 URL = "http://slurmrestd.test:6820"
+# The newest version the gateway speaks, and the one after it.
+NEWEST, NEXT = SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[1]
 PING_42 = {
     "pings": [{"hostname": "n1", "pinged": "UP", "responding": True, "latency": 10}],
     "meta": {"slurm": {"release": "24.11.5"}},
@@ -57,15 +59,15 @@ def negotiated(httpx_mock: HTTPXMock) -> SlurmClient:
 
 
 async def test_negotiation_takes_newest_served_version(httpx_mock: HTTPXMock) -> None:
-    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.44/ping", status_code=404)
-    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.43/ping", status_code=404)
+    for version in ("v0.0.45", "v0.0.44", "v0.0.43"):
+        httpx_mock.add_response(url=f"{URL}/slurm/{version}/ping", status_code=404)
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING_42, is_reusable=True)
     async with make_client(None) as client:
         pings = await client.ping()
         assert client.api_version == "v0.0.42"
         assert pings[0].slurm_release == "24.11.5"
         await client.ping()  # negotiated once: no more 404 probes
-    assert len(httpx_mock.get_requests(url=f"{URL}/slurm/v0.0.44/ping")) == 1
+    assert len(httpx_mock.get_requests(url=f"{URL}/slurm/v0.0.45/ping")) == 1
 
 
 async def test_no_common_version(httpx_mock: HTTPXMock) -> None:
@@ -210,28 +212,28 @@ def ping_url(version: str) -> str:
 async def test_negotiation_after_a_503_tries_again_on_the_next_call(
     httpx_mock: HTTPXMock,
 ) -> None:
-    httpx_mock.add_response(url=ping_url("v0.0.44"), status_code=503, text="<html>starting</html>")
-    httpx_mock.add_response(url=ping_url("v0.0.44"), json=PING_42, is_reusable=True)
+    httpx_mock.add_response(url=ping_url(NEWEST), status_code=503, text="<html>starting</html>")
+    httpx_mock.add_response(url=ping_url(NEWEST), json=PING_42, is_reusable=True)
     async with make_client(None) as client:
         with pytest.raises(SlurmUnavailable, match="HTTP 503"):
             await client.ping()
         assert client.api_version is None  # nothing remembered
         pings = await client.ping()
-        assert client.api_version == "v0.0.44"
+        assert client.api_version == NEWEST
         assert pings[0].responding
     # The 503 was not taken for "not served": no older version was probed.
-    assert not httpx_mock.get_requests(url=ping_url("v0.0.43"))
-    assert len(httpx_mock.get_requests(url=ping_url("v0.0.44"))) == 3
+    assert not httpx_mock.get_requests(url=ping_url(NEXT))
+    assert len(httpx_mock.get_requests(url=ping_url(NEWEST))) == 3
 
 
 async def test_negotiation_falls_back_when_the_newest_answers_404(httpx_mock: HTTPXMock) -> None:
-    httpx_mock.add_response(url=ping_url("v0.0.44"), status_code=404)
-    httpx_mock.add_response(url=ping_url("v0.0.43"), json=PING_42)
+    httpx_mock.add_response(url=ping_url(NEWEST), status_code=404)
+    httpx_mock.add_response(url=ping_url(NEXT), json=PING_42)
     node = {"nodes": [{"name": "n1", "hostname": "vm", "address": "10.0.0.1"}], "errors": []}
-    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.43/node/n1", json=node)
+    httpx_mock.add_response(url=f"{URL}/slurm/{NEXT}/node/n1", json=node)
     async with make_client(None) as client:
         assert await client.get_node("n1") == NodeInfo(name="n1", hostname="vm", address="10.0.0.1")
-        assert client.api_version == "v0.0.43"
+        assert client.api_version == NEXT
 
 
 @pytest.mark.parametrize("status", [500, 502, 504])
@@ -239,24 +241,24 @@ async def test_negotiation_failure_is_raised_typed_not_cached(
     httpx_mock: HTTPXMock, status: int
 ) -> None:
     body = {"errors": [{"error_number": 1001, "error": "Unable to contact slurm controller"}]}
-    httpx_mock.add_response(url=ping_url("v0.0.44"), status_code=status, json=body)
-    httpx_mock.add_response(url=ping_url("v0.0.44"), json=PING_42, is_reusable=True)
+    httpx_mock.add_response(url=ping_url(NEWEST), status_code=status, json=body)
+    httpx_mock.add_response(url=ping_url(NEWEST), json=PING_42, is_reusable=True)
     async with make_client(None) as client:
         with pytest.raises(SlurmUnavailable):
             await client.ping()
         await client.ping()
-        assert client.api_version == "v0.0.44"
+        assert client.api_version == NEWEST
 
 
 async def test_negotiation_with_refused_credentials_is_auth_error(httpx_mock: HTTPXMock) -> None:
-    httpx_mock.add_response(url=ping_url("v0.0.44"), status_code=401, text="Authentication failure")
-    httpx_mock.add_response(url=ping_url("v0.0.44"), json=PING_42, is_reusable=True)
+    httpx_mock.add_response(url=ping_url(NEWEST), status_code=401, text="Authentication failure")
+    httpx_mock.add_response(url=ping_url(NEWEST), json=PING_42, is_reusable=True)
     async with make_client(None) as client:
         with pytest.raises(SlurmAuthError):
             await client.ping()
         assert client.api_version is None
         await client.ping()
-        assert client.api_version == "v0.0.44"
+        assert client.api_version == NEWEST
 
 
 async def test_negotiation_with_v0_0_38_token_refusal_is_auth_error(httpx_mock: HTTPXMock) -> None:
@@ -285,14 +287,14 @@ async def test_negotiation_refuses_a_body_that_is_no_ping(httpx_mock: HTTPXMock)
 
 
 async def test_negotiation_refuses_a_ping_without_controllers(httpx_mock: HTTPXMock) -> None:
-    httpx_mock.add_response(url=ping_url("v0.0.44"), json={"status": "ok"})
-    httpx_mock.add_response(url=ping_url("v0.0.44"), json=PING_42, is_reusable=True)
+    httpx_mock.add_response(url=ping_url(NEWEST), json={"status": "ok"})
+    httpx_mock.add_response(url=ping_url(NEWEST), json=PING_42, is_reusable=True)
     async with make_client(None) as client:
         with pytest.raises(SlurmUnexpectedResponse, match="no controller"):
             await client.ping()
         assert client.api_version is None
         await client.ping()
-        assert client.api_version == "v0.0.44"
+        assert client.api_version == NEWEST
 
 
 async def test_pinned_version_failing_is_not_unsupported(httpx_mock: HTTPXMock) -> None:

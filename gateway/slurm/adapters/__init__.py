@@ -14,9 +14,10 @@ from gateway.slurm.adapters.v0_0_41 import V0041
 from gateway.slurm.adapters.v0_0_42 import V0042
 from gateway.slurm.adapters.v0_0_43 import V0043
 from gateway.slurm.adapters.v0_0_44 import V0044
+from gateway.slurm.adapters.v0_0_45 import V0045
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    cls.version: cls for cls in (V0044, V0043, V0042, V0041, V0040, V0039, V0038)
+    cls.version: cls for cls in (V0045, V0044, V0043, V0042, V0041, V0040, V0039, V0038)
 }
 SUPPORTED_VERSIONS: tuple[str, ...] = tuple(ADAPTERS)
 

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from gateway.slurm.adapters import v0_0_44 as newer
+from gateway.slurm.adapters import v0_0_45 as newer
 from gateway.slurm.adapters.base import FALLBACK_ENVIRONMENT, JobList
 from gateway.slurm.adapters.v0_0_39 import V0039
 from gateway.slurm.errors import SlurmAuthError, SlurmError, SlurmErrorDetail

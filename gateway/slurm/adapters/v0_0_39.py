@@ -26,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from gateway.slurm.adapters import v0_0_44 as newer
+from gateway.slurm.adapters import v0_0_45 as newer
 from gateway.slurm.adapters.base import NoVal, number
 from gateway.slurm.adapters.v0_0_40 import V0040
 from gateway.slurm.models import JobExit, JobState, JobSubmission

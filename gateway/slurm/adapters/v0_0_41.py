@@ -6,7 +6,9 @@ Differs from v0.0.42:
   HTTP 422; we send the relative form ``now-N`` (seconds), which needs no
   agreement on the server's time zone;
 * cancel answers only ``errors[]`` (no per-job ``status[]``), and cancelling a
-  finished job is a success.
+  finished job is a success;
+* ping items have no ``responding``: a controller that answers is
+  ``pinged: "UP"``.
 
 Checked live on Slurm 24.11.5.
 """
@@ -17,11 +19,28 @@ import time
 from datetime import datetime
 from typing import ClassVar
 
+import msgspec
+
+from gateway.slurm.adapters import v0_0_45 as newer
 from gateway.slurm.adapters.v0_0_42 import V0042
+
+
+class Ping(newer.Ping, frozen=True):
+    pinged: str = ""
+
+
+class PingResponse(newer.PingResponse, frozen=True):
+    pings: list[Ping] = msgspec.field(default_factory=list)  # type: ignore[assignment]
 
 
 class V0041(V0042):
     version: ClassVar[str] = "v0.0.41"
+    ping_model: ClassVar[type[newer.PingResponse]] = PingResponse
+
+    def responding(self, ping: newer.Ping) -> bool:
+        if isinstance(ping, Ping) and ping.responding is None:
+            return ping.pinged == "UP"
+        return super().responding(ping)
 
     def update_time_param(self, since: datetime) -> dict[str, str]:
         # One extra second covers the rounding, at worst a full list.

@@ -1,8 +1,9 @@
-"""slurmrestd v0.0.42 (Slurm 24.11, 25.05, 25.11).
+"""slurmrestd v0.0.42 (Slurm 24.11 to 26.05).
 
 Differs from v0.0.43: ``standard_output``/``standard_error`` are already
 expanded (``/tmp/x-12.out``) and there is no ``stdout_expanded``; the inherited
-expansion is a no-op on a path without ``%``. Checked live on Slurm 24.11.5.
+expansion is a no-op on a path without ``%``. Checked live on Slurm 24.11.5
+and 26.05.5 (where it is the oldest version served, marked deprecated).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""slurmrestd v0.0.43 (Slurm 25.05, 25.11).
+"""slurmrestd v0.0.43 (Slurm 25.05, 25.11, 26.05).
 
-Differs from v0.0.44 in nothing the gateway reads or sends: both return the
-raw ``standard_output`` pattern plus ``stdout_expanded``, take ``job.script``,
-epoch ``update_time`` and answer cancels with ``status[]``. v0.0.44 only
-deprecates ping's ``pinged`` and ``mode``, which we read as a fallback.
-
-Not checked against a live 25.x daemon here.
+Differs from v0.0.44 in nothing the gateway sends or reads: v0.0.44 adds the
+``EXPEDITING`` job state flag (kept as a flag like any other) and deprecates
+ping's ``pinged`` and ``mode``. Checked live on Slurm 26.05.5.
 """
 
 from __future__ import annotations
