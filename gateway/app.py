@@ -19,6 +19,7 @@ from gateway.api.health import HealthController
 from gateway.api.recipes import RecipesController
 from gateway.api.services import ServicesController
 from gateway.api.vllm import VllmController
+from gateway.core.jobview import JobView
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import ServiceManager
 from gateway.settings import Settings, load_settings
@@ -77,11 +78,17 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             account=settings.slurm_account,
             path_map=settings.path_mapping(),
             log_max_bytes=settings.log_max_bytes,
-            running_ttl=settings.health_cache_seconds,
+            view=JobView(
+                client,
+                interval=settings.view_refresh_seconds,
+                min_gap=settings.view_min_gap_seconds,
+            ),
         )
+        app.state.services.view.start()
         try:
             yield
         finally:
+            await app.state.services.view.close()
             await prober.aclose()
             await vllm.aclose()
             await client.aclose()

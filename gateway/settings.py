@@ -48,6 +48,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     slurm_connect_timeout: Seconds = 3.0
     slurm_partition: str | None = None
     slurm_account: str | None = None
+    # The shared job view: one job listing per interval while in use, and
+    # never two listings closer than the minimum gap (the slurmctld RPC bound).
+    view_refresh_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 1.0
+    view_min_gap_seconds: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.25
 
     # Authenticates what the gateway writes into job comments and derives each
     # service's upstream key; every replica needs the same one. Defaults to one
@@ -181,6 +185,11 @@ def _check_slurm(s: Settings) -> None:
         raise SettingsError(
             f"{env_name('slurm_token')} or {env_name('slurm_token_file')}: set exactly one "
             f"when {env_name('slurm_auth')}=static"
+        )
+    if s.view_min_gap_seconds > s.view_refresh_seconds:
+        raise SettingsError(
+            f"{env_name('view_min_gap_seconds')}: must not exceed "
+            f"{env_name('view_refresh_seconds')} ({s.view_refresh_seconds})"
         )
     if s.secret is not None and s.secret_file is not None:
         raise SettingsError(f"{env_name('secret')} or {env_name('secret_file')}: set one, not both")

@@ -3,7 +3,8 @@
 Nothing here is stored by the gateway. A service is rebuilt on every read from
 the job record (state, times, node, user) and the job's comment (recipe,
 requested configuration, creation time, owner, and what the job published
-about itself).
+about itself). Job records come from the replica's shared view of Slurm's
+jobs (jobview.py), so reads cost slurmctld nothing per request.
 
 What a job writes is untrusted: a job is a service only when its metadata
 carries the gateway's MAC and its Slurm user is one the gateway submits as;
@@ -26,6 +27,7 @@ import structlog
 from gateway.core import jobscript, metadata
 from gateway.core.errors import Conflict, InvalidRequest, NotFound
 from gateway.core.joblogs import LogFile, read_tail
+from gateway.core.jobview import JobView
 from gateway.core.metadata import MetaCodec
 from gateway.core.nodes import NodeAddresses
 from gateway.core.recipes import Recipe, RecipeCatalog, resolve_resources
@@ -123,8 +125,8 @@ class ServiceManager:
         account: str | None = None,
         path_map: list[tuple[str, str]] | None = None,
         log_max_bytes: int = 1024 * 1024,
-        running_ttl: float = 2.0,
         node_ttl: float = 300.0,
+        view: JobView | None = None,
     ) -> None:
         self.slurm = slurm
         self.recipes = recipes
@@ -136,10 +138,14 @@ class ServiceManager:
         self.account = account
         self.path_map = path_map or []
         self.log_max_bytes = log_max_bytes
-        self.running_ttl = running_ttl
+        self.view = view or JobView(slurm)
         self.nodes = NodeAddresses(slurm, ttl=node_ttl)
-        self._running: dict[str, tuple[float, Service]] = {}
         self._reported_bad: set[int] = set()
+        # job id -> ((comment, user), what it parses to): a comment is checked
+        # (MAC, owner) once, not on every read.
+        self._parsed: dict[
+            int, tuple[tuple[str, str], tuple[metadata.ServiceMeta, metadata.Reported] | None]
+        ] = {}
 
     async def owner(self) -> str:
         """The Slurm user the gateway submits as (static tokens name it)."""
@@ -190,7 +196,23 @@ class ServiceManager:
         submitted = await self.slurm.submit(submission)
         # One slurmrestd call: the job exists now, and reading it back could
         # only fail a create that worked (a client retrying would start a
-        # second job). A new job is pending; reads show it as Slurm has it.
+        # second job). The view shows it at once, pending, until a listing
+        # brings Slurm's own record.
+        self.view.put(
+            JobInfo(
+                job_id=submitted.job_id,
+                name=job_name,
+                user_name=meta.owner,
+                state=JobState.PENDING,
+                state_reason="None",
+                partition=submission.partition or "",
+                submit_time=datetime.now(tz=UTC),
+                comment=encoded,
+                working_directory=self.job_dir,
+                standard_output=f"{self.job_dir}/{job_name}-{submitted.job_id}.out",
+                standard_error=f"{self.job_dir}/{job_name}-{submitted.job_id}.err",
+            )
+        )
         return self._service_from_submission(submitted.job_id, recipe, meta)
 
     def _recipe_for_create(self, name: str) -> Recipe:
@@ -239,6 +261,15 @@ class ServiceManager:
 
     def _parse(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
         """The job's metadata when the job is a service of this gateway's users."""
+        key = (job.comment, job.user_name)
+        cached = self._parsed.get(job.job_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        parsed = self._parse_comment(job)
+        self._parsed[job.job_id] = (key, parsed)
+        return parsed
+
+    def _parse_comment(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
         parsed = self.codec.decode(job.comment)
         if parsed is None or parsed[0].owner != job.user_name or not job.user_name:
             return None
@@ -247,15 +278,16 @@ class ServiceManager:
         return parsed
 
     async def list(self) -> list[Service]:
-        """Every service Slurm still knows: one slurmrestd call, probes in parallel.
+        """Every service Slurm still knows, from the view; probes in parallel.
 
         One job's bad data never fails the listing: it is left out and logged once.
         """
         await self.owner()
-        listing = await self.slurm.list_jobs()
-        if listing.unreadable:
-            log.warning("jobs_unreadable", count=listing.unreadable)
-        ours = [(job, parsed) for job in listing.jobs if (parsed := self._parse(job))]
+        jobs = await self.view.jobs()
+        if len(self._parsed) > 2 * len(jobs) + 1024:
+            current = {job.job_id for job in jobs}
+            self._parsed = {k: v for k, v in self._parsed.items() if k in current}
+        ours = [(job, parsed) for job in jobs if (parsed := self._parse(job))]
         built = await asyncio.gather(
             *(self._service(job, *parsed) for job, parsed in ours), return_exceptions=True
         )
@@ -286,9 +318,8 @@ class ServiceManager:
         """The job of a service with what its comment holds; 404 for any other."""
         job_id = parse_id(service_id)
         await self.owner()
-        try:
-            job = await self.slurm.get_job(job_id)
-        except SlurmJobNotFound:
+        job = await self.view.job(job_id)
+        if job is None:
             raise NotFound(
                 f"service {service_id} does not exist (Slurm does not know job {job_id}; "
                 "finished jobs are forgotten after Slurm's MinJobAge)"
@@ -377,21 +408,11 @@ class ServiceManager:
     async def running(self, service_id: str, *, kind: str | None = None) -> Service:
         """The service, which must be running (and of ``kind``); 409 otherwise.
 
-        This is on every prompt's path, so a running service is remembered for
-        ``running_ttl`` seconds instead of asking Slurm each time; at worst a
-        prompt reaches a service stopped by another replica meanwhile, and gets
-        vLLM's connection error (502).
+        This is on every prompt's path; it reads the view and the prober's cache
+        only. At worst a prompt reaches a service stopped by another replica
+        within the view's refresh interval, and gets the upstream's error (502).
         """
-        cached = self._running.get(service_id)
-        if cached is not None and time.monotonic() < cached[0]:
-            service = cached[1]
-        else:
-            service = await self.get(service_id)
-            if service.status is ServiceStatus.RUNNING:
-                self._running[service_id] = (time.monotonic() + self.running_ttl, service)
-                if len(self._running) > 4096:
-                    now = time.monotonic()
-                    self._running = {k: v for k, v in self._running.items() if v[0] > now}
+        service = await self.get(service_id)
         if kind is not None and service.kind != kind:
             raise Conflict(f"service {service_id} is a {service.kind} service, not {kind}")
         if service.status is not ServiceStatus.RUNNING or service.upstream is None:
@@ -461,7 +482,6 @@ class ServiceManager:
     # -- stop -----------------------------------------------------------------
 
     async def stop(self, service_id: str) -> Service:
-        self._running.pop(service_id, None)
         job, meta, reported = await self._job(service_id)
         if job.state.is_terminal:
             service = await self._service(job, meta, reported)
@@ -477,17 +497,12 @@ class ServiceManager:
         except SlurmJobNotFound:
             return await self._gone(job, meta, reported)
         # Slurm ends the job within moments; answer with its final state when
-        # it arrives in time, else with what Slurm says now.
-        deadline = time.monotonic() + STOP_WAIT_SECONDS
-        while True:
-            try:
-                job = await self.slurm.get_job(job.job_id)
-            except SlurmJobNotFound:
-                return await self._gone(job, meta, reported)
-            done = job.state.is_terminal and "COMPLETING" not in job.state_flags
-            if done or time.monotonic() > deadline:
-                return await self._service(job, meta, reported)
-            await asyncio.sleep(0.25)
+        # it arrives in time, else with what Slurm says now. The wait shares
+        # the view's listings with every other reader.
+        final = await self.view.wait_for(job.job_id, _settled, STOP_WAIT_SECONDS)
+        if final is None:
+            return await self._gone(job, meta, reported)
+        return await self._service(final, meta, reported)
 
     async def _gone(
         self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
@@ -497,6 +512,11 @@ class ServiceManager:
             job, state=JobState.CANCELLED, end_time=job.end_time or datetime.now(tz=UTC)
         )
         return await self._service(ended, meta, reported)
+
+
+def _settled(job: JobInfo | None) -> bool:
+    """Gone from Slurm, or ended with its exit code final."""
+    return job is None or (job.state.is_terminal and "COMPLETING" not in job.state_flags)
 
 
 def job_name_of(recipe: str) -> str:

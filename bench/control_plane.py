@@ -1,0 +1,287 @@
+"""The control plane against slurmrestd itself, side by side in one run.
+
+On one local cluster, with its node drained so that every job stays pending
+(no job processes compete for the CPUs), this measures:
+
+1. creates: ``POST /services`` through the gateway against the same job
+   submitted straight to slurmrestd, at the same concurrency, alternating;
+2. listing: ``GET /services`` with ``--list-size`` services queued against
+   slurmrestd's own ``GET /jobs``, alternating;
+3. polling: ``--pollers`` clients polling ``GET /services/{id}/status`` for
+   ``--poll-seconds``, with slurmctld's RPC counters (``sdiag``) read before
+   and after: the RPC rate the gateway caused, against the clients' rate;
+4. scale: the queue filled to ``--scale`` services, then list and status
+   times, and the gateway process's memory before and after.
+
+Everything it submits is cancelled at the end and the node resumed.
+
+    python bench/control_plane.py [--cluster c2205] [--pollers 100] [--poll-seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.core.services import CreateRequest, ServiceManager  # noqa: E402
+from gateway.slurm import JobSubmission, SubmitResult  # noqa: E402
+from gateway.slurm.adapters import adapter_for  # noqa: E402
+from gateway.testing.clusters import LocalCluster, discover  # noqa: E402
+from gateway.wiring import metadata_codec  # noqa: E402
+from tests.integration.gateway_process import GatewayProcess  # noqa: E402
+
+RECIPE = "testing/http"
+_RPC_LINE = re.compile(r"^\s*([A-Z_]+)\s+\(\s*\d+\)\s+count:(\d+)")
+
+
+def chroot(cluster: LocalCluster, *command: str) -> str:
+    done = subprocess.run(
+        ["chroot", cluster.chroot, "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+         *command],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    return done.stdout
+
+
+def rpc_counts(cluster: LocalCluster) -> dict[str, int]:
+    """slurmctld's RPC counts by message type (sdiag)."""
+    counts: dict[str, int] = {}
+    section = False
+    for line in chroot(cluster, "sdiag").splitlines():
+        if line.startswith("Remote Procedure Call statistics by message type"):
+            section = True
+        elif line.startswith("Remote Procedure Call statistics by user"):
+            break
+        elif section and (m := _RPC_LINE.match(line)):
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def rpc_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    # sdiag's own REQUEST_STATS_INFO is ours, not the gateway's.
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "REQUEST_STATS_INFO"}
+    return {k: v for k, v in delta.items() if v}
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def ms(values: list[float]) -> str:
+    data = sorted(v * 1000 for v in values)
+    return f"p50 {statistics.median(data):7.1f} ms  p90 {data[int(0.9 * (len(data) - 1))]:7.1f} ms"
+
+
+async def timed_batch(
+    count: int, concurrency: int, one: Callable[[], Awaitable[None]]
+) -> tuple[list[float], float]:
+    """Latencies of ``count`` calls run ``concurrency`` at a time, and the calls per second."""
+    latencies: list[float] = []
+    todo = iter(range(count))
+
+    async def worker() -> None:
+        for _ in todo:
+            t0 = time.perf_counter()
+            await one()
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, count / (time.perf_counter() - t0)
+
+
+async def captured_submission(cluster: LocalCluster, gateway: GatewayProcess) -> JobSubmission:
+    """The job the gateway submits for one service, built by its own code."""
+    from gateway.app import load_recipes
+    from gateway.settings import load_settings
+
+    settings = load_settings(gateway.env)
+    captured: list[JobSubmission] = []
+
+    class Capture:
+        async def submit(self, job: JobSubmission) -> SubmitResult:
+            captured.append(job)
+            return SubmitResult(job_id=1)
+
+    manager = ServiceManager(
+        slurm=Capture(),  # type: ignore[arg-type]
+        recipes=load_recipes(settings),
+        prober=None,  # type: ignore[arg-type]
+        codec=metadata_codec(settings),
+        job_dir=settings.job_dir,
+        slurm_user=cluster.user,
+        partition=cluster.partition,
+    )
+    await manager.create(CreateRequest(recipe_name=RECIPE))
+    return captured[0]
+
+
+async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayProcess) -> None:
+    job = await captured_submission(cluster, gateway)
+    limits = httpx.Limits(max_connections=200)
+    async with (
+        httpx.AsyncClient(base_url=gateway.url, timeout=120, limits=limits) as api,
+        cluster.client() as slurm,
+    ):
+        await slurm.ping()
+        version = slurm.api_version
+        assert version is not None
+        adapter = adapter_for(version)
+        tokens = cluster.tokens()
+        raw = httpx.AsyncClient(base_url=cluster.url, timeout=120)
+        print(f"{cluster.name}: Slurm {cluster.slurm_release}, slurmrestd {version}; node drained")
+
+        async def gateway_create() -> None:
+            r = await api.post("/api/v1/services", json={"recipe_name": RECIPE})
+            assert r.status_code == 201, r.text
+
+        async def raw_submit() -> None:
+            request = adapter.submit_request(job)
+            headers = (await tokens.credentials()).headers()
+            r = await raw.request(request.method, request.path, json=request.body, headers=headers)
+            assert r.status_code == 200, r.text
+
+        # 1. creates, alternating blocks
+        for warm in (gateway_create, raw_submit):
+            await timed_batch(8, args.concurrency, warm)
+        results: dict[str, tuple[list[float], list[float]]] = {"gateway": ([], []), "raw": ([], [])}
+        for _ in range(args.rounds):
+            for name, one in (("gateway", gateway_create), ("raw", raw_submit)):
+                lat, rate = await timed_batch(args.creates, args.concurrency, one)
+                results[name][0].extend(lat)
+                results[name][1].append(rate)
+        print(
+            f"\ncreate, {args.concurrency} concurrent clients, {args.rounds}x{args.creates} each:"
+        )
+        for name, (lat, rates) in results.items():
+            print(f"  {name:>8}: {ms(lat)}  {statistics.median(rates):6.0f}/s")
+        g, r = results["gateway"], results["raw"]
+        print(
+            f"     ratio: p50 {statistics.median(g[0]) / statistics.median(r[0]):.2f}x  "
+            f"throughput {statistics.median(r[1]) / statistics.median(g[1]):.2f}x slower "
+            "(gateway / raw submit)"
+        )
+
+        async def fill(target: int) -> int:
+            queued = len((await slurm.list_jobs()).jobs)
+            missing = max(0, target - queued)
+            await timed_batch(missing, 16, raw_submit)
+            return queued + missing
+
+        async def compare_list(size: int) -> None:
+            total = await fill(size)
+            await api.get("/api/v1/services")  # the view catches up
+            gw: list[float] = []
+            direct: list[float] = []
+            count = 0
+            for _ in range(args.list_rounds):
+                t0 = time.perf_counter()
+                listed = await api.get("/api/v1/services")
+                gw.append(time.perf_counter() - t0)
+                count = len(listed.json())
+                request = adapter.list_jobs_request(None)
+                headers = (await tokens.credentials()).headers()
+                t0 = time.perf_counter()
+                answer = await raw.request(request.method, request.path, headers=headers)
+                answer.read()
+                direct.append(time.perf_counter() - t0)
+            print(f"\nlist, {total} jobs queued ({count} services listed):")
+            print(f"   gateway GET /services: {ms(gw)}")
+            print(f"  slurmrestd GET /jobs:   {ms(direct)}")
+            print(f"     ratio: p50 {statistics.median(gw) / statistics.median(direct):.3f}")
+
+        await compare_list(args.list_size)
+
+        # 3. polling
+        ids = [s["id"] for s in (await api.get("/api/v1/services")).json()][: args.pollers]
+        stop_at = 0.0
+        latencies: list[float] = []
+
+        async def poller(service_id: str) -> None:
+            while time.monotonic() < stop_at:
+                t0 = time.perf_counter()
+                r = await api.get(f"/api/v1/services/{service_id}/status")
+                latencies.append(time.perf_counter() - t0)
+                assert r.status_code == 200, r.text
+
+        before = rpc_counts(cluster)
+        stop_at = time.monotonic() + args.poll_seconds
+        t0 = time.monotonic()
+        await asyncio.gather(*(poller(ids[i % len(ids)]) for i in range(args.pollers)))
+        elapsed = time.monotonic() - t0
+        delta = rpc_delta(before, rpc_counts(cluster))
+        total = sum(delta.values())
+        print(f"\nstatus polling, {args.pollers} clients for {elapsed:.0f} s:")
+        print(f"  {len(latencies) / elapsed:.0f} polls/s, {ms(latencies)}")
+        print(
+            f"  slurmctld RPCs: {total} in all, {total / elapsed:.2f}/s "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(delta.items())) or 'none'}); "
+            f"bound: 1 listing per {gateway.env.get('GATEWAY_VIEW_REFRESH_SECONDS', '1.0')} s "
+            "while in use, never more than 1 per 0.25 s"
+        )
+        print(f"  RPCs per poll: {total / max(1, len(latencies)):.5f}")
+
+        # 4. scale
+        rss_before = rss_mib(gateway.process.pid) if gateway.process else 0.0
+        t0 = time.perf_counter()
+        total = await fill(args.scale)
+        print(f"\nscale: queue filled to {total} jobs in {time.perf_counter() - t0:.0f} s")
+        await compare_list(args.scale)
+        status_lat, _ = await timed_status(api, ids[0])
+        print(f"  status with {total} jobs queued: {ms(status_lat)}")
+        rss_after = rss_mib(gateway.process.pid) if gateway.process else 0.0
+        print(f"  gateway RSS: {rss_before:.0f} MiB before the fill, {rss_after:.0f} MiB after")
+        await raw.aclose()
+
+
+async def timed_status(api: httpx.AsyncClient, service_id: str) -> tuple[list[float], float]:
+    async def one() -> None:
+        r = await api.get(f"/api/v1/services/{service_id}/status")
+        assert r.status_code == 200, r.text
+
+    return await timed_batch(400, 8, one)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cluster", default="c2205")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--creates", type=int, default=100, help="creates per round and side")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--list-size", type=int, default=2000)
+    parser.add_argument("--list-rounds", type=int, default=10)
+    parser.add_argument("--pollers", type=int, default=100)
+    parser.add_argument("--poll-seconds", type=float, default=60)
+    parser.add_argument("--scale", type=int, default=10000)
+    args = parser.parse_args()
+    cluster = next((c for c in discover() if c.name == args.cluster), None)
+    if cluster is None:
+        raise SystemExit(f"no local cluster {args.cluster}; run `make cluster`")
+    node = cluster.node
+    chroot(cluster, "scontrol", "update", f"nodename={node}", "state=drain", "reason=bench")
+    try:
+        with GatewayProcess(cluster) as gateway:
+            asyncio.run(run(args, cluster, gateway))
+    finally:
+        chroot(cluster, "scancel", "-u", cluster.user)
+        chroot(cluster, "scontrol", "update", f"nodename={node}", "state=resume")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

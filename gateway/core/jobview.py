@@ -1,0 +1,237 @@
+"""One shared view of Slurm's jobs per gateway replica.
+
+Every read of services (list, get, status, logs, the prompt path's lookup) is
+answered from this view, so what the gateway asks of slurmctld does not grow
+with the number of clients or polls:
+
+* while the gateway is in use, one job listing (one ``REQUEST_JOB_INFO`` RPC)
+  every ``interval`` seconds, sent with slurmrestd's ``update_time`` so that a
+  quiet cluster answers "unchanged" without packing every job;
+* listings a read needs sooner (an id the view does not know yet, a stop
+  waiting for the job to end, the first read after an idle spell) share the
+  next listing, and no listing starts less than ``min_gap`` seconds after the
+  previous one: at most ``1 / min_gap`` listings per second, whatever happens;
+* nobody reading for ``idle_after`` seconds: no listings at all.
+
+Slurm stays the record. A new or restarted replica builds its view with its
+first listing; replicas never talk to each other. A replica shows what another
+replica did within ``interval`` seconds plus one listing's time; what it did
+itself (create, stop) shows at once. Every ``resync`` seconds the listing is a
+full one, whatever ``update_time`` says, so no delta can hide a change for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from gateway.slurm import JobInfo, SlurmClient, SlurmError
+
+log = structlog.get_logger(__name__)
+
+# Slurm's update_time is in whole seconds and compared against slurmctld's
+# clock; without Slurm's own last_update (v0.0.38) our clock stands in, moved
+# back by this much against skew.
+_CLOCK_MARGIN = timedelta(seconds=2)
+
+
+class _Entry:
+    """A job record and the (monotonic) time at which it was true."""
+
+    __slots__ = ("job", "seen")
+
+    def __init__(self, job: JobInfo, seen: float) -> None:
+        self.job = job
+        self.seen = seen
+
+
+class JobView:
+    def __init__(
+        self,
+        slurm: SlurmClient,
+        *,
+        interval: float = 1.0,
+        min_gap: float = 0.25,
+        idle_after: float = 30.0,
+        resync: float = 60.0,
+        max_stale: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if min_gap <= 0 or interval < min_gap:
+            raise ValueError("need 0 < min_gap <= interval")
+        self.slurm = slurm
+        self.interval = interval
+        self.min_gap = min_gap
+        self.idle_after = idle_after
+        self.resync = resync
+        self.max_stale = max_stale
+        self.clock = clock
+        self._jobs: dict[int, _Entry] = {}
+        self._listed_at: float | None = None  # start of the newest listing applied
+        self._last_start = -math.inf
+        self._last_full = -math.inf
+        self._since: datetime | None = None
+        self._last_read = -math.inf
+        self._inflight: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._unreadable = 0
+        # Counters for /metrics-style reporting and the bench.
+        self.listings = 0
+        self.full_listings = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.create_task(self._run(), name="job-view")
+
+    async def close(self) -> None:
+        for task in (self._loop, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._loop = None
+
+    async def _run(self) -> None:
+        while True:
+            now = self.clock()
+            if now - self._last_read > self.idle_after:
+                # Idle: no listings until somebody reads again.
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = self._last_start + self.interval - now
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            try:
+                await self.fresh(now)
+            except SlurmError:
+                pass  # logged by _list; reads report it once the view is too old
+            except Exception:  # never let the loop die
+                log.exception("job_view_refresh_failed")
+                await asyncio.sleep(self.interval)
+
+    # -- reads ----------------------------------------------------------------
+
+    async def jobs(self) -> list[JobInfo]:
+        """Every job Slurm holds, as of at most ``interval`` seconds ago."""
+        await self._ready()
+        return [entry.job for entry in self._jobs.values()]
+
+    async def job(self, job_id: int) -> JobInfo | None:
+        """The job, or None when Slurm does not hold it (checked with a fresh
+        listing: it may have been submitted through another replica)."""
+        await self._ready()
+        entry = self._jobs.get(job_id)
+        if entry is None:
+            await self.fresh(self.clock())
+            entry = self._jobs.get(job_id)
+        return entry.job if entry else None
+
+    async def wait_for(
+        self, job_id: int, done: Callable[[JobInfo | None], bool], within: float
+    ) -> JobInfo | None:
+        """The job once ``done(job)`` holds (None: Slurm forgot it), or as it is at
+        the deadline. Waiters share listings."""
+        deadline = self.clock() + within
+        while True:
+            await self.fresh(self.clock())
+            entry = self._jobs.get(job_id)
+            job = entry.job if entry else None
+            if done(job) or self.clock() >= deadline:
+                return job
+
+    def put(self, job: JobInfo) -> None:
+        """What this replica just did to a job (created, stopped): shown at once,
+        until a listing that started later says otherwise."""
+        self._jobs[job.job_id] = _Entry(job, self.clock())
+
+    @property
+    def age(self) -> float | None:
+        """Seconds since the newest listing applied started (None: none yet)."""
+        return None if self._listed_at is None else self.clock() - self._listed_at
+
+    @property
+    def size(self) -> int:
+        return len(self._jobs)
+
+    async def _ready(self) -> None:
+        now = self.clock()
+        idle = now - self._last_read > self.idle_after
+        self._last_read = now
+        if idle:
+            self._wake.set()
+        age = self.age
+        if age is None:
+            await self.fresh(now)
+        elif age > 2 * self.interval:
+            # After an idle spell (or while listings fail): list before answering.
+            try:
+                await self.fresh(now)
+            except SlurmError:
+                if age > self.max_stale:
+                    raise
+                log.warning("job_view_stale", age_s=round(age, 1))
+
+    # -- listings -------------------------------------------------------------
+
+    async def fresh(self, after: float) -> None:
+        """Return once a listing that started at or after ``after`` is applied.
+
+        Concurrent callers share one listing; none starts sooner than
+        ``min_gap`` after the previous start. A failed listing raises to every
+        caller waiting for it.
+        """
+        while self._listed_at is None or self._listed_at < after:
+            inflight = self._inflight
+            if inflight is None or inflight.done():
+                wait = self._last_start + self.min_gap - self.clock()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                inflight = self._inflight = asyncio.create_task(self._list())
+            await asyncio.shield(inflight)
+
+    async def _list(self) -> None:
+        started = self.clock()
+        self._last_start = started
+        full = self._since is None or started - self._last_full >= self.resync
+        wall = datetime.now(tz=UTC)
+        try:
+            listing = await self.slurm.list_jobs(None if full else self._since)
+        except SlurmError as exc:
+            log.warning("job_view_listing_failed", error=str(exc)[:300])
+            raise
+        self.listings += 1
+        if listing.unreadable != self._unreadable:
+            self._unreadable = listing.unreadable
+            if listing.unreadable:
+                log.warning("jobs_unreadable", count=listing.unreadable)
+        if not listing.unchanged:
+            self.full_listings += 1
+            fresh: dict[int, _Entry] = {}
+            for job in listing.jobs:
+                known = self._jobs.get(job.job_id)
+                # A local write newer than this listing's start wins.
+                fresh[job.job_id] = (
+                    known if known and known.seen > started else _Entry(job, started)
+                )
+            for job_id, known in self._jobs.items():
+                if job_id not in fresh and known.seen > started:
+                    fresh[job_id] = known  # created here while the listing ran
+            self._jobs = fresh
+            if full:
+                self._last_full = started
+            # Slurm's pack time when it sends one; "unchanged" keeps the old mark.
+            self._since = listing.last_update or (wall - _CLOCK_MARGIN)
+        if self._listed_at is None or started > self._listed_at:
+            self._listed_at = started
