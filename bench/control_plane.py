@@ -1,19 +1,20 @@
 """The control plane against slurmrestd itself, side by side in one run.
 
-On one local cluster, with its node drained so that every job stays pending
+On one local cluster, with its partition down so that every job stays pending
 (no job processes compete for the CPUs), this measures:
 
 1. creates: ``POST /services`` through the gateway against the same job
    submitted straight to slurmrestd, at the same concurrency, alternating;
 2. listing: ``GET /services`` with ``--list-size`` services queued against
    slurmrestd's own ``GET /jobs``, alternating;
-3. polling: ``--pollers`` clients polling ``GET /services/{id}/status`` for
-   ``--poll-seconds``, with slurmctld's RPC counters (``sdiag``) read before
-   and after: the RPC rate the gateway caused, against the clients' rate;
+3. polling: ``--pollers`` clients each polling ``GET /services/{id}/status``
+   once per ``--poll-interval`` for ``--poll-seconds``, with slurmctld's RPC
+   counters (``sdiag``) read before and after: the RPC rate the gateway
+   caused, against the clients' rate;
 4. scale: the queue filled to ``--scale`` services, then list and status
    times, and the gateway process's memory before and after.
 
-Everything it submits is cancelled at the end and the node resumed.
+Everything it submits is cancelled at the end and the partition brought up.
 
     python bench/control_plane.py [--cluster c2205] [--pollers 100] [--poll-seconds 60]
 """
@@ -144,7 +145,10 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
         adapter = adapter_for(version)
         tokens = cluster.tokens()
         raw = httpx.AsyncClient(base_url=cluster.url, timeout=120)
-        print(f"{cluster.name}: Slurm {cluster.slurm_release}, slurmrestd {version}; node drained")
+        print(
+            f"{cluster.name}: Slurm {cluster.slurm_release}, slurmrestd {version}; "
+            "partition down: jobs stay pending"
+        )
 
         async def gateway_create() -> None:
             r = await api.post("/api/v1/services", json={"recipe_name": RECIPE})
@@ -212,21 +216,32 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
         stop_at = 0.0
         latencies: list[float] = []
 
-        async def poller(service_id: str) -> None:
+        async def poller(service_id: str, offset: float) -> None:
+            # Each client polls once per --poll-interval (0: back to back),
+            # starting spread over one interval as independent clients would.
+            await asyncio.sleep(offset)
             while time.monotonic() < stop_at:
                 t0 = time.perf_counter()
                 r = await api.get(f"/api/v1/services/{service_id}/status")
-                latencies.append(time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                latencies.append(took)
                 assert r.status_code == 200, r.text
+                await asyncio.sleep(max(0.0, args.poll_interval - took))
 
         before = rpc_counts(cluster)
         stop_at = time.monotonic() + args.poll_seconds
         t0 = time.monotonic()
-        await asyncio.gather(*(poller(ids[i % len(ids)]) for i in range(args.pollers)))
+        await asyncio.gather(
+            *(
+                poller(ids[i % len(ids)], args.poll_interval * i / args.pollers)
+                for i in range(args.pollers)
+            )
+        )
         elapsed = time.monotonic() - t0
         delta = rpc_delta(before, rpc_counts(cluster))
         total = sum(delta.values())
-        print(f"\nstatus polling, {args.pollers} clients for {elapsed:.0f} s:")
+        every = f"every {args.poll_interval:g} s" if args.poll_interval else "back to back"
+        print(f"\nstatus polling, {args.pollers} clients ({every}) for {elapsed:.0f} s:")
         print(f"  {len(latencies) / elapsed:.0f} polls/s, {ms(latencies)}")
         print(
             f"  slurmctld RPCs: {total} in all, {total / elapsed:.2f}/s "
@@ -267,19 +282,22 @@ def main() -> int:
     parser.add_argument("--list-rounds", type=int, default=10)
     parser.add_argument("--pollers", type=int, default=100)
     parser.add_argument("--poll-seconds", type=float, default=60)
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds; 0: back to back")
     parser.add_argument("--scale", type=int, default=10000)
     args = parser.parse_args()
     cluster = next((c for c in discover() if c.name == args.cluster), None)
     if cluster is None:
         raise SystemExit(f"no local cluster {args.cluster}; run `make cluster`")
-    node = cluster.node
-    chroot(cluster, "scontrol", "update", f"nodename={node}", "state=drain", "reason=bench")
+    # A DOWN partition queues jobs but starts none (a drained node would make
+    # 22.05 refuse the submits).
+    partition = f"partitionname={cluster.partition}"
+    chroot(cluster, "scontrol", "update", partition, "state=down")
     try:
         with GatewayProcess(cluster) as gateway:
             asyncio.run(run(args, cluster, gateway))
     finally:
         chroot(cluster, "scancel", "-u", cluster.user)
-        chroot(cluster, "scontrol", "update", f"nodename={node}", "state=resume")
+        chroot(cluster, "scontrol", "update", partition, "state=up")
     return 0
 
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Self
 
 import httpx
+import msgspec
 import structlog
 
 from gateway.slurm.adapters import SUPPORTED_VERSIONS, Adapter, JobList, Request, adapter_for
@@ -157,14 +158,19 @@ class SlurmClient:
     # -- transport ----------------------------------------------------------------
 
     async def _send(self, request: Request) -> httpx.Response:
-        credentials = await self._tokens.credentials()
+        headers = (await self._tokens.credentials()).headers()
+        content = None
+        if request.body is not None:
+            # msgspec encodes several times faster than httpx's json=.
+            content = msgspec.json.encode(request.body)
+            headers["Content-Type"] = "application/json"
         try:
             return await self._http.request(
                 request.method,
                 request.path,
                 params=request.params or None,
-                json=request.body,
-                headers=credentials.headers(),
+                content=content,
+                headers=headers,
             )
         except httpx.TimeoutException:
             raise SlurmUnavailable(

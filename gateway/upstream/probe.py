@@ -2,7 +2,10 @@
 
 Listing many services must not cost one slow request each, and many callers
 polling one service must not multiply the probes: a result is cached for
-``ttl`` seconds and a probe already under way is shared.
+``ttl`` seconds and a probe already under way is shared. At most
+``max_concurrent`` probes run at once; the others queue for a slot (never for
+a pooled connection, whose wait would count against the probe's own timeout
+and fail healthy services when many are listed at once).
 """
 
 from __future__ import annotations
@@ -22,11 +25,17 @@ class HealthProber:
         *,
         timeout: float = 2.0,
         ttl: float = 3.0,
+        max_concurrent: int = 32,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        limits = httpx.Limits(max_connections=max_concurrent)
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout), transport=transport, follow_redirects=False
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+            follow_redirects=False,
+            limits=limits,
         )
+        self._slots = asyncio.Semaphore(max_concurrent)
         self._vllm = VllmClient(timeout=timeout, connect_timeout=timeout, transport=transport)
         self._ttl = ttl
         # A vLLM probe is two requests.
@@ -64,10 +73,11 @@ class HealthProber:
     async def _run(self, key: str, probe: Callable[[], Awaitable[bool]]) -> bool:
         # httpx's timeouts are per read: an endpoint that trickles a byte at a
         # time would hold the probe, and every listing waiting on it, for ever.
-        try:
-            ok = await asyncio.wait_for(probe(), timeout=self._deadline)
-        except TimeoutError:
-            ok = False
+        async with self._slots:
+            try:
+                ok = await asyncio.wait_for(probe(), timeout=self._deadline)
+            except TimeoutError:
+                ok = False
         now = time.monotonic()
         self._cache[key] = (now, ok)
         if len(self._cache) > 4096:  # forget services long gone
