@@ -213,36 +213,43 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
 
         # 3. polling
         ids = [s["id"] for s in (await api.get("/api/v1/services")).json()][: args.pollers]
-        stop_at = 0.0
-        latencies: list[float] = []
 
-        async def poller(service_id: str, offset: float) -> None:
-            # Each client polls once per --poll-interval (0: back to back),
-            # starting spread over one interval as independent clients would.
-            await asyncio.sleep(offset)
-            while time.monotonic() < stop_at:
-                t0 = time.perf_counter()
-                r = await api.get(f"/api/v1/services/{service_id}/status")
-                took = time.perf_counter() - t0
-                latencies.append(took)
-                assert r.status_code == 200, r.text
-                await asyncio.sleep(max(0.0, args.poll_interval - took))
+        async def paced(paths: list[str], seconds: float) -> list[float]:
+            """Each client GETs its path once per --poll-interval (0: back to back),
+            starting spread over one interval as independent clients would."""
+            stop_at = time.monotonic() + seconds
+            latencies: list[float] = []
 
-        before = rpc_counts(cluster)
-        stop_at = time.monotonic() + args.poll_seconds
-        t0 = time.monotonic()
-        await asyncio.gather(
-            *(
-                poller(ids[i % len(ids)], args.poll_interval * i / args.pollers)
-                for i in range(args.pollers)
+            async def client(path: str, offset: float) -> None:
+                await asyncio.sleep(offset)
+                while time.monotonic() < stop_at:
+                    t0 = time.perf_counter()
+                    r = await api.get(path)
+                    took = time.perf_counter() - t0
+                    latencies.append(took)
+                    assert r.status_code == 200, r.text
+                    await asyncio.sleep(max(0.0, args.poll_interval - took))
+
+            await asyncio.gather(
+                *(
+                    client(paths[i % len(paths)], args.poll_interval * i / args.pollers)
+                    for i in range(args.pollers)
+                )
             )
-        )
+            return latencies
+
+        # The floor: the same clients on an endpoint that does no work.
+        floor = await paced(["/api/v1/health"], min(10.0, args.poll_seconds))
+        before = rpc_counts(cluster)
+        t0 = time.monotonic()
+        latencies = await paced([f"/api/v1/services/{i}/status" for i in ids], args.poll_seconds)
         elapsed = time.monotonic() - t0
         delta = rpc_delta(before, rpc_counts(cluster))
         total = sum(delta.values())
         every = f"every {args.poll_interval:g} s" if args.poll_interval else "back to back"
         print(f"\nstatus polling, {args.pollers} clients ({every}) for {elapsed:.0f} s:")
         print(f"  {len(latencies) / elapsed:.0f} polls/s, {ms(latencies)}")
+        print(f"  floor, the same clients on /api/v1/health: {ms(floor)}")
         print(
             f"  slurmctld RPCs: {total} in all, {total / elapsed:.2f}/s "
             f"({', '.join(f'{k} {v}' for k, v in sorted(delta.items())) or 'none'}); "

@@ -479,6 +479,9 @@ DefMemPerCPU=512
 ReturnToService=2
 JobRequeue=0
 MinJobAge=300
+# Room for the control-plane bench's 10,000 queued services next to the jobs
+# that ended in the last MinJobAge (Slurm's default is 10000 in all).
+MaxJobCount=50000
 SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0

@@ -15,8 +15,10 @@ with the number of clients or polls:
 
 Slurm stays the record. A new or restarted replica builds its view with its
 first listing; replicas never talk to each other. A replica shows what another
-replica did within ``interval`` seconds plus one listing's time; what it did
-itself (create, stop) shows at once. Every ``resync`` seconds the listing is a
+replica did within ``interval`` seconds plus one listing's time (which grows
+with the queue: seconds for 10,000 jobs); what it did itself (create, stop)
+shows at once. Listings that fail for ``max_stale`` seconds turn reads into
+errors rather than old answers. Every ``resync`` seconds the listing is a
 full one, whatever ``update_time`` says, so no delta can hide a change for long.
 """
 
@@ -171,15 +173,17 @@ class JobView:
         if idle:
             self._wake.set()
         age = self.age
-        if age is None:
+        if age is None or age > self.max_stale:
+            # Nothing listed yet, or listings kept failing: a reader gets either
+            # a fresh view or the error.
             await self.fresh(now)
-        elif age > 2 * self.interval:
-            # After an idle spell (or while listings fail): list before answering.
+        elif idle and age > self.interval:
+            # The first read after an idle spell waits for a listing. While in
+            # use the loop keeps listing, and a slow listing (thousands of jobs
+            # take slurmrestd seconds) is waited for by the loop, not readers.
             try:
                 await self.fresh(now)
             except SlurmError:
-                if age > self.max_stale:
-                    raise
                 log.warning("job_view_stale", age_s=round(age, 1))
 
     # -- listings -------------------------------------------------------------

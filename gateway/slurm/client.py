@@ -30,6 +30,9 @@ from gateway.slurm.models import (
 
 log = structlog.get_logger(__name__)
 
+# A job listing larger than this is decoded in a worker thread.
+_DECODE_IN_THREAD_BYTES = 256 * 1024
+
 
 class _Negotiated:
     """The version choice, shared by a client and the views made by ``as_user``."""
@@ -229,6 +232,12 @@ class SlurmClient:
         ``unchanged`` when no job changed since then (it is not a filter)."""
         adapter = await self.adapter()
         response = await self._call(adapter.list_jobs_request(changed_since))
+        if len(response.content) > _DECODE_IN_THREAD_BYTES:
+            # Thousands of jobs take a good part of a second to read: off the
+            # event loop, so that requests meanwhile wait milliseconds, not that.
+            return await asyncio.to_thread(
+                adapter.parse_jobs, response.status_code, response.content
+            )
         return adapter.parse_jobs(response.status_code, response.content)
 
     async def cancel(self, job_id: int, signal: str | None = None) -> None:
