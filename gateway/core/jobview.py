@@ -11,6 +11,8 @@ with the number of clients or polls:
   waiting for the job to end, the first read after an idle spell) share the
   next listing, and no listing starts less than ``min_gap`` seconds after the
   previous one: at most ``1 / min_gap`` listings per second, whatever happens;
+* a listing that takes longer than half the interval (slurmrestd takes seconds
+  for 10,000 jobs) spaces the loop's next one by twice its duration;
 * nobody reading for ``idle_after`` seconds: no listings at all.
 
 Slurm stays the record. A new or restarted replica builds its view with its
@@ -77,6 +79,7 @@ class JobView:
         self._jobs: dict[int, _Entry] = {}
         self._listed_at: float | None = None  # start of the newest listing applied
         self._last_start = -math.inf
+        self._last_duration = 0.0
         self._last_full = -math.inf
         self._since: datetime | None = None
         self._last_read = -math.inf
@@ -110,7 +113,9 @@ class JobView:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            delay = self._last_start + self.interval - now
+            # A slow listing (a big queue) spaces the next one as far out: the
+            # loop keeps slurmrestd busy half of the time at most.
+            delay = self._last_start + max(self.interval, 2 * self._last_duration) - now
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
@@ -216,6 +221,7 @@ class JobView:
             log.warning("job_view_listing_failed", error=str(exc)[:300])
             raise
         self.listings += 1
+        self._last_duration = self.clock() - started
         if listing.unreadable != self._unreadable:
             self._unreadable = listing.unreadable
             if listing.unreadable:
