@@ -197,13 +197,16 @@ class JobView:
         """Return once a listing that started at or after ``after`` is applied.
 
         Concurrent callers share one listing; none starts sooner than
-        ``min_gap`` after the previous start. A failed listing raises to every
-        caller waiting for it.
+        ``min_gap``, or the previous listing's duration, after the previous
+        start. A failed listing raises to every caller waiting for it.
         """
         while self._listed_at is None or self._listed_at < after:
             inflight = self._inflight
             if inflight is None or inflight.done():
-                wait = self._last_start + self.min_gap - self.clock()
+                # Never back to back either: after a listing that took L seconds
+                # the next waits L (slurmrestd stays free half of the time).
+                gap = max(self.min_gap, self._last_duration)
+                wait = self._last_start + gap - self.clock()
                 if wait > 0:
                     await asyncio.sleep(wait)
                     continue
