@@ -87,9 +87,6 @@ class JobView:
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._unreadable = 0
-        # Counters for /metrics-style reporting and the bench.
-        self.listings = 0
-        self.full_listings = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -167,10 +164,6 @@ class JobView:
         """Seconds since the newest listing applied started (None: none yet)."""
         return None if self._listed_at is None else self.clock() - self._listed_at
 
-    @property
-    def size(self) -> int:
-        return len(self._jobs)
-
     async def _ready(self) -> None:
         now = self.clock()
         idle = now - self._last_read > self.idle_after
@@ -223,14 +216,12 @@ class JobView:
         except SlurmError as exc:
             log.warning("job_view_listing_failed", error=str(exc)[:300])
             raise
-        self.listings += 1
         self._last_duration = self.clock() - started
         if listing.unreadable != self._unreadable:
             self._unreadable = listing.unreadable
             if listing.unreadable:
                 log.warning("jobs_unreadable", count=listing.unreadable)
         if not listing.unchanged:
-            self.full_listings += 1
             fresh: dict[int, _Entry] = {}
             for job in listing.jobs:
                 known = self._jobs.get(job.job_id)
