@@ -204,6 +204,8 @@ class JobView:
                     await asyncio.sleep(wait)
                     continue
                 inflight = self._inflight = asyncio.create_task(self._list())
+                # Its waiters may all be gone (cancelled) when it fails.
+                inflight.add_done_callback(_retrieve)
             await asyncio.shield(inflight)
 
     async def _list(self) -> None:
@@ -239,3 +241,9 @@ class JobView:
             self._since = listing.last_update or (wall - _CLOCK_MARGIN)
         if self._listed_at is None or started > self._listed_at:
             self._listed_at = started
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a listing's failure as seen: _list logged it already."""
+    if not task.cancelled():
+        task.exception()
