@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -30,8 +31,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-import httpx
+import aiohttp
+import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,6 +47,58 @@ from gateway.wiring import metadata_codec  # noqa: E402
 from tests.integration.gateway_process import GatewayProcess  # noqa: E402
 
 RECIPE = "testing/http"
+
+
+class Answer(msgspec.Struct):
+    status_code: int
+    content: bytes
+
+    def json(self) -> Any:
+        return msgspec.json.decode(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+
+class Client:
+    """One HTTP client for every side of the comparison. aiohttp, because
+    httpx's own pool costs about 1 ms of CPU per request here (bench/transport.py):
+    on 2 cores that would be measured as gateway or slurmrestd latency."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=200),
+            timeout=aiohttp.ClientTimeout(total=120),
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        data = None if json is None else msgspec.json.encode(json)
+        if data is not None:
+            headers = {**(headers or {}), "Content-Type": "application/json"}
+        async with self.session.request(
+            method, self.base_url + path, data=data, headers=headers
+        ) as r:
+            return Answer(r.status, await r.read())
+
+    async def get(self, path: str) -> Answer:
+        return await self.request("GET", path)
+
+    async def post(self, path: str, json: Any) -> Answer:
+        return await self.request("POST", path, json=json)
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
 _RPC_LINE = re.compile(r"^\s*([A-Z_]+)\s+\(\s*\d+\)\s+count:(\d+)")
 
 
@@ -81,6 +136,29 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def daemon_pids(cluster: LocalCluster, command: str) -> list[int]:
+    """The pids of ``command`` running inside the cluster's chroot."""
+    root = Path(cluster.chroot).resolve()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() == command and (proc / "root").resolve() == root:
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def ms(values: list[float]) -> str:
@@ -134,17 +212,14 @@ async def captured_submission(cluster: LocalCluster, gateway: GatewayProcess) ->
 
 async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayProcess) -> None:
     job = await captured_submission(cluster, gateway)
-    limits = httpx.Limits(max_connections=200)
-    async with (
-        httpx.AsyncClient(base_url=gateway.url, timeout=120, limits=limits) as api,
-        cluster.client() as slurm,
-    ):
+    api = Client(gateway.url)
+    async with cluster.client() as slurm:
         await slurm.ping()
         version = slurm.api_version
         assert version is not None
         adapter = adapter_for(version)
         tokens = cluster.tokens()
-        raw = httpx.AsyncClient(base_url=cluster.url, timeout=120)
+        raw = Client(cluster.url)
         print(
             f"{cluster.name}: Slurm {cluster.slurm_release}, slurmrestd {version}; "
             "partition down: jobs stay pending"
@@ -164,9 +239,19 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
         for warm in (gateway_create, raw_submit):
             await timed_batch(8, args.concurrency, warm)
         results: dict[str, tuple[list[float], list[float]]] = {"gateway": ([], []), "raw": ([], [])}
+        processes = {
+            "bench client": [os.getpid()],
+            "gateway": [gateway.process.pid] if gateway.process else [],
+            "slurmrestd": daemon_pids(cluster, "slurmrestd"),
+            "slurmctld": daemon_pids(cluster, "slurmctld"),
+        }
+        cpu: dict[str, dict[str, float]] = {"gateway": {}, "raw": {}}
         for _ in range(args.rounds):
             for name, one in (("gateway", gateway_create), ("raw", raw_submit)):
+                cpu_before = {k: cpu_seconds(v) for k, v in processes.items()}
                 lat, rate = await timed_batch(args.creates, args.concurrency, one)
+                for k, v in processes.items():
+                    cpu[name][k] = cpu[name].get(k, 0.0) + cpu_seconds(v) - cpu_before[k]
                 results[name][0].extend(lat)
                 results[name][1].append(rate)
         print(
@@ -180,6 +265,12 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
             f"throughput {statistics.median(r[1]) / statistics.median(g[1]):.2f}x slower "
             "(gateway / raw submit)"
         )
+        made = args.rounds * args.creates
+        for name, spent in cpu.items():
+            print(
+                f"  CPU per {'create' if name == 'gateway' else 'submit'} ({name}): "
+                + ", ".join(f"{k} {v / made * 1000:.2f} ms" for k, v in spent.items())
+            )
 
         async def fill(target: int) -> int:
             queued = len((await slurm.list_jobs()).jobs)
@@ -201,8 +292,7 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
                 request = adapter.list_jobs_request(None)
                 headers = (await tokens.credentials()).headers()
                 t0 = time.perf_counter()
-                answer = await raw.request(request.method, request.path, headers=headers)
-                answer.read()
+                await raw.request(request.method, request.path, headers=headers)
                 direct.append(time.perf_counter() - t0)
             print(f"\nlist, {total} jobs queued ({count} services listed):")
             print(f"   gateway GET /services: {ms(gw)}")
@@ -239,10 +329,15 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
             return latencies
 
         # The floor: the same clients on an endpoint that does no work.
+        gateway_pids = processes["gateway"]
+        cpu_at = cpu_seconds(gateway_pids)
         floor = await paced(["/api/v1/health"], min(10.0, args.poll_seconds))
+        floor_cpu = (cpu_seconds(gateway_pids) - cpu_at) / max(1, len(floor))
+        cpu_at = cpu_seconds(gateway_pids)
         before = rpc_counts(cluster)
         t0 = time.monotonic()
         latencies = await paced([f"/api/v1/services/{i}/status" for i in ids], args.poll_seconds)
+        status_cpu = (cpu_seconds(gateway_pids) - cpu_at) / max(1, len(latencies))
         elapsed = time.monotonic() - t0
         delta = rpc_delta(before, rpc_counts(cluster))
         total = sum(delta.values())
@@ -250,6 +345,10 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
         print(f"\nstatus polling, {args.pollers} clients ({every}) for {elapsed:.0f} s:")
         print(f"  {len(latencies) / elapsed:.0f} polls/s, {ms(latencies)}")
         print(f"  floor, the same clients on /api/v1/health: {ms(floor)}")
+        print(
+            f"  gateway CPU per request: status {status_cpu * 1000:.2f} ms, "
+            f"health {floor_cpu * 1000:.2f} ms"
+        )
         print(
             f"  slurmctld RPCs: {total} in all, {total / elapsed:.2f}/s "
             f"({', '.join(f'{k} {v}' for k, v in sorted(delta.items())) or 'none'}); "
@@ -271,9 +370,10 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
         rss_after = rss_mib(gateway.process.pid) if gateway.process else 0.0
         print(f"  gateway RSS: {rss_before:.0f} MiB before the fill, {rss_after:.0f} MiB after")
         await raw.aclose()
+        await api.aclose()
 
 
-async def timed_status(api: httpx.AsyncClient, service_id: str) -> tuple[list[float], float]:
+async def timed_status(api: Client, service_id: str) -> tuple[list[float], float]:
     async def one() -> None:
         r = await api.get(f"/api/v1/services/{service_id}/status")
         assert r.status_code == 200, r.text

@@ -27,6 +27,7 @@ from gateway.slurm.models import (
     SubmitResult,
     check_node_name,
 )
+from gateway.transport import Outbound
 
 log = structlog.get_logger(__name__)
 
@@ -66,14 +67,13 @@ class SlurmClient:
         max_connections: int = 32,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=transport,
+        self._http = Outbound(
+            base_url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
             headers={"Accept": "application/json"},
+            transport=transport,
         )
         self._tokens = tokens
         self._negotiated = _Negotiated(api_version)
@@ -81,7 +81,7 @@ class SlurmClient:
 
     @property
     def base_url(self) -> str:
-        return str(self._http.base_url)
+        return self._http.base_url
 
     def as_user(self, credentials: Credentials) -> SlurmClient:
         """A view acting with a caller's own credentials (pass-through mode),

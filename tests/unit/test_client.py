@@ -49,7 +49,13 @@ REFUSED_38 = {
 
 
 def make_client(version: str | None = "v0.0.42") -> SlurmClient:
-    return SlurmClient(URL, MintedTokens(b"k" * 32, "gwuser"), api_version=version, timeout=1)
+    return SlurmClient(
+        URL,
+        MintedTokens(b"k" * 32, "gwuser"),
+        api_version=version,
+        timeout=1,
+        transport=httpx.AsyncHTTPTransport(),  # the one pytest-httpx answers
+    )
 
 
 def negotiated(httpx_mock: HTTPXMock) -> SlurmClient:

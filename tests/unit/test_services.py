@@ -62,7 +62,12 @@ def service_comment(port: int, host: str = "node1") -> str:
 
 
 def manager() -> ServiceManager:
-    slurm = SlurmClient(URL, MintedTokens(b"k" * 32, "gwuser"), api_version="v0.0.42")
+    slurm = SlurmClient(
+        URL,
+        MintedTokens(b"k" * 32, "gwuser"),
+        api_version="v0.0.42",
+        transport=httpx.AsyncHTTPTransport(),  # the one pytest-httpx answers
+    )
     return ServiceManager(
         slurm=slurm,
         recipes=RecipeCatalog.load([ROOT / "recipes", ROOT / "tests" / "recipes"]),
