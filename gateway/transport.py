@@ -83,6 +83,15 @@ class _Body(httpx.AsyncByteStream):
         self._answer.release()
 
 
+class DataAfterClose(httpx.RemoteProtocolError):
+    """A whole answer came with ``Connection: close`` and then more bytes.
+
+    slurmrestd 26.05 does this with every error answer: the JSON answer, then
+    a second text/plain one on the same connection. aiohttp's parser refuses
+    the lot; h11 (httpx's own transport) reads the first answer and stops.
+    """
+
+
 @contextmanager
 def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
     try:
@@ -98,7 +107,11 @@ def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
         elif isinstance(exc, aiohttp.ClientConnectorError):
             error = httpx.ConnectError
         elif isinstance(exc, aiohttp.ClientResponseError):
-            error = httpx.RemoteProtocolError
+            error = (
+                DataAfterClose
+                if str(exc.message).startswith("Data after `Connection: close`")
+                else httpx.RemoteProtocolError
+            )
         else:
             error = httpx.ReadError
         raise error(f"{type(exc).__name__}: {exc}", request=request) from exc
@@ -119,6 +132,8 @@ class Outbound:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._transport = transport or AiohttpTransport(max_connections)
+        # Only for answers aiohttp refuses (DataAfterClose), made on first need.
+        self._lenient: httpx.AsyncHTTPTransport | None = None
         # httpx's transports read their timeouts from the request.
         self._extensions = {
             "timeout": {
@@ -148,7 +163,20 @@ class Outbound:
             headers={**self._headers, **(headers or {})},
             extensions=self._extensions,
         )
-        response = await self._transport.handle_async_request(request)
+        try:
+            return await self._read(self._transport, request)
+        except DataAfterClose:
+            # The server answered (an error, in the one case known) and the
+            # answer was lost to the trailing bytes: ask again through h11,
+            # which stops after the first answer. A request is repeated only
+            # when its first answer arrived whole.
+            if self._lenient is None:
+                self._lenient = httpx.AsyncHTTPTransport()
+            return await self._read(self._lenient, request)
+
+    @staticmethod
+    async def _read(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:
+        response = await transport.handle_async_request(request)
         try:
             await response.aread()
         finally:
@@ -157,3 +185,5 @@ class Outbound:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+        if self._lenient is not None:
+            await self._lenient.aclose()

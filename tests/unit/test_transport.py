@@ -117,3 +117,29 @@ async def test_an_httpx_transport_can_stand_in() -> None:
         transport=httpx.MockTransport(answer),
     )  # fmt: skip
     assert (await out.request("GET", "/x")).content == b"/x"
+
+
+async def test_answer_followed_by_bytes_after_close_is_read_as_slurmrestd_2605_sends_it() -> None:
+    body = b'{"errors": [{"error": "Invalid job id specified"}]}'
+    seen = 0
+
+    async def doubled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        await read_request(reader)
+        seen += 1
+        writer.write(
+            b"HTTP/1.1 404 NOT FOUND\r\nConnection: Close\r\nContent-Length: %d\r\n"
+            b"Content-Type: application/json\r\n\r\n%s"
+            b"HTTP/1.1 404 NOT FOUND\r\nConnection: Close\r\nContent-Length: 24\r\n"
+            b"Content-Type: text/plain\r\n\r\nInvalid job id specified" % (len(body), body)
+        )
+        await writer.drain()
+
+    async with server(doubled) as url:
+        out = Outbound(url, timeout=1, connect_timeout=1, max_connections=4)
+        try:
+            got = await out.request("GET", "/slurm/v0.0.45/job/99")
+        finally:
+            await out.aclose()
+    assert (got.status_code, got.content) == (404, body)
+    assert seen == 2  # once refused by aiohttp, once read by h11
