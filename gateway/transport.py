@@ -117,6 +117,10 @@ def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
         raise error(f"{type(exc).__name__}: {exc}", request=request) from exc
 
 
+# Methods whose repetition does no more than their first run.
+_REPEATABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
 class Outbound:
     """Sends ``httpx.Request``s to one base URL through one pooled transport."""
 
@@ -132,7 +136,11 @@ class Outbound:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._transport = transport or AiohttpTransport(max_connections)
-        # Only for answers aiohttp refuses (DataAfterClose), made on first need.
+        # Whether the server sends bytes after a "Connection: close" answer
+        # (DataAfterClose), which only aiohttp refuses; None: not known yet.
+        self._trailing: bool | None = None if transport is None else False
+        self._learning = asyncio.Lock()
+        # The h11 transport for such a server, made on first need.
         self._lenient: httpx.AsyncHTTPTransport | None = None
         # httpx's transports read their timeouts from the request.
         self._extensions = {
@@ -163,16 +171,47 @@ class Outbound:
             headers={**self._headers, **(headers or {})},
             extensions=self._extensions,
         )
+        repeatable = method in _REPEATABLE
+        if not repeatable:
+            # A submit must never be sent twice: to a server that may answer
+            # in a way aiohttp refuses, it goes through h11 from the start.
+            if self._trailing is None:
+                await self._learn()
+            if self._trailing:
+                return await self._read(self._h11(), request)
         try:
             return await self._read(self._transport, request)
         except DataAfterClose:
-            # The server answered (an error, in the one case known) and the
-            # answer was lost to the trailing bytes: ask again through h11,
-            # which stops after the first answer. A request is repeated only
-            # when its first answer arrived whole.
-            if self._lenient is None:
-                self._lenient = httpx.AsyncHTTPTransport()
-            return await self._read(self._lenient, request)
+            self._trailing = True
+            if not repeatable:
+                raise httpx.RemoteProtocolError(
+                    "the answer had bytes after 'Connection: close' and could not be "
+                    f"read; {method} not sent again, as the server may have carried it out",
+                    request=request,
+                ) from None
+            # The answer arrived whole and was lost to the trailing bytes: ask
+            # again through h11, which stops after the first answer.
+            return await self._read(self._h11(), request)
+
+    async def _learn(self) -> None:
+        """Find out, with one GET of the root (which slurmrestd refuses without
+        a token), whether the server sends bytes after a closing answer."""
+        async with self._learning:
+            if self._trailing is not None:
+                return
+            probe = httpx.Request("GET", self.base_url + "/", extensions=self._extensions)
+            try:
+                await self._read(self._transport, probe)
+                self._trailing = False
+            except DataAfterClose:
+                self._trailing = True
+            except httpx.TransportError:
+                pass  # learnt next time; the request itself fails on its own
+
+    def _h11(self) -> httpx.AsyncHTTPTransport:
+        if self._lenient is None:
+            self._lenient = httpx.AsyncHTTPTransport()
+        return self._lenient
 
     @staticmethod
     async def _read(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:

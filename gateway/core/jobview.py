@@ -13,6 +13,9 @@ with the number of clients or polls:
   previous one: at most ``1 / min_gap`` listings per second, whatever happens;
 * a listing that takes longer than half the interval (slurmrestd takes seconds
   for 10,000 jobs) spaces the loop's next one by twice its duration;
+* after failed listings the loop backs off (doubling up to ``max_backoff``),
+  and meanwhile reads that need a listing get the last error at once instead
+  of queueing more listings on a slurmrestd that is struggling;
 * nobody reading for ``idle_after`` seconds: no listings at all.
 
 Slurm stays the record. A new or restarted replica builds its view with its
@@ -65,6 +68,7 @@ class JobView:
         idle_after: float = 30.0,
         resync: float = 60.0,
         max_stale: float = 30.0,
+        max_backoff: float = 8.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if min_gap <= 0 or interval < min_gap:
@@ -75,6 +79,7 @@ class JobView:
         self.idle_after = idle_after
         self.resync = resync
         self.max_stale = max_stale
+        self.max_backoff = max_backoff
         self.clock = clock
         self._jobs: dict[int, _Entry] = {}
         self._listed_at: float | None = None  # start of the newest listing applied
@@ -87,6 +92,8 @@ class JobView:
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._unreadable = 0
+        self._failures = 0
+        self._last_error: SlurmError | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -112,7 +119,7 @@ class JobView:
                 continue
             # A slow listing (a big queue) spaces the next one as far out: the
             # loop keeps slurmrestd busy half of the time at most.
-            delay = self._last_start + max(self.interval, 2 * self._last_duration) - now
+            delay = self._last_start + max(self._backoff(), 2 * self._last_duration) - now
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
@@ -148,10 +155,19 @@ class JobView:
         the deadline. Waiters share listings."""
         deadline = self.clock() + within
         while True:
-            await self.fresh(self.clock())
+            left = deadline - self.clock()
+            failed = False
+            try:
+                # A listing already under way may outlast the deadline: stop
+                # waiting for it then (it goes on, shielded, for the others).
+                await asyncio.wait_for(self.fresh(self.clock()), max(left, 0.0))
+            except TimeoutError:
+                pass
+            except SlurmError:
+                failed = True  # the caller's action is done: answer with the view
             entry = self._jobs.get(job_id)
             job = entry.job if entry else None
-            if done(job) or self.clock() >= deadline:
+            if failed or done(job) or self.clock() >= deadline:
                 return job
 
     def put(self, job: JobInfo) -> None:
@@ -196,6 +212,10 @@ class JobView:
         while self._listed_at is None or self._listed_at < after:
             inflight = self._inflight
             if inflight is None or inflight.done():
+                if self._last_error is not None and (
+                    self.clock() < self._last_start + self._backoff()
+                ):
+                    raise self._last_error
                 # Never back to back either: after a listing that took L seconds
                 # the next waits L (slurmrestd stays free half of the time).
                 gap = max(self.min_gap, self._last_duration)
@@ -216,21 +236,30 @@ class JobView:
         try:
             listing = await self.slurm.list_jobs(None if full else self._since)
         except SlurmError as exc:
-            log.warning("job_view_listing_failed", error=str(exc)[:300])
+            self._failures += 1
+            self._last_error = exc
+            log.warning("job_view_listing_failed", error=str(exc)[:300], failures=self._failures)
             raise
-        self._last_duration = self.clock() - started
-        if listing.unreadable != self._unreadable:
-            self._unreadable = listing.unreadable
-            if listing.unreadable:
-                log.warning("jobs_unreadable", count=listing.unreadable)
+        finally:
+            # A failed listing (a timeout) spaces the next one as much as a slow one.
+            self._last_duration = self.clock() - started
+        self._failures = 0
+        self._last_error = None
         if not listing.unchanged:
+            if listing.unreadable != self._unreadable:
+                self._unreadable = listing.unreadable
+                if listing.unreadable:
+                    log.warning("jobs_unreadable", count=listing.unreadable)
             fresh: dict[int, _Entry] = {}
+            overridden = False
             for job in listing.jobs:
                 known = self._jobs.get(job.job_id)
                 # A local write newer than this listing's start wins.
-                fresh[job.job_id] = (
-                    known if known and known.seen > started else _Entry(job, started)
-                )
+                if known and known.seen > started:
+                    fresh[job.job_id] = known
+                    overridden = overridden or known.job.state is not job.state
+                else:
+                    fresh[job.job_id] = _Entry(job, started)
             for job_id, known in self._jobs.items():
                 if job_id not in fresh and known.seen > started:
                     fresh[job_id] = known  # created here while the listing ran
@@ -238,9 +267,19 @@ class JobView:
             if full:
                 self._last_full = started
             # Slurm's pack time when it sends one; "unchanged" keeps the old mark.
-            self._since = listing.last_update or (wall - _CLOCK_MARGIN)
+            # A local write that hid a different listed state may be older than
+            # Slurm's record after all (a job that started at once): the next
+            # listing is a full one, which a quiet cluster cannot answer
+            # "unchanged" to.
+            self._since = None if overridden else listing.last_update or (wall - _CLOCK_MARGIN)
         if self._listed_at is None or started > self._listed_at:
             self._listed_at = started
+
+    def _backoff(self) -> float:
+        """The loop's interval, doubled for each listing failed in a row."""
+        if not self._failures:
+            return self.interval
+        return min(self.max_backoff, self.interval * (1 << min(self._failures, 16)))
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -398,3 +398,13 @@ def test_completing_flag_with_base_state_on_v0_0_40_and_later(
     assert job.state is JobState.CANCELLED
     assert job.state_flags == ("COMPLETING",)
     assert job.exit == JobExit(signal=15)
+
+
+def test_an_emptied_queue_is_a_change_not_unchanged(rec: Recorded) -> None:
+    """The last job purged: every version must say the queue changed, or the
+    view would keep showing that job until another one came."""
+    status, body, _ = rec.answer("jobs_list")
+    answer = json.loads(body)
+    answer["jobs"] = []
+    listing = rec.adapter.parse_jobs(status, json.dumps(answer).encode())
+    assert (listing.jobs, listing.unchanged) == ((), False)

@@ -155,7 +155,7 @@ async def test_failures_are_reported_once_the_view_is_too_old() -> None:
     with pytest.raises(SlurmUnavailable):
         await view.jobs()  # nothing to show yet
     slurm.fail = None
-    assert [j.job_id for j in await view.jobs()] == [1]
+    assert [j.job_id for j in await recovered(view)] == [1]
     slurm.fail = SlurmUnavailable("slurmrestd is down")
     await asyncio.sleep(0.25)
     assert [j.job_id for j in await view.jobs()] == [1], "a short outage failed reads"
@@ -163,7 +163,45 @@ async def test_failures_are_reported_once_the_view_is_too_old() -> None:
     with pytest.raises(SlurmUnavailable):
         await view.jobs()
     slurm.fail = None
-    assert [j.job_id for j in await view.jobs()] == [1], "the view did not recover"
+    assert [j.job_id for j in await recovered(view)] == [1], "the view did not recover"
+
+
+async def recovered(view: JobView, within: float = 2.0) -> list[JobInfo]:
+    """The view's jobs once reads stop failing (after the back-off)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await view.jobs()
+        except SlurmUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
+async def test_failed_listings_back_off_and_reads_fail_fast_meanwhile() -> None:
+    slurm = FakeSlurm(job(1))
+    view = view_of(slurm, interval=0.1, min_gap=0.02, max_stale=0.1, max_backoff=0.8)
+    view.start()
+    try:
+        await view.jobs()
+        slurm.fail = SlurmUnavailable("slurmrestd is down")
+        await asyncio.sleep(0.15)
+        slurm.calls.clear()
+        failed = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:  # a reader that never lets up
+            try:
+                await view.job(99)
+            except SlurmUnavailable:
+                failed += 1
+            await asyncio.sleep(0.01)
+        # Unthrottled: one listing per min_gap, 75. Backing off 0.2, 0.4, 0.8, 0.8 s: a few.
+        assert len(slurm.calls) <= 6, slurm.calls
+        assert failed > 50, "reads waited for listings instead of failing fast"
+        slurm.fail = None
+        assert [j.job_id for j in await recovered(view, within=1.0)] == [1]
+    finally:
+        await view.close()
 
 
 async def test_waiting_for_a_job_to_end_shares_listings() -> None:
@@ -186,3 +224,37 @@ async def test_waiting_for_a_job_to_end_shares_listings() -> None:
     assert all(j is not None and j.state is JobState.CANCELLED for j in ended)
     # Twenty waiters, about one listing per min_gap: not one per waiter and step.
     assert len(slurm.calls) <= 1 + 0.3 / 0.05 + 2
+
+
+async def test_a_local_write_that_hid_a_listed_state_makes_the_next_listing_full() -> None:
+    slurm = FakeSlurm(job(1))
+    slurm.delay = 0.1
+    view = view_of(slurm)
+    await view.jobs()
+    # A create lands while a listing that already saw the job running is packed.
+    listing = asyncio.create_task(view.fresh(view.clock()))
+    await asyncio.sleep(0.05)
+    slurm.jobs = [job(1), job(2)]
+    view.put(job(2, JobState.PENDING))
+    await listing
+    slurm.changed = False  # a quiet cluster from now on
+    slurm.calls.clear()
+    await view.fresh(view.clock())
+    assert slurm.calls[0][1] is None, "the next listing was a delta a quiet cluster ignores"
+    assert (await view.job(2)) == job(2)
+
+
+async def test_waiting_for_a_job_keeps_its_deadline_and_answers_when_listings_fail() -> None:
+    slurm = FakeSlurm(job(1))
+    view = view_of(slurm)
+    await view.jobs()
+    slurm.delay = 1.0
+    t0 = time.monotonic()
+    assert await view.wait_for(1, lambda j: False, within=0.3) == job(1)
+    assert time.monotonic() - t0 < 0.6, "a slow listing held the caller past its deadline"
+    slurm.delay = 0.0
+    slurm.fail = SlurmUnavailable("slurmrestd is down")
+    await asyncio.sleep(1.0)  # the slow listing ends, failing
+    t0 = time.monotonic()
+    assert await view.wait_for(1, lambda j: False, within=5) == job(1)
+    assert time.monotonic() - t0 < 0.5

@@ -101,8 +101,11 @@ async def test_keeps_one_connection_and_sends_what_httpx_would() -> None:
         finally:
             await out.aclose()
     assert connections == 1
-    assert heads[2].startswith(b"POST /p/2?a=b+c HTTP/1.1\r\n")
-    lowered = heads[2].lower()
+    # The first POST learns, with one GET, that the server ends answers cleanly.
+    assert [h.split(b" ", 2)[:2] for h in heads] == [
+        [b"GET", b"/"], [b"POST", b"/p/0?a=b+c"], [b"POST", b"/p/1?a=b+c"], [b"POST", b"/p/2?a=b+c"]
+    ]  # fmt: skip
+    lowered = heads[-1].lower()
     assert b"x-t: 1\r\n" in lowered
     assert b"content-length: 2\r\n" in lowered
     assert b"accept-encoding" not in lowered
@@ -143,3 +146,27 @@ async def test_answer_followed_by_bytes_after_close_is_read_as_slurmrestd_2605_s
             await out.aclose()
     assert (got.status_code, got.content) == (404, body)
     assert seen == 2  # once refused by aiohttp, once read by h11
+
+
+async def test_a_post_to_such_a_server_is_sent_once_through_h11() -> None:
+    posts = 0
+
+    async def doubled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        head = await read_request(reader)
+        posts += head.startswith(b"POST ")
+        writer.write(
+            b"HTTP/1.1 500 ERROR\r\nConnection: Close\r\nContent-Length: 2\r\n\r\n{}"
+            b"HTTP/1.1 500 ERROR\r\nConnection: Close\r\nContent-Length: 1\r\n\r\nx"
+        )
+        await writer.drain()
+
+    async with server(doubled) as url:
+        out = Outbound(url, timeout=1, connect_timeout=1, max_connections=4)
+        try:
+            for _ in range(2):
+                got = await out.request("POST", "/slurm/v0.0.45/job/submit", content=b"{}")
+                assert (got.status_code, got.content) == (500, b"{}")
+        finally:
+            await out.aclose()
+    assert posts == 2  # once each: never repeated

@@ -84,7 +84,9 @@ class V0038(V0039):
     def parse_jobs(self, status: int, content: bytes) -> JobList:
         if status == 304:
             return JobList(jobs=(), last_update=None, unchanged=True)
-        return super().parse_jobs(status, content)
+        # Only 304 means unchanged here: a 200 never carries last_update, and
+        # an empty list is a queue that emptied.
+        return msgspec.structs.replace(super().parse_jobs(status, content), unchanged=False)
 
     def parse_ping(self, status: int, content: bytes) -> list[PingResult]:
         self.check(status, content, what="ping")

@@ -43,8 +43,9 @@ class V0041(V0042):
         return super().responding(ping)
 
     def update_time_param(self, since: datetime) -> dict[str, str]:
-        # One extra second covers the rounding, at worst a full list.
-        age = max(0, int(time.time() - since.timestamp())) + 1
+        # ``since`` is slurmctld's clock, "now" ours: three extra seconds cover
+        # the rounding and some skew, at worst a full list.
+        age = max(0, int(time.time() - since.timestamp())) + 3
         return {"update_time": f"now-{age}"}
 
     def parse_cancel(self, status: int, content: bytes, job_id: int) -> None:
