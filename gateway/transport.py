@@ -133,12 +133,13 @@ class Outbound:
         max_connections: int,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        learn_trailing: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._transport = transport or AiohttpTransport(max_connections)
         # Whether the server sends bytes after a "Connection: close" answer
         # (DataAfterClose), which only aiohttp refuses; None: not known yet.
-        self._trailing: bool | None = None if transport is None else False
+        self._trailing: bool | None = None if transport is None and learn_trailing else False
         self._learning = asyncio.Lock()
         # The h11 transport for such a server, made on first need.
         self._lenient: httpx.AsyncHTTPTransport | None = None
@@ -193,6 +194,27 @@ class Outbound:
             # again through h11, which stops after the first answer.
             return await self._read(self._h11(), request)
 
+    async def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """The answer with its body not read yet: the caller streams it and
+        closes it (a response left open holds its connection)."""
+        request = httpx.Request(
+            method,
+            self.base_url + path,
+            content=content,
+            headers={**self._headers, **headers} if headers else self._headers,
+            extensions=self._extensions,
+        )
+        response = await self._transport.handle_async_request(request)
+        response.request = request  # as httpx's client does; not every transport sets it
+        return response
+
     async def _learn(self) -> None:
         """Find out, with one GET of the root (which slurmrestd refuses without
         a token), whether the server sends bytes after a closing answer."""
@@ -216,6 +238,7 @@ class Outbound:
     @staticmethod
     async def _read(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:
         response = await transport.handle_async_request(request)
+        response.request = request
         try:
             await response.aread()
         finally:

@@ -2,7 +2,9 @@
 
 Listing many services must not cost one slow request each, and many callers
 polling one service must not multiply the probes: a result is cached for
-``ttl`` seconds and a probe already under way is shared. At most
+``ttl`` seconds and a probe already under way is shared. Up to ``4 * ttl`` a
+cached result is answered at once while a new probe runs in the background,
+so no caller (a prompt, above all) waits for a probe of a service seen lately. At most
 ``max_concurrent`` probes run at once; the others queue for a slot (never for
 a pooled connection, whose wait would count against the probe's own timeout
 and fail healthy services when many are listed at once).
@@ -11,12 +13,17 @@ and fail healthy services when many are listed at once).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+import structlog
 
+from gateway.transport import Outbound
 from gateway.upstream.vllm import VllmClient, auth_headers
+
+log = structlog.get_logger(__name__)
 
 
 class HealthProber:
@@ -28,16 +35,19 @@ class HealthProber:
         max_concurrent: int = 32,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        limits = httpx.Limits(max_connections=max_concurrent)
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout),
+        self._http = Outbound(
+            "",
+            timeout=timeout,
+            connect_timeout=timeout,
+            max_connections=max_concurrent,
             transport=transport,
-            follow_redirects=False,
-            limits=limits,
+            learn_trailing=False,
         )
         self._slots = asyncio.Semaphore(max_concurrent)
         self._vllm = VllmClient(timeout=timeout, connect_timeout=timeout, transport=transport)
         self._ttl = ttl
+        # Past this age a cached answer is not given out even while a new probe runs.
+        self._stale = 4 * ttl
         # A vLLM probe is two requests.
         self._deadline = 2 * timeout + 0.5
         self._cache: dict[str, tuple[float, bool]] = {}
@@ -61,14 +71,25 @@ class HealthProber:
 
     async def _cached(self, key: str, probe: Callable[[], Awaitable[bool]]) -> bool:
         cached = self._cache.get(key)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+        age = math.inf if cached is None else time.monotonic() - cached[0]
+        if cached is not None and age < self._ttl:
             return cached[1]
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.create_task(self._run(key, probe))
             self._inflight[key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+            task.add_done_callback(lambda t: self._done(key, t))
+        if cached is not None and age < self._stale:
+            # Stale while revalidating: a prompt never waits for a probe of a
+            # service that answered moments ago; the next caller gets the news.
+            return cached[1]
         return await asyncio.shield(task)
+
+    def _done(self, key: str, task: asyncio.Task[bool]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Nobody may be waiting (a stale answer was given): log it here.
+            log.warning("probe_failed", key=key, error=repr(task.exception())[:300])
 
     async def _run(self, key: str, probe: Callable[[], Awaitable[bool]]) -> bool:
         # httpx's timeouts are per read: an endpoint that trickles a byte at a
@@ -86,8 +107,9 @@ class HealthProber:
 
     async def _get(self, url: str, key: str | None) -> bool:
         try:
-            # The status is the answer: the body is never read.
-            async with self._http.stream("GET", url, headers=auth_headers(key)) as response:
-                return response.status_code < 300
+            response = await self._http.open("GET", url, headers=auth_headers(key))
         except httpx.HTTPError:
             return False
+        # The status is the answer: the body is never read.
+        await response.aclose()
+        return response.status_code < 300

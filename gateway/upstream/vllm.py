@@ -17,9 +17,13 @@ import anyio
 import httpx
 import msgspec
 
+from gateway.transport import Outbound
+
 Api = Literal["chat", "completions"]
 # The most a model list (or a probe's answer) may take.
 _SMALL_ANSWER = 1024 * 1024
+# The most a completion may take (max_tokens is the model's business).
+_LARGE_ANSWER = 64 * 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -93,17 +97,25 @@ class Prompt(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class VllmClient:
+    """Over the same lean transport as the slurmrestd client (gateway/transport.py):
+    httpx requests and errors, aiohttp's connection pool underneath."""
+
     def __init__(
         self,
         *,
         timeout: float = 120.0,
         connect_timeout: float = 3.0,
+        max_connections: int = 4096,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+        # Endpoints are whole URLs; vLLM (uvicorn) ends its answers cleanly.
+        self._http = Outbound(
+            "",
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
             transport=transport,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            learn_trailing=False,
         )
         self._api: dict[tuple[str, str], Api] = {}
 
@@ -120,43 +132,30 @@ class VllmClient:
     async def _get_bounded(self, url: str, key: str | None) -> bytes:
         """A small answer (a model list), read up to ``_SMALL_ANSWER`` bytes:
         whatever listens on an endpoint must not make the gateway hold gigabytes."""
-        try:
-            async with self._http.stream("GET", url, headers=auth_headers(key)) as response:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > _SMALL_ANSWER:
-                        raise UpstreamError(502, f"{url} answered more than {_SMALL_ANSWER} bytes")
-                    chunks.append(chunk)
-        except httpx.TimeoutException:
-            raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
-        content = b"".join(chunks)
+        response = await self._request("GET", url, key, limit=_SMALL_ANSWER)
         if response.status_code >= 400:
-            raise UpstreamError(response.status_code, _message_of(content, response.status_code))
-        return content
+            raise UpstreamError(response.status_code, _error_message(response))
+        return response.content
 
     async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:
         """``/health`` answers and ``/v1/models`` lists ``model`` (any, if None)."""
         try:
-            async with self._http.stream(
-                "GET", f"{endpoint}/health", headers=auth_headers(key)
-            ) as health:
-                if health.status_code != 200:  # the body is never read
-                    return False
+            health = await self._request("GET", f"{endpoint}/health", key, limit=_SMALL_ANSWER)
+            if health.status_code != 200:
+                return False
             served = await self.models(endpoint, key)
-        except (httpx.HTTPError, UpstreamError, UpstreamUnavailable):
+        except (UpstreamError, UpstreamUnavailable):
             return False
         return model in served if model else bool(served)
 
     async def complete(self, endpoint: str, prompt: Prompt, key: str | None = None) -> Completion:
         api = self._api.get((endpoint, prompt.model), "chat")
-        response = await self._send("POST", _url(endpoint, api), key, _body(api, prompt, False))
+        response = await self._request("POST", _url(endpoint, api), key, _body(api, prompt, False))
         if api == "chat" and _no_chat_template(response):
             api = "completions"
-            response = await self._send("POST", _url(endpoint, api), key, _body(api, prompt, False))
+            response = await self._request(
+                "POST", _url(endpoint, api), key, _body(api, prompt, False)
+            )
         _raise_for_status(response)
         self._api[(endpoint, prompt.model)] = api
         try:
@@ -181,14 +180,14 @@ class VllmClient:
         api = self._api.get((endpoint, prompt.model), "chat")
         response = await self._open(endpoint, api, prompt, key)
         if api == "chat" and response.status_code == 400:
-            await response.aread()
+            response = await _read_all(response)
             if _no_chat_template(response):
-                await response.aclose()
                 api = "completions"
                 response = await self._open(endpoint, api, prompt, key)
         try:
             if response.status_code >= 400:
-                await response.aread()
+                if not response.is_stream_consumed:
+                    response = await _read_all(response)
                 _raise_for_status(response)
             self._api[(endpoint, prompt.model)] = api
             async for chunk in response.aiter_raw():
@@ -207,25 +206,61 @@ class VllmClient:
     async def _open(
         self, endpoint: str, api: Api, prompt: Prompt, key: str | None
     ) -> httpx.Response:
-        request = self._http.build_request(
-            "POST", _url(endpoint, api), json=_body(api, prompt, True), headers=auth_headers(key)
-        )
+        return await self._start("POST", _url(endpoint, api), key, _body(api, prompt, True))
+
+    async def _start(
+        self, method: str, url: str, key: str | None, body: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        """The answer's status and headers; its body still to be read."""
+        headers = auth_headers(key)
+        content = None
+        if body is not None:
+            content = msgspec.json.encode(body)
+            headers = {**(headers or {}), "Content-Type": "application/json"}
         try:
-            return await self._http.send(request, stream=True)
+            return await self._http.open(method, url, content=content, headers=headers)
         except httpx.TimeoutException:
             raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
 
-    async def _send(
-        self, method: str, url: str, key: str | None, json: Any = None
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        key: str | None,
+        body: dict[str, Any] | None = None,
+        *,
+        limit: int = _LARGE_ANSWER,
     ) -> httpx.Response:
-        try:
-            return await self._http.request(method, url, json=json, headers=auth_headers(key))
-        except httpx.TimeoutException:
-            raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
+        """The whole answer, up to ``limit`` bytes: whatever listens on an
+        endpoint is a job's, and must not make the gateway hold gigabytes."""
+        return await _read_all(await self._start(method, url, key, body), limit)
+
+
+async def _read_all(response: httpx.Response, limit: int = _SMALL_ANSWER) -> httpx.Response:
+    """``response`` read whole and closed, refused past ``limit`` bytes."""
+    url = response.request.url
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError(502, f"{url} answered more than {limit} bytes")
+            chunks.append(chunk)
+    except httpx.TimeoutException:
+        raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
+    except httpx.HTTPError as exc:
+        raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
+    finally:
+        await response.aclose()
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        content=b"".join(chunks),
+        request=response.request,
+    )
 
 
 def auth_headers(key: str | None) -> dict[str, str] | None:

@@ -71,7 +71,7 @@ def manager() -> ServiceManager:
     return ServiceManager(
         slurm=slurm,
         recipes=RecipeCatalog.load([ROOT / "recipes", ROOT / "tests" / "recipes"]),
-        prober=HealthProber(timeout=1, ttl=5),
+        prober=HealthProber(timeout=1, ttl=5, transport=httpx.AsyncHTTPTransport()),
         codec=CODEC,
         job_dir="/home/gwuser",
         slurm_user="gwuser",

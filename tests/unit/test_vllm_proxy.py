@@ -42,7 +42,7 @@ async def test_upstream_dying_mid_stream_ends_with_an_error_event(
         stream=BreaksAfterOneChunk(),
         headers={"content-type": "text/event-stream"},
     )
-    vllm = VllmClient()
+    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
     response = await _stream(vllm, "7", UPSTREAM, PROMPT)
     body = await body_of(response)
     assert body.startswith(b'data: {"choices"')
@@ -57,7 +57,7 @@ async def test_refusal_before_the_stream_is_a_502(httpx_mock: HTTPXMock) -> None
         status_code=400,
         json={"error": {"message": "max_tokens is too large", "type": "BadRequestError"}},
     )
-    vllm = VllmClient()
+    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
     with pytest.raises(UpstreamFailed, match="max_tokens is too large"):
         await _stream(vllm, "7", UPSTREAM, PROMPT)
     await vllm.aclose()
@@ -80,7 +80,7 @@ async def test_model_without_chat_template_falls_back_once(httpx_mock: HTTPXMock
         "usage": {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9},
     }
     httpx_mock.add_response(url=f"{ENDPOINT}/v1/completions", json=completion, is_reusable=True)
-    vllm = VllmClient()
+    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
     first = await vllm.complete(ENDPOINT, PROMPT)
     second = await vllm.complete(ENDPOINT, PROMPT)
     assert (first.api, first.text, first.usage.total_tokens) == ("completions", " there", 9)
@@ -92,7 +92,7 @@ async def test_model_without_chat_template_falls_back_once(httpx_mock: HTTPXMock
 
 async def test_vllm_timeout_is_a_504(httpx_mock: HTTPXMock) -> None:
     httpx_mock.add_exception(httpx.ReadTimeout("slow"))
-    vllm = VllmClient()
+    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
     with pytest.raises(Exception, match="did not answer in time") as info:
         await _stream(vllm, "7", UPSTREAM, PROMPT)
     assert getattr(info.value, "status_code", None) == 504
@@ -100,7 +100,7 @@ async def test_vllm_timeout_is_a_504(httpx_mock: HTTPXMock) -> None:
 
 
 async def test_a_huge_or_garbled_model_list_is_refused_not_held(httpx_mock: HTTPXMock) -> None:
-    vllm = VllmClient()
+    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
     httpx_mock.add_response(url=f"{ENDPOINT}/v1/models", content=b"[" * (2 * 1024 * 1024))
     with pytest.raises(UpstreamError, match="more than"):
         await vllm.models(ENDPOINT)
@@ -126,7 +126,7 @@ async def test_a_trickling_endpoint_cannot_hold_a_probe() -> None:
 
     server = await asyncio.start_server(trickle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    prober = HealthProber(timeout=0.5, ttl=5)
+    prober = HealthProber(timeout=0.5, ttl=5, transport=httpx.AsyncHTTPTransport())
     started = time.monotonic()
     ready = await prober.vllm_ready(f"http://127.0.0.1:{port}", "m", "k")
     took = time.monotonic() - started
