@@ -55,6 +55,7 @@ integration: venv cluster vllm-runtime
 # counts, 10,000 queued services) against slurmrestd itself, on 22.05 and 24.11.
 bench: venv cluster vllm-runtime
 	$(PY) bench/transport.py
+	$(PY) bench/proxy.py
 	$(PY) bench/prompt_latency.py
 	$(PY) bench/control_plane.py --cluster c2205
 	$(PY) bench/control_plane.py --cluster c2411

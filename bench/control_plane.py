@@ -407,7 +407,21 @@ def main() -> int:
     finally:
         chroot(cluster, "scancel", "-u", cluster.user)
         chroot(cluster, "scontrol", "update", partition, "state=up")
+        wait_for_purge(cluster)
     return 0
+
+
+def wait_for_purge(cluster: LocalCluster, limit: float = 600) -> None:
+    """slurmctld keeps cancelled jobs for MinJobAge (300 s here): thousands of
+    them would slow every job listing of whatever runs next (make test)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        held = len(chroot(cluster, "squeue", "-h", "-t", "all", "-o", "%i").split())
+        if held < 100:
+            break
+        print(f"  waiting for slurmctld to purge {held} ended jobs (MinJobAge)", flush=True)
+        time.sleep(30)
+    print(f"  queue purged in {time.monotonic() - t0:.0f} s")
 
 
 if __name__ == "__main__":

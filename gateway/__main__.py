@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import sys
 
 import uvicorn
+from litestar import Litestar
 
 from gateway.app import create_app
 from gateway.core.errors import RecipeError
@@ -21,13 +24,34 @@ def main() -> int:
     except RecipeError as exc:
         print(f"gateway: recipe error: {exc}", file=sys.stderr)
         return 2
+    _raise_open_files_limit()
     uvicorn.run(
-        app,
+        # Several workers each build their app (and job view) from the environment.
+        "gateway.__main__:worker_app" if settings.workers > 1 else app,
+        factory=settings.workers > 1,
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
+        loop="uvloop",
+        http="httptools",
+        backlog=4096,
     )
     return 0
+
+
+def worker_app() -> Litestar:
+    return create_app(load_settings())
+
+
+def _raise_open_files_limit() -> None:
+    """Each proxied stream holds two sockets: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from gateway.api import errors
 from gateway.api.health import HealthController
 from gateway.api.recipes import RecipesController
 from gateway.api.services import ServicesController
-from gateway.api.vllm import VllmController
+from gateway.api.vllm import Prompting, VllmController
 from gateway.core.jobview import JobView
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import ServiceManager
@@ -82,8 +82,10 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
                 client,
                 interval=settings.view_refresh_seconds,
                 min_gap=settings.view_min_gap_seconds,
+                max_stale=settings.view_max_stale_seconds,
             ),
         )
+        app.state.prompting = Prompting(services=app.state.services, vllm=vllm)
         app.state.services.view.start()
         try:
             yield
@@ -101,9 +103,9 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         slurm: SlurmClient = state.slurm
         return slurm
 
-    def provide_vllm(state: State) -> VllmClient:
-        vllm: VllmClient = state.vllm
-        return vllm
+    def provide_prompting(state: State) -> Prompting:
+        prompting: Prompting = state.prompting
+        return prompting
 
     def provide_recipes() -> RecipeCatalog:
         return catalog
@@ -114,7 +116,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             "services": Provide(provide_services, sync_to_thread=False),
             "slurm": Provide(provide_slurm, sync_to_thread=False),
             "recipes": Provide(provide_recipes, sync_to_thread=False),
-            "vllm": Provide(provide_vllm, sync_to_thread=False),
+            "prompting": Provide(provide_prompting, sync_to_thread=False),
         },
         lifespan=[adapters],
         plugins=[_logging(), errors.plugin()],

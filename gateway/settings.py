@@ -32,6 +32,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     host: str = "0.0.0.0"  # noqa: S104 - a service in a pod listens on all interfaces
     port: Port = 8001
     log_level: str = "info"
+    # Server processes on one port; each is a replica with its own job view.
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    access_log: bool = True
 
     # A cluster.json written by deploy/local/cluster.sh fills the slurm_* values
     # below that are not set explicitly.
@@ -52,6 +55,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # never two listings closer than the minimum gap (the slurmctld RPC bound).
     view_refresh_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 1.0
     view_min_gap_seconds: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.25
+    # While listings fail, reads (prompts included) answer from the view this long.
+    view_max_stale_seconds: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
 
     # Authenticates what the gateway writes into job comments and derives each
     # service's upstream key; every replica needs the same one. Defaults to one

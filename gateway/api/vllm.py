@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
@@ -48,6 +49,16 @@ _PROMPT_EXAMPLES = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class Prompting:
+    """What the prompt path needs, as one dependency: Litestar resolves two
+    or more independent ones in an anyio task group, about a tenth of the
+    CPU of a proxied prompt."""
+
+    services: ServiceManager
+    vllm: VllmClient
+
+
 class VllmController(Controller):
     path = "/api/v1/vllm"
     tags = ("vllm",)
@@ -87,11 +98,11 @@ class VllmController(Controller):
     )
     async def models(
         self,
-        services: NamedDependency[ServiceManager],
-        vllm: NamedDependency[VllmClient],
+        prompting: NamedDependency[Prompting],
         service_id: ServiceId,
     ) -> ModelsResponse:
-        service = await services.running(service_id, kind="vllm")
+        vllm = prompting.vllm
+        service = await prompting.services.running(service_id, kind="vllm")
         upstream = _upstream(service)
         endpoint = upstream.url
         try:
@@ -120,12 +131,12 @@ class VllmController(Controller):
     )
     async def prompt(
         self,
-        services: NamedDependency[ServiceManager],
-        vllm: NamedDependency[VllmClient],
+        prompting: NamedDependency[Prompting],
         service_id: ServiceId,
         data: Annotated[PromptRequest, Body(examples=_PROMPT_EXAMPLES)],
     ) -> Response[PromptResponse] | Stream:
-        service = await services.running(service_id, kind="vllm")
+        vllm = prompting.vllm
+        service = await prompting.services.running(service_id, kind="vllm")
         upstream = _upstream(service)
         endpoint = upstream.url
         request = Prompt(

@@ -1,0 +1,149 @@
+"""The prompt path leans on the job view, not on Slurm: a running service keeps
+answering while slurmrestd is down (for the view's staleness bound), nothing
+needs a restart when it is back, and a stopped service stops taking prompts at
+once on the replica that stopped it and within the view's bound on the others.
+
+The upstream is the OpenAI-shaped stub recipe (tests/recipes/testing/openai-stub),
+which answers like vLLM's OpenAI server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.testing.clusters import LocalCluster
+from tests.conftest import poll
+from tests.integration.conftest import TIMINGS
+from tests.integration.gateway_process import GatewayProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+STALE = 6.0  # GATEWAY_VIEW_MAX_STALE_SECONDS for these gateways
+BOUND = 5.0  # refresh interval (1 s) plus a listing, with room for this machine
+
+
+@pytest.fixture
+def gateway(cluster: LocalCluster) -> Iterator[GatewayProcess]:
+    with GatewayProcess(cluster, GATEWAY_VIEW_MAX_STALE_SECONDS=str(STALE)) as process:
+        yield process
+
+
+@pytest.fixture
+async def api(gateway: GatewayProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        yield client
+
+
+async def running_stub(api: httpx.AsyncClient) -> str:
+    created = await api.post(
+        "/api/v1/services", json={"recipe_name": "testing/openai-stub"}
+    )  # fmt: skip
+    assert created.status_code == 201, created.text
+    sid: str = created.json()["id"]
+    await poll(
+        lambda: api.get(f"/api/v1/services/{sid}/status"),
+        lambda r: r.json()["status"] == "running",
+        timeout=60,
+    )
+    return sid
+
+
+async def prompt(api: httpx.AsyncClient, sid: str, stream: bool = False) -> httpx.Response:
+    body: dict[str, Any] = {"prompt": "hi", "max_tokens": 4, "stream": stream}
+    response = await api.post(f"/api/v1/vllm/{sid}/prompt", json=body)
+    if response.status_code == 200:
+        if stream:
+            assert response.text.rstrip().endswith("data: [DONE]"), response.text
+        else:
+            assert response.json()["response"] == " tok" * 4
+    return response
+
+
+def slurmrestd_pids(cluster: LocalCluster) -> list[int]:
+    root = Path(cluster.chroot).resolve()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and (proc / "comm").read_text().strip() == "slurmrestd"
+                and (proc / "root").resolve() == root
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+async def test_prompts_go_on_while_slurmrestd_is_down_and_stop_with_the_service(
+    cluster: LocalCluster, gateway: GatewayProcess, api: httpx.AsyncClient
+) -> None:
+    sid = await running_stub(api)
+    assert (await prompt(api, sid)).status_code == 200
+
+    pids = slurmrestd_pids(cluster)
+    assert pids, "no slurmrestd to stop"
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    down_at = time.monotonic()
+    try:
+        await poll(
+            lambda: api.get("/api/v1/ready"), lambda r: r.status_code == 503, timeout=15
+        )  # fmt: skip
+        # For the staleness bound, both kinds of prompt still reach the service.
+        answered = 0
+        while time.monotonic() - down_at < STALE - 0.5:
+            for stream in (False, True):
+                response = await prompt(api, sid, stream)
+                assert response.status_code == 200, response.text
+                answered += 1
+            await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(
+            subprocess.run,
+            [str(ROOT / "deploy" / "local" / "cluster.sh"), "up", cluster.name],
+            check=True, timeout=300, capture_output=True,
+        )  # fmt: skip
+    TIMINGS.append(
+        f"prompt path on {cluster.name}: {answered} prompts answered while slurmrestd "
+        f"was down ({STALE:g} s staleness bound)"
+    )
+    # Back without a gateway restart: reads and prompts work again.
+    await poll(lambda: api.get("/api/v1/ready"), lambda r: r.status_code == 200, timeout=30)
+    await poll(
+        lambda: api.get(f"/api/v1/services/{sid}/status"),
+        lambda r: r.status_code == 200 and r.json()["status"] == "running",
+        timeout=30,
+    )
+    assert (await prompt(api, sid, stream=True)).status_code == 200
+
+    # A stop: the replica that stopped it refuses prompts at once, another
+    # replica within the bound.
+    with GatewayProcess(cluster) as second:
+        async with httpx.AsyncClient(base_url=second.url, timeout=30) as other:
+            assert (await prompt(other, sid)).status_code == 200
+            stopped = await api.delete(f"/api/v1/services/{sid}")
+            assert stopped.json()["status"] == "cancelled", stopped.text
+            t0 = time.monotonic()
+            refused = await prompt(api, sid)
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["service_status"] == "cancelled"
+            await poll(
+                lambda: prompt(other, sid),
+                lambda r: r.status_code == 409,
+                timeout=BOUND,
+                interval=0.05,
+            )
+            TIMINGS.append(
+                f"prompt path on {cluster.name}: another replica refused prompts to a "
+                f"stopped service after {time.monotonic() - t0:.2f} s"
+            )
