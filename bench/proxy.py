@@ -340,15 +340,20 @@ async def start_stub(api: aiohttp.ClientSession, env: dict[str, str]) -> dict[st
         if r.status != 201:
             raise SystemExit(f"could not start the stub: {created}")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        async with api.get(f"/api/v1/services/{created['id']}") as r:
-            service: dict[str, Any] = await r.json()
-        if service["status"] == "running":
-            return service
-        if service["status"] in ("failed", "cancelled", "completed", "timeout"):
-            raise SystemExit(f"stub ended: {service}")
-        await asyncio.sleep(0.5)
-    raise SystemExit("the stub did not reach running in 120 s")
+    try:
+        while time.monotonic() < deadline:
+            async with api.get(f"/api/v1/services/{created['id']}") as r:
+                service: dict[str, Any] = await r.json()
+            if service["status"] == "running":
+                return service
+            if service["status"] in ("failed", "cancelled", "completed", "timeout"):
+                raise SystemExit(f"stub ended: {service}")
+            await asyncio.sleep(0.5)
+        raise SystemExit("the stub did not reach running in 120 s")
+    except BaseException:
+        async with api.delete(f"/api/v1/services/{created['id']}"):
+            pass  # a stub left running would hold a CPU of the node for an hour
+        raise
 
 
 def ratio(a: float, b: float) -> str:

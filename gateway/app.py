@@ -16,9 +16,10 @@ from litestar.plugins.structlog import StructlogConfig, StructlogPlugin
 from gateway import __version__
 from gateway.api import errors
 from gateway.api.health import HealthController
+from gateway.api.prompting import Prompting
 from gateway.api.recipes import RecipesController
 from gateway.api.services import ServicesController
-from gateway.api.vllm import Prompting, VllmController
+from gateway.api.vllm import VllmController
 from gateway.core.jobview import JobView
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import ServiceManager

@@ -1,4 +1,4 @@
-"""The HTTP transport under the gateway's calls to slurmrestd.
+"""The HTTP transports under the gateway's calls to slurmrestd and to services.
 
 Measured with bench/transport.py on this project's 2-core machine, 8
 concurrent POSTs to a stub: httpx's default pool (httpcore over anyio) costs
@@ -134,13 +134,12 @@ class Outbound:
         max_connections: int,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        learn_trailing: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._transport = transport or AiohttpTransport(max_connections)
         # Whether the server sends bytes after a "Connection: close" answer
         # (DataAfterClose), which only aiohttp refuses; None: not known yet.
-        self._trailing: bool | None = None if transport is None and learn_trailing else False
+        self._trailing: bool | None = None if transport is None else False
         self._learning = asyncio.Lock()
         # The h11 transport for such a server, made on first need.
         self._lenient: httpx.AsyncHTTPTransport | None = None
@@ -168,7 +167,7 @@ class Outbound:
         """The whole answer, read. Raises httpx's TransportError family."""
         request = httpx.Request(
             method,
-            self.base_url + path,
+            self._url(path),
             params=params,
             content=content,
             headers={**self._headers, **(headers or {})},
@@ -195,27 +194,6 @@ class Outbound:
             # The answer arrived whole and was lost to the trailing bytes: ask
             # again through h11, which stops after the first answer.
             return await self._read(self._h11(), request)
-
-    async def open(
-        self,
-        method: str,
-        path: str,
-        *,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
-        """The answer with its body not read yet: the caller streams it and
-        closes it (a response left open holds its connection)."""
-        request = httpx.Request(
-            method,
-            self._url(path),
-            content=content,
-            headers={**self._headers, **headers} if headers else self._headers,
-            extensions=self._extensions,
-        )
-        response = await self._transport.handle_async_request(request)
-        response.request = request  # as httpx's client does; not every transport sets it
-        return response
 
     def _url(self, path: str) -> httpx.URL:
         """Parsed once per URL: parsing is a tenth of a proxied prompt's CPU."""
@@ -260,3 +238,59 @@ class Outbound:
         await self._transport.aclose()
         if self._lenient is not None:
             await self._lenient.aclose()
+
+
+class TransportFailure(Exception):
+    """A request that got no answer: ``timeout`` tells a slow peer from a gone one."""
+
+    def __init__(self, kind: str, *, timeout: bool) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.timeout = timeout
+
+
+class Pool:
+    """aiohttp's connection pool, without httpx on top: for the prompt path,
+    where each request's objects count (see VllmClient)."""
+
+    def __init__(self, *, timeout: float, connect_timeout: float, max_connections: int) -> None:
+        self._limit = max_connections
+        self._timeout = aiohttp.ClientTimeout(
+            connect=timeout, sock_connect=connect_timeout, sock_read=timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use: a session belongs to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._limit),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding",),
+                headers={"User-Agent": _USER_AGENT},
+                timeout=self._timeout,
+            )
+        return self._session
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """The answer with its body unread: read it, then release (or close) it."""
+        try:
+            return await self._client().request(
+                method, url, data=content, headers=headers, allow_redirects=False
+            )
+        except TimeoutError as exc:
+            raise TransportFailure(type(exc).__name__, timeout=True) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TransportFailure(type(exc).__name__, timeout=False) from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()

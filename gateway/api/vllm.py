@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
@@ -16,18 +15,24 @@ from litestar.params import Body
 from litestar.response import Response, Stream
 
 from gateway.api.errors import EventStreamOperation, problem_responses
+from gateway.api.fastpath import prompt_fast_path
+from gateway.api.prompting import (
+    Prompting,
+    complete,
+    prompt_of,
+    upstream_failure,
+    upstream_of,
+)
 from gateway.api.schemas import (
     ModelsResponse,
     PromptRequest,
     PromptResponse,
-    UsageResponse,
     VllmServiceResponse,
     VllmServicesResponse,
 )
 from gateway.api.services import ServiceId
 from gateway.api.streaming import ClosingStream
-from gateway.core.errors import UpstreamFailed, UpstreamTimeout
-from gateway.core.services import Service, ServiceManager, Upstream
+from gateway.core.services import ServiceManager, Upstream
 from gateway.core.status import ServiceStatus
 from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
 
@@ -47,16 +52,6 @@ _PROMPT_EXAMPLES = [
     ),
     Example(summary="Streamed", value={"prompt": "Count to five", "stream": True}),
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Prompting:
-    """What the prompt path needs, as one dependency: Litestar resolves two
-    or more independent ones in an anyio task group, about a tenth of the
-    CPU of a proxied prompt."""
-
-    services: ServiceManager
-    vllm: VllmClient
 
 
 class VllmController(Controller):
@@ -103,12 +98,12 @@ class VllmController(Controller):
     ) -> ModelsResponse:
         vllm = prompting.vllm
         service = await prompting.services.running(service_id, kind="vllm")
-        upstream = _upstream(service)
+        upstream = upstream_of(service)
         endpoint = upstream.url
         try:
             models = await vllm.models(endpoint, upstream.key)
         except (UpstreamError, UpstreamUnavailable) as exc:
-            raise _upstream_failure(service_id, exc) from None
+            raise upstream_failure(service_id, exc) from None
         return ModelsResponse(service_id=service_id, endpoint=endpoint, models=models)
 
     @post(
@@ -128,6 +123,7 @@ class VllmController(Controller):
             ),
         },
         operation_class=EventStreamOperation,  # adds the text/event-stream 200 answer
+        middleware=[prompt_fast_path],
     )
     async def prompt(
         self,
@@ -135,45 +131,11 @@ class VllmController(Controller):
         service_id: ServiceId,
         data: Annotated[PromptRequest, Body(examples=_PROMPT_EXAMPLES)],
     ) -> Response[PromptResponse] | Stream:
-        vllm = prompting.vllm
         service = await prompting.services.running(service_id, kind="vllm")
-        upstream = _upstream(service)
-        endpoint = upstream.url
-        request = Prompt(
-            prompt=data.prompt,
-            model=data.model or service.config.environment.get("VLLM_MODEL") or "",
-            max_tokens=data.max_tokens,
-            temperature=data.temperature,
-            top_p=data.top_p,
-            stop=data.stop,
-        )
         if data.stream:
-            return await _stream(vllm, service_id, upstream, request)
-        try:
-            done = await vllm.complete(endpoint, request, upstream.key)
-        except (UpstreamError, UpstreamUnavailable) as exc:
-            raise _upstream_failure(service_id, exc) from None
-        return Response(
-            PromptResponse(
-                success=True,
-                response=done.text,
-                model=done.model,
-                finish_reason=done.finish_reason,
-                usage=UsageResponse(
-                    prompt_tokens=done.usage.prompt_tokens,
-                    completion_tokens=done.usage.completion_tokens,
-                    total_tokens=done.usage.total_tokens,
-                ),
-                service_id=service_id,
-                endpoint=endpoint,
-                endpoint_used=done.api,
-            )
-        )
-
-
-def _upstream(service: Service) -> Upstream:
-    assert service.upstream is not None  # running() guarantees it
-    return service.upstream
+            upstream = upstream_of(service)
+            return await _stream(prompting.vllm, service_id, upstream, prompt_of(service, data))
+        return Response(await complete(prompting.vllm, service_id, service, data))
 
 
 async def _stream(
@@ -187,7 +149,7 @@ async def _stream(
         first = b""
     except (UpstreamError, UpstreamUnavailable) as exc:
         await chunks.aclose()
-        raise _upstream_failure(service_id, exc) from None
+        raise upstream_failure(service_id, exc) from None
 
     async def relay() -> AsyncGenerator[bytes, None]:
         try:
@@ -211,11 +173,3 @@ async def _stream(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-def _upstream_failure(service_id: str, exc: Exception) -> Exception:
-    if isinstance(exc, UpstreamUnavailable) and exc.timeout:
-        return UpstreamTimeout(f"vLLM of service {service_id} did not answer in time")
-    if isinstance(exc, UpstreamError):
-        return UpstreamFailed(f"vLLM of service {service_id} answered {exc.status}: {exc.message}")
-    return UpstreamFailed(f"vLLM of service {service_id}: {exc}")

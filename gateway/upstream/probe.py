@@ -17,10 +17,9 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
 import structlog
 
-from gateway.transport import Outbound
+from gateway.transport import Pool, TransportFailure
 from gateway.upstream.vllm import VllmClient, auth_headers
 
 log = structlog.get_logger(__name__)
@@ -33,18 +32,10 @@ class HealthProber:
         timeout: float = 2.0,
         ttl: float = 3.0,
         max_concurrent: int = 32,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._http = Outbound(
-            "",
-            timeout=timeout,
-            connect_timeout=timeout,
-            max_connections=max_concurrent,
-            transport=transport,
-            learn_trailing=False,
-        )
+        self._http = Pool(timeout=timeout, connect_timeout=timeout, max_connections=max_concurrent)
         self._slots = asyncio.Semaphore(max_concurrent)
-        self._vllm = VllmClient(timeout=timeout, connect_timeout=timeout, transport=transport)
+        self._vllm = VllmClient(timeout=timeout, connect_timeout=timeout)
         self._ttl = ttl
         # Past this age a cached answer is not given out even while a new probe runs.
         self._stale = 4 * ttl
@@ -108,8 +99,8 @@ class HealthProber:
     async def _get(self, url: str, key: str | None) -> bool:
         try:
             response = await self._http.open("GET", url, headers=auth_headers(key))
-        except httpx.HTTPError:
+        except TransportFailure:
             return False
-        # The status is the answer: the body is never read.
-        await response.aclose()
-        return response.status_code < 300
+        # The status is the answer: the body is never read (nor the connection reused).
+        response.close()
+        return response.status < 300

@@ -11,13 +11,12 @@ Streams are passed through as vLLM sends them, chunk by chunk.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-import anyio
-import httpx
+import aiohttp
 import msgspec
 
-from gateway.transport import Outbound
+from gateway.transport import Pool, TransportFailure
 
 Api = Literal["chat", "completions"]
 # The most a model list (or a probe's answer) may take.
@@ -97,8 +96,9 @@ class Prompt(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class VllmClient:
-    """Over the same lean transport as the slurmrestd client (gateway/transport.py):
-    httpx requests and errors, aiohttp's connection pool underneath."""
+    """Straight on aiohttp's connection pool (gateway/transport.py's Pool): on
+    the prompt path even httpx's request and response objects cost as much
+    CPU as the call itself (py-spy under wrk, bench/proxy.py)."""
 
     def __init__(
         self,
@@ -106,16 +106,9 @@ class VllmClient:
         timeout: float = 120.0,
         connect_timeout: float = 3.0,
         max_connections: int = 4096,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        # Endpoints are whole URLs; vLLM (uvicorn) ends its answers cleanly.
-        self._http = Outbound(
-            "",
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            max_connections=max_connections,
-            transport=transport,
-            learn_trailing=False,
+        self._http = Pool(
+            timeout=timeout, connect_timeout=connect_timeout, max_connections=max_connections
         )
         self._api: dict[tuple[str, str], Api] = {}
 
@@ -123,25 +116,18 @@ class VllmClient:
         await self._http.aclose()
 
     async def models(self, endpoint: str, key: str | None = None) -> list[str]:
-        content = await self._get_bounded(f"{endpoint}/v1/models", key)
+        answer = await self._request("GET", f"{endpoint}/v1/models", key, limit=_SMALL_ANSWER)
+        _raise_for_status(answer)
         try:
-            return [m.id for m in msgspec.json.decode(content, type=_Models).data]
+            return [m.id for m in msgspec.json.decode(answer.content, type=_Models).data]
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             raise UpstreamError(502, "vLLM's /v1/models answer is not a model list") from None
-
-    async def _get_bounded(self, url: str, key: str | None) -> bytes:
-        """A small answer (a model list), read up to ``_SMALL_ANSWER`` bytes:
-        whatever listens on an endpoint must not make the gateway hold gigabytes."""
-        response = await self._request("GET", url, key, limit=_SMALL_ANSWER)
-        if response.status_code >= 400:
-            raise UpstreamError(response.status_code, _error_message(response))
-        return response.content
 
     async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:
         """``/health`` answers and ``/v1/models`` lists ``model`` (any, if None)."""
         try:
             health = await self._request("GET", f"{endpoint}/health", key, limit=_SMALL_ANSWER)
-            if health.status_code != 200:
+            if health.status != 200:
                 return False
             served = await self.models(endpoint, key)
         except (UpstreamError, UpstreamUnavailable):
@@ -150,16 +136,16 @@ class VllmClient:
 
     async def complete(self, endpoint: str, prompt: Prompt, key: str | None = None) -> Completion:
         api = self._api.get((endpoint, prompt.model), "chat")
-        response = await self._request("POST", _url(endpoint, api), key, _body(api, prompt, False))
-        if api == "chat" and _no_chat_template(response):
+        answer = await self._request("POST", _url(endpoint, api), key, _body(api, prompt, False))
+        if api == "chat" and _no_chat_template(answer):
             api = "completions"
-            response = await self._request(
+            answer = await self._request(
                 "POST", _url(endpoint, api), key, _body(api, prompt, False)
             )
-        _raise_for_status(response)
+        _raise_for_status(answer)
         self._api[(endpoint, prompt.model)] = api
         try:
-            body = msgspec.json.decode(response.content, type=_Completion)
+            body = msgspec.json.decode(answer.content, type=_Completion)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             raise UpstreamError(502, "vLLM's completion is not in the OpenAI shape") from None
         choice = body.choices[0] if body.choices else _Choice()
@@ -178,39 +164,32 @@ class VllmClient:
         """vLLM's SSE bytes, as they arrive. Closing the iterator (a client that
         went away) closes the upstream connection, which makes vLLM abort."""
         api = self._api.get((endpoint, prompt.model), "chat")
-        response = await self._open(endpoint, api, prompt, key)
-        if api == "chat" and response.status_code == 400:
-            response = await _read_all(response)
-            if _no_chat_template(response):
-                api = "completions"
-                response = await self._open(endpoint, api, prompt, key)
+        response = await self._start("POST", _url(endpoint, api), key, _body(api, prompt, True))
+        if api == "chat" and response.status == 400:
+            refused = await _read_all(response)
+            if not _no_chat_template(refused):
+                _raise_for_status(refused)
+            api = "completions"
+            response = await self._start("POST", _url(endpoint, api), key, _body(api, prompt, True))
+        if response.status >= 400:
+            _raise_for_status(await _read_all(response))
+        self._api[(endpoint, prompt.model)] = api
         try:
-            if response.status_code >= 400:
-                if not response.is_stream_consumed:
-                    response = await _read_all(response)
-                _raise_for_status(response)
-            self._api[(endpoint, prompt.model)] = api
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 yield chunk
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamUnavailable(
                 f"the stream from vLLM broke off: {type(exc).__name__}"
             ) from None
         finally:
-            # Shielded: when the client went away this runs under a cancelled
-            # scope, where an unshielded await would be cancelled before the
-            # connection is closed, and vLLM would go on generating.
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
-
-    async def _open(
-        self, endpoint: str, api: Api, prompt: Prompt, key: str | None
-    ) -> httpx.Response:
-        return await self._start("POST", _url(endpoint, api), key, _body(api, prompt, True))
+            # Closed, not released: an unfinished answer must end the upstream
+            # request (vLLM aborts on the disconnect). Synchronous, so a
+            # cancelled client cannot interrupt it.
+            response.close()
 
     async def _start(
         self, method: str, url: str, key: str | None, body: dict[str, Any] | None = None
-    ) -> httpx.Response:
+    ) -> aiohttp.ClientResponse:
         """The answer's status and headers; its body still to be read."""
         headers = auth_headers(key)
         content = None
@@ -219,10 +198,10 @@ class VllmClient:
             headers = {**(headers or {}), "Content-Type": "application/json"}
         try:
             return await self._http.open(method, url, content=content, headers=headers)
-        except httpx.TimeoutException:
-            raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
+        except TransportFailure as exc:
+            if exc.timeout:
+                raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
+            raise UpstreamUnavailable(f"vLLM is unreachable: {exc.kind}") from None
 
     async def _request(
         self,
@@ -232,35 +211,37 @@ class VllmClient:
         body: dict[str, Any] | None = None,
         *,
         limit: int = _LARGE_ANSWER,
-    ) -> httpx.Response:
+    ) -> _Answer:
         """The whole answer, up to ``limit`` bytes: whatever listens on an
         endpoint is a job's, and must not make the gateway hold gigabytes."""
         return await _read_all(await self._start(method, url, key, body), limit)
 
 
-async def _read_all(response: httpx.Response, limit: int = _SMALL_ANSWER) -> httpx.Response:
-    """``response`` read whole and closed, refused past ``limit`` bytes."""
-    url = response.request.url
+class _Answer(NamedTuple):
+    status: int
+    content: bytes
+
+
+async def _read_all(response: aiohttp.ClientResponse, limit: int = _SMALL_ANSWER) -> _Answer:
+    """``response`` read whole and released, refused past ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_raw():
+        async for chunk in response.content.iter_any():
             size += len(chunk)
             if size > limit:
-                raise UpstreamError(502, f"{url} answered more than {limit} bytes")
+                raise UpstreamError(502, f"{response.url} answered more than {limit} bytes")
             chunks.append(chunk)
-    except httpx.TimeoutException:
+    except TimeoutError:
         raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
     finally:
-        await response.aclose()
-    return httpx.Response(
-        response.status_code,
-        headers=response.headers,
-        content=b"".join(chunks),
-        request=response.request,
-    )
+        if size > limit:
+            response.close()  # the rest is never read: the connection cannot be reused
+        else:
+            response.release()
+    return _Answer(response.status, b"".join(chunks))
 
 
 def auth_headers(key: str | None) -> dict[str, str] | None:
@@ -287,8 +268,8 @@ def _body(api: Api, prompt: Prompt, stream: bool) -> dict[str, Any]:
     return body
 
 
-def _error_message(response: httpx.Response) -> str:
-    return _message_of(response.content, response.status_code)
+def _error_message(answer: _Answer) -> str:
+    return _message_of(answer.content, answer.status)
 
 
 def _message_of(content: bytes, status: int) -> str:
@@ -301,10 +282,10 @@ def _message_of(content: bytes, status: int) -> str:
     return (body.message or (str(body.error) if body.error else f"HTTP {status}"))[:500]
 
 
-def _no_chat_template(response: httpx.Response) -> bool:
-    return response.status_code == 400 and "chat template" in _error_message(response).lower()
+def _no_chat_template(answer: _Answer) -> bool:
+    return answer.status == 400 and "chat template" in _error_message(answer).lower()
 
 
-def _raise_for_status(response: httpx.Response) -> None:
-    if response.status_code >= 400:
-        raise UpstreamError(response.status_code, _error_message(response))
+def _raise_for_status(answer: _Answer) -> None:
+    if answer.status >= 400:
+        raise UpstreamError(answer.status, _error_message(answer))

@@ -89,6 +89,20 @@ async def test_prompts_go_on_while_slurmrestd_is_down_and_stop_with_the_service(
 ) -> None:
     sid = await running_stub(api)
     assert (await prompt(api, sid)).status_code == 200
+    # What the fast path hands to the route keeps the route's answers.
+    path = f"/api/v1/vllm/{sid}/prompt"
+    empty = await api.post(path, json={"prompt": ""})
+    assert empty.status_code == 422, empty.text
+    assert [e["field"] for e in empty.json()["errors"]] == ["prompt"]
+    unknown = await api.post(path, json={"prompt": "hi", "colour": "red"})
+    assert unknown.status_code in (400, 422), unknown.text
+    assert "colour" in unknown.text
+    garbled = await api.post(
+        path, content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert garbled.status_code == 400, garbled.text
+    missing = await api.post("/api/v1/vllm/999999999/prompt", json={"prompt": "hi"})
+    assert missing.status_code == 404, missing.text
 
     pids = slurmrestd_pids(cluster)
     assert pids, "no slurmrestd to stop"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from gateway.core.services import CreateRequest, ServiceManager
 from gateway.core.status import ServiceStatus
 from gateway.slurm import MintedTokens, SlurmClient
 from gateway.upstream.probe import HealthProber
+from tests.unit.http_stub import Answer, Seen, Stub, http_stub, response
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "http://slurmrestd.test"
@@ -43,7 +45,10 @@ def job(job_id: int, comment: str, state: str = "RUNNING") -> dict[str, Any]:
 
 
 CODEC = metadata.MetaCodec(b"the gateway's shared secret....!")
-NODE = {"nodes": [{"name": "node1", "hostname": "node1.cluster", "address": "10.0.0.1"}]}
+# The node's address is a loopback one of its own, where the tests' health
+# stubs listen (tests/unit/http_stub.py); 127.0.0.1 is then off the node.
+NODE_ADDRESS = "127.0.0.2"
+NODE = {"nodes": [{"name": "node1", "hostname": "node1.cluster", "address": NODE_ADDRESS}]}
 
 
 def blob(owner: str = "gwuser", **environment: str) -> str:
@@ -71,7 +76,7 @@ def manager() -> ServiceManager:
     return ServiceManager(
         slurm=slurm,
         recipes=RecipeCatalog.load([ROOT / "recipes", ROOT / "tests" / "recipes"]),
-        prober=HealthProber(timeout=1, ttl=5, transport=httpx.AsyncHTTPTransport()),
+        prober=HealthProber(timeout=1, ttl=5),
         codec=CODEC,
         job_dir="/home/gwuser",
         slurm_user="gwuser",
@@ -85,7 +90,32 @@ def mock_node(httpx_mock: HTTPXMock) -> None:
 async def test_listing_costs_one_slurm_call_and_probes_run_concurrently(
     httpx_mock: HTTPXMock,
 ) -> None:
-    ports = [9001, 9002, 9003, 9004]
+    in_flight = 0
+    most = 0
+
+    def health(status: int) -> Answer:
+        async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.2)
+            in_flight -= 1
+            writer.write(response(status))
+
+        return answer
+
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = [
+            await stack.enter_async_context(http_stub(health(status), NODE_ADDRESS))
+            for status in (200, 200, 200, 503)
+        ]
+        await _listing_costs_one_slurm_call(httpx_mock, stubs)
+    assert most == len(stubs), "health probes ran one after another"
+    assert [len(stub.seen) for stub in stubs] == [1, 1, 1, 1]
+
+
+async def _listing_costs_one_slurm_call(httpx_mock: HTTPXMock, stubs: list[Stub]) -> None:
+    ports = [stub.port for stub in stubs]
     jobs = [job(10 + i, service_comment(p)) for i, p in enumerate(ports)]
     jobs.append(job(99, "not ours"))
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
@@ -95,37 +125,18 @@ async def test_listing_costs_one_slurm_call_and_probes_run_concurrently(
         json={"jobs": jobs, "last_update": {"set": True, "number": 5}},
         is_reusable=True,
     )
-    in_flight = 0
-    most = 0
-
-    async def health(request: httpx.Request) -> httpx.Response:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        await asyncio.sleep(0.2)
-        in_flight -= 1
-        return httpx.Response(200 if request.url.port != 9004 else 503)
-
-    httpx_mock.add_callback(
-        health, url=httpx.URL("http://10.0.0.1/health").copy_with(), is_optional=True
-    )
-    for port in ports:
-        httpx_mock.add_callback(health, url=f"http://10.0.0.1:{port}/health", is_reusable=True)
-
     services = manager()
     listed = await services.list()
     assert [s.id for s in listed] == ["13", "12", "11", "10"]
     assert [s.status for s in listed] == [
-        ServiceStatus.STARTING,  # port 9004 answers 503
+        ServiceStatus.STARTING,  # the fourth answers 503
         ServiceStatus.RUNNING,
         ServiceStatus.RUNNING,
         ServiceStatus.RUNNING,
     ]
-    assert most == len(ports), "health probes ran one after another"
     await services.list()  # within the view's interval and the probe cache: nothing sent
     jobs_calls = httpx_mock.get_requests(url=JOBS)
     assert len(jobs_calls) == 1
-    assert len([r for r in httpx_mock.get_requests() if r.url.path == "/health"]) == len(ports)
     await services.prober.aclose()
     await services.slurm.aclose()
 
@@ -146,14 +157,26 @@ async def test_comment_from_the_job_is_parsed_not_trusted(httpx_mock: HTTPXMock)
 
 
 async def test_an_endpoint_off_the_jobs_node_is_never_probed(httpx_mock: HTTPXMock) -> None:
+    async def ok(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(response(200))
+
+    async with http_stub(ok, NODE_ADDRESS) as node, http_stub(ok) as elsewhere:
+        await _off_the_node(httpx_mock, node, elsewhere)
+    assert [s.path for s in node.seen] == ["/health"]
+    assert elsewhere.seen == []
+
+
+async def _off_the_node(httpx_mock: HTTPXMock, node: Stub, elsewhere: Stub) -> None:
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
     mock_node(httpx_mock)
-    jobs = [job(7, service_comment(8001, "127.0.0.1")), job(8, service_comment(9, "x.invalid"))]
+    jobs = [
+        job(7, service_comment(elsewhere.port, "127.0.0.1")),
+        job(8, service_comment(9, "x.invalid")),
+    ]
     # The node's host name: reached at its address, as Slurm has it (the
     # gateway's host need not resolve node names).
-    jobs.append(job(9, service_comment(9100, "node1.cluster")))
+    jobs.append(job(9, service_comment(node.port, "node1.cluster")))
     httpx_mock.add_response(url=JOBS, json={"jobs": jobs})
-    httpx_mock.add_response(url="http://10.0.0.1:9100/health")
     services = manager()
     listed = {s.id: s for s in await services.list()}
     for sid in ("7", "8"):
@@ -162,10 +185,8 @@ async def test_an_endpoint_off_the_jobs_node_is_never_probed(httpx_mock: HTTPXMo
         assert "not on its node node1" in listed[sid].status_reason
     assert listed["9"].status is ServiceStatus.RUNNING
     assert listed["9"].upstream is not None
-    probes = [r for r in httpx_mock.get_requests() if r.url.path == "/health"]
-    assert [str(r.url) for r in probes] == ["http://10.0.0.1:9100/health"]
     # The probe carries the service's key, derived from its metadata.
-    assert probes[0].headers["Authorization"] == f"Bearer {listed['9'].upstream.key}"
+    assert node.seen[0].headers["authorization"] == f"Bearer {listed['9'].upstream.key}"
     # One node lookup for three jobs on it.
     assert len(httpx_mock.get_requests(url=f"{URL}/slurm/v0.0.42/node/node1")) == 1
     await services.prober.aclose()
@@ -273,12 +294,20 @@ async def test_ids_are_ascii_job_numbers(service_id: str) -> None:
 
 
 async def test_prompt_path_reads_the_shared_view(httpx_mock: HTTPXMock) -> None:
+    async def ok(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(response(200))
+
+    async with http_stub(ok, NODE_ADDRESS) as node:
+        await _prompt_path_reads_the_view(httpx_mock, node)
+    assert len(node.seen) == 1
+
+
+async def _prompt_path_reads_the_view(httpx_mock: HTTPXMock, node: Stub) -> None:
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
     httpx_mock.add_response(
-        url=JOBS, json={"jobs": [job(7, service_comment(9100))]}, is_reusable=True
+        url=JOBS, json={"jobs": [job(7, service_comment(node.port))]}, is_reusable=True
     )
     mock_node(httpx_mock)
-    httpx_mock.add_response(url="http://10.0.0.1:9100/health", is_reusable=True)
     services = manager()
     first = await asyncio.gather(*(services.running("7") for _ in range(50)))
     second = await services.running("7")

@@ -1,32 +1,23 @@
-"""The vLLM proxy against failures a real vLLM cannot be made to produce on demand."""
+"""The vLLM proxy against failures a real vLLM cannot be made to produce on
+demand, served by a real socket that misbehaves (tests/unit/http_stub.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 
-import httpx
 import msgspec
 import pytest
-from pytest_httpx import HTTPXMock
 
 from gateway.api.vllm import _stream
 from gateway.core.errors import UpstreamFailed
 from gateway.core.services import Upstream
 from gateway.upstream.probe import HealthProber
 from gateway.upstream.vllm import Prompt, UpstreamError, VllmClient
+from tests.unit.http_stub import Seen, http_stub, response
 
-ENDPOINT = "http://node1:8000"
 PROMPT = Prompt(prompt="hi", model="m", max_tokens=8)
-UPSTREAM = Upstream(ENDPOINT, "service-key")
-
-
-class BreaksAfterOneChunk(httpx.AsyncByteStream):
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
-        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
 
 
 async def body_of(stream: object) -> bytes:
@@ -34,36 +25,40 @@ async def body_of(stream: object) -> bytes:
     return b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
 
 
-async def test_upstream_dying_mid_stream_ends_with_an_error_event(
-    httpx_mock: HTTPXMock,
-) -> None:
-    httpx_mock.add_response(
-        url=f"{ENDPOINT}/v1/chat/completions",
-        stream=BreaksAfterOneChunk(),
-        headers={"content-type": "text/event-stream"},
-    )
-    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
-    response = await _stream(vllm, "7", UPSTREAM, PROMPT)
-    body = await body_of(response)
+async def test_upstream_dying_mid_stream_ends_with_an_error_event() -> None:
+    async def one_chunk_then_gone(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        event = b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        writer.transport.abort()  # no closing chunk: the body is incomplete
+
+    async with http_stub(one_chunk_then_gone) as stub:
+        vllm = VllmClient()
+        response_ = await _stream(vllm, "7", Upstream(stub.url, "k"), PROMPT)
+        body = await body_of(response_)
+        await vllm.aclose()
     assert body.startswith(b'data: {"choices"')
     assert b"event: error\ndata: " in body
     assert b"broke off" in body
-    await vllm.aclose()
 
 
-async def test_refusal_before_the_stream_is_a_502(httpx_mock: HTTPXMock) -> None:
-    httpx_mock.add_response(
-        url=f"{ENDPOINT}/v1/chat/completions",
-        status_code=400,
-        json={"error": {"message": "max_tokens is too large", "type": "BadRequestError"}},
-    )
-    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
-    with pytest.raises(UpstreamFailed, match="max_tokens is too large"):
-        await _stream(vllm, "7", UPSTREAM, PROMPT)
-    await vllm.aclose()
+async def test_refusal_before_the_stream_is_a_502() -> None:
+    async def refuse(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        error = {"error": {"message": "max_tokens is too large", "type": "BadRequestError"}}
+        writer.write(response(400, error))
+
+    async with http_stub(refuse) as stub:
+        vllm = VllmClient()
+        with pytest.raises(UpstreamFailed, match="max_tokens is too large"):
+            await _stream(vllm, "7", Upstream(stub.url, "k"), PROMPT)
+        await vllm.aclose()
 
 
-async def test_model_without_chat_template_falls_back_once(httpx_mock: HTTPXMock) -> None:
+async def test_model_without_chat_template_falls_back_once() -> None:
     no_template = {
         "error": {
             "message": "Cannot use chat template functions because "
@@ -71,52 +66,65 @@ async def test_model_without_chat_template_falls_back_once(httpx_mock: HTTPXMock
             "type": "BadRequestError",
         }
     }
-    httpx_mock.add_response(
-        url=f"{ENDPOINT}/v1/chat/completions", status_code=400, json=no_template
-    )
     completion = {
         "model": "m",
         "choices": [{"text": " there", "finish_reason": "length"}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9},
     }
-    httpx_mock.add_response(url=f"{ENDPOINT}/v1/completions", json=completion, is_reusable=True)
-    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
-    first = await vllm.complete(ENDPOINT, PROMPT)
-    second = await vllm.complete(ENDPOINT, PROMPT)
+
+    async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        chat = seen.path == "/v1/chat/completions"
+        writer.write(response(400, no_template) if chat else response(200, completion))
+
+    async with http_stub(answer) as stub:
+        vllm = VllmClient()
+        first = await vllm.complete(stub.url, PROMPT)
+        second = await vllm.complete(stub.url, PROMPT)
+        await vllm.aclose()
     assert (first.api, first.text, first.usage.total_tokens) == ("completions", " there", 9)
     assert second.api == "completions"
     # The chat API was tried once, then remembered as unusable for this model.
-    assert len(httpx_mock.get_requests(url=f"{ENDPOINT}/v1/chat/completions")) == 1
-    await vllm.aclose()
+    assert stub.paths() == ["/v1/chat/completions", "/v1/completions", "/v1/completions"]
 
 
-async def test_vllm_timeout_is_a_504(httpx_mock: HTTPXMock) -> None:
-    httpx_mock.add_exception(httpx.ReadTimeout("slow"))
-    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
-    with pytest.raises(Exception, match="did not answer in time") as info:
-        await _stream(vllm, "7", UPSTREAM, PROMPT)
+async def test_vllm_timeout_is_a_504() -> None:
+    async def silent(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async with http_stub(silent) as stub:
+        vllm = VllmClient(timeout=0.3)
+        with pytest.raises(Exception, match="did not answer in time") as info:
+            await _stream(vllm, "7", Upstream(stub.url, "k"), PROMPT)
+        await vllm.aclose()
     assert getattr(info.value, "status_code", None) == 504
-    await vllm.aclose()
 
 
-async def test_a_huge_or_garbled_model_list_is_refused_not_held(httpx_mock: HTTPXMock) -> None:
-    vllm = VllmClient(transport=httpx.AsyncHTTPTransport())
-    httpx_mock.add_response(url=f"{ENDPOINT}/v1/models", content=b"[" * (2 * 1024 * 1024))
-    with pytest.raises(UpstreamError, match="more than"):
-        await vllm.models(ENDPOINT)
-    httpx_mock.add_response(url=f"{ENDPOINT}/v1/models", content=b'{"data": [{"id": "\xff"}]}')
-    with pytest.raises(UpstreamError, match="not a model list"):
-        await vllm.models(ENDPOINT)
-    httpx_mock.add_response(url=f"{ENDPOINT}/health")
-    httpx_mock.add_response(url=f"{ENDPOINT}/v1/models", status_code=500, content=b"\xff\xfe")
-    assert await vllm.ready(ENDPOINT, "m") is False
-    await vllm.aclose()
+async def test_a_huge_or_garbled_model_list_is_refused_not_held() -> None:
+    answers = iter(
+        [
+            response(200, b"[" * (2 * 1024 * 1024)),
+            response(200, b'{"data": [{"id": "\xff"}]}'),
+            response(200, b""),  # /health
+            response(500, b"\xff\xfe"),
+        ]
+    )
+
+    async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(next(answers))
+
+    async with http_stub(answer) as stub:
+        vllm = VllmClient()
+        with pytest.raises(UpstreamError, match="more than"):
+            await vllm.models(stub.url)
+        with pytest.raises(UpstreamError, match="not a model list"):
+            await vllm.models(stub.url)
+        assert await vllm.ready(stub.url, "m") is False
+        await vllm.aclose()
 
 
 async def test_a_trickling_endpoint_cannot_hold_a_probe() -> None:
-    # One byte every 0.2 s never trips httpx's per-read timeout.
-    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+    # One byte every 0.2 s never trips a per-read timeout.
+    async def trickle(seen: Seen, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
         with contextlib.suppress(ConnectionError):
             for _ in range(1000):
@@ -124,14 +132,12 @@ async def test_a_trickling_endpoint_cannot_hold_a_probe() -> None:
                 await writer.drain()
                 await asyncio.sleep(0.2)
 
-    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    prober = HealthProber(timeout=0.5, ttl=5, transport=httpx.AsyncHTTPTransport())
-    started = time.monotonic()
-    ready = await prober.vllm_ready(f"http://127.0.0.1:{port}", "m", "k")
-    took = time.monotonic() - started
-    await prober.aclose()
-    server.close()
+    async with http_stub(trickle) as stub:
+        prober = HealthProber(timeout=0.5, ttl=5)
+        started = time.monotonic()
+        ready = await prober.vllm_ready(stub.url, "m", "k")
+        took = time.monotonic() - started
+        await prober.aclose()
     assert ready is False
     assert took < 3, took
 
