@@ -3,19 +3,21 @@
 A proxied prompt spent about a quarter of its CPU in the handler machinery
 (kwargs and dependency resolution, the signature model, response building):
 py-spy under wrk, see bench/proxy.py. This middleware sits on the prompt
-route only, after Litestar's routing and exception handling, and answers a
-well-formed, non-streamed prompt to a running service itself, with the same
-decoding (msgspec, ``PromptRequest``) and the same core call (``complete``) as
-the handler. Everything else (a body that does not decode, a stream, a
+route only, after Litestar's routing and exception handling. A well-formed
+prompt to a running service it answers itself, with the same decoding
+(msgspec, ``PromptRequest``) and the same core calls as the handler; streams
+are written chunk by chunk. Everything else (a body that does not decode, a
 service that is not running) goes to the handler with the body replayed, so
-each answer and error keeps one shape and one place; failures after the
-upstream call are raised for Litestar's exception handlers, never retried.
+each answer and error keeps one shape and one place; failures once the
+upstream was asked are raised for Litestar's exception handlers, never retried.
 
 Whatever guards the route (authentication, when it comes) must run here too:
 a middleware on the route runs before them otherwise.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import msgspec
 from litestar.types import (
@@ -29,14 +31,27 @@ from litestar.types import (
     Send,
 )
 
-from gateway.api.prompting import Prompting, complete
+from gateway.api.prompting import (
+    Prompting,
+    complete,
+    open_stream,
+    prompt_of,
+    relay,
+    upstream_of,
+)
 from gateway.api.schemas import PromptRequest
 from gateway.core.errors import GatewayError
+from gateway.core.services import Service
 from gateway.slurm import SlurmError
 
 # Bodies beyond this go to the handler (which applies Litestar's own limit).
 _MAX_BODY = 1 << 20
 _JSON = [(b"content-type", b"application/json")]
+_SSE = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 def prompt_fast_path(app: ASGIApp) -> ASGIApp:
@@ -53,13 +68,13 @@ def prompt_fast_path(app: ASGIApp) -> ASGIApp:
             await app(scope, replay, send)  # the handler names the bad field
             return
         service_id = str(scope["path_params"]["service_id"])
-        if data.stream:
-            await app(scope, replay, send)
-            return
         try:
             service = await prompting.services.running(service_id, kind="vllm")
         except (GatewayError, SlurmError):
             await app(scope, replay, send)  # no side effect yet: the handler says why
+            return
+        if data.stream:
+            await _stream(prompting, service_id, service, data, receive, send)
             return
         answer = msgspec.json.encode(await complete(prompting.vllm, service_id, service, data))
         start: HTTPResponseStartEvent = {
@@ -76,6 +91,60 @@ def prompt_fast_path(app: ASGIApp) -> ASGIApp:
         await send(end)
 
     return fast_path
+
+
+async def _stream(
+    prompting: Prompting,
+    service_id: str,
+    service: Service,
+    data: PromptRequest,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """The stream, each chunk written as it comes; a client that goes away
+    closes the upstream at once (vLLM then aborts the request)."""
+    upstream = upstream_of(service)
+    # A refusal before the first chunk raises here, for Litestar's handlers.
+    first, chunks = await open_stream(
+        prompting.vllm, service_id, upstream, prompt_of(service, data)
+    )
+    body = relay(first, chunks)
+
+    async def pump() -> None:
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": _SSE,
+        }
+        await send(start)
+        async for chunk in body:
+            more: HTTPResponseBodyEvent = {
+                "type": "http.response.body",
+                "body": chunk,
+                "more_body": True,
+            }
+            await send(more)
+        end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(end)
+
+    async def gone() -> None:
+        # The body was read whole: what comes next is the client leaving.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    pumping = asyncio.ensure_future(pump())
+    watching = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, watching):
+            task.cancel()
+        await asyncio.gather(pumping, watching, return_exceptions=True)
+        await body.aclose()
+
+
+def _body(chunk: bytes, *, more: bool) -> HTTPResponseBodyEvent:
+    return {"type": "http.response.body", "body": chunk, "more_body": more}
 
 
 async def _read(receive: Receive) -> tuple[bytes, bool]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+
+import anyio
+import msgspec
 
 from gateway.api.schemas import PromptRequest, PromptResponse, UsageResponse
 from gateway.core.errors import UpstreamFailed, UpstreamTimeout
@@ -67,3 +72,40 @@ def upstream_failure(service_id: str, exc: Exception) -> Exception:
     if isinstance(exc, UpstreamError):
         return UpstreamFailed(f"vLLM of service {service_id} answered {exc.status}: {exc.message}")
     return UpstreamFailed(f"vLLM of service {service_id}: {exc}")
+
+
+async def open_stream(
+    vllm: VllmClient, service_id: str, upstream: Upstream, request: Prompt
+) -> tuple[bytes, AsyncGenerator[bytes, None]]:
+    """The upstream stream, opened before anything is answered so that a
+    refusal is a proper HTTP error; its first chunk, and the rest."""
+    chunks = vllm.stream(upstream.url, request, upstream.key)
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+    except (UpstreamError, UpstreamUnavailable) as exc:
+        await chunks.aclose()
+        raise upstream_failure(service_id, exc) from None
+    return first, chunks
+
+
+async def relay(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    """The chunks as they come; a failure after the headers ends the stream
+    with an error event. Closing it closes the upstream (vLLM then aborts)."""
+    try:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+            # When vLLM is ahead of us every read returns at once and this
+            # loop never lets the event loop run, so nobody would notice a
+            # client that went away until vLLM had finished. Yield to it.
+            await asyncio.sleep(0)
+    except (UpstreamError, UpstreamUnavailable) as exc:
+        error = {"error": {"message": str(exc), "type": "upstream_error"}}
+        yield b"event: error\ndata: " + msgspec.json.encode(error) + b"\n\n"
+    finally:
+        # Shielded: after a client left this runs in a cancelled anyio scope
+        # (Litestar's streaming), where an await would be cancelled at once.
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()

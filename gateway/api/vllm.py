@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from typing import Annotated
 
-import anyio
-import msgspec
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
@@ -19,7 +16,9 @@ from gateway.api.fastpath import prompt_fast_path
 from gateway.api.prompting import (
     Prompting,
     complete,
+    open_stream,
     prompt_of,
+    relay,
     upstream_failure,
     upstream_of,
 )
@@ -141,35 +140,9 @@ class VllmController(Controller):
 async def _stream(
     vllm: VllmClient, service_id: str, upstream: Upstream, request: Prompt
 ) -> ClosingStream:
-    chunks = vllm.stream(upstream.url, request, upstream.key)
-    # Open the upstream before answering, so a refusal is a proper HTTP error.
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        first = b""
-    except (UpstreamError, UpstreamUnavailable) as exc:
-        await chunks.aclose()
-        raise upstream_failure(service_id, exc) from None
-
-    async def relay() -> AsyncGenerator[bytes, None]:
-        try:
-            yield first
-            async for chunk in chunks:
-                yield chunk
-                # When vLLM is ahead of us every read returns at once and this
-                # loop never lets the event loop run, so nobody would notice a
-                # client that went away until vLLM had finished. Yield to it.
-                await anyio.lowlevel.checkpoint()
-        except (UpstreamError, UpstreamUnavailable) as exc:
-            # Headers are gone already: end the stream with an error event.
-            error = {"error": {"message": str(exc), "type": "upstream_error"}}
-            yield b"event: error\ndata: " + msgspec.json.encode(error) + b"\n\n"
-        finally:
-            with anyio.CancelScope(shield=True):  # see VllmClient.stream
-                await chunks.aclose()
-
+    first, chunks = await open_stream(vllm, service_id, upstream, request)
     return ClosingStream(
-        relay(),
+        relay(first, chunks),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
