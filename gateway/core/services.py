@@ -19,7 +19,7 @@ import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -143,6 +143,7 @@ class ServiceManager:
         self._reported_bad: set[int] = set()
         # job id -> ((comment, user), what it parses to): a comment is checked
         # (MAC, owner) once, not on every read.
+        self._built: dict[int, _Built] = {}
         self._parsed: dict[
             int, tuple[tuple[str, str], tuple[metadata.ServiceMeta, metadata.Reported] | None]
         ] = {}
@@ -333,12 +334,20 @@ class ServiceManager:
         self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
     ) -> Service:
         recipe_kind, health_path = self._service_spec(meta.recipe)
-        reported = await self._checked(job, reported)
-        upstream = (
-            Upstream(f"http://{reported.endpoint}", self.codec.upstream_key(meta))
-            if reported.endpoint
-            else None
-        )
+        # The same job record (the view keeps it until a listing changes it)
+        # and the same health answer give the same service: the prompt path
+        # asks this on every prompt, and building it was a tenth of its CPU.
+        memo = self._built.get(job.job_id)
+        if memo is not None and memo.job is job and memo.reported is reported:
+            checked, upstream = memo.checked, memo.upstream
+        else:
+            memo = None
+            checked = await self._checked(job, reported)
+            upstream = (
+                Upstream(f"http://{checked.endpoint}", self.codec.upstream_key(meta))
+                if checked.endpoint
+                else None
+            )
         healthy: bool | None = None
         if upstream and job.state is JobState.RUNNING and reported.phase in ("starting", "running"):
             if recipe_kind == "vllm":
@@ -347,6 +356,23 @@ class ServiceManager:
                 healthy = await self.prober.vllm_ready(upstream.url, model, upstream.key)
             else:
                 healthy = await self.prober.healthy(upstream.url + health_path, upstream.key)
+        if memo is not None and memo.healthy == healthy:
+            return memo.service
+        service = self._build(job, meta, checked, upstream, healthy, recipe_kind)
+        if len(self._built) > 65536:
+            self._built.clear()
+        self._built[job.job_id] = _Built(job, reported, checked, upstream, healthy, service)
+        return service
+
+    @staticmethod
+    def _build(
+        job: JobInfo,
+        meta: metadata.ServiceMeta,
+        reported: metadata.Reported,
+        upstream: Upstream | None,
+        healthy: bool | None,
+        recipe_kind: str,
+    ) -> Service:
         status, reason = derive(job, reported, healthy)
         live = upstream if not status.is_terminal else None
         return Service(
@@ -512,6 +538,15 @@ class ServiceManager:
             job, state=JobState.CANCELLED, end_time=job.end_time or datetime.now(tz=UTC)
         )
         return await self._service(ended, meta, reported)
+
+
+class _Built(NamedTuple):
+    job: JobInfo
+    reported: metadata.Reported
+    checked: metadata.Reported
+    upstream: Upstream | None
+    healthy: bool | None
+    service: Service
 
 
 def _settled(job: JobInfo | None) -> bool:
