@@ -8,10 +8,12 @@ import sys
 
 import uvicorn
 from litestar import Litestar
+from litestar.types import ASGIApp
 
+from gateway.accesslog import AccessLog
 from gateway.app import create_app
 from gateway.core.errors import RecipeError
-from gateway.settings import SettingsError, load_settings
+from gateway.settings import Settings, SettingsError, load_settings
 
 
 def main() -> int:
@@ -27,13 +29,13 @@ def main() -> int:
     _raise_open_files_limit()
     uvicorn.run(
         # Several workers each build their app (and job view) from the environment.
-        "gateway.__main__:worker_app" if settings.workers > 1 else app,
+        "gateway.__main__:worker_app" if settings.workers > 1 else _served(app, settings),
         factory=settings.workers > 1,
         workers=settings.workers,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        access_log=False,  # see gateway/accesslog.py
         loop="uvloop",
         http="httptools",
         backlog=4096,
@@ -41,8 +43,13 @@ def main() -> int:
     return 0
 
 
-def worker_app() -> Litestar:
-    return create_app(load_settings())
+def worker_app() -> ASGIApp:
+    settings = load_settings()
+    return _served(create_app(settings), settings)
+
+
+def _served(app: Litestar, settings: Settings) -> ASGIApp:
+    return AccessLog(app) if settings.access_log else app
 
 
 def _raise_open_files_limit() -> None:

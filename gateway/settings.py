@@ -34,7 +34,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: str = "info"
     # Server processes on one port; each is a replica with its own job view.
     workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
-    access_log: bool = False
+    access_log: bool = True
 
     # A cluster.json written by deploy/local/cluster.sh fills the slurm_* values
     # below that are not set explicitly.

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +44,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 async def client(cluster: LocalCluster) -> AsyncIterator[SlurmClient]:
     async with cluster.client() as c:
         yield c
+
+
+async def cluster_up(cluster: LocalCluster) -> None:
+    """Start whatever daemons of ``cluster`` a test stopped (cluster.sh up)."""
+    script = Path(__file__).resolve().parents[2] / "deploy" / "local" / "cluster.sh"
+    await asyncio.to_thread(
+        subprocess.run,
+        [str(script), "up", cluster.name],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip

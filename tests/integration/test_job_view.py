@@ -17,7 +17,7 @@ import httpx
 
 from gateway.testing.clusters import LocalCluster
 from tests.conftest import poll
-from tests.integration.conftest import TIMINGS
+from tests.integration.conftest import TIMINGS, cluster_up
 from tests.integration.gateway_process import GatewayProcess
 from tests.integration.test_services_api import (  # noqa: F401 - fixtures
     Services,
@@ -122,11 +122,7 @@ async def test_gateway_and_slurmctld_restarts_lose_nothing(
         # Meanwhile the view answers from what it last listed.
         assert (await status_on(services.api, created["id"]))["status"] == "running"
     finally:
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(ROOT / "deploy" / "local" / "cluster.sh"), "up", cluster_of.name],
-            check=True, timeout=300, capture_output=True,
-        )  # fmt: skip
+        await cluster_up(cluster_of)
     t0 = time.monotonic()
     back = await poll(
         lambda: status_on(services.api, created["id"]),

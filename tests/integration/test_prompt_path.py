@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from gateway.testing.clusters import LocalCluster
 from tests.conftest import poll
-from tests.integration.conftest import TIMINGS
+from tests.integration.conftest import TIMINGS, cluster_up
 from tests.integration.gateway_process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,11 +121,7 @@ async def test_prompts_go_on_while_slurmrestd_is_down_and_stop_with_the_service(
                 answered += 1
             await asyncio.sleep(0.2)
     finally:
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(ROOT / "deploy" / "local" / "cluster.sh"), "up", cluster.name],
-            check=True, timeout=300, capture_output=True,
-        )  # fmt: skip
+        await cluster_up(cluster)
     TIMINGS.append(
         f"prompt path on {cluster.name}: {answered} prompts answered while slurmrestd "
         f"was down ({STALE:g} s staleness bound)"
