@@ -9,8 +9,10 @@ they may hold prompts or keys.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TextIO
+from urllib.parse import quote
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,8 +41,11 @@ class AccessLog:
             client = scope.get("client")
             peer = f"{client[0]}:{client[1]}" if client else "-"
             method = scope.get("method", "-")
-            self.out.write(
-                f'access: {peer} "{method} {scope["path"]} '
-                f'HTTP/{scope["http_version"]}" {status or "-"}\n'
-            )
-            self.out.flush()
+            # Quoted: a decoded path may hold a newline, which would forge a line.
+            path = quote(scope["path"], safe="/:@!$&'()*+,;=-._~")
+            with contextlib.suppress(OSError, ValueError):  # a closed stdout
+                self.out.write(
+                    f'access: {peer} "{method} {path} HTTP/{scope["http_version"]}" '
+                    f"{status or '-'}\n"
+                )
+                self.out.flush()

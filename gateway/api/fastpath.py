@@ -48,7 +48,7 @@ from gateway.slurm import SlurmError
 _MAX_BODY = 1 << 20
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [
-    (b"content-type", b"text/event-stream"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),  # as Litestar's Stream sends it
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
@@ -141,10 +141,11 @@ async def _stream(
             task.cancel()
         await asyncio.gather(pumping, watching, return_exceptions=True)
         await body.aclose()
-
-
-def _body(chunk: bytes, *, more: bool) -> HTTPResponseBodyEvent:
-    return {"type": "http.response.body", "body": chunk, "more_body": more}
+        await chunks.aclose()  # also when the relay never started
+    if pumping.done() and not pumping.cancelled() and pumping.exception() is not None:
+        # Not a client that left: a failure the relay did not turn into an
+        # error event. Raised, so that it is logged and the connection ends.
+        raise pumping.exception()  # type: ignore[misc]
 
 
 async def _read(receive: Receive) -> tuple[bytes, bool]:
@@ -158,10 +159,10 @@ async def _read(receive: Receive) -> tuple[bytes, bool]:
         chunk = message.get("body", b"")
         chunks.append(chunk)
         size += len(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks), True
         if size > _MAX_BODY:
             return b"".join(chunks), False
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
 
 
 def _replaying(body: bytes, whole: bool, receive: Receive) -> Receive:

@@ -342,7 +342,7 @@ class ServiceManager:
             checked, upstream = memo.checked, memo.upstream
         else:
             memo = None
-            checked = await self._checked(job, reported)
+            checked, settled = await self._checked(job, reported)
             upstream = (
                 Upstream(f"http://{checked.endpoint}", self.codec.upstream_key(meta))
                 if checked.endpoint
@@ -359,6 +359,8 @@ class ServiceManager:
         if memo is not None and memo.healthy == healthy:
             return memo.service
         service = self._build(job, meta, checked, upstream, healthy, recipe_kind)
+        if memo is None and not settled:
+            return service  # a node lookup failed: ask again next time
         if len(self._built) > 65536:
             self._built.clear()
         self._built[job.job_id] = _Built(job, reported, checked, upstream, healthy, service)
@@ -394,23 +396,28 @@ class ServiceManager:
             upstream=live,
         )
 
-    async def _checked(self, job: JobInfo, reported: metadata.Reported) -> metadata.Reported:
-        """``reported`` with its endpoint kept only when it is on the job's node."""
+    async def _checked(
+        self, job: JobInfo, reported: metadata.Reported
+    ) -> tuple[metadata.Reported, bool]:
+        """``reported`` with its endpoint kept only when it is on the job's node,
+        and whether that is settled (False: the node could not be looked up)."""
         if reported.refused:
-            return msgspec.structs.replace(reported, endpoint=None, reason=reported.refused)
+            return msgspec.structs.replace(reported, endpoint=None, reason=reported.refused), True
         endpoint = reported.endpoint
         if endpoint is None:
-            return reported
+            return reported, True
         if job.state is not JobState.RUNNING:
             # Suspended, requeued or ended: whatever it published is stale.
-            return msgspec.structs.replace(reported, endpoint=None)
+            return msgspec.structs.replace(reported, endpoint=None), True
         node = job.batch_host or job.nodes.split(",")[0]
         why: str | None = None
+        settled = True
         try:
             host = (await self.nodes.get(node)).connect_host(endpoint.host) if node else None
         except (SlurmError, ValueError) as exc:
             log.warning("node_lookup_failed", node=node, error=str(exc))
             why = f"the published endpoint cannot be checked: Slurm did not describe node {node}"
+            settled = False
         else:
             if host is None:
                 why = (
@@ -420,9 +427,9 @@ class ServiceManager:
             else:
                 # Reached at the node's address, as Slurm has it.
                 endpoint = metadata.Endpoint(host, endpoint.port)
-                return msgspec.structs.replace(reported, endpoint=endpoint)
+                return msgspec.structs.replace(reported, endpoint=endpoint), True
         self._log_bad_job(job.job_id, ValueError(why))
-        return msgspec.structs.replace(reported, endpoint=None, reason=why)
+        return msgspec.structs.replace(reported, endpoint=None, reason=why), settled
 
     def _service_spec(self, recipe_name: str) -> tuple[str, str]:
         try:
