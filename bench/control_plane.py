@@ -146,21 +146,6 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def daemon_pids(cluster: LocalCluster, command: str) -> list[int]:
-    """The pids of ``command`` running inside the cluster's chroot."""
-    root = Path(cluster.chroot).resolve()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if (proc / "comm").read_text().strip() == command and (proc / "root").resolve() == root:
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def ms(values: list[float]) -> str:
     data = sorted(v * 1000 for v in values)
     return f"p50 {statistics.median(data):7.1f} ms  p90 {data[int(0.9 * (len(data) - 1))]:7.1f} ms"
@@ -242,8 +227,8 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
         processes = {
             "bench client": [os.getpid()],
             "gateway": [gateway.process.pid] if gateway.process else [],
-            "slurmrestd": daemon_pids(cluster, "slurmrestd"),
-            "slurmctld": daemon_pids(cluster, "slurmctld"),
+            "slurmrestd": cluster.daemon_pids("slurmrestd"),
+            "slurmctld": cluster.daemon_pids("slurmctld"),
         }
         cpu: dict[str, dict[str, float]] = {"gateway": {}, "raw": {}}
         for _ in range(args.rounds):

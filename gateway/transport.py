@@ -17,8 +17,22 @@ from contextlib import contextmanager
 
 import aiohttp
 import httpx
+from aiohttp.client import DEFAULT_TIMEOUT
 
 _USER_AGENT = "slurm-ai-gateway"
+
+
+def _session(limit: int, timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientSession:
+    """One connection pool; made on first use, as a session belongs to the
+    running event loop."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit),
+        cookie_jar=aiohttp.DummyCookieJar(),  # no cookies: nothing to parse or send
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding",),
+        headers={"User-Agent": _USER_AGENT},
+        timeout=timeout or DEFAULT_TIMEOUT,
+    )
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -33,13 +47,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the running event loop.
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit),
-                cookie_jar=aiohttp.DummyCookieJar(),  # no cookies: nothing to parse or send
-                auto_decompress=False,
-                skip_auto_headers=("Accept-Encoding",),
-                headers={"User-Agent": _USER_AGENT},
-            )
+            self._session = _session(self._limit)
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -263,14 +271,7 @@ class Pool:
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the running event loop.
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=("Accept-Encoding",),
-                headers={"User-Agent": _USER_AGENT},
-                timeout=self._timeout,
-            )
+            self._session = _session(self._limit, self._timeout)
         return self._session
 
     async def open(

@@ -58,6 +58,23 @@ class LocalCluster(msgspec.Struct, frozen=True, kw_only=True):
             raise RuntimeError(f"{command[0]} as {user} failed: {done.stderr.strip()}")
         return done.stdout
 
+    def daemon_pids(self, command: str) -> list[int]:
+        """The pids of ``command`` (slurmrestd, slurmctld...) running in this
+        cluster's chroot."""
+        root = Path(self.chroot).resolve()
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if (
+                    proc.name.isdigit()
+                    and (proc / "comm").read_text().strip() == command
+                    and (proc / "root").resolve() == root
+                ):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
     def user_ids(self, user: str) -> tuple[int, int]:
         """uid and gid of a user of the cluster's chroot."""
         for line in (Path(self.chroot) / "etc/passwd").read_text().splitlines():

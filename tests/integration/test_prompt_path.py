@@ -67,22 +67,6 @@ async def prompt(api: httpx.AsyncClient, sid: str, stream: bool = False) -> http
     return response
 
 
-def slurmrestd_pids(cluster: LocalCluster) -> list[int]:
-    root = Path(cluster.chroot).resolve()
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if (
-                proc.name.isdigit()
-                and (proc / "comm").read_text().strip() == "slurmrestd"
-                and (proc / "root").resolve() == root
-            ):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 async def test_prompts_go_on_while_slurmrestd_is_down_and_stop_with_the_service(
     cluster: LocalCluster, gateway: GatewayProcess, api: httpx.AsyncClient
 ) -> None:
@@ -103,7 +87,7 @@ async def test_prompts_go_on_while_slurmrestd_is_down_and_stop_with_the_service(
     missing = await api.post("/api/v1/vllm/999999999/prompt", json={"prompt": "hi"})
     assert missing.status_code == 404, missing.text
 
-    pids = slurmrestd_pids(cluster)
+    pids = cluster.daemon_pids("slurmrestd")
     assert pids, "no slurmrestd to stop"
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
