@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 from litestar import Litestar
 from litestar.types import ASGIApp
+from uvicorn.supervisors import Multiprocess
 
 from gateway.accesslog import AccessLog
 from gateway.app import create_app
@@ -27,7 +30,7 @@ def main() -> int:
         print(f"gateway: recipe error: {exc}", file=sys.stderr)
         return 2
     _raise_open_files_limit()
-    uvicorn.run(
+    config = uvicorn.Config(
         # Several workers each build their app (and job view) from the environment.
         "gateway.__main__:worker_app" if settings.workers > 1 else _served(app, settings),
         factory=settings.workers > 1,
@@ -39,8 +42,38 @@ def main() -> int:
         loop="uvloop",
         http="httptools",
         backlog=4096,
+        # On SIGTERM (after the drain, gateway/api/health.py) uvicorn closes the
+        # listener and waits this long for open requests and streams, then
+        # cancels them.
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
+    if settings.workers > 1:
+        _Workers(config, sockets=[config.bind_socket()]).run()
+        return 0
+    # Once stopped, uvicorn raises the SIGTERM it handled again, to end "by the
+    # signal" (status 143): a graceful stop exits 0 instead.
+    signal.signal(signal.SIGTERM, _exit_0)
+    with contextlib.suppress(KeyboardInterrupt):  # likewise SIGINT, as uvicorn.run does
+        uvicorn.Server(config).run()
     return 0
+
+
+def _exit_0(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+class _Workers(Multiprocess):
+    """uvicorn's supervisor, letting go of the listening socket on SIGTERM.
+
+    Each worker closes its copy of the socket when it stops; while this
+    process holds one, the port still accepts connections that nobody answers.
+    The workers keep theirs open through the drain.
+    """
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
 
 
 def worker_app() -> ASGIApp:

@@ -15,9 +15,10 @@ from litestar.plugins.structlog import StructlogConfig, StructlogPlugin
 
 from gateway import __version__
 from gateway.api import errors
-from gateway.api.health import HealthController
+from gateway.api.health import HealthController, drain_on_sigterm
 from gateway.api.prompting import Prompting
 from gateway.api.recipes import RecipesController
+from gateway.api.schemas import StrictStructSchemaPlugin
 from gateway.api.services import ServicesController
 from gateway.api.vllm import VllmController
 from gateway.core.jobview import JobView
@@ -119,8 +120,9 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             "recipes": Provide(provide_recipes, sync_to_thread=False),
             "prompting": Provide(provide_prompting, sync_to_thread=False),
         },
-        lifespan=[adapters],
-        plugins=[_logging(), errors.plugin()],
+        lifespan=[adapters, drain_on_sigterm],
+        plugins=[_logging(), errors.plugin(), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),
+        before_request=errors.before_request,
         state=State({"settings": settings}),
     )

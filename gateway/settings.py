@@ -35,6 +35,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Server processes on one port; each is a replica with its own job view.
     workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     access_log: bool = True
+    # On SIGTERM: answer not-ready (still serving) for the drain, then close the
+    # listener and give open requests and streams up to the grace to finish.
+    shutdown_drain_seconds: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 0
+    shutdown_grace_seconds: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 30
 
     # A cluster.json written by deploy/local/cluster.sh fills the slurm_* values
     # below that are not set explicitly.
@@ -51,6 +55,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     slurm_connect_timeout: Seconds = 3.0
     slurm_partition: str | None = None
     slurm_account: str | None = None
+    # At most this many slurmrestd calls in flight per replica; a call that
+    # waits longer than the queue timeout for a slot is answered 503.
+    slurm_max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    slurm_queue_timeout_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 2.0
     # The shared job view: one job listing per interval while in use, and
     # never two listings closer than the minimum gap (the slurmctld RPC bound).
     view_refresh_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 1.0

@@ -48,6 +48,8 @@ def slurm_client(settings: Settings, tokens: TokenProvider | None = None) -> Slu
         api_version=settings.slurm_api_version,
         timeout=settings.slurm_timeout,
         connect_timeout=settings.slurm_connect_timeout,
+        max_concurrency=settings.slurm_max_concurrency,
+        queue_timeout=settings.slurm_queue_timeout_seconds,
     )
 
 

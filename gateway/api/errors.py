@@ -10,8 +10,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import structlog
 from litestar import Request, Response
+from litestar.enums import HttpMethod, MediaType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
@@ -21,7 +23,9 @@ from litestar.plugins.problem_details import (
     ProblemDetailsException,
     ProblemDetailsPlugin,
 )
+from litestar.routes import HTTPRoute
 from litestar.status_codes import (
+    HTTP_204_NO_CONTENT,
     HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_422_UNPROCESSABLE_ENTITY,
@@ -89,6 +93,27 @@ EVENT_STREAM = (
 )
 
 
+# Before OpenAPI 3.2 (and its `itemSchema`), an event stream's `schema` describes
+# one event, with the fields of the SSE format (what Schemathesis checks events against).
+SSE_EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    description=EVENT_STREAM,
+    required=["data"],
+    properties={
+        "event": Schema(
+            type=OpenAPIType.STRING,
+            enum=["message", "error"],
+            description="`error` for a failure once the stream has begun; unnamed otherwise",
+        ),
+        "data": Schema(
+            type=OpenAPIType.STRING,
+            description="one of vLLM's chunks as JSON, or `[DONE]`; for an `error` event, "
+            '`{"error": {"message": ..., "type": "upstream_error"}}`',
+        ),
+    },
+)
+
+
 @dataclass
 class EventStreamOperation(Operation):
     """An operation whose 200 answer is JSON, or a text/event-stream (EVENT_STREAM).
@@ -100,8 +125,7 @@ class EventStreamOperation(Operation):
     def __post_init__(self) -> None:
         ok = (self.responses or {}).get("200")
         if isinstance(ok, OpenAPIResponse):
-            stream = Schema(type=OpenAPIType.STRING, description=EVENT_STREAM)
-            ok.content = {**(ok.content or {}), "text/event-stream": OpenAPIMediaType(stream)}
+            ok.content = {**(ok.content or {}), "text/event-stream": OpenAPIMediaType(SSE_EVENT)}
 
 
 def problem(
@@ -185,7 +209,13 @@ def _first(exc: ValidationException, errors: list[FieldError]) -> str:
 
 
 def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
-    return problem(exc.status_code, _title(exc.status_code), exc.detail or _title(exc.status_code))
+    # The exception's headers are part of the answer: a 405's `Allow` (RFC 9110).
+    return problem(
+        exc.status_code,
+        _title(exc.status_code),
+        exc.detail or _title(exc.status_code),
+        headers=dict(exc.headers) if exc.headers else None,
+    )
 
 
 class _Unexpected(ProblemDetailsException):
@@ -232,3 +262,65 @@ def plugin() -> ProblemDetailsPlugin:
             }
         )
     )
+
+
+# -- Where Litestar 2 answers otherwise than the document says ----------------------
+
+
+async def before_request(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """The app's ``before_request`` hook: OPTIONS answered whole, bodies read strictly."""
+    if request.method == HttpMethod.OPTIONS:
+        return _options(request)
+    await _check_body(request)
+    return None
+
+
+def _options(request: Request[Any, Any, Any]) -> Response[None]:
+    """OPTIONS with every method of the path in ``Allow``: Litestar 2's own
+    handler lists only those of the first handler registered on a path
+    (litestar-org/litestar#4169, fixed in Litestar 3)."""
+    template = request.scope["path_template"]
+    methods = {
+        method
+        for route in request.app.routes
+        if isinstance(route, HTTPRoute) and route.path_format == template
+        for method in route.methods
+    }
+    return Response(
+        None,
+        status_code=HTTP_204_NO_CONTENT,
+        headers={"Allow": ", ".join(sorted({*methods, HttpMethod.OPTIONS}))},
+        media_type=MediaType.TEXT,
+    )
+
+
+async def _check_body(request: Request[Any, Any, Any]) -> None:
+    """A JSON body read as the document types it. Litestar converts a handler's
+    ``data`` leniently (``"stream": 0`` for false, ``"nodes": "2"`` for 2), as it
+    must query strings; the prompt route's fast path reads strictly already.
+    JSON's ``2.0`` is the integer 2 all the same (JSON Schema says so). Malformed
+    JSON is left to Litestar's own answer."""
+    data = request.route_handler.parsed_fn_signature.parameters.get("data")
+    if data is None or not data.is_subclass_of(msgspec.Struct):
+        return
+    try:
+        value = msgspec.json.decode(await request.body())
+    except msgspec.DecodeError:
+        return
+    try:
+        msgspec.convert(_whole_numbers(value), data.annotation, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ValidationException(
+            detail=f"Validation failed for {request.method} {request.url.path}",
+            extra=[{"message": str(exc), "key": "", "source": "body"}],
+        ) from None
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    return value

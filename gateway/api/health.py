@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import FrameType
+
 import msgspec
-from litestar import Controller, get
+import structlog
+from litestar import Controller, Litestar, get
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Response
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from gateway.slurm import SlurmClient, SlurmError
+
+log = structlog.get_logger(__name__)
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -45,7 +56,14 @@ class HealthController(Controller):
             )
         },
     )
-    async def ready(self, slurm: NamedDependency[SlurmClient]) -> Response[Readiness]:
+    async def ready(self, slurm: NamedDependency[SlurmClient], state: State) -> Response[Readiness]:
+        if state.get("draining", False):
+            body = Readiness(
+                status="draining",
+                slurm_url=slurm.base_url,
+                detail="the gateway is stopping (SIGTERM): finishing what it serves",
+            )
+            return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
         try:
             pings = await slurm.ping()
         except SlurmError as exc:
@@ -62,3 +80,42 @@ class HealthController(Controller):
         return Response(
             body, status_code=HTTP_200_OK if responding else HTTP_503_SERVICE_UNAVAILABLE
         )
+
+
+@asynccontextmanager
+async def drain_on_sigterm(app: Litestar) -> AsyncIterator[None]:
+    """On SIGTERM, answer not-ready for ``shutdown_drain_seconds`` while still
+    serving, then hand the signal to uvicorn, which closes the listener and
+    waits for the open requests (Kubernetes takes the pod out of its Service
+    first, so no new connection is refused).
+
+    uvicorn installs its SIGTERM handler before the application starts: this
+    wraps it, in each worker. Without a drain, or outside the main thread (a
+    test client), it changes nothing.
+    """
+    app.state.draining = False
+    seconds: int = app.state.settings.shutdown_drain_seconds
+    stop = signal.getsignal(signal.SIGTERM)
+    if (
+        not seconds
+        or not callable(stop)
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def drain(signum: int, frame: FrameType | None) -> None:
+        if app.state.draining:  # a second SIGTERM: stop now
+            stop(signum, frame)
+            return
+        app.state.draining = True
+        log.info("draining", seconds=seconds)
+        loop.call_soon_threadsafe(loop.call_later, seconds, stop, signum, None)
+
+    signal.signal(signal.SIGTERM, drain)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is drain:
+            signal.signal(signal.SIGTERM, stop)

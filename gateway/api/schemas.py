@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import msgspec
+from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
+from litestar.openapi.spec import Schema
 from msgspec import UNSET, Meta, UnsetType
 
 from gateway.core.recipes import Recipe, VariableSpec
+from gateway.core.resources import MAX_TIME_LIMIT
 from gateway.core.services import Logs, Service
 from gateway.core.status import ServiceStatus
 
@@ -18,6 +21,55 @@ GpuCount = Annotated[str, Meta(description="GPUs per node; null for a CPU-only s
 
 
 W = TypeVar("W", bound=msgspec.Struct)
+
+if TYPE_CHECKING:
+    from litestar._openapi.schema_generation import SchemaCreator
+    from litestar.typing import FieldDefinition
+
+
+# Litestar copies a field's bounds into the document only when they are truthy.
+_BOUNDS = {"ge": "minimum", "gt": "exclusive_minimum", "le": "maximum", "lt": "exclusive_maximum"}
+
+
+class StrictStructSchemaPlugin(StructSchemaPlugin):
+    """Litestar's schemas of msgspec Structs, made to say what msgspec enforces:
+    ``additionalProperties: false`` for a Struct that forbids unknown fields (the
+    request bodies), and the bounds of 0 Litestar leaves out (``gt=0``).
+
+    Listed in the app's plugins, it comes before Litestar's own Struct plugin,
+    which it extends.
+    """
+
+    def to_openapi_schema(
+        self, field_definition: FieldDefinition, schema_creator: SchemaCreator
+    ) -> Schema:
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        struct: type[msgspec.Struct] = field_definition.type_
+        if struct.__struct_config__.forbid_unknown_fields:
+            schema.additional_properties = False
+        info = msgspec.inspect.type_info(struct)
+        assert isinstance(info, msgspec.inspect.StructType)
+        for field in info.fields:
+            prop = (schema.properties or {}).get(field.encode_name)
+            bounded = _bounded(field.type)
+            if not isinstance(prop, Schema) or bounded is None:
+                continue
+            for bound, keyword in _BOUNDS.items():
+                if getattr(bounded, bound, None) == 0 and getattr(prop, keyword) is None:
+                    setattr(prop, keyword, 0)
+        return schema
+
+
+def _bounded(kind: msgspec.inspect.Type) -> msgspec.inspect.Type | None:
+    """The number type of a field, or of its non-null arm when it is optional."""
+    if isinstance(kind, msgspec.inspect.UnionType):
+        arms = [t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType)]
+        if len(arms) != 1:
+            return None
+        kind = arms[0]
+    if isinstance(kind, msgspec.inspect.Metadata):
+        kind = kind.type
+    return kind if isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType) else None
 
 
 def _copy(wire: type[W], service: Service, **overrides: object) -> W:
@@ -32,7 +84,9 @@ class ResourcesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     nodes: Annotated[int, Meta(ge=1, le=1024)] | UnsetType = UNSET
     cpu: Annotated[str, Meta(examples=["8"])] | int | UnsetType = UNSET
     memory: Annotated[str, Meta(examples=["64G", "512M"])] | UnsetType = UNSET
-    time_limit: Annotated[int, Meta(ge=1, description="minutes")] | UnsetType = UNSET
+    time_limit: Annotated[int, Meta(ge=1, le=MAX_TIME_LIMIT, description="minutes")] | UnsetType = (
+        UNSET
+    )
     gpu: GpuCount | int | UnsetType | None = UNSET
 
     def overrides(self) -> dict[str, object]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency
-from litestar.openapi.spec import Example
+from litestar.openapi.spec import Example, Link, OpenAPIResponse, Operation
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from msgspec import UNSET
@@ -61,6 +62,39 @@ _CREATE_EXAMPLES = [
 ]
 
 
+# What a client does next with a service it created: the operations that take its id.
+_FOLLOW_UPS = {
+    "GetService": "getService",
+    "GetServiceStatus": "getServiceStatus",
+    "GetServiceLogs": "getServiceLogs",
+    "StopService": "stopService",
+    "ListVllmModels": "listVllmModels",
+    "PromptVllm": "promptVllm",
+}
+
+
+@dataclass
+class CreateServiceOperation(Operation):
+    """createService, with OpenAPI links from its 201 answer's ``id`` to the
+    operations on that service (what Schemathesis' stateful phase follows).
+
+    Litestar builds each operation with the route's ``operation_class``; a
+    ResponseSpec has no links, so they are added here.
+    """
+
+    def __post_init__(self) -> None:
+        created = (self.responses or {}).get("201")
+        if isinstance(created, OpenAPIResponse):
+            created.links = {
+                name: Link(
+                    operation_id=operation_id,
+                    parameters={"service_id": "$response.body#/id"},
+                    description="the service just created",
+                )
+                for name, operation_id in _FOLLOW_UPS.items()
+            }
+
+
 class ServicesController(Controller):
     path = "/api/v1/services"
     tags = ("services",)
@@ -73,6 +107,8 @@ class ServicesController(Controller):
         description="Renders the recipe with the given overrides and submits it to Slurm. "
         "The new service is usually `pending`; poll its status.",
         status_code=HTTP_201_CREATED,
+        response_description="The new service; its `id` is what the other operations take",
+        operation_class=CreateServiceOperation,  # adds the links to the 201 answer
     )
     async def create(
         self,
@@ -137,7 +173,14 @@ class ServicesController(Controller):
         service_id: ServiceId,
         tail: Annotated[
             int | None,
-            Parameter(ge=0, le=100_000, description="only the last N lines", required=False),
+            Parameter(
+                ge=0,
+                le=100_000,
+                description="only the last N lines",
+                required=False,
+                # Litestar leaves a bound of 0 out of the document (it tests truth).
+                schema_extra={"minimum": 0},
+            ),
         ] = None,
     ) -> LogsResponse:
         return LogsResponse.of(service_id, await services.logs(service_id, tail=tail))
@@ -145,16 +188,20 @@ class ServicesController(Controller):
     @delete(
         "/{service_id:str}",
         operation_id="stopService",
-        responses=problem_responses(400, 404, 409, 502, 503),
+        responses=problem_responses(400, 404, 502, 503),
         summary="Stop a service (cancels its Slurm job)",
+        description="Safe to repeat: a service that has already ended, however it ended, "
+        "answers 200 with its final state. Only an unknown id answers 404.",
         status_code=HTTP_200_OK,
     )
     async def stop(
         self, services: NamedDependency[ServiceManager], service_id: ServiceId
     ) -> StopResponse:
-        service = await services.stop(service_id)
-        return StopResponse(
-            id=service.id,
-            status=service.status,
-            message=f"Service {service.id} stopped successfully",
-        )
+        service, already_ended = await services.stop(service_id)
+        if already_ended:
+            message = (
+                f"Service {service.id} had already ended ({service.status.value}); nothing to stop"
+            )
+        else:
+            message = f"Service {service.id} stopped successfully"
+        return StopResponse(id=service.id, status=service.status, message=message)

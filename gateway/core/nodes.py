@@ -20,7 +20,7 @@ import time
 
 import msgspec
 
-from gateway.slurm import SlurmClient
+from gateway.slurm import SlurmClient, SlurmError
 
 
 class Node(msgspec.Struct, frozen=True):
@@ -74,3 +74,46 @@ class NodeAddresses:
         if len(self._known) > 65536:  # nodes long gone
             self._known = {k: v for k, v in self._known.items() if v[0] > now}
         return found
+
+
+class NodeStates:
+    """Which nodes jobs cannot start on (drained, down...), to say why a job
+    waits. Asked only for jobs that wait on nodes, at most once per ``ttl``
+    and one listing at a time; a failed listing only leaves the reason short."""
+
+    def __init__(self, slurm: SlurmClient, *, ttl: float = 30.0, named: int = 3) -> None:
+        self._slurm = slurm
+        self._ttl = ttl
+        self._named = named
+        self._summary: tuple[float, str | None] = (0.0, None)
+        self._inflight: asyncio.Task[str | None] | None = None
+
+    async def unavailable(self) -> str | None:
+        """``node n1 drained (reason)`` and the like, or None when all are usable."""
+        until, summary = self._summary
+        if time.monotonic() < until:
+            return summary
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._list())
+            self._inflight.add_done_callback(self._done)
+        return await asyncio.shield(self._inflight)
+
+    def _done(self, _task: asyncio.Task[str | None]) -> None:
+        self._inflight = None
+
+    async def _list(self) -> str | None:
+        try:
+            nodes = await self._slurm.list_nodes()
+        except SlurmError:
+            summary = None
+        else:
+            out = [(n, why) for n in nodes if (why := n.unavailable)]
+            parts = [
+                f"node {n.name} {why}" + (f" ({n.reason[:120]})" if n.reason else "")
+                for n, why in out[: self._named]
+            ]
+            if len(out) > self._named:
+                parts.append(f"{len(out) - self._named} more nodes unavailable")
+            summary = "; ".join(parts) or None
+        self._summary = (time.monotonic() + self._ttl, summary)
+        return summary

@@ -29,7 +29,7 @@ from gateway.core.errors import Conflict, InvalidRequest, NotFound
 from gateway.core.joblogs import LogFile, read_tail
 from gateway.core.jobview import JobView
 from gateway.core.metadata import MetaCodec
-from gateway.core.nodes import NodeAddresses
+from gateway.core.nodes import NodeAddresses, NodeStates
 from gateway.core.recipes import Recipe, RecipeCatalog, resolve_resources
 from gateway.core.status import ServiceStatus, derive
 from gateway.slurm import (
@@ -49,6 +49,8 @@ JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The job's copy of its upstream key; the recipe hands it to the server.
 KEY_VARIABLE = "GW_SERVICE_KEY"
 _SERVICE_ID = re.compile(r"[0-9]{1,12}")
+# Pending reasons about nodes that cannot take jobs (not about busy ones).
+_WAITS_ON_NODES = re.compile(r"ReqNodeNotAvail|NodeDown|DOWN|DRAIN", re.IGNORECASE)
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,6 +142,7 @@ class ServiceManager:
         self.log_max_bytes = log_max_bytes
         self.view = view or JobView(slurm)
         self.nodes = NodeAddresses(slurm, ttl=node_ttl)
+        self.node_states = NodeStates(slurm)
         self._reported_bad: set[int] = set()
         # job id -> ((comment, user), what it parses to): a comment is checked
         # (MAC, owner) once, not on every read.
@@ -271,12 +274,43 @@ class ServiceManager:
         return parsed
 
     def _parse_comment(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
+        if not job.user_name or (self.slurm_user and job.user_name != self.slurm_user):
+            return None
+        if not job.comment.startswith(metadata.PREFIX):
+            return self._overwritten(job)
         parsed = self.codec.decode(job.comment)
-        if parsed is None or parsed[0].owner != job.user_name or not job.user_name:
-            return None
-        if self.slurm_user and job.user_name != self.slurm_user:
-            return None
+        if parsed is None or parsed[0].owner != job.user_name:
+            return None  # forged, or another gateway's (another secret)
         return parsed
+
+    def _overwritten(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
+        """A job of ours whose owner replaced its comment (``scontrol update``).
+
+        Its metadata is gone, so nothing in it can be trusted, but the job is
+        still the gateway's by what its owner cannot change once it runs: its
+        Slurm user and the output file the gateway chose. It stays listed, so
+        that it can be seen and stopped, with no configuration and no
+        endpoint: a running one is ``failed`` (it cannot be reached), an ended
+        one keeps Slurm's verdict.
+        """
+        recipe = self._recipe_of_job_name(job.name)
+        expected = f"{self.job_dir.rstrip('/')}/{job.name}-{job.job_id}.out"
+        if recipe is None or job.standard_output != expected or job.submit_time is None:
+            return None
+        meta = metadata.ServiceMeta(
+            recipe=recipe, created=job.submit_time.timestamp(), owner=job.user_name
+        )
+        why = (
+            "the job's comment was overwritten (not by the gateway): its configuration "
+            "and endpoint cannot be verified, so it takes no prompts; it can be stopped"
+        )
+        running = job.state is not JobState.PENDING and not job.state.is_terminal
+        return meta, metadata.Reported(phase="failed" if running else None, reason=why)
+
+    def _recipe_of_job_name(self, name: str) -> str | None:
+        if not name.startswith("gw-"):
+            return None
+        return next((r for r in self.recipes.names() if job_name_of(r) == name), None)
 
     async def list(self) -> list[Service]:
         """Every service Slurm still knows, from the view; probes in parallel.
@@ -331,6 +365,18 @@ class ServiceManager:
         return job, *parsed
 
     async def _service(
+        self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
+    ) -> Service:
+        service = await self._service_of(job, meta, reported)
+        if job.state is JobState.PENDING and _WAITS_ON_NODES.search(job.state_reason):
+            # Slurm says "ReqNodeNotAvail"; which nodes, and why, is the news.
+            unavailable = await self.node_states.unavailable()
+            if unavailable:
+                reason = f"{service.status_reason}; {unavailable}"
+                return msgspec.structs.replace(service, status_reason=reason)
+        return service
+
+    async def _service_of(
         self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
     ) -> Service:
         recipe_kind, health_path = self._service_spec(meta.recipe)
@@ -514,28 +560,27 @@ class ServiceManager:
 
     # -- stop -----------------------------------------------------------------
 
-    async def stop(self, service_id: str) -> Service:
+    async def stop(self, service_id: str) -> Stopped:
+        """Cancel the service's job and answer with its final state.
+
+        Safe to repeat: clients stop services in cleanup paths and retry on
+        timeouts, so a service that already ended, however it ended, is
+        stopped: its final state, no error. Only an unknown id is 404.
+        """
         job, meta, reported = await self._job(service_id)
         if job.state.is_terminal:
-            service = await self._service(job, meta, reported)
-            if service.status is ServiceStatus.CANCELLED:
-                return service  # stopping twice is fine
-            raise Conflict(
-                f"service {service_id} already ended ({service.status.value}: "
-                f"{service.status_reason}); there is nothing to stop",
-                service_status=service.status.value,
-            )
+            return Stopped(await self._service(job, meta, reported), already_ended=True)
         try:
             await self.slurm.cancel(job.job_id)
         except SlurmJobNotFound:
-            return await self._gone(job, meta, reported)
+            return Stopped(await self._gone(job, meta, reported), already_ended=True)
         # Slurm ends the job within moments; answer with its final state when
         # it arrives in time, else with what Slurm says now. The wait shares
         # the view's listings with every other reader.
         final = await self.view.wait_for(job.job_id, _settled, STOP_WAIT_SECONDS)
         if final is None:
-            return await self._gone(job, meta, reported)
-        return await self._service(final, meta, reported)
+            return Stopped(await self._gone(job, meta, reported), already_ended=False)
+        return Stopped(await self._service(final, meta, reported), already_ended=False)
 
     async def _gone(
         self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
@@ -545,6 +590,12 @@ class ServiceManager:
             job, state=JobState.CANCELLED, end_time=job.end_time or datetime.now(tz=UTC)
         )
         return await self._service(ended, meta, reported)
+
+
+class Stopped(NamedTuple):
+    service: Service
+    # It had ended before this stop (completed, failed, timed out, cancelled).
+    already_ended: bool
 
 
 class _Built(NamedTuple):

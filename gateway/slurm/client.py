@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Self
+from functools import partial
+from typing import Self, TypeVar
 
 import httpx
 import msgspec
@@ -15,6 +18,7 @@ from gateway.slurm.auth import Credentials, FixedCredentials, TokenProvider
 from gateway.slurm.errors import (
     SlurmAuthError,
     SlurmError,
+    SlurmRequestRejected,
     SlurmUnavailable,
     SlurmUnexpectedResponse,
     SlurmVersionUnsupported,
@@ -31,19 +35,27 @@ from gateway.transport import Outbound
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 # A job listing larger than this is decoded in a worker thread.
 _DECODE_IN_THREAD_BYTES = 256 * 1024
 
 
 class _Negotiated:
-    """The version choice, shared by a client and the views made by ``as_user``."""
+    """What a client shares with the views made by ``as_user``: the version
+    choice, and the bound on calls in flight (one per replica)."""
 
-    def __init__(self, pinned: str | None) -> None:
+    def __init__(
+        self, pinned: str | None, max_concurrency: int = 16, queue_timeout: float = 2.0
+    ) -> None:
         if pinned is not None:
             adapter_for(pinned)  # fail fast on a version we cannot speak
         self.pinned = pinned
         self.adapter: Adapter | None = None
         self.lock = asyncio.Lock()
+        self.max_concurrency = max_concurrency
+        self.queue_timeout = queue_timeout
+        self.slots = asyncio.Semaphore(max_concurrency)
 
 
 class SlurmClient:
@@ -65,8 +77,12 @@ class SlurmClient:
         timeout: float = 10.0,
         connect_timeout: float = 3.0,
         max_connections: int = 32,
+        max_concurrency: int = 16,
+        queue_timeout: float = 2.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
         self._http = Outbound(
             base_url,
             timeout=timeout,
@@ -76,7 +92,10 @@ class SlurmClient:
             transport=transport,
         )
         self._tokens = tokens
-        self._negotiated = _Negotiated(api_version)
+        # At most max_concurrency calls in flight; one that waits longer than
+        # queue_timeout for a slot fails as SlurmUnavailable (a 503) rather than
+        # piling up on a slurmrestd that is already slow.
+        self._negotiated = _Negotiated(api_version, max_concurrency, queue_timeout)
         self._owns_http = True
 
     @property
@@ -167,6 +186,15 @@ class SlurmClient:
             # msgspec encodes several times faster than httpx's json=.
             content = msgspec.json.encode(request.body)
             headers["Content-Type"] = "application/json"
+        bound = self._negotiated
+        try:
+            async with asyncio.timeout(bound.queue_timeout):
+                await bound.slots.acquire()
+        except TimeoutError:
+            raise SlurmUnavailable(
+                f"slurmrestd is busy: {bound.max_concurrency} calls in flight, and no slot "
+                f"came free in {bound.queue_timeout:g} s for {request.method} {request.path}"
+            ) from None
         try:
             return await self._http.request(
                 request.method,
@@ -184,6 +212,8 @@ class SlurmClient:
             raise SlurmUnavailable(
                 f"slurmrestd at {self.base_url} is unreachable: {type(exc).__name__}"
             ) from None
+        finally:
+            bound.slots.release()
 
     async def _call(self, build: Request) -> httpx.Response:
         response = await self._send(build)
@@ -203,13 +233,11 @@ class SlurmClient:
 
     async def ping(self) -> list[PingResult]:
         adapter = await self.adapter()
-        response = await self._call(adapter.ping_request())
-        return adapter.parse_ping(response.status_code, response.content)
+        return await self._run(adapter, adapter.ping_request(), adapter.parse_ping)
 
     async def submit(self, job: JobSubmission) -> SubmitResult:
         adapter = await self.adapter()
-        response = await self._call(adapter.submit_request(job))
-        return adapter.parse_submit(response.status_code, response.content)
+        return await self._run(adapter, adapter.submit_request(job), adapter.parse_submit)
 
     async def get_node(self, name: str) -> NodeInfo:
         """The names of node ``name``: Slurm's NodeName, NodeHostname, NodeAddr.
@@ -219,35 +247,79 @@ class SlurmClient:
         """
         check_node_name(name)
         adapter = await self.adapter()
-        response = await self._call(adapter.get_node_request(name))
-        return adapter.parse_node(response.status_code, response.content, name)
+        return await self._run(
+            adapter, adapter.get_node_request(name), partial(adapter.parse_node, name=name)
+        )
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        """Every node with its state (for why jobs wait: drained, down)."""
+        adapter = await self.adapter()
+        return await self._run(adapter, adapter.list_nodes_request(), adapter.parse_nodes)
 
     async def get_job(self, job_id: int) -> JobInfo:
         adapter = await self.adapter()
-        response = await self._call(adapter.get_job_request(job_id))
-        return adapter.parse_job(response.status_code, response.content, job_id)
+        return await self._run(
+            adapter, adapter.get_job_request(job_id), partial(adapter.parse_job, job_id=job_id)
+        )
 
     async def list_jobs(self, changed_since: datetime | None = None) -> JobList:
         """All jobs slurmctld still holds. With ``changed_since``, Slurm answers
         ``unchanged`` when no job changed since then (it is not a filter)."""
         adapter = await self.adapter()
-        response = await self._call(adapter.list_jobs_request(changed_since))
-        if len(response.content) > _DECODE_IN_THREAD_BYTES:
-            # Thousands of jobs take a good part of a second to read: off the
-            # event loop, so that requests meanwhile wait milliseconds, not that.
-            return await asyncio.to_thread(
-                adapter.parse_jobs, response.status_code, response.content
-            )
-        return adapter.parse_jobs(response.status_code, response.content)
+        return await self._run(
+            adapter, adapter.list_jobs_request(changed_since), adapter.parse_jobs
+        )
 
     async def cancel(self, job_id: int, signal: str | None = None) -> None:
         """Cancel a job (SIGKILL to all its steps) or send it ``signal``.
         Cancelling a job that already ended is not an error."""
         adapter = await self.adapter()
-        response = await self._call(adapter.cancel_request(job_id, signal))
-        adapter.parse_cancel(response.status_code, response.content, job_id)
+        await self._run(
+            adapter,
+            adapter.cancel_request(job_id, signal),
+            partial(adapter.parse_cancel, job_id=job_id),
+        )
 
     async def update_comment(self, job_id: int, comment: str) -> None:
         adapter = await self.adapter()
-        response = await self._call(adapter.update_comment_request(job_id, comment))
-        adapter.parse_update(response.status_code, response.content, job_id)
+        await self._run(
+            adapter,
+            adapter.update_comment_request(job_id, comment),
+            partial(adapter.parse_update, job_id=job_id),
+        )
+
+    async def _run(self, adapter: Adapter, request: Request, parse: Callable[[int, bytes], T]) -> T:
+        """Send, then read the answer with the adapter; a refusal that was
+        really an unreachable slurmctld becomes SlurmUnavailable (a 503)."""
+        started = time.monotonic()
+        response = await self._call(request)
+        try:
+            if len(response.content) > _DECODE_IN_THREAD_BYTES:
+                # Thousands of jobs take a good part of a second to read: off the
+                # event loop, so that requests meanwhile wait milliseconds, not that.
+                return await asyncio.to_thread(parse, response.status_code, response.content)
+            return parse(response.status_code, response.content)
+        except (SlurmAuthError, SlurmRequestRejected) as exc:
+            elapsed = time.monotonic() - started
+            outage = adapter.outage_behind(exc, elapsed)
+            if outage is None:
+                outage = await self._controller_down(adapter)
+            if not outage:
+                raise
+            raise SlurmUnavailable(
+                f"slurmctld is unreachable (slurmrestd answered {request.method} "
+                f"{request.path} with HTTP {response.status_code} after {elapsed:.1f} s)",
+                status_code=response.status_code,
+                errors=exc.errors,
+            ) from None
+
+    async def _controller_down(self, adapter: Adapter) -> bool:
+        """One ping, sent straight (never through ``_run``: no recursion)."""
+        try:
+            response = await self._call(adapter.ping_request())
+            pings = adapter.parse_ping(response.status_code, response.content)
+        except SlurmUnavailable:
+            return True
+        except SlurmError:
+            return False
+        return not any(p.responding for p in pings)

@@ -157,11 +157,28 @@ class PingResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """The names of one node: Slurm's NodeName, NodeHostname and NodeAddr."""
+    """The names of one node (Slurm's NodeName, NodeHostname and NodeAddr) and
+    its state: base state and flags, upper case (``("IDLE", "DRAIN")``)."""
 
     name: str
     hostname: str
     address: str
+    state: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def unavailable(self) -> str | None:
+        """``drained``, ``draining``, ``down``... when jobs cannot start on it."""
+        flags = set(self.state)
+        if "DOWN" in flags or "NOT_RESPONDING" in flags:
+            return "down"
+        if "DRAIN" in flags:
+            busy = flags & {"ALLOCATED", "MIXED", "COMPLETING"}
+            return "draining" if busy else "drained"
+        for word in ("FAIL", "MAINTENANCE", "POWERED_DOWN", "POWER_DOWN", "REBOOT_REQUESTED"):
+            if word in flags:
+                return word.lower().replace("_", " ")
+        return None
 
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")

@@ -17,6 +17,13 @@ NEGOTIATED: list[tuple[str, str, str]] = []
 TIMINGS: list[str] = []
 
 
+def fault_line(cluster: LocalCluster, fault: str, during: str, after: str, lost: int) -> None:
+    """One row of the fault table (tests/integration/test_faults.py), for the summary."""
+    TIMINGS.append(
+        f"fault | {cluster.name} | {fault} | during: {during} | after: {after} | lost: {lost}"
+    )
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, release, version in NEGOTIATED:
         terminalreporter.write_line(f"cluster {name}: Slurm {release}, slurmrestd API {version}")

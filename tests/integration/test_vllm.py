@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 
 from gateway.testing.clusters import LocalCluster, upstream_key
 from tests.conftest import poll
-from tests.integration.conftest import CLUSTERS, TIMINGS
+from tests.integration.conftest import CLUSTERS, TIMINGS, fault_line
 from tests.integration.gateway_process import GatewayProcess
 
 VLLM_CLUSTERS = [c for c in CLUSTERS if (Path(c.chroot) / "opt/vllm/bin/python").exists()]
@@ -279,6 +281,30 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
             timeout=30,
             what="vLLM processes gone",
         )
+
+        # Fault: vLLM itself dies inside a running service. The service ends
+        # `failed` with the reason, and stopping it is still a 200.
+        port = int(endpoints[1].rsplit(":", 1)[1])
+        for pid in vllm_processes(cluster, port):
+            os.kill(pid, signal.SIGKILL)
+        during = await api.post(f"/api/v1/vllm/{base['id']}/prompt", json={"prompt": "hi"})
+        ended = await poll(
+            lambda: status_of(api, base["id"]),
+            lambda s: s["status"] not in ("running", "starting"),
+            timeout=60,
+            what="the service noticing that vLLM died",
+        )
+        assert ended["status"] == "failed", ended
+        assert "vLLM exited" in ended["status_reason"], ended
+        for _ in range(2):
+            again = await api.delete(f"/api/v1/services/{base['id']}")
+            assert again.status_code == 200, again.text
+            assert again.json()["status"] == "failed"
+        fault_line(
+            cluster, "vLLM killed (SIGKILL) inside a running service",
+            f"prompt {during.status_code}",
+            f"status `failed` (\"{ended['status_reason']}\"), stop 200 twice", 0,
+        )  # fmt: skip
     finally:
         for sid in ids:
             await api.delete(f"/api/v1/services/{sid}")

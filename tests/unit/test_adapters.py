@@ -16,7 +16,6 @@ from gateway.slurm import (
     JobExit,
     JobState,
     JobSubmission,
-    NodeInfo,
     SlurmAuthError,
     SlurmJobNotFound,
     SlurmNodeNotFound,
@@ -240,7 +239,9 @@ def test_node_lookup(rec: Recorded) -> None:
     # controller's host (whatever that machine was called when recorded).
     controller = rec.adapter.parse_ping(*rec.answer("ping")[:2])[0].hostname
     assert controller
-    assert node == NodeInfo(name=meta["node"], hostname=controller, address="127.0.0.1")
+    assert (node.name, node.hostname, node.address) == (meta["node"], controller, "127.0.0.1")
+    # Recorded idle or busy, never unavailable.
+    assert node.state and node.unavailable is None, node.state
 
 
 def test_unknown_node_is_typed_not_found(rec: Recorded) -> None:
@@ -296,9 +297,8 @@ def _nodes_body(*names: str, version: str) -> bytes:
 def test_node_lookup_picks_the_named_record(version: str) -> None:
     adapter = adapter_for(version)
     body = _nodes_body("n1", "n2", version=version)
-    assert adapter.parse_node(200, body, "n2") == NodeInfo(
-        name="n2", hostname="n2.lan", address="10.0.0.7"
-    )
+    found = adapter.parse_node(200, body, "n2")
+    assert (found.name, found.hostname, found.address) == ("n2", "n2.lan", "10.0.0.7")
     # One record is Slurm's match for the name asked (an alias, say).
     assert adapter.parse_node(200, _nodes_body("n1", version=version), "alias").name == "n1"
     with pytest.raises(SlurmNodeNotFound):
@@ -408,3 +408,29 @@ def test_an_emptied_queue_is_a_change_not_unchanged(rec: Recorded) -> None:
     answer["jobs"] = []
     listing = rec.adapter.parse_jobs(status, json.dumps(answer).encode())
     assert (listing.jobs, listing.unchanged) == ((), False)
+
+
+# Node states as 22.05 (one word plus flags) and 24.11 (a list) report a
+# drained node, checked live; and the words the gateway reads from them.
+@pytest.mark.parametrize(
+    ("version", "record", "state", "unavailable"),
+    [
+        ("v0.0.38", {"state": "idle", "state_flags": ["DRAIN"]}, ("IDLE", "DRAIN"), "drained"),
+        ("v0.0.42", {"state": ["MIXED", "DRAIN"]}, ("MIXED", "DRAIN"), "draining"),
+        ("v0.0.42", {"state": ["IDLE", "NOT_RESPONDING"]}, ("IDLE", "NOT_RESPONDING"), "down"),
+        ("v0.0.45", {"state": ["DOWN"]}, ("DOWN",), "down"),
+        ("v0.0.45", {"state": ["IDLE"]}, ("IDLE",), None),
+        ("v0.0.38", {"state": "allocated", "state_flags": []}, ("ALLOCATED",), None),
+    ],
+)
+def test_node_listing_reads_states(
+    version: str, record: dict[str, Any], state: tuple[str, ...], unavailable: str | None
+) -> None:
+    node = {"name": "n1", "hostname": "n1", "address": "10.0.0.1", "reason": "disk", **record}
+    body = json.dumps({"nodes": [node], "errors": [], "warnings": []}).encode()
+    adapter = adapter_for(version)
+    assert adapter.list_nodes_request().path == f"/slurm/{version}/nodes"
+    (info,) = adapter.parse_nodes(200, body)
+    assert info.state == state
+    assert info.unavailable == unavailable
+    assert info.reason == "disk"

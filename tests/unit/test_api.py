@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import structlog.testing
@@ -17,6 +20,9 @@ from gateway.api.health import Readiness
 from gateway.app import create_app
 from gateway.settings import load_settings
 from tests.conftest import free_port
+from tests.unit.http_stub import Seen, http_stub
+from tests.unit.http_stub import response as http_response
+from tests.unit.test_client import PING_42
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -213,6 +219,55 @@ async def test_litestar_http_errors_stay_problems(
     }
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/api/v1/health", "GET, OPTIONS"),
+        ("PUT", "/api/v1/services", "GET, OPTIONS, POST"),
+        ("PATCH", "/api/v1/services/1", "DELETE, GET, OPTIONS"),
+        ("GET", "/api/v1/vllm/1/prompt", "OPTIONS, POST"),
+    ],
+)
+async def test_every_method_of_a_path_is_allowed(
+    api: AsyncTestClient[Any], method: str, path: str, allowed: str
+) -> None:
+    """A 405 says what is allowed (RFC 9110), and OPTIONS says all of it, also
+    on a path where Litestar 2 would list only its first handler's method."""
+    refused = await api.request(method, path)
+    assert refused.status_code == 405
+    assert set(refused.headers["allow"].split(", ")) == set(allowed.split(", "))
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    options = await api.options(path)
+    assert options.status_code == 204
+    assert options.headers["allow"] == allowed
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"config": {"resources": {"nodes": "2"}}}, "config.resources.nodes"),
+        ({"config": {"resources": {"nodes": True}}}, "config.resources.nodes"),
+        ({"config": {"resources": {"time_limit": 1.5}}}, "config.resources.time_limit"),
+    ],
+)
+async def test_bodies_are_read_as_the_document_types_them(
+    api: AsyncTestClient[Any], body: dict[str, Any], field: str
+) -> None:
+    """No lenient conversion of a body ("2" for 2), as the prompt's fast path reads it."""
+    response = await api.post("/api/v1/services", json={"recipe_name": "inference/vllm", **body})
+    assert response.status_code == 422, response.text
+    assert [e["field"] for e in response.json()["errors"]] == [field]
+    prompt = await api.post("/api/v1/vllm/1/prompt", json={"prompt": "hi", "stream": 0})
+    assert prompt.status_code == 422, prompt.text
+    assert [e["field"] for e in prompt.json()["errors"]] == ["stream"]
+
+
+async def test_a_whole_float_is_an_integer(api: AsyncTestClient[Any]) -> None:
+    """JSON Schema's integer 2 may be written 2.0: past validation, to Slurm (down here)."""
+    body = {"recipe_name": "inference/vllm", "config": {"resources": {"nodes": 2.0}}}
+    assert (await api.post("/api/v1/services", json=body)).status_code == 503
+
+
 async def test_not_ready_is_a_503_with_the_readiness_body(api: AsyncTestClient[Any]) -> None:
     response = await api.get("/api/v1/ready")
     assert response.status_code == 503
@@ -233,3 +288,66 @@ async def test_served_document_keeps_null_in_examples(api: AsyncTestClient[Any])
     assert any(
         e.get("config", {}).get("resources", {}).get("gpu", "absent") is None for e in examples
     )
+
+
+async def test_busy_slurmrestd_is_503_with_retry_after(tmp_path: Path) -> None:
+    """Calls beyond GATEWAY_SLURM_MAX_CONCURRENCY wait at most the queue timeout,
+    then are answered 503 with Retry-After instead of piling up."""
+    answered = 0
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slurmrestd(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        answered += 1
+        if answered > 1:  # the version probe is answered at once, the rest wait
+            holding.set()
+            await release.wait()
+        writer.write(http_response(200, PING_42))
+
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    async with http_stub(slurmrestd) as stub:
+        settings = load_settings(
+            {
+                "GATEWAY_SLURM_URL": stub.url,
+                "GATEWAY_SLURM_API_VERSION": "v0.0.42",
+                "GATEWAY_SLURM_USER": "gwuser",
+                "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
+                "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",
+                "GATEWAY_SLURM_MAX_CONCURRENCY": "1",
+                "GATEWAY_SLURM_QUEUE_TIMEOUT_SECONDS": "0.2",
+            }
+        )
+        # In this loop, with the stub (AsyncTestClient runs the app in a thread of its own).
+        app = create_app(settings)
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar's ASGI types
+        async with (
+            app.lifespan(),
+            httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as api,
+        ):
+            create = {"recipe_name": "testing/http"}
+            # The first create's submission takes the one slot (after the probe).
+            held = asyncio.create_task(api.post("/api/v1/services", json=create))
+            await asyncio.wait_for(holding.wait(), 5)
+            started = time.monotonic()
+            busy = await api.post("/api/v1/services", json=create)
+            waited = time.monotonic() - started
+            reached = answered
+            release.set()
+            await held
+    assert busy.status_code == 503, busy.text
+    assert busy.headers["retry-after"] == "5"
+    assert_problem(busy.json(), 503)
+    assert "slurmrestd is busy" in busy.json()["detail"]
+    assert waited < 1.5  # the queue timeout, not the held call
+    assert reached == 2  # the probe and the held call: the refused one was never sent
+
+
+async def test_draining_is_not_ready_without_asking_slurm(api: AsyncTestClient[Any]) -> None:
+    api.app.state.draining = True  # what SIGTERM sets for GATEWAY_SHUTDOWN_DRAIN_SECONDS
+    response = await api.get("/api/v1/ready")
+    assert response.status_code == 503
+    body = msgspec.convert(response.json(), Readiness)
+    assert body.status == "draining"
+    assert (await api.get("/api/v1/health")).status_code == 200  # still alive, still serving

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+
 import httpx
 import msgspec
 import pytest
@@ -9,6 +14,7 @@ from pytest_httpx import HTTPXMock
 
 from gateway.slurm import (
     SUPPORTED_VERSIONS,
+    Credentials,
     MintedTokens,
     NodeInfo,
     SlurmAuthError,
@@ -20,6 +26,7 @@ from gateway.slurm import (
     SlurmVersionUnsupported,
 )
 from tests.conftest import free_port
+from tests.unit.http_stub import Seen, http_stub, response
 
 URL = "http://slurmrestd.test:6820"
 # The newest version the gateway speaks, and the one after it.
@@ -365,3 +372,92 @@ async def test_unsafe_node_name_is_refused_before_any_request(
         with pytest.raises(ValueError, match="invalid node name"):
             await client.get_node(name)
     assert httpx_mock.get_requests() == []
+
+
+# -- a bounded number of calls in flight ---------------------------------------
+
+
+class SlowSlurmrestd:
+    """Answers pings of v0.0.42; fast until ``slow`` is set, then after ``delay``
+    seconds (or once ``release`` is set), counting the requests it holds at once."""
+
+    def __init__(self, delay: float = 2.0) -> None:
+        self.delay = delay
+        self.slow = False
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+        self.in_flight = 0
+        self.most = 0
+
+    async def answer(self, seen: Seen, writer: asyncio.StreamWriter) -> None:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            if self.slow:
+                self.holding.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.release.wait(), self.delay)
+            writer.write(response(200, PING_42))
+        finally:
+            self.in_flight -= 1
+
+
+async def timed(call: Awaitable[object]) -> tuple[object, float]:
+    """What the call returned or raised, and how long it took."""
+    started = time.monotonic()
+    try:
+        result = await call
+    except Exception as exc:
+        result = exc
+    return result, time.monotonic() - started
+
+
+async def test_calls_beyond_the_bound_fail_fast_as_busy() -> None:
+    slurmrestd = SlowSlurmrestd(delay=2.0)
+    async with http_stub(slurmrestd.answer) as stub:
+        client = SlurmClient(
+            stub.url,
+            MintedTokens(b"k" * 32, "gwuser"),
+            api_version="v0.0.42",
+            max_concurrency=2,
+            queue_timeout=0.2,
+        )
+        async with client:
+            await client.ping()  # negotiated while slurmrestd is fast
+            slurmrestd.slow = True
+            sent_before = len(stub.seen)
+            results = await asyncio.gather(*(timed(client.ping()) for _ in range(10)))
+    answered = [t for r, t in results if isinstance(r, list)]
+    busy = [(r, t) for r, t in results if isinstance(r, SlurmUnavailable)]
+    assert len(answered) == 2, results
+    assert len(busy) == 8, results
+    assert all("slurmrestd is busy: 2 calls in flight" in str(r) for r, _ in busy)
+    assert max(t for _, t in busy) < 0.5, busy  # queue_timeout 0.2, not the 2 s answer
+    assert min(answered) >= 1.9  # the stub's 2 s
+    assert slurmrestd.most == 2
+    assert len(stub.seen) - sent_before == 2  # the busy calls were never sent
+
+
+async def test_views_made_by_as_user_share_the_bound() -> None:
+    slurmrestd = SlowSlurmrestd(delay=5.0)
+    async with http_stub(slurmrestd.answer) as stub:
+        client = SlurmClient(
+            stub.url,
+            MintedTokens(b"k" * 32, "gwuser"),
+            api_version="v0.0.42",
+            max_concurrency=1,
+            queue_timeout=0.1,
+        )
+        caller = client.as_user(Credentials(user_name="alice", token="t"))
+        async with client:
+            await client.ping()
+            slurmrestd.slow = True
+            held = asyncio.create_task(client.ping())
+            await asyncio.wait_for(slurmrestd.holding.wait(), 5)
+            with pytest.raises(SlurmUnavailable, match="busy"):
+                await caller.ping()
+            slurmrestd.release.set()
+            await held
+            # A slot freed is a slot for either.
+            assert (await caller.ping())[0].responding
+        assert slurmrestd.most == 1

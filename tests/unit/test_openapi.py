@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from gateway.core.errors import Conflict
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import openapi  # noqa: E402
+# scripts/openapi.py; imported by name, as mypy would take the openapi/ folder for it.
+openapi = importlib.import_module("openapi")
 
 READINESS = {"$ref": "#/components/schemas/Readiness"}
 
@@ -56,10 +58,14 @@ def test_prompt_answers_json_or_an_event_stream(document: dict[str, Any]) -> Non
     assert ok["content"]["application/json"] == {
         "schema": {"$ref": "#/components/schemas/PromptResponse"}
     }
-    stream = ok["content"]["text/event-stream"]["schema"]
-    assert stream["type"] == "string"
-    assert "data: [DONE]" in stream["description"]
-    assert "event: error" in stream["description"]
+    # One event (before OpenAPI 3.2's itemSchema, `schema` describes each event).
+    event = ok["content"]["text/event-stream"]["schema"]
+    assert event["type"] == "object"
+    assert event["required"] == ["data"]
+    assert event["properties"]["data"]["type"] == "string"
+    assert event["properties"]["event"]["enum"] == ["message", "error"]
+    assert "data: [DONE]" in event["description"]
+    assert "event: error" in event["description"]
     # The error answers are untouched by the operation class.
     assert list(document["paths"]["/api/v1/vllm/{service_id}/prompt"]["post"]["responses"]) == [
         "200",
@@ -97,3 +103,59 @@ def test_500_has_a_meaning() -> None:
     spec = errors.problem_responses(500)[500]
     assert spec.description
     assert spec.media_type == "application/problem+json"
+
+
+def _schema(document: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """The component a schema refers to (directly, or as its one ``allOf``)."""
+    [ref] = ref.get("allOf", [ref])
+    found: dict[str, Any] = document["components"]["schemas"][ref["$ref"].rsplit("/", 1)[1]]
+    return found
+
+
+def test_request_bodies_allow_no_other_fields(document: dict[str, Any]) -> None:
+    """The server refuses unknown fields (forbid_unknown_fields): the document says so."""
+    bodies = [
+        op["requestBody"]["content"]["application/json"]["schema"]
+        for item in document["paths"].values()
+        for op in item.values()
+        if "requestBody" in op
+    ]
+    assert len(bodies) == 2  # createService, promptVllm
+    closed = {"CreateServiceRequest", "ServiceConfigRequest", "ResourcesRequest", "PromptRequest"}
+    for name in closed:
+        assert document["components"]["schemas"][name]["additionalProperties"] is False, name
+    for body in bodies:
+        assert _schema(document, body)["additionalProperties"] is False
+    # Answers stay open: a client must accept fields added later.
+    assert "additionalProperties" not in document["components"]["schemas"]["ServiceResponse"]
+
+
+def test_bounds_of_zero_are_documented(document: dict[str, Any]) -> None:
+    """Litestar leaves falsy bounds out; the document carries them all the same."""
+    logs = document["paths"]["/api/v1/services/{service_id}/logs"]["get"]
+    [tail] = [p for p in logs["parameters"] if p["name"] == "tail"]
+    assert tail["schema"]["minimum"] == 0
+    assert tail["schema"]["maximum"] == 100_000
+    prompt = document["components"]["schemas"]["PromptRequest"]["properties"]
+    assert prompt["top_p"]["exclusiveMinimum"] == 0
+    assert prompt["top_p"]["maximum"] == 1
+    assert prompt["temperature"]["minimum"] == 0
+
+
+def test_created_service_links_to_its_operations(document: dict[str, Any]) -> None:
+    created = document["paths"]["/api/v1/services"]["post"]["responses"]["201"]
+    links = created["links"]
+    operations = {
+        op["operationId"]: op for item in document["paths"].values() for op in item.values()
+    }
+    assert {link["operationId"] for link in links.values()} >= {
+        "getService",
+        "getServiceStatus",
+        "getServiceLogs",
+        "stopService",
+    }
+    assert _schema(document, created["content"]["application/json"]["schema"])["properties"]["id"]
+    for name, link in links.items():
+        assert link["parameters"] == {"service_id": "$response.body#/id"}, name
+        target = operations[link["operationId"]]
+        assert "service_id" in [p["name"] for p in target["parameters"] if p["in"] == "path"]

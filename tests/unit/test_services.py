@@ -277,7 +277,8 @@ async def test_a_job_purged_while_stopping_answers_stopped(httpx_mock: HTTPXMock
     # The next listing no longer holds it (purged right away).
     httpx_mock.add_response(url=JOBS, json={"jobs": [], "last_update": {"set": True, "number": 9}})
     services = manager()
-    stopped = await services.stop("7")
+    stopped, already_ended = await services.stop("7")
+    assert not already_ended
     assert stopped.status is ServiceStatus.CANCELLED
     assert stopped.ended_at is not None
     await services.prober.aclose()

@@ -125,6 +125,7 @@ class Envelope(msgspec.Struct, frozen=True):
 
 
 # Slurm's communication failures: slurmrestd is up but cannot talk to slurmctld.
+EPERM = 1
 _COMMUNICATION_ERRORS = frozenset(range(1000, 1100)) | frozenset(range(1800, 1900))
 
 
@@ -155,6 +156,9 @@ class Adapter(abc.ABC):
     def get_node_request(self, name: str) -> Request:
         """Raises ValueError for a name that is not a safe path segment."""
         return Request(method="GET", path=self.path(f"node/{check_node_name(name)}"))
+
+    def list_nodes_request(self) -> Request:
+        return Request(method="GET", path=self.path("nodes"))
 
     def cancel_request(self, job_id: int, signal: str | None) -> Request:
         params = {"signal": signal} if signal else {}
@@ -189,11 +193,24 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def parse_node(self, status: int, content: bytes, name: str) -> NodeInfo: ...
 
+    @abc.abstractmethod
+    def parse_nodes(self, status: int, content: bytes) -> list[NodeInfo]: ...
+
     def parse_cancel(self, status: int, content: bytes, job_id: int) -> None:
         self.check(status, content, what=f"cancel job {job_id}")
 
     def parse_update(self, status: int, content: bytes, job_id: int) -> None:
         self.check(status, content, what=f"update job {job_id}")
+
+    def outage_behind(self, error: SlurmError, elapsed: float) -> bool | None:
+        """Whether a refusal may really be slurmctld being unreachable.
+
+        True: it is; False: it is not; None: ask the controller (a ping).
+        24.11 and 26.05 answer a cancel sent to an unreachable slurmctld with
+        EPERM ("Operation not permitted", HTTP 500 or 403), as if the job
+        were someone else's.
+        """
+        return None if EPERM in error.error_numbers else False
 
     # -- shared machinery ----------------------------------------------------
 

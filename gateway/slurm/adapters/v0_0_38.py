@@ -40,6 +40,8 @@ from gateway.slurm.errors import SlurmAuthError, SlurmError, SlurmErrorDetail
 from gateway.slurm.models import JobSubmission, PingResult
 
 _ZERO_BYTES = 5005  # SLURM_PROTOCOL_SOCKET_ZERO_BYTES_SENT
+# A "refused token" answered this late was slurmrestd retrying to reach slurmctld.
+OUTAGE_SECONDS = 2.0
 
 
 class Ping(msgspec.Struct, frozen=True):
@@ -100,6 +102,11 @@ class V0038(V0039):
             )
             for p in body.pings
         ]
+
+    def outage_behind(self, error: SlurmError, elapsed: float) -> bool | None:
+        if isinstance(error, SlurmAuthError):
+            return elapsed >= OUTAGE_SECONDS
+        return super().outage_behind(error, elapsed)
 
     def error_for(
         self,

@@ -146,6 +146,22 @@ class Node(msgspec.Struct, frozen=True):
     name: str = ""
     hostname: str = ""
     address: str = ""
+    # A list of words since v0.0.39; v0.0.38 has one word here and the rest
+    # in ``state_flags``.
+    state: list[str] | str = []
+    state_flags: list[str] | None = None
+    reason: str = ""
+
+    def info(self) -> NodeInfo:
+        words = [self.state] if isinstance(self.state, str) else list(self.state)
+        words += self.state_flags or []
+        return NodeInfo(
+            name=self.name,
+            hostname=self.hostname,
+            address=self.address,
+            state=tuple(w.upper() for w in words if w),
+            reason=self.reason,
+        )
 
 
 class NodesResponse(msgspec.Struct, frozen=True):
@@ -342,8 +358,12 @@ class V0045(Adapter):
             found = body.nodes
         if not found:
             raise self.node_not_found(name, status, ())
-        node = found[0]
-        return NodeInfo(name=node.name, hostname=node.hostname, address=node.address)
+        return found[0].info()
+
+    def parse_nodes(self, status: int, content: bytes) -> list[NodeInfo]:
+        what = "list nodes"
+        self.check(status, content, what=what)
+        return [n.info() for n in self.decode(NodesResponse, content, what).nodes]
 
     def node_not_found(
         self, name: str, status: int, details: tuple[SlurmErrorDetail, ...]

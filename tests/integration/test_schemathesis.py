@@ -1,0 +1,156 @@
+"""Schemathesis 4 against a live gateway: the OpenAPI document and the server agree.
+
+One gateway on one local cluster, with a secret of its own: it sees only the
+jobs it created, so a fuzzed ``DELETE`` of some digit id can never stop another
+test's service. Its only recipe folder is tests/recipes/schemathesis, where
+``inference/vllm`` (the name the document's examples use) is the OpenAI-shaped
+stub with tiny resources: the services the examples and Schemathesis' own data
+create start in a second and cost nothing, never the real vLLM.
+
+Every phase runs (examples, coverage, fuzzing, stateful: the last follows the
+document's links from createService to the operations on the new service);
+the run must end with exit status 0, i.e. no server error, no schema
+violation, no conformance failure. Every service it created is stopped
+afterwards, and none may be left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.core.status import ServiceStatus
+from tests.conftest import poll
+from tests.integration.conftest import CLUSTERS, TIMINGS
+from tests.integration.gateway_process import ROOT, GatewayProcess
+
+# Not c2411, whose daemons the fault tests kill and restart; c2205 runs vLLM's
+# own tests. Slurm 26.05's slurmrestd is the newest the gateway speaks to.
+CLUSTER = "c2605"
+RECIPES = ROOT / "tests" / "recipes" / "schemathesis"
+# Per operation and phase (coverage's own cases come on top): about 1,700 test
+# cases and 100 services, some 40 s on this 2-core machine, stopping included.
+MAX_EXAMPLES = 100
+RUN_TIMEOUT = 240.0
+
+# Each setting that is not Schemathesis' default, with why.
+CONFIG = """\
+# DELETE stops a service: it cancels the Slurm job, and the service is still
+# described (status `cancelled`) for as long as Slurm remembers the job, as the
+# document says. This check wants a 404 after a DELETE: it does not apply.
+[checks.use_after_free]
+enabled = false
+
+[[operations]]
+include-operation-id = "createService"
+# A schema-valid body can still name an environment variable the recipe does not
+# have (the document cannot list them: they are the recipe's), ask for resources
+# out of Slurm's bounds ("cpu": "0"), or be refused by Slurm: 422, which the
+# document gives as "Invalid request; `errors` names the fields, or Slurm
+# refused the job". Schemathesis' default statuses, and 422.
+checks.positive_data_acceptance.expected-statuses = [
+    "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx",
+]
+"""
+
+
+def schemathesis_command(url: str, config: Path, report: Path) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "--config-file", str(config),
+        "run", f"{url}/api/v1/schema/openapi.json",
+        "--phases", "examples,coverage,fuzzing,stateful",
+        "--max-examples", str(MAX_EXAMPLES),
+        "--request-timeout", "60",
+        "--generation-database", "none",  # nothing carried over between runs
+        "--output-sanitize", "false",  # `max_tokens` is no secret
+        "--report", "json", "--report-json-path", str(report),
+        "--no-color",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def gateway() -> Iterator[GatewayProcess]:
+    cluster = next((c for c in CLUSTERS if c.name == CLUSTER), None)
+    if cluster is None:
+        pytest.fail(f"no local cluster {CLUSTER}; run `make cluster`")
+    env = {
+        "GATEWAY_SECRET": secrets.token_hex(32),
+        "GATEWAY_RECIPES_DIRS": str(RECIPES),
+        "GATEWAY_SITE_FILE": "",  # the local site overlay would size inference/vllm for vLLM
+    }
+    with GatewayProcess(cluster, **env) as process:
+        yield process
+
+
+async def stop_all(url: str) -> tuple[int, list[dict[str, Any]]]:
+    """Stop every service of the gateway: how many it had, and those still live."""
+    async with httpx.AsyncClient(base_url=url, timeout=120) as api:
+        listed = (await api.get("/api/v1/services")).raise_for_status().json()
+        gate = asyncio.Semaphore(8)
+
+        async def stop(service_id: str) -> None:
+            async with gate:
+                (await api.delete(f"/api/v1/services/{service_id}")).raise_for_status()
+
+        await asyncio.gather(*(stop(s["id"]) for s in listed if not _ended(s)))
+        final = await poll(
+            lambda: api.get("/api/v1/services"),
+            lambda r: r.status_code == 200 and all(_ended(s) for s in r.json()),
+            timeout=60,
+            what="every service stopped",
+        )
+        return len(listed), [s for s in final.json() if not _ended(s)]
+
+
+def _ended(service: dict[str, Any]) -> bool:
+    return ServiceStatus(service["status"]).is_terminal
+
+
+async def test_document_and_server_agree(gateway: GatewayProcess, tmp_path: Path) -> None:
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    report = tmp_path / "report.json"
+    command = schemathesis_command(gateway.url, config, report)
+    started = time.monotonic()
+    try:
+        run = await asyncio.to_thread(
+            subprocess.run,
+            command,
+            cwd=tmp_path,  # where Schemathesis writes anything of its own
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            check=False,
+        )
+    finally:
+        ran = time.monotonic() - started
+        created, left = await stop_all(gateway.url)
+    took = time.monotonic() - started
+    output = run.stdout + run.stderr
+    (tmp_path / "schemathesis.out").write_text(output, encoding="utf-8")
+
+    summary = json.loads(report.read_text(encoding="utf-8")) if report.exists() else {}
+    operations = summary.get("operations", {})
+    cases = summary.get("test_cases", {})
+    phases = ", ".join(f"{name} {p['status']}" for name, p in summary.get("phases", {}).items())
+    TIMINGS.append(
+        f"schemathesis on {gateway.cluster.name}: {operations.get('tested')}/"
+        f"{operations.get('total')} operations, {cases.get('generated')} test cases "
+        f"({MAX_EXAMPLES} examples per operation and phase; {phases}), "
+        f"{cases.get('unique_failures')} failures, seed {summary.get('seed')}; "
+        f"{created} services created and stopped; {ran:.0f} s run, {took:.0f} s in all"
+    )
+    assert run.returncode == 0, output[-12000:]
+    assert operations.get("tested") == operations.get("total"), operations
+    assert not left, left

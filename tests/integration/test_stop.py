@@ -1,0 +1,94 @@
+"""DELETE is safe to repeat: clients stop services in cleanup paths and retry
+on timeouts. Whatever a service became (running, failed, completed, cancelled,
+timed out), each DELETE answers 200 with its final state; only an unknown id
+is 404. One test over every cluster at once, so that the time limit (Slurm's
+smallest is a minute) is waited for once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from gateway.testing.clusters import LocalCluster
+from tests.integration.conftest import CLUSTERS, TIMINGS, fault_line
+from tests.integration.gateway_process import GatewayProcess
+from tests.integration.test_services_api import Services
+
+TIME_LIMIT_WAIT = 180.0  # a one-minute limit, slurmctld's check interval and KillWait
+
+
+async def delete_twice(api: httpx.AsyncClient, sid: str, final: str) -> list[dict[str, Any]]:
+    answers = []
+    for _ in range(2):
+        response = await api.delete(f"/api/v1/services/{sid}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        assert body["id"] == sid
+        assert body["status"] == final, body
+        answers.append(body)
+    return answers
+
+
+async def walk(cluster: LocalCluster) -> str:
+    gateway = GatewayProcess(cluster)
+    await asyncio.to_thread(gateway.start)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as api:
+            services = Services(api)
+            try:
+                return await stop_each_kind(cluster, api, services)
+            finally:
+                await services.cleanup()
+    finally:
+        await asyncio.to_thread(gateway.stop)
+
+
+async def stop_each_kind(cluster: LocalCluster, api: httpx.AsyncClient, services: Services) -> str:
+    timed = await services.create(
+        {"recipe_name": "testing/http", "config": {"resources": {"time_limit": 1}}}
+    )
+    started = time.monotonic()
+    running = await services.http()
+    failed = await services.http(PORT="1")  # port 1 cannot be bound
+    completed = await services.http(RUN_SECONDS="1")
+
+    await services.wait(running["id"], "running")
+    first, again = await delete_twice(api, running["id"], "cancelled")
+    assert first["message"] == f"Service {running['id']} stopped successfully"
+    assert "already ended" in again["message"]
+
+    ended = await services.wait(failed["id"], "failed", "completed", "cancelled", "timeout")
+    assert ended["status"] == "failed", ended
+    assert "port 1" in ended["status_reason"]
+    await delete_twice(api, failed["id"], "failed")
+
+    ended = await services.wait(completed["id"], "completed", "failed", "cancelled", "timeout")
+    assert ended["status"] == "completed", ended
+    await delete_twice(api, completed["id"], "completed")
+    assert (await services.status(completed["id"]))["status"] == "completed"
+
+    assert (await services.status(timed["id"]))["status"] in ("running", "starting")
+    ended = await services.wait(
+        timed["id"], "timeout", "failed", "cancelled", "completed", timeout=TIME_LIMIT_WAIT
+    )
+    assert ended["status"] == "timeout", ended
+    took = time.monotonic() - started
+    await delete_twice(api, timed["id"], "timeout")
+
+    unknown = await api.delete("/api/v1/services/987654321")
+    assert unknown.status_code == 404, unknown.text
+    fault_line(
+        cluster, "a job reaches its time limit (1 minute)",
+        "status running until the limit",
+        f"status `timeout` after {took:.0f} s (\"{ended['status_reason']}\"), stop 200 twice", 0,
+    )  # fmt: skip
+    return f"{cluster.name}: a 1-minute limit ended `timeout` after {took:.0f} s"
+
+
+async def test_delete_is_safe_to_repeat_whatever_the_service_became() -> None:
+    lines = await asyncio.gather(*(walk(c) for c in CLUSTERS))
+    TIMINGS.append("stop twice: 200 with the final state each time; " + "; ".join(lines))
