@@ -309,6 +309,11 @@ async def _check_body(request: Request[Any, Any, Any]) -> None:
         return
     try:
         msgspec.convert(_whole_numbers(value), data.annotation, strict=True)
+    except RecursionError:
+        raise ValidationException(
+            detail="Malformed request: JSON nested too deeply",
+            extra=[{"message": "malformed: JSON nested too deeply", "key": "", "source": "body"}],
+        ) from None
     except msgspec.ValidationError as exc:
         raise ValidationException(
             detail=f"Validation failed for {request.method} {request.url.path}",

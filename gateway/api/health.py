@@ -105,13 +105,18 @@ async def drain_on_sigterm(app: Litestar) -> AsyncIterator[None]:
         return
     loop = asyncio.get_running_loop()
 
-    def drain(signum: int, frame: FrameType | None) -> None:
+    def begin(signum: int) -> None:
         if app.state.draining:  # a second SIGTERM: stop now
-            stop(signum, frame)
+            stop(signum, None)
             return
         app.state.draining = True
         log.info("draining", seconds=seconds)
-        loop.call_soon_threadsafe(loop.call_later, seconds, stop, signum, None)
+        loop.call_later(seconds, stop, signum, None)
+
+    def drain(signum: int, frame: FrameType | None) -> None:
+        # Only hand over to the loop: a signal handler that writes a log line
+        # can land inside another write to stdout and fail there.
+        loop.call_soon_threadsafe(begin, signum)
 
     signal.signal(signal.SIGTERM, drain)
     try:

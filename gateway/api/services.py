@@ -188,7 +188,7 @@ class ServicesController(Controller):
     @delete(
         "/{service_id:str}",
         operation_id="stopService",
-        responses=problem_responses(400, 404, 502, 503),
+        responses=problem_responses(400, 404, 422, 502, 503),
         summary="Stop a service (cancels its Slurm job)",
         description="Safe to repeat: a service that has already ended, however it ended, "
         "answers 200 with its final state. Only an unknown id answers 404.",

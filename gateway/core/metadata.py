@@ -93,6 +93,9 @@ class MetaCodec:
             raise ValueError("the metadata secret must be at least 16 bytes")
         self._mac_key = hmac.digest(secret, b"slurm-ai-gateway/metadata", hashlib.sha256)
         self._upstream_key = hmac.digest(secret, b"slurm-ai-gateway/upstream", hashlib.sha256)
+        # In every job name: which gateway (which secret) a job belongs to once
+        # its comment is gone. Public, like job names; not a credential.
+        self.job_tag = hmac.digest(secret, b"slurm-ai-gateway/job-name", hashlib.sha256)[:3].hex()
 
     def new_meta(
         self,

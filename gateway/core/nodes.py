@@ -19,8 +19,11 @@ import ipaddress
 import time
 
 import msgspec
+import structlog
 
-from gateway.slurm import SlurmClient, SlurmError
+from gateway.slurm import NodeInfo, SlurmClient
+
+log = structlog.get_logger(__name__)
 
 
 class Node(msgspec.Struct, frozen=True):
@@ -78,42 +81,42 @@ class NodeAddresses:
 
 class NodeStates:
     """Which nodes jobs cannot start on (drained, down...), to say why a job
-    waits. Asked only for jobs that wait on nodes, at most once per ``ttl``
-    and one listing at a time; a failed listing only leaves the reason short."""
+    waits. Reads never wait for Slurm: they get the last listing, and a
+    listing older than ``ttl`` is renewed in the background, one at a time,
+    only while jobs wait on nodes."""
 
     def __init__(self, slurm: SlurmClient, *, ttl: float = 30.0, named: int = 3) -> None:
         self._slurm = slurm
         self._ttl = ttl
         self._named = named
-        self._summary: tuple[float, str | None] = (0.0, None)
-        self._inflight: asyncio.Task[str | None] | None = None
+        self._down: list[NodeInfo] = []
+        self._until = 0.0
+        self._refresh: asyncio.Task[None] | None = None
 
-    async def unavailable(self) -> str | None:
-        """``node n1 drained (reason)`` and the like, or None when all are usable."""
-        until, summary = self._summary
-        if time.monotonic() < until:
-            return summary
-        if self._inflight is None:
-            self._inflight = asyncio.create_task(self._list())
-            self._inflight.add_done_callback(self._done)
-        return await asyncio.shield(self._inflight)
+    def unavailable(self, among: frozenset[str] | None = None) -> str | None:
+        """``node n1 drained (reason)`` and the like for the nodes ``among``
+        (all when None), from the last listing; None when there is nothing to say."""
+        if time.monotonic() >= self._until and self._refresh is None:
+            self._refresh = asyncio.create_task(self._list())
+            self._refresh.add_done_callback(self._done)
+        found = [n for n in self._down if among is None or n.name in among]
+        parts = [
+            f"node {n.name} {n.unavailable}" + (f" ({n.reason[:120]})" if n.reason else "")
+            for n in found[: self._named]
+        ]
+        if len(found) > self._named:
+            parts.append(f"{len(found) - self._named} more nodes unavailable")
+        return "; ".join(parts) or None
 
-    def _done(self, _task: asyncio.Task[str | None]) -> None:
-        self._inflight = None
+    def _done(self, _task: asyncio.Task[None]) -> None:
+        self._refresh = None
 
-    async def _list(self) -> str | None:
+    async def _list(self) -> None:
         try:
             nodes = await self._slurm.list_nodes()
-        except SlurmError:
-            summary = None
+        except Exception as exc:  # a background refresh: log it, keep the last listing
+            log.warning("node_listing_failed", error=repr(exc)[:300])
         else:
-            out = [(n, why) for n in nodes if (why := n.unavailable)]
-            parts = [
-                f"node {n.name} {why}" + (f" ({n.reason[:120]})" if n.reason else "")
-                for n, why in out[: self._named]
-            ]
-            if len(out) > self._named:
-                parts.append(f"{len(out) - self._named} more nodes unavailable")
-            summary = "; ".join(parts) or None
-        self._summary = (time.monotonic() + self._ttl, summary)
-        return summary
+            self._down = [n for n in nodes if n.unavailable]
+        self._until = time.monotonic() + self._ttl
+        self._refresh = None  # (also on cancellation, by the done callback)

@@ -50,7 +50,8 @@ JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KEY_VARIABLE = "GW_SERVICE_KEY"
 _SERVICE_ID = re.compile(r"[0-9]{1,12}")
 # Pending reasons about nodes that cannot take jobs (not about busy ones).
-_WAITS_ON_NODES = re.compile(r"ReqNodeNotAvail|NodeDown|DOWN|DRAIN", re.IGNORECASE)
+_WAITS_ON_NODES = re.compile(r"ReqNodeNotAvail|NodeDown")
+_UNAVAILABLE_NODES = re.compile(r"UnavailableNodes:([A-Za-z0-9._,-]+)(?![\[\w])")
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,7 +149,8 @@ class ServiceManager:
         # (MAC, owner) once, not on every read.
         self._built: dict[int, _Built] = {}
         self._parsed: dict[
-            int, tuple[tuple[str, str], tuple[metadata.ServiceMeta, metadata.Reported] | None]
+            int,
+            tuple[tuple[str, str, JobState], tuple[metadata.ServiceMeta, metadata.Reported] | None],
         ] = {}
 
     async def owner(self) -> str:
@@ -176,7 +178,7 @@ class ServiceManager:
         encoded = self.codec.encode(meta)
         self._check_comment_budget(encoded, environment)
         context = jobscript.render_context(recipe, environment, resources_wire)
-        job_name = job_name_of(recipe.name)
+        job_name = job_name_of(recipe.name, self.codec.job_tag)
         submission = JobSubmission(
             script=jobscript.build(recipe, encoded, context),
             name=job_name,
@@ -265,7 +267,8 @@ class ServiceManager:
 
     def _parse(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
         """The job's metadata when the job is a service of this gateway's users."""
-        key = (job.comment, job.user_name)
+        # The state too: what an overwritten comment means depends on it.
+        key = (job.comment, job.user_name, job.state)
         cached = self._parsed.get(job.job_id)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -287,8 +290,9 @@ class ServiceManager:
         """A job of ours whose owner replaced its comment (``scontrol update``).
 
         Its metadata is gone, so nothing in it can be trusted, but the job is
-        still the gateway's by what its owner cannot change once it runs: its
-        Slurm user and the output file the gateway chose. It stays listed, so
+        still this gateway's by its Slurm user, its job name (which carries
+        this secret's tag: another gateway's jobs stay invisible) and the
+        output file the gateway chose. It stays listed, so
         that it can be seen and stopped, with no configuration and no
         endpoint: a running one is ``failed`` (it cannot be reached), an ended
         one keeps Slurm's verdict.
@@ -310,7 +314,8 @@ class ServiceManager:
     def _recipe_of_job_name(self, name: str) -> str | None:
         if not name.startswith("gw-"):
             return None
-        return next((r for r in self.recipes.names() if job_name_of(r) == name), None)
+        tag = self.codec.job_tag
+        return next((r for r in self.recipes.names() if job_name_of(r, tag) == name), None)
 
     async def list(self) -> list[Service]:
         """Every service Slurm still knows, from the view; probes in parallel.
@@ -370,7 +375,7 @@ class ServiceManager:
         service = await self._service_of(job, meta, reported)
         if job.state is JobState.PENDING and _WAITS_ON_NODES.search(job.state_reason):
             # Slurm says "ReqNodeNotAvail"; which nodes, and why, is the news.
-            unavailable = await self.node_states.unavailable()
+            unavailable = self.node_states.unavailable(_unavailable_nodes(job))
             if unavailable:
                 reason = f"{service.status_reason}; {unavailable}"
                 return msgspec.structs.replace(service, status_reason=reason)
@@ -534,7 +539,7 @@ class ServiceManager:
         reported: str,
         tail: int | None,
     ) -> LogFile:
-        name = f"{job_name_of(meta.recipe)}-{job.job_id}.{suffix}"
+        name = f"{job_name_of(meta.recipe, self.codec.job_tag)}-{job.job_id}.{suffix}"
         expected = f"{self.job_dir.rstrip('/')}/{name}"
         if reported != expected:
             shown = reported[:200].encode("unicode_escape").decode("ascii")
@@ -612,9 +617,17 @@ def _settled(job: JobInfo | None) -> bool:
     return job is None or (job.state.is_terminal and "COMPLETING" not in job.state_flags)
 
 
-def job_name_of(recipe: str) -> str:
-    """The Slurm job name, which also names the log files: ``gw-inference-vllm``."""
-    return "gw-" + recipe.replace("/", "-")
+def _unavailable_nodes(job: JobInfo) -> frozenset[str] | None:
+    """The nodes Slurm names in the pending reason; None when it names none
+    (or in a bracketed host list, not expanded here)."""
+    found = _UNAVAILABLE_NODES.search(job.state_description)
+    return frozenset(found.group(1).split(",")) if found else None
+
+
+def job_name_of(recipe: str, tag: str) -> str:
+    """The Slurm job name, which also names the log files: ``gw-inference-vllm-3f9a1c``
+    (the tag says which gateway's secret the job was made under)."""
+    return f"gw-{recipe.replace('/', '-')}-{tag}"
 
 
 def service_name(recipe: str, job_id: int) -> str:

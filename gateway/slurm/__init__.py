@@ -11,6 +11,7 @@ from gateway.slurm.auth import (
 from gateway.slurm.client import SlurmClient
 from gateway.slurm.errors import (
     SlurmAuthError,
+    SlurmBusy,
     SlurmError,
     SlurmErrorDetail,
     SlurmJobNotFound,
@@ -43,6 +44,7 @@ __all__ = [
     "NodeInfo",
     "PingResult",
     "SlurmAuthError",
+    "SlurmBusy",
     "SlurmClient",
     "SlurmError",
     "SlurmErrorDetail",

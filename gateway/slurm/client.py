@@ -17,6 +17,7 @@ from gateway.slurm.adapters import SUPPORTED_VERSIONS, Adapter, JobList, Request
 from gateway.slurm.auth import Credentials, FixedCredentials, TokenProvider
 from gateway.slurm.errors import (
     SlurmAuthError,
+    SlurmBusy,
     SlurmError,
     SlurmRequestRejected,
     SlurmUnavailable,
@@ -36,6 +37,7 @@ from gateway.transport import Outbound
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+_EXCHANGE_SECONDS = "gateway.exchange_seconds"
 
 # A job listing larger than this is decoded in a worker thread.
 _DECODE_IN_THREAD_BYTES = 256 * 1024
@@ -191,18 +193,22 @@ class SlurmClient:
             async with asyncio.timeout(bound.queue_timeout):
                 await bound.slots.acquire()
         except TimeoutError:
-            raise SlurmUnavailable(
+            raise SlurmBusy(
                 f"slurmrestd is busy: {bound.max_concurrency} calls in flight, and no slot "
                 f"came free in {bound.queue_timeout:g} s for {request.method} {request.path}"
             ) from None
+        started = time.monotonic()
         try:
-            return await self._http.request(
+            response = await self._http.request(
                 request.method,
                 request.path,
                 params=request.params or None,
                 content=content,
                 headers=headers,
             )
+            # The exchange alone, not the wait for a slot (see ``_run``).
+            response.extensions[_EXCHANGE_SECONDS] = time.monotonic() - started
+            return response
         except httpx.TimeoutException:
             raise SlurmUnavailable(
                 f"slurmrestd at {self.base_url} did not answer {request.method} "
@@ -291,7 +297,6 @@ class SlurmClient:
     async def _run(self, adapter: Adapter, request: Request, parse: Callable[[int, bytes], T]) -> T:
         """Send, then read the answer with the adapter; a refusal that was
         really an unreachable slurmctld becomes SlurmUnavailable (a 503)."""
-        started = time.monotonic()
         response = await self._call(request)
         try:
             if len(response.content) > _DECODE_IN_THREAD_BYTES:
@@ -300,7 +305,7 @@ class SlurmClient:
                 return await asyncio.to_thread(parse, response.status_code, response.content)
             return parse(response.status_code, response.content)
         except (SlurmAuthError, SlurmRequestRejected) as exc:
-            elapsed = time.monotonic() - started
+            elapsed = float(response.extensions.get(_EXCHANGE_SECONDS, 0.0))
             outage = adapter.outage_behind(exc, elapsed)
             if outage is None:
                 outage = await self._controller_down(adapter)
@@ -314,12 +319,12 @@ class SlurmClient:
             ) from None
 
     async def _controller_down(self, adapter: Adapter) -> bool:
-        """One ping, sent straight (never through ``_run``: no recursion)."""
+        """Whether slurmrestd says no slurmctld responds. One ping, sent
+        straight (never through ``_run``: no recursion); a ping that fails
+        (busy, timed out) proves nothing, and the refusal stands."""
         try:
             response = await self._call(adapter.ping_request())
             pings = adapter.parse_ping(response.status_code, response.content)
-        except SlurmUnavailable:
-            return True
         except SlurmError:
             return False
-        return not any(p.responding for p in pings)
+        return bool(pings) and not any(p.responding for p in pings)

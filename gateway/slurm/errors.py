@@ -54,6 +54,10 @@ class SlurmUnavailable(SlurmError):
     """slurmrestd could not be reached, timed out, or said slurmctld is down."""
 
 
+class SlurmBusy(SlurmUnavailable):
+    """This replica already has as many slurmrestd calls in flight as allowed."""
+
+
 class SlurmAuthError(SlurmError):
     """The token was refused (expired, forged, wrong user) or none could be made."""
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -34,8 +35,29 @@ ONE = next((c for c in CLUSTERS if c.name == "c2411"), CLUSTERS[0] if CLUSTERS e
 
 @pytest.fixture
 async def api(gateway: GatewayProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client, cleaned(client):
         yield client
+
+
+@asynccontextmanager
+async def cleaned(api: httpx.AsyncClient) -> AsyncIterator[None]:
+    """Stops, after the test, every service it left running, whether it failed
+    or a create answered 503 and was carried out once Slurm came back."""
+    listed = await api.get("/api/v1/services")
+    assert listed.status_code == 200, listed.text
+    existing = {s["id"] for s in listed.json()}
+    try:
+        yield
+    finally:
+        now = await poll(
+            lambda: api.get("/api/v1/services"),
+            lambda r: r.status_code == 200,
+            timeout=60,
+            what="the services listed after the fault",
+        )
+        for service in now.json():
+            if service["id"] not in existing and service["ended_at"] is None:
+                await api.delete(f"/api/v1/services/{service['id']}")
 
 
 def scontrol(cluster: LocalCluster, *args: str) -> None:
@@ -181,7 +203,7 @@ async def one() -> AsyncIterator[tuple[LocalCluster, httpx.AsyncClient]]:
     gateway = GatewayProcess(ONE, GATEWAY_VIEW_MAX_STALE_SECONDS=str(STALE))
     await asyncio.to_thread(gateway.start)
     try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as api:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as api, cleaned(api):
             yield ONE, api
     finally:
         await asyncio.to_thread(gateway.stop)
@@ -231,7 +253,7 @@ async def test_node_drained(one: tuple[LocalCluster, httpx.AsyncClient]) -> None
             lambda: api.get(f"/api/v1/services/{queued}/status"),
             # "draining": the first service still runs there.
             lambda r: f"node {node} draining (gw-fault-test)" in r.json()["status_reason"],
-            timeout=30,
+            timeout=60,  # the node listing is renewed every 30 s, in the background
             what="a pending reason naming the drained node",
         )
         pending = waiting.json()

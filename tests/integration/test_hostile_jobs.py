@@ -103,12 +103,14 @@ async def test_logs_are_read_only_from_the_file_the_gateway_chose(
     services: Services, cluster_of: LocalCluster, api: httpx.AsyncClient, cleanup: list[Any]
 ) -> None:
     cluster = cluster_of
-    _, meta = await real_service(services, cluster)
+    running, meta = await real_service(services, cluster)
     user = cluster.user
     secret = Path(cluster.jwt_key).read_bytes()
     home = f"/home/{user}"
     # The output file the gateway would choose for a job of this recipe.
-    expected = f"{home}/gw-testing-http-%j.out"
+    job_name = (await job(cluster, int(running["id"]))).name
+    assert job_name.startswith("gw-testing-http-"), job_name
+    expected = f"{home}/{job_name}-%j.out"
     cases = {
         "the JWT key": (KEY_IN_CLUSTER, None),
         "the gateway's environment": ("/proc/self/environ", None),
@@ -123,7 +125,7 @@ async def test_logs_are_read_only_from_the_file_the_gateway_chose(
         )
         cleanup.append((user, job_id))
         jobs[what] = job_id
-        target = cluster.host_path(f"{home}/gw-testing-http-{job_id}.out")
+        target = cluster.host_path(f"{home}/{job_name}-{job_id}.out")
         if plant == "symlink":
             target.symlink_to(cluster.host_path(KEY_IN_CLUSTER))
         elif plant == "fifo":

@@ -71,7 +71,12 @@ async def stop_each_kind(cluster: LocalCluster, api: httpx.AsyncClient, services
     await delete_twice(api, completed["id"], "completed")
     assert (await services.status(completed["id"]))["status"] == "completed"
 
-    assert (await services.status(timed["id"]))["status"] in ("running", "starting")
+    assert (await services.status(timed["id"]))["status"] in (
+        "pending",
+        "building",
+        "starting",
+        "running",
+    )
     ended = await services.wait(
         timed["id"], "timeout", "failed", "cancelled", "completed", timeout=TIME_LIMIT_WAIT
     )

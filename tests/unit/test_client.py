@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import msgspec
@@ -19,12 +19,14 @@ from gateway.slurm import (
     NodeInfo,
     SlurmAuthError,
     SlurmClient,
+    SlurmError,
     SlurmNodeNotFound,
     SlurmRequestRejected,
     SlurmUnavailable,
     SlurmUnexpectedResponse,
     SlurmVersionUnsupported,
 )
+from gateway.slurm.adapters import adapter_for
 from tests.conftest import free_port
 from tests.unit.http_stub import Seen, http_stub, response
 
@@ -461,3 +463,68 @@ async def test_views_made_by_as_user_share_the_bound() -> None:
             # A slot freed is a slot for either.
             assert (await caller.ping())[0].responding
         assert slurmrestd.most == 1
+
+
+# -- a refusal that is really an unreachable slurmctld ------------------------------
+
+EPERM_CANCEL = {"errors": [{"error_number": 1, "error": "Operation not permitted"}]}
+V38_REFUSED = {"errors": [{"error_code": -1, "error": "Unspecified error"}]}
+
+
+def outage_stub(
+    refusal: bytes, *, ping: bytes = b"", delay: float = 0.0
+) -> Callable[[Seen, asyncio.StreamWriter], Awaitable[None]]:
+    """A slurmrestd that refuses every call but pings (``ping`` answers them)."""
+
+    async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        if seen.path.endswith("/ping") and ping:
+            writer.write(ping)
+            return
+        await asyncio.sleep(delay)
+        writer.write(refusal)
+
+    return answer
+
+
+def ping_answer(responding: bool) -> bytes:
+    return response(200, {**PING_42, "pings": [{"hostname": "c", "responding": responding}]})
+
+
+@pytest.mark.parametrize(
+    ("ping", "expected"),
+    [
+        # 24.11/26.05 answer a cancel sent to an unreachable slurmctld with EPERM.
+        (ping_answer(False), SlurmUnavailable),
+        # slurmctld answers: EPERM is a refusal (someone else's job).
+        (ping_answer(True), SlurmRequestRejected),
+        # A ping that fails proves nothing: the refusal stands.
+        (response(503, b"busy", "text/plain"), SlurmRequestRejected),
+    ],
+)
+async def test_eperm_is_an_outage_only_when_no_controller_responds(
+    ping: bytes, expected: type[SlurmError]
+) -> None:
+    async with (
+        http_stub(outage_stub(response(500, EPERM_CANCEL), ping=ping)) as stub,
+        SlurmClient(stub.url, MintedTokens(b"k" * 32, "gwuser"), api_version="v0.0.42") as client,
+    ):
+        client._negotiated.adapter = adapter_for("v0.0.42")  # no negotiation round
+        with pytest.raises(SlurmError) as info:
+            await client.cancel(7)
+    assert type(info.value) is expected, info.value
+
+
+@pytest.mark.parametrize(("delay", "expected"), [(0.0, SlurmAuthError), (2.3, SlurmUnavailable)])
+async def test_v0_0_38_refusal_is_an_outage_when_slurmrestd_took_seconds(
+    delay: float, expected: type[SlurmError]
+) -> None:
+    # 22.05 answers both alike; a refused token comes at once, an unreachable
+    # slurmctld after slurmrestd's connection retries.
+    async with (
+        http_stub(outage_stub(response(500, V38_REFUSED), delay=delay)) as stub,
+        SlurmClient(stub.url, MintedTokens(b"k" * 32, "gwuser"), api_version="v0.0.38") as client,
+    ):
+        client._negotiated.adapter = adapter_for("v0.0.38")
+        with pytest.raises(SlurmError) as info:
+            await client.list_jobs()
+    assert type(info.value) is expected, info.value

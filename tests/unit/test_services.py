@@ -15,11 +15,12 @@ from pytest_httpx import HTTPXMock
 from structlog.testing import capture_logs
 
 from gateway.core import metadata
-from gateway.core.errors import InvalidRequest, NotFound
+from gateway.core.errors import Conflict, InvalidRequest, NotFound
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import CreateRequest, ServiceManager
 from gateway.core.status import ServiceStatus
 from gateway.slurm import MintedTokens, SlurmClient
+from gateway.slurm.adapters import adapter_for
 from gateway.upstream.probe import HealthProber
 from tests.unit.http_stub import Answer, Seen, Stub, http_stub, response
 
@@ -33,7 +34,7 @@ PING = {"pings": [{"hostname": "c", "responding": True}], "meta": {"slurm": {"re
 def job(job_id: int, comment: str, state: str = "RUNNING") -> dict[str, Any]:
     return {
         "job_id": job_id,
-        "name": "gw-testing-http",
+        "name": f"gw-testing-http-{CODEC.job_tag}",
         "user_name": "gwuser",
         "job_state": [state],
         "batch_host": "node1",
@@ -315,5 +316,48 @@ async def _prompt_path_reads_the_view(httpx_mock: HTTPXMock, node: Stub) -> None
     assert first[0].status is ServiceStatus.RUNNING
     assert all(s == second for s in first)
     assert len(httpx_mock.get_requests(url=JOBS)) == 1
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+def overwritten(
+    job_id: int, state: str, *, name: str | None = None, user: str = "gwuser"
+) -> dict[str, Any]:
+    """A job of the gateway whose owner replaced its comment."""
+    record = job(job_id, "phase=running|endpoint=evil.example:80", state)
+    name = name or f"gw-testing-http-{CODEC.job_tag}"
+    return {
+        **record,
+        "name": name,
+        "user_name": user,
+        "standard_output": f"/home/gwuser/{name}-{job_id}.out",
+    }
+
+
+async def test_an_overwritten_comment_leaves_a_stoppable_failed_service(
+    httpx_mock: HTTPXMock,
+) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    other_gateway = f"gw-testing-http-{metadata.MetaCodec(b'another gateway secret!!').job_tag}"
+    jobs = [
+        overwritten(7, "RUNNING"),
+        overwritten(8, "RUNNING", name=other_gateway),  # another gateway's: invisible
+        overwritten(9, "RUNNING", user="gwother"),  # another user's: invisible
+        overwritten(10, "RUNNING", name="gw-testing-http"),  # no tag: invisible
+    ]
+    httpx_mock.add_response(url=JOBS, json={"jobs": jobs})
+    services = manager()
+    listed = await services.list()
+    assert [s.id for s in listed] == ["7"]
+    service = listed[0]
+    assert service.status is ServiceStatus.FAILED
+    assert "overwritten" in service.status_reason
+    assert (service.recipe_name, service.endpoint, service.upstream) == ("testing/http", None, None)
+    with pytest.raises(Conflict, match="overwritten"):
+        await services.running("7")
+    # Once it ends, Slurm's verdict: what it meant is not remembered from before.
+    body = json.dumps({"jobs": [overwritten(7, "COMPLETED")]}).encode()
+    services.view.put(adapter_for("v0.0.42").parse_jobs(200, body).jobs[0])
+    assert (await services.get("7")).status is ServiceStatus.COMPLETED
     await services.prober.aclose()
     await services.slurm.aclose()
