@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import httpx
@@ -291,11 +292,12 @@ async def test_gateway_killed_mid_stream(one: tuple[LocalCluster, httpx.AsyncCli
     await asyncio.to_thread(victim.start)
     try:
         async with httpx.AsyncClient(base_url=victim.url, timeout=60) as doomed:
-            await poll(
-                lambda: doomed.get(f"/api/v1/services/{sid}/status"),
-                lambda r: r.json()["status"] == "running",
-                timeout=60,
-            )
+            for replica in (doomed, api):
+                await poll(
+                    partial(replica.get, f"/api/v1/services/{sid}/status"),
+                    lambda r: r.json()["status"] == "running",
+                    timeout=60,
+                )
             before = (await api.get(f"/api/v1/services/{sid}")).json()
             body = {"prompt": "hi", "max_tokens": 40, "stream": True}
             received = 0

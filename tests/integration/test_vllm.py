@@ -261,7 +261,13 @@ async def test_vllm_end_to_end(gateway: GatewayProcess, api: httpx.AsyncClient) 
         assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in chunks)
 
         # The gateway's own log has one line per request, and no user data.
-        own_log = gateway.log.read_text()
+        # (A stream's line is written once its last chunk is sent: poll.)
+        own_log = await poll(
+            lambda: asyncio.to_thread(gateway.log.read_text),
+            lambda text: text.count(f"/api/v1/vllm/{chat['id']}/prompt") >= 2,
+            timeout=10,
+            what="both prompts in the access log",
+        )
         assert "Tell me a joke about programming" not in own_log
         assert "chat.completion.chunk" not in own_log
         assert own_log.count(f"/api/v1/vllm/{chat['id']}/prompt") == 2
