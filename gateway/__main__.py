@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import signal
 import sys
+import tempfile
 from types import FrameType
 
 import uvicorn
@@ -48,6 +50,10 @@ def main() -> int:
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
     if settings.workers > 1:
+        # Each worker counts in files here; a scrape of any one sums them all.
+        os.environ.setdefault(
+            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-")
+        )
         _Workers(config, sockets=[config.bind_socket()]).run()
         return 0
     # Once stopped, uvicorn raises the SIGTERM it handled again, to end "by the

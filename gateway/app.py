@@ -16,6 +16,7 @@ from litestar.plugins.structlog import StructlogConfig, StructlogPlugin
 from gateway import __version__
 from gateway.api import errors
 from gateway.api.health import HealthController, drain_on_sigterm
+from gateway.api.metrics import HttpMetrics, MetricsController
 from gateway.api.prompting import Prompting
 from gateway.api.recipes import RecipesController
 from gateway.api.schemas import StrictStructSchemaPlugin
@@ -113,7 +114,13 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         return catalog
 
     return Litestar(
-        route_handlers=[HealthController, ServicesController, RecipesController, VllmController],
+        route_handlers=[
+            HealthController,
+            ServicesController,
+            RecipesController,
+            VllmController,
+            MetricsController,
+        ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "slurm": Provide(provide_slurm, sync_to_thread=False),
@@ -124,5 +131,6 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         plugins=[_logging(), errors.plugin(), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),
         before_request=errors.before_request,
+        middleware=[HttpMetrics],
         state=State({"settings": settings}),
     )

@@ -13,6 +13,7 @@ import httpx
 import msgspec
 import structlog
 
+from gateway.metrics import SLURM_CALLS
 from gateway.slurm.adapters import SUPPORTED_VERSIONS, Adapter, JobList, Request, adapter_for
 from gateway.slurm.auth import Credentials, FixedCredentials, TokenProvider
 from gateway.slurm.errors import (
@@ -239,11 +240,11 @@ class SlurmClient:
 
     async def ping(self) -> list[PingResult]:
         adapter = await self.adapter()
-        return await self._run(adapter, adapter.ping_request(), adapter.parse_ping)
+        return await self._run("ping", adapter, adapter.ping_request(), adapter.parse_ping)
 
     async def submit(self, job: JobSubmission) -> SubmitResult:
         adapter = await self.adapter()
-        return await self._run(adapter, adapter.submit_request(job), adapter.parse_submit)
+        return await self._run("submit", adapter, adapter.submit_request(job), adapter.parse_submit)
 
     async def get_node(self, name: str) -> NodeInfo:
         """The names of node ``name``: Slurm's NodeName, NodeHostname, NodeAddr.
@@ -254,18 +255,26 @@ class SlurmClient:
         check_node_name(name)
         adapter = await self.adapter()
         return await self._run(
-            adapter, adapter.get_node_request(name), partial(adapter.parse_node, name=name)
+            "get_node",
+            adapter,
+            adapter.get_node_request(name),
+            partial(adapter.parse_node, name=name),
         )
 
     async def list_nodes(self) -> list[NodeInfo]:
         """Every node with its state (for why jobs wait: drained, down)."""
         adapter = await self.adapter()
-        return await self._run(adapter, adapter.list_nodes_request(), adapter.parse_nodes)
+        return await self._run(
+            "list_nodes", adapter, adapter.list_nodes_request(), adapter.parse_nodes
+        )
 
     async def get_job(self, job_id: int) -> JobInfo:
         adapter = await self.adapter()
         return await self._run(
-            adapter, adapter.get_job_request(job_id), partial(adapter.parse_job, job_id=job_id)
+            "get_job",
+            adapter,
+            adapter.get_job_request(job_id),
+            partial(adapter.parse_job, job_id=job_id),
         )
 
     async def list_jobs(self, changed_since: datetime | None = None) -> JobList:
@@ -273,7 +282,7 @@ class SlurmClient:
         ``unchanged`` when no job changed since then (it is not a filter)."""
         adapter = await self.adapter()
         return await self._run(
-            adapter, adapter.list_jobs_request(changed_since), adapter.parse_jobs
+            "list_jobs", adapter, adapter.list_jobs_request(changed_since), adapter.parse_jobs
         )
 
     async def cancel(self, job_id: int, signal: str | None = None) -> None:
@@ -281,6 +290,7 @@ class SlurmClient:
         Cancelling a job that already ended is not an error."""
         adapter = await self.adapter()
         await self._run(
+            "cancel",
             adapter,
             adapter.cancel_request(job_id, signal),
             partial(adapter.parse_cancel, job_id=job_id),
@@ -289,14 +299,31 @@ class SlurmClient:
     async def update_comment(self, job_id: int, comment: str) -> None:
         adapter = await self.adapter()
         await self._run(
+            "update_comment",
             adapter,
             adapter.update_comment_request(job_id, comment),
             partial(adapter.parse_update, job_id=job_id),
         )
 
-    async def _run(self, adapter: Adapter, request: Request, parse: Callable[[int, bytes], T]) -> T:
+    async def _run(
+        self, operation: str, adapter: Adapter, request: Request, parse: Callable[[int, bytes], T]
+    ) -> T:
         """Send, then read the answer with the adapter; a refusal that was
-        really an unreachable slurmctld becomes SlurmUnavailable (a 503)."""
+        really an unreachable slurmctld becomes SlurmUnavailable (a 503).
+        Timed and counted by operation and outcome (gateway/metrics.py)."""
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await self._exchange(adapter, request, parse)
+        except SlurmError as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            SLURM_CALLS.labels(operation, outcome).observe(time.perf_counter() - started)
+
+    async def _exchange(
+        self, adapter: Adapter, request: Request, parse: Callable[[int, bytes], T]
+    ) -> T:
         response = await self._call(request)
         try:
             if len(response.content) > _DECODE_IN_THREAD_BYTES:

@@ -86,12 +86,34 @@ async def stop_each_kind(cluster: LocalCluster, api: httpx.AsyncClient, services
 
     unknown = await api.delete("/api/v1/services/987654321")
     assert unknown.status_code == 404, unknown.text
+    await metrics_count_this(api)
     fault_line(
         cluster, "a job reaches its time limit (1 minute)",
         "status running until the limit",
         f"status `timeout` after {took:.0f} s (\"{ended['status_reason']}\"), stop 200 twice", 0,
     )  # fmt: skip
     return f"{cluster.name}: a 1-minute limit ended `timeout` after {took:.0f} s"
+
+
+def value(text: str, prefix: str) -> float:
+    """The sum of the samples of ``text`` whose line starts with ``prefix``."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+async def metrics_count_this(api: httpx.AsyncClient) -> None:
+    """What this walk did shows in /metrics: requests by route, slurmrestd
+    calls by operation, services by recipe and status."""
+    text = (await api.get("/metrics")).text
+    deletes = 'gateway_http_request_duration_seconds_count{method="DELETE",'
+    assert value(text, deletes + 'path="/api/v1/services/{service_id}",status="200"}') >= 8
+    assert value(text, deletes + 'path="/api/v1/services/{service_id}",status="404"}') >= 1
+    slurm = "gateway_slurm_request_duration_seconds_count"
+    assert value(text, f'{slurm}{{operation="submit",outcome="ok"}}') >= 4
+    assert value(text, f'{slurm}{{operation="cancel",outcome="ok"}}') >= 1
+    assert value(text, f'{slurm}{{operation="list_jobs",outcome="ok"}}') >= 1
+    assert value(text, 'gateway_services{recipe="testing/http",status="timeout"}') >= 1
 
 
 async def test_delete_is_safe_to_repeat_whatever_the_service_became() -> None:

@@ -351,3 +351,27 @@ async def test_draining_is_not_ready_without_asking_slurm(api: AsyncTestClient[A
     body = msgspec.convert(response.json(), Readiness)
     assert body.status == "draining"
     assert (await api.get("/api/v1/health")).status_code == 200  # still alive, still serving
+
+
+async def test_metrics_count_requests_by_route_not_by_id(api: AsyncTestClient[Any]) -> None:
+    for service_id in ("12", "13"):
+        await api.get(f"/api/v1/services/{service_id}/status")
+    await api.get("/api/v1/recipes")
+    response = await api.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    template = 'path="/api/v1/services/{service_id}/status"'
+    counted = [
+        line
+        for line in text.splitlines()
+        if line.startswith("gateway_http_request_duration_seconds_count{") and template in line
+    ]
+    assert counted and 'status="503"' in counted[0], counted
+    assert float(counted[0].rsplit(" ", 1)[1]) >= 2
+    assert 'path="/api/v1/recipes"' in text
+    assert "/api/v1/services/12" not in text  # no ids as labels
+    assert "gateway_build_info{" in text
+    # Not part of the API document.
+    schema = (await api.get("/api/v1/schema/openapi.json")).json()
+    assert "/metrics" not in schema["paths"]

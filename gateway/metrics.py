@@ -1,0 +1,42 @@
+"""The gateway's own Prometheus metrics (served by gateway/api/metrics.py).
+
+Only the metric objects live here, so that any layer can count without
+importing the HTTP layer. Labels are few and bounded: operations, outcomes,
+recipes, statuses; never a service id or anything from a request body.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Gauge, Histogram
+
+PREFIX = "gateway"
+
+REQUESTS = Histogram(
+    f"{PREFIX}_http_request_duration_seconds",
+    "HTTP requests by method, route template and status, to the last byte sent",
+    ["method", "path", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+)
+IN_FLIGHT = Gauge(
+    f"{PREFIX}_http_requests_in_flight",
+    "HTTP requests being answered (streams included)",
+    multiprocess_mode="livesum",
+)
+SLURM_CALLS = Histogram(
+    f"{PREFIX}_slurm_request_duration_seconds",
+    "slurmrestd calls, by operation and outcome (ok, or the error's type)",
+    ["operation", "outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SERVICES = Gauge(
+    f"{PREFIX}_services",
+    "Services Slurm still knows, by recipe and status, as of the last scrape",
+    ["recipe", "status"],
+    multiprocess_mode="livemostrecent",
+)
+BUILD = Gauge(
+    f"{PREFIX}_build_info",
+    "The gateway's version and the slurmrestd API version it negotiated",
+    ["version", "slurm_api_version"],
+    multiprocess_mode="livemostrecent",
+)
