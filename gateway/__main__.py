@@ -9,7 +9,9 @@ import signal
 import sys
 import tempfile
 from types import FrameType
+from typing import Any
 
+import structlog
 import uvicorn
 from litestar import Litestar
 from litestar.types import ASGIApp
@@ -41,6 +43,7 @@ def main() -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # see gateway/accesslog.py
+        log_config=_uvicorn_logging(settings.log_level),
         loop="uvloop",
         http="httptools",
         backlog=4096,
@@ -82,13 +85,47 @@ class _Workers(Multiprocess):
         super().terminate_all()
 
 
+def _uvicorn_logging(level: str) -> dict[str, Any]:
+    """uvicorn's own lines (start, stop, errors) as JSON, like every other line."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {
+                "()": structlog.stdlib.ProcessorFormatter,
+                "processors": [
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(),
+                ],
+                "foreign_pre_chain": [
+                    structlog.stdlib.add_logger_name,
+                    structlog.stdlib.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                ],
+            }
+        },
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stdout",
+            }
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["stdout"], "level": level.upper(), "propagate": False},
+        },
+    }
+
+
 def worker_app() -> ASGIApp:
     settings = load_settings()
     return _served(create_app(settings), settings)
 
 
 def _served(app: Litestar, settings: Settings) -> ASGIApp:
-    return AccessLog(app) if settings.access_log else app
+    # Always wrapped: the request id is given out whether or not lines are written.
+    return AccessLog(app, write=settings.access_log)
 
 
 def _raise_open_files_limit() -> None:

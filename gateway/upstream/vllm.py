@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 import aiohttp
 import msgspec
 
+from gateway.accesslog import REQUEST_ID
 from gateway.transport import Pool, TransportFailure
 
 Api = Literal["chat", "completions"]
@@ -191,11 +192,14 @@ class VllmClient:
         self, method: str, url: str, key: str | None, body: dict[str, Any] | None = None
     ) -> aiohttp.ClientResponse:
         """The answer's status and headers; its body still to be read."""
-        headers = auth_headers(key)
+        headers = auth_headers(key) or {}
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            headers["X-Request-ID"] = request_id  # to follow it into vLLM's log
         content = None
         if body is not None:
             content = msgspec.json.encode(body)
-            headers = {**(headers or {}), "Content-Type": "application/json"}
+            headers["Content-Type"] = "application/json"
         try:
             return await self._http.open(method, url, content=content, headers=headers)
         except TransportFailure as exc:

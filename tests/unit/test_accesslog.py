@@ -1,9 +1,12 @@
-"""The access log: one line per request, with no query values or bodies."""
+"""The access log: one JSON line per request, with no query values or bodies,
+and the request id given back and bound to the request's log lines."""
 
 from __future__ import annotations
 
 import io
+import json
 
+import structlog
 from litestar.types import Receive, Scope, Send
 
 from gateway.accesslog import AccessLog
@@ -20,6 +23,7 @@ async def test_one_line_per_request_without_query_or_body() -> None:
         "method": "POST",
         "path": "/api/v1/vllm/7/prompt",
         "query_string": b"key=hunter2",
+        "headers": [],
         "http_version": "1.1",
         "client": ("10.1.2.3", 4567),
     }
@@ -33,7 +37,16 @@ async def test_one_line_per_request_without_query_or_body() -> None:
         sent.append(message)
 
     await AccessLog(app, out)(scope, receive, send)  # type: ignore[arg-type]
-    assert out.getvalue() == 'access: 10.1.2.3:4567 "POST /api/v1/vllm/7/prompt HTTP/1.1" 409\n'
+    line = json.loads(out.getvalue())
+    assert {k: line[k] for k in ("event", "client", "method", "path", "status")} == {
+        "event": "access",
+        "client": "10.1.2.3:4567",
+        "method": "POST",
+        "path": "/api/v1/vllm/7/prompt",
+        "status": 409,
+    }
+    assert "hunter2" not in out.getvalue()
+    assert "secret" not in out.getvalue()
     assert len(sent) == 2
 
 
@@ -45,7 +58,8 @@ async def test_a_path_cannot_forge_a_log_line() -> None:
     scope = {
         "type": "http",
         "method": "GET",
-        "path": '/x\naccess: 10.0.0.1:1 "POST /admin HTTP/1.1" 200',
+        "path": '/x\n{"event": "access", "path": "/admin", "status": 200}',
+        "headers": [],
         "http_version": "1.1",
         "client": ("10.1.2.3", 4567),
     }
@@ -58,4 +72,33 @@ async def test_a_path_cannot_forge_a_log_line() -> None:
 
     await AccessLog(app, out)(scope, receive, send)  # type: ignore[arg-type]
     assert out.getvalue().count("\n") == 1
-    assert "%0Aaccess" in out.getvalue()
+    assert json.loads(out.getvalue())["path"] == scope["path"]
+
+
+async def test_the_request_id_is_the_callers_or_a_new_one() -> None:
+    seen: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(structlog.contextvars.get_contextvars().get("request_id"))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    for given, kept in ((b"trace-42.a:b", True), (b"bad id\r\nx: y", False), (None, False)):
+        out = io.StringIO()
+        sent.clear()
+
+        headers = [(b"x-request-id", given)] if given else []
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": headers,
+                 "http_version": "1.1", "client": None}  # fmt: skip
+        await AccessLog(app, out)(scope, receive, send)  # type: ignore[arg-type]
+        returned = dict(sent[0]["headers"])[b"x-request-id"].decode()  # type: ignore[call-overload]
+        assert json.loads(out.getvalue())["request_id"] == returned == seen[-1]
+        assert (returned == (given or b"").decode()) is kept
+    assert structlog.contextvars.get_contextvars().get("request_id") is None

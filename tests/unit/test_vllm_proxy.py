@@ -10,6 +10,7 @@ import time
 import msgspec
 import pytest
 
+from gateway.accesslog import REQUEST_ID
 from gateway.api.vllm import _stream
 from gateway.core.errors import UpstreamFailed
 from gateway.core.services import Upstream
@@ -147,3 +148,26 @@ def test_the_upstream_key_cannot_be_serialised() -> None:
     assert "the-key" not in repr(upstream)
     with pytest.raises(TypeError):
         msgspec.json.encode(upstream)
+
+
+async def test_the_request_id_goes_with_the_prompt() -> None:
+    completion = {
+        "model": "m",
+        "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+    async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(response(200, completion))
+
+    async with http_stub(answer) as stub:
+        vllm = VllmClient()
+        token = REQUEST_ID.set("trace-42")
+        try:
+            await vllm.complete(stub.url, PROMPT)
+        finally:
+            REQUEST_ID.reset(token)
+        await vllm.complete(stub.url, PROMPT)
+        await vllm.aclose()
+    assert stub.seen[0].headers.get("x-request-id") == "trace-42"
+    assert "x-request-id" not in stub.seen[1].headers
