@@ -7,7 +7,7 @@ recipes, statuses; never a service id or anything from a request body.
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 PREFIX = "gateway"
 
@@ -39,4 +39,21 @@ BUILD = Gauge(
     "The gateway's version and the slurmrestd API version it negotiated",
     ["version", "slurm_api_version"],
     multiprocess_mode="livemostrecent",
+)
+PROMPTS = Counter(
+    f"{PREFIX}_prompts_total",
+    "Prompts relayed to services, by streaming or not and outcome (ok, upstream_error, "
+    "timeout, unreachable, client_gone)",
+    ["stream", "outcome"],
+)
+PROMPT_FIRST_BYTE = Histogram(
+    f"{PREFIX}_prompt_first_byte_seconds",
+    "From the gateway asking vLLM to its first chunk (streams) or whole answer",
+    ["stream"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+PROMPT_TOKENS = Counter(
+    f"{PREFIX}_prompt_tokens_total",
+    "Tokens passed through, as vLLM reported them (streams: only when vLLM sends usage)",
+    ["kind"],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import msgspec
 from gateway.api.schemas import PromptRequest, PromptResponse, UsageResponse
 from gateway.core.errors import UpstreamFailed, UpstreamTimeout
 from gateway.core.services import Service, ServiceManager, Upstream
+from gateway.metrics import PROMPT_FIRST_BYTE, PROMPT_TOKENS, PROMPTS
 from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
 
 
@@ -41,10 +43,15 @@ async def complete(
 ) -> PromptResponse:
     """A prompt's whole answer (the route and its fast path share this)."""
     upstream = upstream_of(service)
+    started = time.perf_counter()
     try:
         done = await vllm.complete(upstream.url, prompt_of(service, data), upstream.key)
     except (UpstreamError, UpstreamUnavailable) as exc:
+        PROMPTS.labels("false", _outcome(exc)).inc()
         raise upstream_failure(service_id, exc) from None
+    PROMPT_FIRST_BYTE.labels("false").observe(time.perf_counter() - started)
+    PROMPTS.labels("false", "ok").inc()
+    _count_tokens(done.usage.prompt_tokens, done.usage.completion_tokens)
     return PromptResponse(
         success=True,
         response=done.text,
@@ -79,6 +86,7 @@ async def open_stream(
 ) -> tuple[bytes, AsyncGenerator[bytes, None]]:
     """The upstream stream, opened before anything is answered so that a
     refusal is a proper HTTP error; its first chunk, and the rest."""
+    started = time.perf_counter()
     chunks = vllm.stream(upstream.url, request, upstream.key)
     try:
         first = await anext(chunks)
@@ -86,26 +94,76 @@ async def open_stream(
         first = b""
     except (UpstreamError, UpstreamUnavailable) as exc:
         await chunks.aclose()
+        PROMPTS.labels("true", _outcome(exc)).inc()
         raise upstream_failure(service_id, exc) from None
+    PROMPT_FIRST_BYTE.labels("true").observe(time.perf_counter() - started)
     return first, chunks
 
 
 async def relay(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
     """The chunks as they come; a failure after the headers ends the stream
     with an error event. Closing it closes the upstream (vLLM then aborts)."""
+    outcome = "client_gone"  # unless the stream ends
     try:
         yield first
+        _usage_in(first)
         async for chunk in chunks:
             yield chunk
+            _usage_in(chunk)
             # When vLLM is ahead of us every read returns at once and this
             # loop never lets the event loop run, so nobody would notice a
             # client that went away until vLLM had finished. Yield to it.
             await asyncio.sleep(0)
+        outcome = "ok"
     except (UpstreamError, UpstreamUnavailable) as exc:
+        outcome = _outcome(exc)
         error = {"error": {"message": str(exc), "type": "upstream_error"}}
         yield b"event: error\ndata: " + msgspec.json.encode(error) + b"\n\n"
     finally:
+        PROMPTS.labels("true", outcome).inc()
         # Shielded: after a client left this runs in a cancelled anyio scope
         # (Litestar's streaming), where an await would be cancelled at once.
         with anyio.CancelScope(shield=True):
             await chunks.aclose()
+
+
+def _outcome(exc: Exception) -> str:
+    if isinstance(exc, UpstreamUnavailable):
+        return "timeout" if exc.timeout else "unreachable"
+    return "upstream_error"
+
+
+def _count_tokens(prompt: int | None, completion: int | None) -> None:
+    if prompt:
+        PROMPT_TOKENS.labels("prompt").inc(prompt)
+    if completion:
+        PROMPT_TOKENS.labels("completion").inc(completion)
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _UsageChunk(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_read_usage = msgspec.json.Decoder(_UsageChunk).decode
+
+
+def _usage_in(chunk: bytes) -> None:
+    """Tokens from the chunk that reports usage (vLLM sends it last, when
+    asked to); other chunks cost one substring search."""
+    if b'"usage":{' not in chunk and b'"usage": {' not in chunk:
+        return
+    for event in chunk.split(b"\n\n"):
+        data = event.partition(b"data: ")[2]
+        if b'"usage"' not in data:
+            continue
+        try:
+            usage = _read_usage(data).usage
+        except msgspec.DecodeError:  # ValidationError included
+            continue
+        if usage is not None:
+            _count_tokens(usage.prompt_tokens, usage.completion_tokens)

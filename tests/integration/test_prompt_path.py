@@ -129,6 +129,18 @@ async def test_prompts_go_on_while_slurmrestd_is_down_and_stop_with_the_service(
         timeout=30,
     )
     assert (await prompt(api, sid, stream=True)).status_code == 200
+    # Every one of those prompts is counted, with the tokens the stub reported.
+    metrics = (await api.get("/metrics")).text
+    counted = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_prompt")
+    }
+    assert counted['gateway_prompts_total{outcome="ok",stream="true"}'] >= answered / 2
+    assert counted['gateway_prompts_total{outcome="ok",stream="false"}'] >= answered / 2
+    assert counted['gateway_prompt_first_byte_seconds_count{stream="true"}'] >= answered / 2
+    # 4 tokens a prompt, streams included (the stub sends usage, as vLLM does when asked)
+    assert counted['gateway_prompt_tokens_total{kind="completion"}'] >= 4 * answered
 
     # A stop: the replica that stopped it refuses prompts at once, another
     # replica within the bound.
