@@ -54,10 +54,10 @@ def main() -> int:
     )
     if settings.workers > 1:
         # Each worker counts in files here; a scrape of any one sums them all.
-        os.environ.setdefault(
-            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-")
-        )
-        _Workers(config, sockets=[config.bind_socket()]).run()
+        # A fresh directory each start: old files would add a past run's counts.
+        with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as counts:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = counts
+            _Workers(config, sockets=[config.bind_socket()]).run()
         return 0
     # Once stopped, uvicorn raises the SIGTERM it handled again, to end "by the
     # signal" (status 143): a graceful stop exits 0 instead.

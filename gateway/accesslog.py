@@ -46,6 +46,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        path = scope["path"]  # as sent: Litestar normalises the scope's own
         request_id = _request_id(scope)
         status = 0
 
@@ -64,15 +65,15 @@ class AccessLog:
             structlog.contextvars.reset_contextvars(**bound)
             REQUEST_ID.reset(token)
             if self.write:
-                self._line(scope, status, request_id, time.perf_counter() - started)
+                self._line(scope, path, status, request_id, time.perf_counter() - started)
 
-    def _line(self, scope: Scope, status: int, request_id: str, seconds: float) -> None:
+    def _line(self, scope: Scope, path: str, status: int, request_id: str, seconds: float) -> None:
         client = scope.get("client")
         line = {
             "event": "access",
             "client": f"{client[0]}:{client[1]}" if client else None,
             "method": scope.get("method"),
-            "path": scope["path"],  # JSON-escaped: a newline in it cannot forge a line
+            "path": path,  # JSON-escaped: a newline in it cannot forge a line
             "http_version": scope["http_version"],
             "status": status or None,
             "duration_ms": round(seconds * 1000, 3),

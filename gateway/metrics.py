@@ -28,18 +28,6 @@ SLURM_CALLS = Histogram(
     ["operation", "outcome"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-SERVICES = Gauge(
-    f"{PREFIX}_services",
-    "Services Slurm still knows, by recipe and status, as of the last scrape",
-    ["recipe", "status"],
-    multiprocess_mode="livemostrecent",
-)
-BUILD = Gauge(
-    f"{PREFIX}_build_info",
-    "The gateway's version and the slurmrestd API version it negotiated",
-    ["version", "slurm_api_version"],
-    multiprocess_mode="livemostrecent",
-)
 PROMPTS = Counter(
     f"{PREFIX}_prompts_total",
     "Prompts relayed to services, by streaming or not and outcome (ok, upstream_error, "

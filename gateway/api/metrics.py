@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 import structlog
 from litestar import Controller, get
@@ -25,12 +26,13 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.core.services import ServiceManager
-from gateway.core.status import ServiceStatus
-from gateway.metrics import BUILD, IN_FLIGHT, REQUESTS, SERVICES
-from gateway.slurm import SlurmClient, SlurmError
+from gateway.metrics import IN_FLIGHT, PREFIX, REQUESTS
+from gateway.slurm import SlurmClient
 
 log = structlog.get_logger(__name__)
 
@@ -53,8 +55,13 @@ class HttpMetrics:
             await self.app(scope, receive, send)
             return
         method = scope["method"]
+        # Set by Litestar's router: "/api/v1/services/{service_id}", never an id.
+        template = scope.get("path_template", "")
+        if template == "/metrics":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        status = 500  # unless an answer starts
+        status = 500  # unless an answer starts or the exception says otherwise
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -65,52 +72,61 @@ class HttpMetrics:
         IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, sending)
+        except Exception as exc:
+            # Answered outside this middleware (the prompt fast path's 502 or
+            # 504 go to the app's exception handlers): their status, not 500.
+            code = getattr(exc, "status_code", 500)
+            status = code if isinstance(code, int) else 500
+            raise
         finally:
             IN_FLIGHT.dec()
-            # Set by Litestar's router: "/api/v1/services/{service_id}", never an id.
-            template = scope.get("path_template", "")
-            if template != "/metrics":
-                key = (method, template, status)
-                series = self._series.get(key)
-                if series is None:
-                    series = self._series[key] = REQUESTS.labels(key[0], key[1], str(status))
-                series.observe(time.perf_counter() - started)
+            key = (method, template, status)
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = REQUESTS.labels(method, template, str(status))
+            series.observe(time.perf_counter() - started)
 
 
 class MetricsController(Controller):
     path = "/metrics"
     include_in_schema = False
 
-    @get(operation_id="getMetrics", summary="Prometheus metrics")
-    async def metrics(
+    @get(operation_id="getMetrics", summary="Prometheus metrics", sync_to_thread=False)
+    def metrics(
         self, services: NamedDependency[ServiceManager], slurm: NamedDependency[SlurmClient]
     ) -> Response[bytes]:
-        await _count_services(services)
-        BUILD.labels(__version__, slurm.api_version or "").set(1)
         registry = REGISTRY
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # What is true now, not counted: made at each scrape, never stored.
+        now = CollectorRegistry(auto_describe=False)
+        now.register(_Now(services, slurm))
+        body = generate_latest(registry) + generate_latest(now)
+        return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _count_services(services: ServiceManager) -> None:
-    """From the job view, as any read (no call to Slurm of its own); a failed
-    listing leaves the last counts."""
-    try:
-        listed = await services.list()
-    except SlurmError as exc:
-        log.warning("metrics_services_unknown", error=str(exc)[:300])
-        return
-    counts: dict[tuple[str, str], int] = {}
-    for service in listed:
-        key = (service.recipe_name, service.status.value)
-        counts[key] = counts.get(key, 0) + 1
-    for recipe in {r for r, _ in counts} | {labels[0] for labels in _known()}:
-        for status in ServiceStatus:
-            SERVICES.labels(recipe, status.value).set(counts.get((recipe, status.value), 0))
+class _Now(Collector):
+    """Services by recipe and status, from what the job view holds (it is not
+    woken, refreshed nor probed for a scrape), and the build information."""
 
+    def __init__(self, services: ServiceManager, slurm: SlurmClient) -> None:
+        self.services = services
+        self.slurm = slurm
 
-def _known() -> set[tuple[str, ...]]:
-    """Label sets already exported, so that a status nobody has now reads 0."""
-    return {tuple(s.labels.values())[:2] for m in SERVICES.collect() for s in m.samples}
+    def collect(self) -> Iterator[Metric]:
+        counts = GaugeMetricFamily(
+            f"{PREFIX}_services",
+            "Services Slurm still knows, by recipe and status, as the job view last listed them",
+            labels=["recipe", "status"],
+        )
+        for (recipe, status), n in sorted(self.services.counts().items()):
+            counts.add_metric([recipe, status], n)
+        yield counts
+        build = GaugeMetricFamily(
+            f"{PREFIX}_build_info",
+            "The gateway's version and the slurmrestd API version it negotiated",
+            labels=["version", "slurm_api_version"],
+        )
+        build.add_metric([__version__, self.slurm.api_version or ""], 1)
+        yield build

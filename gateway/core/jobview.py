@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import Callable
@@ -138,6 +139,11 @@ class JobView:
         await self._ready()
         return [entry.job for entry in self._jobs.values()]
 
+    def snapshot(self) -> list[JobInfo]:
+        """The jobs as last listed, however old: this neither waits nor counts
+        as a read (a metrics scrape must not keep the view listing)."""
+        return [entry.job for entry in self._jobs.values()]
+
     async def job(self, job_id: int) -> JobInfo | None:
         """The job, or None when Slurm does not hold it (checked with a fresh
         listing: it may have been submitted through another replica)."""
@@ -223,7 +229,10 @@ class JobView:
                 if wait > 0:
                     await asyncio.sleep(wait)
                     continue
-                inflight = self._inflight = asyncio.create_task(self._list())
+                # A fresh context: shared work carries no one request's id.
+                inflight = self._inflight = asyncio.create_task(
+                    self._list(), context=contextvars.Context()
+                )
                 # Its waiters may all be gone (cancelled) when it fails.
                 inflight.add_done_callback(_retrieve)
             await asyncio.shield(inflight)

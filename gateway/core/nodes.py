@@ -15,6 +15,7 @@ gateway's host may not resolve the nodes' host names at all.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import time
 
@@ -63,7 +64,7 @@ class NodeAddresses:
             return known[1]
         task = self._inflight.get(node)
         if task is None:
-            task = asyncio.create_task(self._lookup(node))
+            task = asyncio.create_task(self._lookup(node), context=contextvars.Context())
             self._inflight[node] = task
             task.add_done_callback(lambda _t: self._inflight.pop(node, None))
         return await asyncio.shield(task)
@@ -97,7 +98,7 @@ class NodeStates:
         """``node n1 drained (reason)`` and the like for the nodes ``among``
         (all when None), from the last listing; None when there is nothing to say."""
         if time.monotonic() >= self._until and self._refresh is None:
-            self._refresh = asyncio.create_task(self._list())
+            self._refresh = asyncio.create_task(self._list(), context=contextvars.Context())
             self._refresh.add_done_callback(self._done)
         found = [n for n in self._down if among is None or n.name in among]
         parts = [

@@ -341,6 +341,24 @@ class ServiceManager:
                 raise result
         return sorted(services, key=lambda s: int(s.id), reverse=True)
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Services by recipe and status, from the view as last listed, with no
+        call and no probe: the status last built for a job, else Slurm's say
+        without a health answer (a running job then counts as starting)."""
+        counts: dict[tuple[str, str], int] = {}
+        for job in self.view.snapshot():
+            parsed = self._parse(job)
+            if parsed is None:
+                continue
+            memo = self._built.get(job.job_id)
+            if memo is not None and memo.job is job:
+                status = memo.service.status
+            else:
+                status = derive(job, parsed[1], None)[0]
+            key = (parsed[0].recipe, status.value)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def _log_bad_job(self, job_id: int, exc: Exception) -> None:
         if job_id in self._reported_bad:
             return

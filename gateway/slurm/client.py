@@ -318,6 +318,9 @@ class SlurmClient:
         except SlurmError as exc:
             outcome = type(exc).__name__
             raise
+        except BaseException:
+            outcome = "cancelled_or_error"
+            raise
         finally:
             SLURM_CALLS.labels(operation, outcome).observe(time.perf_counter() - started)
 

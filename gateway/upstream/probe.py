@@ -13,6 +13,7 @@ and fail healthy services when many are listed at once).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -67,7 +68,7 @@ class HealthProber:
             return cached[1]
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._run(key, probe))
+            task = asyncio.create_task(self._run(key, probe), context=contextvars.Context())
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._done(key, t))
         if cached is not None and age < self._stale:

@@ -10,6 +10,7 @@ Streams are passed through as vLLM sends them, chunk by chunk.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncGenerator
 from typing import Any, Literal, NamedTuple
 
@@ -195,7 +196,9 @@ class VllmClient:
         headers = auth_headers(key) or {}
         request_id = REQUEST_ID.get()
         if request_id is not None:
-            headers["X-Request-ID"] = request_id  # to follow it into vLLM's log
+            # vLLM takes it as its engine's request id, and older releases
+            # refuse a second one in flight: unique, found by its prefix.
+            headers["X-Request-ID"] = f"{request_id}-{secrets.token_hex(4)}"
         content = None
         if body is not None:
             content = msgspec.json.encode(body)

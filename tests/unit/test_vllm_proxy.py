@@ -169,5 +169,5 @@ async def test_the_request_id_goes_with_the_prompt() -> None:
             REQUEST_ID.reset(token)
         await vllm.complete(stub.url, PROMPT)
         await vllm.aclose()
-    assert stub.seen[0].headers.get("x-request-id") == "trace-42"
+    assert stub.seen[0].headers.get("x-request-id", "").startswith("trace-42-")
     assert "x-request-id" not in stub.seen[1].headers
