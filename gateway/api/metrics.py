@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Iterator
 
-import structlog
 from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.enums import ScopeType
@@ -33,8 +32,6 @@ from gateway import __version__
 from gateway.core.services import ServiceManager
 from gateway.metrics import IN_FLIGHT, PREFIX, REQUESTS
 from gateway.slurm import SlurmClient
-
-log = structlog.get_logger(__name__)
 
 
 class HttpMetrics:

@@ -404,6 +404,20 @@ class SlowSlurmrestd:
             self.in_flight -= 1
 
 
+def stub_client(
+    url: str, version: str, *, max_concurrency: int = 16, queue_timeout: float = 2.0
+) -> SlurmClient:
+    """A client of a stub slurmrestd, pinned to ``version``."""
+    tokens = MintedTokens(b"k" * 32, "gwuser")
+    return SlurmClient(
+        url,
+        tokens,
+        api_version=version,
+        max_concurrency=max_concurrency,
+        queue_timeout=queue_timeout,
+    )
+
+
 async def timed(call: Awaitable[object]) -> tuple[object, float]:
     """What the call returned or raised, and how long it took."""
     started = time.monotonic()
@@ -417,13 +431,7 @@ async def timed(call: Awaitable[object]) -> tuple[object, float]:
 async def test_calls_beyond_the_bound_fail_fast_as_busy() -> None:
     slurmrestd = SlowSlurmrestd(delay=2.0)
     async with http_stub(slurmrestd.answer) as stub:
-        client = SlurmClient(
-            stub.url,
-            MintedTokens(b"k" * 32, "gwuser"),
-            api_version="v0.0.42",
-            max_concurrency=2,
-            queue_timeout=0.2,
-        )
+        client = stub_client(stub.url, "v0.0.42", max_concurrency=2, queue_timeout=0.2)
         async with client:
             await client.ping()  # negotiated while slurmrestd is fast
             slurmrestd.slow = True
@@ -443,13 +451,7 @@ async def test_calls_beyond_the_bound_fail_fast_as_busy() -> None:
 async def test_views_made_by_as_user_share_the_bound() -> None:
     slurmrestd = SlowSlurmrestd(delay=5.0)
     async with http_stub(slurmrestd.answer) as stub:
-        client = SlurmClient(
-            stub.url,
-            MintedTokens(b"k" * 32, "gwuser"),
-            api_version="v0.0.42",
-            max_concurrency=1,
-            queue_timeout=0.1,
-        )
+        client = stub_client(stub.url, "v0.0.42", max_concurrency=1, queue_timeout=0.1)
         caller = client.as_user(Credentials(user_name="alice", token="t"))
         async with client:
             await client.ping()
@@ -506,7 +508,7 @@ async def test_eperm_is_an_outage_only_when_no_controller_responds(
 ) -> None:
     async with (
         http_stub(outage_stub(response(500, EPERM_CANCEL), ping=ping)) as stub,
-        SlurmClient(stub.url, MintedTokens(b"k" * 32, "gwuser"), api_version="v0.0.42") as client,
+        stub_client(stub.url, "v0.0.42") as client,
     ):
         client._negotiated.adapter = adapter_for("v0.0.42")  # no negotiation round
         with pytest.raises(SlurmError) as info:
@@ -522,7 +524,7 @@ async def test_v0_0_38_refusal_is_an_outage_when_slurmrestd_took_seconds(
     # slurmctld after slurmrestd's connection retries.
     async with (
         http_stub(outage_stub(response(500, V38_REFUSED), delay=delay)) as stub,
-        SlurmClient(stub.url, MintedTokens(b"k" * 32, "gwuser"), api_version="v0.0.38") as client,
+        stub_client(stub.url, "v0.0.38") as client,
     ):
         client._negotiated.adapter = adapter_for("v0.0.38")
         with pytest.raises(SlurmError) as info:
