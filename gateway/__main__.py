@@ -15,6 +15,7 @@ import structlog
 import uvicorn
 from litestar import Litestar
 from litestar.types import ASGIApp
+from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
 from gateway.accesslog import AccessLog
@@ -83,6 +84,26 @@ class _Workers(Multiprocess):
         for sock in self.sockets:
             sock.close()
         super().terminate_all()
+
+    # A worker that died or was replaced (SIGHUP) leaves its in-flight gauge
+    # file behind; its last value would be added to every later scrape.
+    def keep_subprocess_alive(self) -> None:
+        before = self._pids()
+        super().keep_subprocess_alive()
+        self._forget(before - self._pids())
+
+    def restart_all(self) -> None:
+        before = self._pids()
+        super().restart_all()
+        self._forget(before - self._pids())
+
+    def _pids(self) -> set[int]:
+        return {p.pid for p in self.processes if p.pid is not None}
+
+    @staticmethod
+    def _forget(pids: set[int]) -> None:
+        for pid in pids:
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def _uvicorn_logging(level: str) -> dict[str, Any]:

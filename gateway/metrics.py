@@ -17,6 +17,14 @@ REQUESTS = Histogram(
     ["method", "path", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
 )
+# Routing refused these before any route (and so HttpMetrics) saw them: a
+# scanner's probes, a client built for another version. No path label: the
+# path is whatever the caller sent.
+UNROUTED = Counter(
+    f"{PREFIX}_http_unrouted_requests_total",
+    "Requests no route took: unknown path (404) or method (405); method 'other' if not standard",
+    ["method", "status"],
+)
 IN_FLIGHT = Gauge(
     f"{PREFIX}_http_requests_in_flight",
     "HTTP requests being answered (streams included)",

@@ -36,6 +36,7 @@ from litestar.status_codes import (
 
 from gateway.api.schemas import ProblemResponse
 from gateway.core.errors import FieldError, GatewayError
+from gateway.metrics import UNROUTED
 from gateway.slurm import (
     SlurmAuthError,
     SlurmError,
@@ -208,12 +209,24 @@ def _first(exc: ValidationException, errors: list[FieldError]) -> str:
     return exc.detail or "invalid request"
 
 
+class _HttpProblem(ProblemDetailsException):
+    def to_response(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        # The router sets the template only once a route matched.
+        if "path_template" not in request.scope:
+            method = request.method if request.method in _METHODS else "other"
+            UNROUTED.labels(method, str(self.status_code)).inc()
+        return super().to_response(request)
+
+
+_METHODS = frozenset(HttpMethod)
+
+
 def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
     # The exception's headers are part of the answer: a 405's `Allow` (RFC 9110).
-    return problem(
-        exc.status_code,
-        _title(exc.status_code),
-        exc.detail or _title(exc.status_code),
+    return _HttpProblem(
+        status_code=exc.status_code,
+        title=_title(exc.status_code),
+        detail=exc.detail or _title(exc.status_code),
         headers=dict(exc.headers) if exc.headers else None,
     )
 

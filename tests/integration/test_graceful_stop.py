@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -218,4 +220,48 @@ async def test_a_stream_longer_than_the_grace_is_cut_and_the_gateway_exits_0(
         f"graceful stop on {c2205.name}, {workers} worker(s), grace {grace} s: a "
         f"{tokens * TOKEN_MS / 1000:g} s stream cut after {cut_after:.2f} s, "
         f"exit 0 after {stopped_after:.2f} s"
+    )
+
+
+def in_flight(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("gateway_http_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no gateway_http_requests_in_flight in /metrics")
+
+
+async def test_a_killed_worker_leaves_no_request_counted_in_flight(
+    c2205: LocalCluster, stub: str, gateways: list[GatewayProcess]
+) -> None:
+    gateway = start(c2205, gateways, workers=2, drain=0, grace=2)
+    first = asyncio.Event()
+    streaming = asyncio.create_task(read_stream(gateway.url, stub, 100, first))
+    await asyncio.wait_for(first.wait(), 30)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=5) as api:
+        assert in_flight((await api.get("/metrics")).text) == 1
+        assert gateway.process is not None
+        workers = Path(f"/proc/{gateway.process.pid}/task/{gateway.process.pid}/children")
+        # Not multiprocessing's resource tracker, also a child.
+        killed = [
+            int(pid)
+            for pid in workers.read_text().split()
+            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(killed) == 2, killed
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        _, _, error = await streaming
+        assert isinstance(error, httpx.TransportError), error
+
+        async def counted() -> float | None:
+            try:
+                return in_flight((await api.get("/metrics")).text)
+            except httpx.TransportError:
+                return None  # between the old workers and their replacements
+
+        # The supervisor replaces dead workers within about a second; their
+        # counts of requests in flight must go with them.
+        assert await poll(counted, lambda n: n == 0, timeout=20, interval=0.25) == 0
+    TIMINGS.append(
+        f"worker SIGKILL on {c2205.name}: 2 workers replaced, requests in flight back to 0"
     )

@@ -375,3 +375,25 @@ async def test_metrics_count_requests_by_route_not_by_id(api: AsyncTestClient[An
     # Not part of the API document.
     schema = (await api.get("/api/v1/schema/openapi.json")).json()
     assert "/metrics" not in schema["paths"]
+
+
+def _sample(text: str, prefix: str) -> float:
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+async def test_metrics_count_requests_no_route_took(api: AsyncTestClient[Any]) -> None:
+    unknown = 'gateway_http_unrouted_requests_total{method="GET",status="404"}'
+    wrong_method = 'gateway_http_unrouted_requests_total{method="PUT",status="405"}'
+    odd = 'gateway_http_unrouted_requests_total{method="other",status="404"}'
+    before = (await api.get("/metrics")).text
+    assert (await api.get("/wp-login.php")).status_code == 404
+    assert (await api.put("/api/v1/recipes")).status_code == 405
+    assert (await api.request("BREW", "/coffee")).status_code == 404
+    # A handler's own 404 (unknown service) is a routed request, counted by route.
+    assert (await api.get("/api/v1/recipes/no/such")).status_code == 404
+    after = (await api.get("/metrics")).text
+    assert _sample(after, unknown) == _sample(before, unknown) + 1
+    assert _sample(after, wrong_method) == _sample(before, wrong_method) + 1
+    assert _sample(after, odd) == _sample(before, odd) + 1
+    assert "wp-login" not in after and "BREW" not in after  # nothing the caller chose
