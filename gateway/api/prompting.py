@@ -104,12 +104,13 @@ async def relay(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGener
     """The chunks as they come; a failure after the headers ends the stream
     with an error event. Closing it closes the upstream (vLLM then aborts)."""
     outcome = "client_gone"  # unless the stream ends
+    usage = _UsageReader()
     try:
         yield first
-        _usage_in(first)
+        usage.feed(first)
         async for chunk in chunks:
             yield chunk
-            _usage_in(chunk)
+            usage.feed(chunk)
             # When vLLM is ahead of us every read returns at once and this
             # loop never lets the event loop run, so nobody would notice a
             # client that went away until vLLM had finished. Yield to it.
@@ -150,6 +151,30 @@ class _UsageChunk(msgspec.Struct):
 
 
 _read_usage = msgspec.json.Decoder(_UsageChunk).decode
+
+
+class _UsageReader:
+    """Reads usage from whole events only: a read may end inside one (seen
+    when vLLM's last event crosses a TCP segment), so a partial event waits
+    for the next read. Events end with a blank line; almost every read ends
+    with one, so the usual cost is one ``endswith``."""
+
+    LIMIT = 1 << 16  # a partial event longer than any usage event is dropped
+
+    __slots__ = ("_partial",)
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self._partial:
+            chunk, self._partial = self._partial + chunk, b""
+        if not chunk.endswith(b"\n\n"):
+            cut = chunk.rfind(b"\n\n") + 2 if b"\n\n" in chunk else 0
+            if len(chunk) - cut <= self.LIMIT:
+                self._partial = chunk[cut:]
+            chunk = chunk[:cut]
+        _usage_in(chunk)
 
 
 def _usage_in(chunk: bytes) -> None:

@@ -171,3 +171,36 @@ async def test_the_request_id_goes_with_the_prompt() -> None:
         await vllm.aclose()
     assert stub.seen[0].headers.get("x-request-id", "").startswith("trace-42-")
     assert "x-request-id" not in stub.seen[1].headers
+
+
+def _completion_tokens() -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("gateway_prompt_tokens_total", {"kind": "completion"})
+    return value or 0.0
+
+
+@pytest.mark.parametrize("cut", [5, 40, 70, 100])
+def test_usage_is_counted_when_a_read_ends_inside_its_event(cut: int) -> None:
+    from gateway.api.prompting import _UsageReader
+
+    last = (
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7,'
+        b'"total_tokens":10}}\n\ndata: [DONE]\n\n'
+    )
+    stream = b'data: {"choices":[{"text":" tok"}]}\n\n' + last
+    split = len(stream) - len(last) + cut
+    before = _completion_tokens()
+    reader = _UsageReader()
+    for read in (stream[:split], stream[split:]):
+        reader.feed(read)
+    assert _completion_tokens() == before + 7
+
+
+def test_a_stream_with_no_event_end_holds_a_bounded_remainder() -> None:
+    from gateway.api.prompting import _UsageReader
+
+    reader = _UsageReader()
+    for _ in range(100):
+        reader.feed(b"x" * 4096)  # a hostile upstream that never ends an event
+    assert len(reader._partial) <= _UsageReader.LIMIT
