@@ -7,20 +7,24 @@ export GATEWAY_LOCAL_ROOT ?= /var/lib/slurm-gateway-local
 # runtime), c2411 (Slurm 24.11) or c2605 (Slurm 26.05 from Debian sid).
 CLUSTER ?= c2205
 
-.PHONY: run test venv cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
+.PHONY: run test venv node cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
 
 run: venv cluster vllm-runtime
 	GATEWAY_SLURM_CLUSTER_FILE=$(GATEWAY_LOCAL_ROOT)/$(CLUSTER)/cluster.json \
 	GATEWAY_SITE_FILE=$${GATEWAY_SITE_FILE:-deploy/local/site.toml} \
 	$(PY) -m gateway
 
-test: lint cluster vllm-runtime
+test: lint node cluster vllm-runtime
 	$(PY) -m pytest -ra tests
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/venv.sh
 	VENV=$(VENV) scripts/venv.sh
+
+# Node.js and npm for the TypeScript client check (tests/clients/typescript).
+node:
+	scripts/node.sh
 
 cluster:
 	deploy/local/cluster.sh up
@@ -44,7 +48,7 @@ format: venv
 	$(VENV)/bin/ruff check --fix gateway tests scripts bench deploy
 	$(VENV)/bin/ruff format gateway tests scripts bench deploy
 
-unit: venv
+unit: venv node
 	$(PY) -m pytest -ra tests/unit
 
 integration: venv cluster vllm-runtime

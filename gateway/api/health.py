@@ -28,11 +28,13 @@ class Health(msgspec.Struct, frozen=True):
 
 
 class Readiness(msgspec.Struct, frozen=True, kw_only=True):
+    # No defaults: every field is always sent (null when unknown), so the
+    # document marks them required and generated clients need no "unset" case.
     status: str
     slurm_url: str
-    slurm_api_version: str | None = None
-    slurm_release: str | None = None
-    detail: str | None = None
+    slurm_api_version: str | None
+    slurm_release: str | None
+    detail: str | None
 
 
 class HealthController(Controller):
@@ -61,13 +63,21 @@ class HealthController(Controller):
             body = Readiness(
                 status="draining",
                 slurm_url=slurm.base_url,
+                slurm_api_version=None,
+                slurm_release=None,
                 detail="the gateway is stopping (SIGTERM): finishing what it serves",
             )
             return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
         try:
             pings = await slurm.ping()
         except SlurmError as exc:
-            body = Readiness(status="unavailable", slurm_url=slurm.base_url, detail=str(exc))
+            body = Readiness(
+                status="unavailable",
+                slurm_url=slurm.base_url,
+                slurm_api_version=None,
+                slurm_release=None,
+                detail=str(exc),
+            )
             return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
         responding = any(p.responding for p in pings)
         body = Readiness(

@@ -168,7 +168,7 @@ class LogsResponse(msgspec.Struct, kw_only=True):
             description="why a log file was not read: the gateway reads only the files it "
             "chose for the job, when they are regular files owned by the job's user"
         ),
-    ] = None
+    ]  # always sent (null when read), so required: generated clients type it str | None
 
     @classmethod
     def of(cls, service_id: str, logs: Logs) -> LogsResponse:
