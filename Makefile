@@ -7,17 +7,20 @@ export GATEWAY_LOCAL_ROOT ?= /var/lib/slurm-gateway-local
 # runtime), c2411 (Slurm 24.11) or c2605 (Slurm 26.05 from Debian sid).
 CLUSTER ?= c2205
 
-.PHONY: run test venv node cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
+.PHONY: run test venv node browser cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
 
 run: venv cluster vllm-runtime
 	GATEWAY_SLURM_CLUSTER_FILE=$(GATEWAY_LOCAL_ROOT)/$(CLUSTER)/cluster.json \
 	GATEWAY_SITE_FILE=$${GATEWAY_SITE_FILE:-deploy/local/site.toml} \
 	$(PY) -m gateway
 
-test: lint node cluster vllm-runtime
+test: lint node browser cluster vllm-runtime
 	$(PY) -m pytest -ra tests
 
+# The Swagger UI files too (seconds once, then a no-op): venv.sh runs only
+# when its inputs change, and a clone may lack them.
 venv: $(VENV)/.installed
+	@$(PY) scripts/reference_assets.py
 
 $(VENV)/.installed: pyproject.toml scripts/venv.sh
 	VENV=$(VENV) scripts/venv.sh
@@ -25,6 +28,10 @@ $(VENV)/.installed: pyproject.toml scripts/venv.sh
 # Node.js and npm for the TypeScript client check (tests/clients/typescript).
 node:
 	scripts/node.sh
+
+# Debian's Chromium, which renders the API reference in tests/integration.
+browser:
+	scripts/browser.sh
 
 cluster:
 	deploy/local/cluster.sh up
@@ -51,7 +58,7 @@ format: venv
 unit: venv node
 	$(PY) -m pytest -ra tests/unit
 
-integration: venv cluster vllm-runtime
+integration: venv browser cluster vllm-runtime
 	$(PY) -m pytest -ra tests/integration
 
 # Latency of /prompt through the gateway against the same request straight to

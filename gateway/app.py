@@ -14,7 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.plugins.structlog import StructlogConfig, StructlogPlugin
 
 from gateway import __version__
-from gateway.api import errors
+from gateway.api import errors, reference
 from gateway.api.health import HealthController, drain_on_sigterm
 from gateway.api.metrics import HttpMetrics, MetricsController
 from gateway.api.prompting import Prompting
@@ -53,6 +53,8 @@ def openapi_config() -> OpenAPIConfig:
         version=__version__,
         description="Run AI services (vLLM first) on Slurm clusters through one HTTP API.",
         path="/api/v1/schema",
+        # Swagger UI from the gateway's own files: no CDN on a cluster's network.
+        render_plugins=reference.render_plugins("/api/v1/schema"),
     )
 
 

@@ -23,4 +23,6 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q --config-settings editable_mode=compat -e '.[dev]'
+# Swagger UI for the API reference (gateway/api/reference/assets, not in git).
+"$venv/bin/python" scripts/reference_assets.py
 touch "$venv/.installed"
