@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Annotated
 
 import msgspec
 import structlog
@@ -15,9 +16,11 @@ from litestar import Controller, Litestar, get
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
 from litestar.response import Response
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
+from gateway.api.errors import problem_responses
 from gateway.slurm import SlurmClient, SlurmError
 
 log = structlog.get_logger(__name__)
@@ -50,15 +53,31 @@ class HealthController(Controller):
         operation_id="getReadiness",
         summary="Readiness: slurmrestd answers and slurmctld responds",
         responses={
+            **problem_responses(400, 422),
             HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
                 Readiness,
                 generate_examples=False,
                 description="Not ready: slurmrestd cannot be reached or slurmctld does not "
                 "respond; `detail` says which",
-            )
+            ),
         },
     )
-    async def ready(self, slurm: NamedDependency[SlurmClient], state: State) -> Response[Readiness]:
+    async def ready(
+        self,
+        slurm: NamedDependency[SlurmClient],
+        state: State,
+        ask_slurm: Annotated[
+            bool,
+            Parameter(
+                query="slurm",
+                description="false: ready unless draining, without asking Slurm. For "
+                "Kubernetes' readiness probe: a Slurm outage is every replica's, and taking "
+                "them all out of the Service would stop prompts that still work (running "
+                "services keep answering) and answers with Retry-After; it also keeps the "
+                "probes of every replica off slurmctld",
+            ),
+        ] = True,
+    ) -> Response[Readiness]:
         if state.get("draining", False):
             body = Readiness(
                 status="draining",
@@ -68,6 +87,15 @@ class HealthController(Controller):
                 detail="the gateway is stopping (SIGTERM): finishing what it serves",
             )
             return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
+        if not ask_slurm:
+            body = Readiness(
+                status="ok",
+                slurm_url=slurm.base_url,
+                slurm_api_version=slurm.api_version,
+                slurm_release=None,
+                detail="Slurm not asked (slurm=false)",
+            )
+            return Response(body)
         try:
             pings = await slurm.ping()
         except SlurmError as exc:

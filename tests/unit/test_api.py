@@ -351,6 +351,17 @@ async def test_draining_is_not_ready_without_asking_slurm(api: AsyncTestClient[A
     body = msgspec.convert(response.json(), Readiness)
     assert body.status == "draining"
     assert (await api.get("/api/v1/health")).status_code == 200  # still alive, still serving
+    assert (await api.get("/api/v1/ready", params={"slurm": "false"})).status_code == 503
+
+
+async def test_ready_without_slurm_is_what_kubernetes_probes(api: AsyncTestClient[Any]) -> None:
+    # This app's slurmrestd is unreachable: every replica would be out of the Service.
+    assert (await api.get("/api/v1/ready")).status_code == 503
+    response = await api.get("/api/v1/ready", params={"slurm": "false"})
+    assert response.status_code == 200
+    body = msgspec.convert(response.json(), Readiness)
+    assert (body.status, body.detail) == ("ok", "Slurm not asked (slurm=false)")
+    assert (await api.get("/api/v1/ready", params={"slurm": "maybe"})).status_code == 422
 
 
 async def test_metrics_count_requests_by_route_not_by_id(api: AsyncTestClient[Any]) -> None:
