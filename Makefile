@@ -7,14 +7,14 @@ export GATEWAY_LOCAL_ROOT ?= /var/lib/slurm-gateway-local
 # runtime), c2411 (Slurm 24.11) or c2605 (Slurm 26.05 from Debian sid).
 CLUSTER ?= c2205
 
-.PHONY: run test venv node browser cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
+.PHONY: run test venv node browser image cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
 
 run: venv cluster vllm-runtime
 	GATEWAY_SLURM_CLUSTER_FILE=$(GATEWAY_LOCAL_ROOT)/$(CLUSTER)/cluster.json \
 	GATEWAY_SITE_FILE=$${GATEWAY_SITE_FILE:-deploy/local/site.toml} \
 	$(PY) -m gateway
 
-test: lint node browser cluster vllm-runtime
+test: lint node browser image cluster vllm-runtime
 	$(PY) -m pytest -ra tests
 
 # The Swagger UI files too (seconds once, then a no-op): venv.sh runs only
@@ -32,6 +32,12 @@ node:
 # Debian's Chromium, which renders the API reference in tests/integration.
 browser:
 	scripts/browser.sh
+
+# The gateway's OCI image localhost/slurm-gateway:<version> (deploy/image/): the
+# first build on a machine debootstraps its base, later ones reuse every layer
+# whose inputs did not change.
+image: venv
+	deploy/image/build.sh
 
 cluster:
 	deploy/local/cluster.sh up
@@ -58,7 +64,7 @@ format: venv
 unit: venv node
 	$(PY) -m pytest -ra tests/unit
 
-integration: venv browser cluster vllm-runtime
+integration: venv browser image cluster vllm-runtime
 	$(PY) -m pytest -ra tests/integration
 
 # Latency of /prompt through the gateway against the same request straight to

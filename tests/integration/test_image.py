@@ -1,0 +1,125 @@
+"""The OCI image of `make image` (deploy/image/) run with podman against cluster c2605:
+read-only root, a non-root user, no installer or compiler, labels with the version,
+ready against slurmrestd, and a clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import httpx
+
+from gateway.testing.clusters import discover
+from tests.conftest import free_port
+from tests.integration.conftest import TIMINGS
+
+ROOT = Path(__file__).resolve().parents[2]
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+IMAGE = f"localhost/slurm-gateway:{VERSION}"
+ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "image" / "containers.conf")}
+
+
+def podman(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["podman", *args], env=ENV, capture_output=True, text=True, check=check, timeout=timeout
+    )
+
+
+def image_config() -> dict[str, object]:
+    found = podman("image", "inspect", IMAGE, check=False)
+    assert found.returncode == 0, f"no image {IMAGE}: run `make image` ({found.stderr.strip()})"
+    config: dict[str, object] = json.loads(found.stdout)[0]
+    return config
+
+
+def test_image_has_labels_user_and_no_build_tools() -> None:
+    config = image_config()
+    labels = config["Labels"]
+    assert isinstance(labels, dict)
+    assert labels["org.opencontainers.image.version"] == VERSION
+    assert labels["org.opencontainers.image.revision"] not in ("", "unknown")
+    assert "org.opencontainers.image.source" in labels
+    inner = config["Config"]
+    assert isinstance(inner, dict)
+    assert inner["User"] == "10001:10001"
+    assert inner["Entrypoint"] == ["/opt/gateway/bin/python", "-m", "gateway"]
+    # Nothing that installs or compiles: no pip (as a command or a module), no compiler.
+    tools = podman(
+        "run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", IMAGE, "-c",
+        "for t in pip pip3 gcc cc c++ make ld; do command -v $t; done;"
+        " python3 -c 'import pip' 2>/dev/null && echo pip-module; id -u",
+    ).stdout.split()  # fmt: skip
+    assert tools == ["10001"], tools
+
+
+def test_image_serves_read_only_and_stops_cleanly() -> None:
+    cluster = next(c for c in discover() if c.name == "c2605")
+    config = image_config()
+    size = config["Size"]
+    assert isinstance(size, int)
+    port = free_port()
+    name = f"gateway-image-test-{port}"
+    # The key as a Secret would give it: a file the image's user can read.
+    secrets = Path(tempfile.mkdtemp(prefix="gateway-image-key-"))
+    secrets.chmod(0o755)
+    key = secrets / "jwt_hs256.key"
+    shutil.copyfile(cluster.jwt_key, key)
+    key.chmod(0o400)
+    os.chown(key, 10001, 10001)
+    try:
+        started = time.monotonic()
+        podman(
+            "run", "-d", "--name", name, "--read-only", "--network", "host",
+            "-v", f"{secrets}:/var/run/secrets/slurm-gateway:ro",
+            "-e", f"GATEWAY_PORT={port}",
+            "-e", f"GATEWAY_SLURM_URL={cluster.url}",
+            "-e", f"GATEWAY_SLURM_USER={cluster.user}",
+            "-e", "GATEWAY_SLURM_JWT_KEY_FILE=/var/run/secrets/slurm-gateway/jwt_hs256.key",
+            IMAGE,
+        )  # fmt: skip
+        ready = None
+        deadline = started + 60
+        while time.monotonic() < deadline:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/ready", timeout=2)
+                if answer.status_code == 200:
+                    ready = answer.json()
+                    break
+            except httpx.HTTPError:
+                pass
+            state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+            assert state == "running", podman("logs", name).stderr[-2000:]
+            time.sleep(0.2)
+        took = time.monotonic() - started
+        assert ready is not None, f"not ready in 60 s: {podman('logs', name).stdout[-2000:]}"
+        assert ready["status"] == "ok"
+        assert ready["slurm_release"] == cluster.slurm_release
+        # The API reference ships inside: Swagger UI's files, not a CDN's.
+        page = httpx.get(f"http://127.0.0.1:{port}/api/v1/schema", timeout=5)
+        assert page.status_code == 200 and "https://" not in page.text
+        script = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/schema/assets/swagger-ui-bundle.js", timeout=5
+        )
+        assert script.status_code == 200 and len(script.content) > 500_000
+        # The root filesystem is read-only, and the gateway runs anyway.
+        write = podman("exec", name, "sh", "-c", "touch /opt/gateway/x", check=False)
+        assert write.returncode != 0
+        assert "Read-only file system" in write.stderr
+        # SIGTERM: the graceful stop ends with status 0.
+        podman("stop", "--time", "30", name, timeout=60)
+        code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        assert code == "0", podman("logs", name).stdout[-2000:]
+        TIMINGS.append(
+            f"image: {IMAGE} {size / 1e6:.0f} MB, podman run --read-only as uid 10001: "
+            f"/api/v1/ready ok (Slurm {ready['slurm_release']}, "
+            f"{ready['slurm_api_version']}) in {took:.1f} s; stop exit {code}"
+        )
+    finally:
+        podman("rm", "--force", "--time", "5", name, check=False)
+        shutil.rmtree(secrets, ignore_errors=True)
