@@ -16,7 +16,7 @@ from litestar import Controller, Litestar, get
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 from litestar.response import Response
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
@@ -68,8 +68,9 @@ class HealthController(Controller):
         state: State,
         ask_slurm: Annotated[
             bool,
-            Parameter(
-                query="slurm",
+            # Not `slurm`: that name is the client's dependency.
+            QueryParameter(
+                name="slurm",
                 description="false: ready unless draining, without asking Slurm. For "
                 "Kubernetes' readiness probe: a Slurm outage is every replica's, and taking "
                 "them all out of the Service would stop prompts that still work (running "
