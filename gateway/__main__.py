@@ -21,7 +21,7 @@ from uvicorn.supervisors import Multiprocess
 from gateway.accesslog import AccessLog
 from gateway.app import create_app
 from gateway.core.errors import RecipeError
-from gateway.settings import Settings, SettingsError, load_settings
+from gateway.settings import Settings, SettingsError, load_settings, unknown_variables
 
 
 def main() -> int:
@@ -34,6 +34,11 @@ def main() -> int:
     except RecipeError as exc:
         print(f"gateway: recipe error: {exc}", file=sys.stderr)
         return 2
+    for name, close in unknown_variables():
+        # After create_app: its structlog configuration makes this JSON too.
+        structlog.get_logger("gateway").warning(
+            "unknown setting ignored", variable=name, did_you_mean=close
+        )
     _raise_open_files_limit()
     config = uvicorn.Config(
         # Several workers each build their app (and job view) from the environment.

@@ -6,6 +6,7 @@ message naming the variable. Every variable is listed in README.md.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import json
 import os
@@ -116,6 +117,37 @@ def env_name(field: str) -> str:
 
 
 _FIELD_IN_PATH = re.compile(r"at `\$\.([a-z_]+)")
+
+
+# GATEWAY_ variables of the project's scripts and tests, not of the gateway.
+_TOOLING = frozenset(
+    {
+        "GATEWAY_LOCAL_ROOT",
+        "GATEWAY_LOCAL_START_TIMEOUT",
+        "GATEWAY_DEBIAN_MIRROR",
+        "GATEWAY_DEBIAN_SECURITY_MIRROR",
+        "GATEWAY_IMAGE_SOURCE",
+        "GATEWAY_IMAGE_GLIBC",
+        "GATEWAY_VLLM_VERSION",
+        "GATEWAY_VLLM_CLUSTER",
+        "GATEWAY_TORCH_WHEELS",
+    }
+)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """GATEWAY_ variables that are no setting, each with the closest setting:
+    a misspelled one would otherwise be ignored without a word."""
+    env = os.environ if environ is None else environ
+    known = {env_name(field) for field in Settings.__struct_fields__}
+    fields = list(Settings.__struct_fields__)
+    found = []
+    for name in sorted(env):
+        if name.startswith(PREFIX) and name not in known and name not in _TOOLING:
+            # Compared without the prefix, which every name shares.
+            close = difflib.get_close_matches(name.removeprefix(PREFIX).lower(), fields, n=1)
+            found.append((name, env_name(close[0]) if close else None))
+    return found
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from gateway.core.recipes import RecipeCatalog
+from gateway.settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -158,6 +160,22 @@ def test_the_network_policy_covers_the_pods_both_ways(variant: str) -> None:
     assert selects(policy["spec"].get("podSelector", {}), labels), "no podSelector"
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert policy["spec"].get("egress"), "no egress rule: the gateway could not reach Slurm"
+
+
+def test_the_example_site_lets_in_only_its_clients_and_out_to_slurmrestd() -> None:
+    docs = render("overlays/example")
+    policy = one(docs, "NetworkPolicy")["spec"]
+    # No client authentication yet: whoever reaches 8001 can start jobs.
+    assert all(rule.get("from") for rule in policy["ingress"]), policy["ingress"]
+    url = urlsplit(settings(docs)["GATEWAY_SLURM_URL"])
+    ports = {p.get("port") for rule in policy["egress"] for p in rule.get("ports", [])}
+    assert url.port in ports, (url.port, ports)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_every_setting_in_the_config_map_is_one_the_gateway_reads(variant: str) -> None:
+    known = {env_name(field) for field in Settings.__struct_fields__}
+    assert set(settings(render(variant))) <= known
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)

@@ -154,3 +154,19 @@ def test_the_secret_is_checked_and_hidden(tmp_path: Path) -> None:
     same = metadata_codec(load_settings({**BASE, "GATEWAY_SECRET": "q" * 40}))
     meta = codec.new_meta(recipe="a/b", created=1.0, owner="u", environment={}, resources={})
     assert same.decode(codec.encode(meta)) is not None  # every replica reads every other's
+
+
+def test_a_misspelled_variable_is_named_with_the_setting_it_resembles() -> None:
+    from gateway.settings import unknown_variables
+
+    environ = {
+        "GATEWAY_SHUTDOWN_DRAIN_SECOND": "15",  # the S missing
+        "GATEWAY_SHUTDOWN_GRACE_SECONDS": "30",
+        "GATEWAY_LOCAL_ROOT": "/var/lib/slurm-gateway-local",  # the scripts' own
+        "GATEWAY_NOTHING_LIKE_IT": "1",
+        "PATH": "/usr/bin",
+    }
+    assert unknown_variables(environ) == [
+        ("GATEWAY_NOTHING_LIKE_IT", None),
+        ("GATEWAY_SHUTDOWN_DRAIN_SECOND", "GATEWAY_SHUTDOWN_DRAIN_SECONDS"),
+    ]
