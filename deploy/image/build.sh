@@ -45,7 +45,10 @@ if [ "$BASE_IMAGE" = "$DEFAULT_BASE" ] && ! podman image exists "$BASE_IMAGE"; t
   cache=$LOCAL_ROOT/image-base
   tarball=$cache/$BASE_TAG.tar
   if [ ! -s "$tarball" ]; then
-    command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
+    if ! command -v debootstrap >/dev/null; then
+      apt-get update -qq
+      apt-get install -y -qq debootstrap >/dev/null
+    fi
     log "debootstrap $SUITE (minbase + python3) from $MIRROR"
     mkdir -p "$cache"
     dir=$(mktemp -d "$cache/rootfs.XXXXXX")
@@ -67,7 +70,7 @@ if [ "$BASE_IMAGE" = "$DEFAULT_BASE" ] && ! podman image exists "$BASE_IMAGE"; t
 fi
 
 # The wheels the image installs, for the base's Python, kept per dependency set.
-pyver=$(podman run --rm --network none "$BASE_IMAGE" python3 -c \
+pyver=$(podman run --rm --network none --entrypoint python3 "$BASE_IMAGE" -c \
   'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 # pip takes each platform tag literally: list every manylinux up to the
 # base's glibc (bookworm has 2.36).
@@ -81,16 +84,19 @@ project = tomllib.load(open("pyproject.toml", "rb"))
 print("\n".join(project["project"]["dependencies"]))
 PY
 )
-key=$(printf '%s\n' "$pyver" "$glibc" "$requirements" | sha256sum | cut -c1-16)
+# The versions the tests ran with (the venv's), as constraints.
+tested=$("$PY" deploy/image/tested_versions.py)
+key=$(printf '%s\n' "$pyver" "$glibc" "$requirements" "$tested" | sha256sum | cut -c1-16)
 wheels=$LOCAL_ROOT/image-wheels/$key
 if [ ! -s "$wheels/requirements.txt" ]; then
   log "downloading wheels for Python $pyver (glibc 2.$glibc)"
   rm -rf "$wheels.tmp" && mkdir -p "$wheels.tmp"
   printf '%s\n' "$requirements" >"$wheels.tmp/requirements.in"
+  printf '%s\n' "$tested" >"$wheels.tmp/constraints.txt"
   # Binary wheels only: the image has no compiler. setuptools builds the gateway.
   "$PY" -m pip download -q --only-binary=:all: --python-version "$pyver" \
     --implementation cp "${platforms[@]}" --dest "$wheels.tmp" \
-    -r "$wheels.tmp/requirements.in" 'setuptools>=68'
+    -r "$wheels.tmp/requirements.in" -c "$wheels.tmp/constraints.txt" 'setuptools>=68'
   "$PY" -m pip download -q --only-binary=:all: --no-deps --dest "$wheels.tmp/tools" pip
   mv "$wheels.tmp/tools/"pip-*.whl "$wheels.tmp/pip.whl" && rmdir "$wheels.tmp/tools"
   mv "$wheels.tmp/requirements.in" "$wheels.tmp/requirements.txt"

@@ -123,3 +123,25 @@ def test_image_serves_read_only_and_stops_cleanly() -> None:
     finally:
         podman("rm", "--force", "--time", "5", name, check=False)
         shutil.rmtree(secrets, ignore_errors=True)
+
+
+def test_image_holds_the_versions_the_tests_ran_with() -> None:
+    image_config()
+    listing = (
+        "import importlib.metadata as m; "
+        "print('\\n'.join(f'{d.name.lower()}=={d.version}' for d in m.distributions()))"
+    )
+    inside = set(
+        podman(
+            "run", "--rm", "--network", "none", "--entrypoint", "/opt/gateway/bin/python",
+            IMAGE, "-c", listing,
+        ).stdout.split()
+    )  # fmt: skip
+    tested = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "deploy/image/tested_versions.py")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    # Names as distributions spell them may differ in case or - and _.
+    normal = {line.replace("_", "-") for line in inside}
+    missing = [pin for pin in tested if pin not in normal]
+    assert not missing, f"the image differs from the tested venv: {missing}"
