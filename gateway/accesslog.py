@@ -64,7 +64,7 @@ class AccessLog:
         finally:
             structlog.contextvars.reset_contextvars(**bound)
             REQUEST_ID.reset(token)
-            if self.write:
+            if self.write and not (path in _PROBED and 0 < status < 400 and _kubelet(scope)):
                 self._line(scope, path, status, request_id, time.perf_counter() - started)
 
     def _line(self, scope: Scope, path: str, status: int, request_id: str, seconds: float) -> None:
@@ -84,6 +84,18 @@ class AccessLog:
         with contextlib.suppress(OSError, ValueError):  # a closed stdout
             self.out.write(_encode(line).decode() + "\n")
             self.out.flush()
+
+
+# The kubelet's probes that pass: two lines every few seconds per pod, which
+# say nothing. A failing probe is written.
+_PROBED = frozenset({"/api/v1/health", "/api/v1/ready"})
+
+
+def _kubelet(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return value.startswith(b"kube-probe/")
+    return False
 
 
 def _request_id(scope: Scope) -> str:

@@ -102,3 +102,43 @@ async def test_the_request_id_is_the_callers_or_a_new_one() -> None:
         assert json.loads(out.getvalue())["request_id"] == returned == seen[-1]
         assert (returned == (given or b"").decode()) is kept
     assert structlog.contextvars.get_contextvars().get("request_id") is None
+
+
+async def test_passing_kubelet_probes_are_not_written_failing_ones_are() -> None:
+    def answering(status: int) -> AccessLog:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+        return AccessLog(app, out)  # type: ignore[arg-type]
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: object) -> None:
+        pass
+
+    def request(path: str, agent: bytes) -> dict[str, object]:
+        return {
+            "type": "http",
+            "method": "GET",
+            "path": path,
+            "headers": [(b"user-agent", agent)],
+            "http_version": "1.1",
+            "client": ("10.0.0.9", 1),
+        }
+
+    out = io.StringIO()
+    probe = b"kube-probe/1.31"
+    await answering(200)(request("/api/v1/ready", probe), receive, send)  # type: ignore[arg-type]
+    await answering(200)(request("/api/v1/health", probe), receive, send)  # type: ignore[arg-type]
+    assert out.getvalue() == ""
+    await answering(503)(request("/api/v1/ready", probe), receive, send)  # type: ignore[arg-type]
+    await answering(200)(request("/api/v1/ready", b"curl/8"), receive, send)  # type: ignore[arg-type]
+    await answering(200)(request("/api/v1/recipes", probe), receive, send)  # type: ignore[arg-type]
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["path"], x["status"]) for x in lines] == [
+        ("/api/v1/ready", 503),
+        ("/api/v1/ready", 200),
+        ("/api/v1/recipes", 200),
+    ]
