@@ -14,9 +14,12 @@ ROOT=$PWD
 LOCAL_ROOT=${GATEWAY_LOCAL_ROOT:-/var/lib/slurm-gateway-local}
 # The same mirror variable as deploy/local/cluster.sh.
 MIRROR=${GATEWAY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SECURITY_MIRROR=${GATEWAY_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+# The base is made again (with the security updates of the day) once older.
+MAX_AGE_DAYS=${GATEWAY_IMAGE_BASE_MAX_AGE_DAYS:-7}
 SUITE=bookworm
 # Bump the number when the recipe of the base below changes.
-BASE_TAG=$SUITE-slim-1
+BASE_TAG=$SUITE-slim-2
 DEFAULT_BASE=localhost/slurm-gateway-base:$BASE_TAG
 BASE_IMAGE=${BASE_IMAGE:-$DEFAULT_BASE}
 PY=${PY:-$ROOT/.venv/bin/python}
@@ -41,9 +44,15 @@ fi
 source_url=${GATEWAY_IMAGE_SOURCE:-$(git remote get-url origin 2>/dev/null || echo unknown)}
 
 # The base: debootstrap once, keep the tarball, import it when podman lacks it.
+cache=$LOCAL_ROOT/image-base
+tarball=$cache/$BASE_TAG.tar
+if [ "$BASE_IMAGE" = "$DEFAULT_BASE" ] && [ -s "$tarball" ] \
+  && [ -n "$(find "$tarball" -mtime "+$MAX_AGE_DAYS")" ]; then
+  log "$tarball is older than $MAX_AGE_DAYS days: making the base again"
+  rm -f "$tarball"
+  podman rmi --force "$BASE_IMAGE" >/dev/null 2>&1 || true
+fi
 if [ "$BASE_IMAGE" = "$DEFAULT_BASE" ] && ! podman image exists "$BASE_IMAGE"; then
-  cache=$LOCAL_ROOT/image-base
-  tarball=$cache/$BASE_TAG.tar
   if [ ! -s "$tarball" ]; then
     if ! command -v debootstrap >/dev/null; then
       apt-get update -qq
@@ -54,6 +63,14 @@ if [ "$BASE_IMAGE" = "$DEFAULT_BASE" ] && ! podman image exists "$BASE_IMAGE"; t
     dir=$(mktemp -d "$cache/rootfs.XXXXXX")
     trap 'rm -rf "$dir"' EXIT
     debootstrap --variant=minbase --include=python3,ca-certificates "$SUITE" "$dir" "$MIRROR" >/dev/null
+    # debootstrap takes the release alone: the updates and security fixes on top.
+    printf 'deb %s %s main\n' "$MIRROR" "$SUITE" "$MIRROR" "$SUITE-updates" \
+      "$SECURITY_MIRROR" "$SUITE-security" >"$dir/etc/apt/sources.list"
+    printf '#!/bin/sh\nexit 101\n' >"$dir/usr/sbin/policy-rc.d"  # no service starts
+    chmod 0755 "$dir/usr/sbin/policy-rc.d"
+    chroot "$dir" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    chroot "$dir" env DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq >/dev/null
+    rm -f "$dir/usr/sbin/policy-rc.d"
     # What the gateway never reads: package downloads and lists, docs, man
     # pages, translations (about 55 MB).
     rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/cache/apt/*.bin \
@@ -62,6 +79,7 @@ if [ "$BASE_IMAGE" = "$DEFAULT_BASE" ] && ! podman image exists "$BASE_IMAGE"; t
       "$dir"/var/cache/debconf/*-old
     tar --numeric-owner -C "$dir" -cf "$tarball.tmp" .
     mv "$tarball.tmp" "$tarball"
+    find "$cache" -maxdepth 1 -name "$SUITE-slim-*.tar" ! -name "$BASE_TAG.tar" -delete
     rm -rf "$dir"
     trap - EXIT
   fi
