@@ -151,7 +151,8 @@ def worker_app() -> ASGIApp:
 
 def _served(app: Litestar, settings: Settings) -> ASGIApp:
     # Always wrapped: the request id is given out whether or not lines are written.
-    return AccessLog(app, write=settings.access_log)
+    # Lines wait up to 50 ms to be written together.
+    return AccessLog(app, write=settings.access_log, batch=0.05)
 
 
 def _raise_open_files_limit() -> None:

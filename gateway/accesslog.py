@@ -14,6 +14,7 @@ the prompt, so one request can be followed through the gateway and vLLM.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import secrets
@@ -21,7 +22,7 @@ import sys
 import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 import msgspec
 import structlog
@@ -36,13 +37,23 @@ _encode = msgspec.json.Encoder().encode
 
 
 class AccessLog:
-    def __init__(self, app: ASGIApp, out: TextIO | None = None, *, write: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, out: TextIO | None = None, *, write: bool = True, batch: float = 0.0
+    ) -> None:
+        """``batch``: seconds lines may wait to be written together (0: at once).
+        One write and flush per request is a syscall each (the image runs with
+        PYTHONUNBUFFERED=1), a visible share of a proxied prompt's CPU."""
         self.app = app
         self.out = out or sys.stdout
         self.write = write
+        self.batch = batch
+        self._pending: list[bytes] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
+            kind: str = scope["type"]  # Litestar's Scope type leaves lifespan out
+            if kind == "lifespan":
+                send = self._draining_at_shutdown(send)
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -81,9 +92,31 @@ class AccessLog:
             "level": "info",
             "timestamp": datetime.now(tz=UTC).isoformat().replace("+00:00", "Z"),
         }
+        if not self.batch:
+            self._pending.append(_encode(line))
+            self.drain()
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_later(self.batch, self.drain)
+        self._pending.append(_encode(line))
+
+    def drain(self) -> None:
+        """Writes the lines waiting, in one write."""
+        if not self._pending:
+            return
+        text = b"\n".join(self._pending).decode() + "\n"
+        self._pending.clear()
         with contextlib.suppress(OSError, ValueError):  # a closed stdout
-            self.out.write(_encode(line).decode() + "\n")
+            self.out.write(text)
             self.out.flush()
+
+    def _draining_at_shutdown(self, send: Send) -> Send:
+        async def sending(message: Any) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                self.drain()
+            await send(message)
+
+        return sending
 
 
 # The kubelet's probes that pass: two lines every few seconds per pod, which

@@ -10,6 +10,7 @@ import structlog
 from litestar.types import Receive, Scope, Send
 
 from gateway.accesslog import AccessLog
+from tests.conftest import poll
 
 
 async def test_one_line_per_request_without_query_or_body() -> None:
@@ -142,3 +143,52 @@ async def test_passing_kubelet_probes_are_not_written_failing_ones_are() -> None
         ("/api/v1/ready", 200),
         ("/api/v1/recipes", 200),
     ]
+
+
+async def test_batched_lines_come_in_one_write_and_all_before_shutdown_completes() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+        else:  # lifespan: straight to shutdown
+            await send({"type": "lifespan.shutdown.complete"})  # type: ignore[typeddict-item]
+
+    class Writes(io.StringIO):
+        calls = 0
+
+        def write(self, text: str) -> int:
+            Writes.calls += 1
+            return super().write(text)
+
+    out = Writes()
+    log = AccessLog(app, out, batch=0.05)  # type: ignore[arg-type]
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: object) -> None:
+        pass
+
+    def request(n: int) -> dict[str, object]:
+        return {
+            "type": "http",
+            "method": "GET",
+            "path": f"/api/v1/services/{n}",
+            "headers": [],
+            "http_version": "1.1",
+            "client": ("127.0.0.1", 1),
+        }
+
+    for n in range(3):
+        await log(request(n), receive, send)  # type: ignore[arg-type]
+    assert out.getvalue() == ""  # waiting for the batch
+
+    async def written() -> int:
+        return len(out.getvalue().splitlines())
+
+    assert await poll(written, lambda n: n == 3, timeout=2, interval=0.01) == 3
+    assert Writes.calls == 1
+    await log(request(3), receive, send)  # type: ignore[arg-type]
+    await log({"type": "lifespan"}, receive, send)  # type: ignore[arg-type]
+    paths = [json.loads(line)["path"] for line in out.getvalue().splitlines()]
+    assert paths == [f"/api/v1/services/{n}" for n in range(4)]
