@@ -7,9 +7,24 @@ recipes, statuses; never a service id or anything from a request body.
 
 from __future__ import annotations
 
+import functools
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 PREFIX = "gateway"
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+@functools.cache
+def series(metric: M, *labels: str) -> M:
+    """The child of ``metric`` for ``labels``, looked up once: ``labels()``
+    takes a lock and builds a key on every call, on the prompt path too.
+    Labels are bounded (see above), so the cache is."""
+    return metric.labels(*labels)
+
 
 REQUESTS = Histogram(
     f"{PREFIX}_http_request_duration_seconds",

@@ -21,7 +21,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
-    Histogram,
     generate_latest,
     multiprocess,
 )
@@ -30,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.core.services import ServiceManager
-from gateway.metrics import IN_FLIGHT, PREFIX, REQUESTS
+from gateway.metrics import IN_FLIGHT, PREFIX, REQUESTS, series
 from gateway.slurm import SlurmClient
 
 
@@ -45,7 +44,6 @@ class HttpMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._series: dict[tuple[str, str, int], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -77,11 +75,7 @@ class HttpMetrics:
             raise
         finally:
             IN_FLIGHT.dec()
-            key = (method, template, status)
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = REQUESTS.labels(method, template, str(status))
-            series.observe(time.perf_counter() - started)
+            series(REQUESTS, method, template, str(status)).observe(time.perf_counter() - started)
 
 
 class MetricsController(Controller):

@@ -13,7 +13,7 @@ import msgspec
 from gateway.api.schemas import PromptRequest, PromptResponse, UsageResponse
 from gateway.core.errors import UpstreamFailed, UpstreamTimeout
 from gateway.core.services import Service, ServiceManager, Upstream
-from gateway.metrics import PROMPT_FIRST_BYTE, PROMPT_TOKENS, PROMPTS
+from gateway.metrics import PROMPT_FIRST_BYTE, PROMPT_TOKENS, PROMPTS, series
 from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
 
 
@@ -47,10 +47,10 @@ async def complete(
     try:
         done = await vllm.complete(upstream.url, prompt_of(service, data), upstream.key)
     except (UpstreamError, UpstreamUnavailable) as exc:
-        PROMPTS.labels("false", _outcome(exc)).inc()
+        series(PROMPTS, "false", _outcome(exc)).inc()
         raise upstream_failure(service_id, exc) from None
-    PROMPT_FIRST_BYTE.labels("false").observe(time.perf_counter() - started)
-    PROMPTS.labels("false", "ok").inc()
+    series(PROMPT_FIRST_BYTE, "false").observe(time.perf_counter() - started)
+    series(PROMPTS, "false", "ok").inc()
     _count_tokens(done.usage.prompt_tokens, done.usage.completion_tokens)
     return PromptResponse(
         success=True,
@@ -94,9 +94,9 @@ async def open_stream(
         first = b""
     except (UpstreamError, UpstreamUnavailable) as exc:
         await chunks.aclose()
-        PROMPTS.labels("true", _outcome(exc)).inc()
+        series(PROMPTS, "true", _outcome(exc)).inc()
         raise upstream_failure(service_id, exc) from None
-    PROMPT_FIRST_BYTE.labels("true").observe(time.perf_counter() - started)
+    series(PROMPT_FIRST_BYTE, "true").observe(time.perf_counter() - started)
     return first, chunks
 
 
@@ -121,7 +121,7 @@ async def relay(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGener
         error = {"error": {"message": str(exc), "type": "upstream_error"}}
         yield b"event: error\ndata: " + msgspec.json.encode(error) + b"\n\n"
     finally:
-        PROMPTS.labels("true", outcome).inc()
+        series(PROMPTS, "true", outcome).inc()
         # Shielded: after a client left this runs in a cancelled anyio scope
         # (Litestar's streaming), where an await would be cancelled at once.
         with anyio.CancelScope(shield=True):
@@ -136,9 +136,9 @@ def _outcome(exc: Exception) -> str:
 
 def _count_tokens(prompt: int | None, completion: int | None) -> None:
     if prompt:
-        PROMPT_TOKENS.labels("prompt").inc(prompt)
+        series(PROMPT_TOKENS, "prompt").inc(prompt)
     if completion:
-        PROMPT_TOKENS.labels("completion").inc(completion)
+        series(PROMPT_TOKENS, "completion").inc(completion)
 
 
 class _Usage(msgspec.Struct):
