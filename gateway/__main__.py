@@ -21,7 +21,13 @@ from uvicorn.supervisors import Multiprocess
 from gateway.accesslog import AccessLog
 from gateway.app import create_app
 from gateway.core.errors import RecipeError
-from gateway.settings import Settings, SettingsError, load_settings, unknown_variables
+from gateway.settings import (
+    Settings,
+    SettingsError,
+    is_loopback,
+    load_settings,
+    unknown_variables,
+)
 
 
 def main() -> int:
@@ -39,13 +45,14 @@ def main() -> int:
         structlog.get_logger("gateway").warning(
             "unknown setting ignored", variable=name, did_you_mean=close
         )
+    _say_who_may_call(settings, app)
     _raise_open_files_limit()
     config = uvicorn.Config(
         # Several workers each build their app (and job view) from the environment.
         "gateway.__main__:worker_app" if settings.workers > 1 else _served(app, settings),
         factory=settings.workers > 1,
         workers=settings.workers,
-        host=settings.host,
+        host=settings.listen_host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # see gateway/accesslog.py
@@ -71,6 +78,25 @@ def main() -> int:
     with contextlib.suppress(KeyboardInterrupt):  # likewise SIGINT, as uvicorn.run does
         uvicorn.Server(config).run()
     return 0
+
+
+def _say_who_may_call(settings: Settings, app: Litestar) -> None:
+    log = structlog.get_logger("gateway")
+    host = settings.listen_host
+    if settings.authenticates:
+        log.info("clients authenticate", host=host, methods=app.state.authenticator.methods())
+    elif is_loopback(host):
+        log.warning(
+            "no client authentication configured: serving loopback only",
+            host=host,
+            hint="set GATEWAY_AUTH_FILE, GATEWAY_OIDC_ISSUER or GATEWAY_AUTH_SLURM_TOKENS",
+        )
+    else:
+        log.warning(
+            "serving WITHOUT client authentication (GATEWAY_ALLOW_UNAUTHENTICATED=true): "
+            "anyone who reaches this address can run jobs as the gateway's Slurm user",
+            host=host,
+        )
 
 
 def _exit_0(signum: int, frame: FrameType | None) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import enum
+import ipaddress
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +32,8 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    host: str = "0.0.0.0"  # noqa: S104 - a service in a pod listens on all interfaces
+    # Unset: all interfaces when clients authenticate, else loopback only.
+    host: str | None = None
     port: Port = 8001
     log_level: str = "info"
     # Server processes on one port; each is a replica with its own job view.
@@ -73,15 +76,47 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     secret: str | None = None
     secret_file: str | None = None
 
+    # Client authentication (README "Authentication"). Any of the three turns it on.
+    # API keys, tenants, quotas and the OIDC allow-list; re-read when it changes.
+    auth_file: str | None = None
+    # Callers may present their own Slurm JWT (X-SLURM-USER-TOKEN) and act as themselves.
+    auth_slurm_tokens: bool = False
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None  # default: from the issuer's discovery document
+    oidc_algorithms: str = "RS256,ES256"
+    oidc_user_claim: str = "preferred_username"
+    # A rule for callers not in the allow-list: the claim must match it whole;
+    # its group `user` (else the whole value) is the Slurm user.
+    oidc_user_pattern: str | None = None
+    # Serve a non-loopback address with no authentication (logged at start).
+    allow_unauthenticated: bool = False
+    # The API document and its viewer without authentication.
+    public_schema: bool = False
+
     # Services
     recipes_dirs: str = "recipes"
     site_file: str | None = None
-    job_dir: str = "/tmp"  # noqa: S108 - a folder on the cluster, for job output
+    # A folder on the cluster for job output; `{user}` stands for the job's Slurm user.
+    job_dir: str = "/tmp"  # noqa: S108
     path_map: str = ""
     log_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
     health_timeout: Seconds = 2.0
     health_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0
     vllm_timeout: Seconds = 300.0
+
+    @property
+    def authenticates(self) -> bool:
+        return bool(self.auth_file or self.oidc_issuer or self.auth_slurm_tokens)
+
+    @property
+    def listen_host(self) -> str:
+        if self.host is not None:
+            return self.host
+        return "0.0.0.0" if self.authenticates else "127.0.0.1"  # noqa: S104
+
+    def oidc_algorithm_list(self) -> list[str]:
+        return [a.strip() for a in self.oidc_algorithms.split(",") if a.strip()]
 
     def recipe_folders(self) -> list[Path]:
         return [Path(p) for p in self.recipes_dirs.split(":") if p]
@@ -168,7 +203,65 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if settings.slurm_cluster_file is not None:
         settings = _apply_cluster_file(settings, raw)
     _check_slurm(settings)
+    _check_auth(settings)
     return settings
+
+
+# Asymmetric only: an HS* token would be checked with a public key as its secret.
+OIDC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_auth(s: Settings) -> None:
+    if not s.authenticates and not s.allow_unauthenticated and not is_loopback(s.listen_host):
+        raise SettingsError(
+            f"{env_name('host')}: {s.host} is not a loopback address and no client "
+            f"authentication is configured; set {env_name('auth_file')}, "
+            f"{env_name('oidc_issuer')} or {env_name('auth_slurm_tokens')}, or "
+            f"{env_name('allow_unauthenticated')}=true to serve anyone who can reach it"
+        )
+    if s.oidc_issuer is None:
+        for field in ("oidc_audience", "oidc_jwks_url", "oidc_user_pattern"):
+            if getattr(s, field) is not None:
+                raise SettingsError(f"{env_name(field)}: needs {env_name('oidc_issuer')}")
+        return
+    for field in ("oidc_issuer", "oidc_jwks_url"):
+        url = getattr(s, field)
+        if url is None:
+            continue
+        parsed = urllib.parse.urlsplit(url)
+        local = parsed.scheme == "http" and is_loopback(parsed.hostname or "")
+        if not (parsed.scheme == "https" or local) or not parsed.hostname:
+            raise SettingsError(
+                f"{env_name(field)}: {url!r} must be an https:// URL (http:// on loopback only)"
+            )
+    if not s.oidc_audience:
+        raise SettingsError(
+            f"{env_name('oidc_audience')}: required with {env_name('oidc_issuer')} "
+            "(the client id tokens must be issued for)"
+        )
+    algorithms = s.oidc_algorithm_list()
+    bad = [a for a in algorithms if a not in OIDC_ALGORITHMS]
+    if bad or not algorithms:
+        raise SettingsError(
+            f"{env_name('oidc_algorithms')}: {', '.join(bad) or 'empty'}: use asymmetric "
+            "algorithms only: " + ", ".join(sorted(OIDC_ALGORITHMS))
+        )
+    if s.oidc_user_pattern is not None:
+        try:
+            re.compile(s.oidc_user_pattern)
+        except re.error as exc:
+            raise SettingsError(f"{env_name('oidc_user_pattern')}: not a regex: {exc}") from None
 
 
 def _apply_cluster_file(settings: Settings, explicit: Mapping[str, Any]) -> Settings:
@@ -186,7 +279,7 @@ def _apply_cluster_file(settings: Settings, explicit: Mapping[str, Any]) -> Sett
         "slurm_user": user,
         "slurm_jwt_key_file": info.get("jwt_key"),
         "slurm_partition": info.get("partition"),
-        "job_dir": f"/home/{user}" if user else None,
+        "job_dir": "/home/{user}" if user else None,
         # Jobs of a chroot cluster write their files under the chroot.
         "path_map": f"/={info['chroot']}" if info.get("chroot") else None,
     }
@@ -208,6 +301,9 @@ def _check_slurm(s: Settings) -> None:
             )
     if not s.job_dir.startswith("/"):
         raise SettingsError(f"{env_name('job_dir')}: must be an absolute path on the cluster")
+    rest = s.job_dir.replace("{user}", "")
+    if "{" in rest or "}" in rest:
+        raise SettingsError(f"{env_name('job_dir')}: the only placeholder is {{user}}")
     if not re.match(r"^https?://", s.slurm_url):
         raise SettingsError(f"{env_name('slurm_url')}: must start with http:// or https://")
     if s.slurm_api_version is not None:

@@ -31,6 +31,9 @@ JOB_UID="5000"
 # Another cluster user, who is not the gateway's: the tests submit hostile jobs as it.
 OTHER_USER="gwother"
 OTHER_UID="5001"
+# A second user the gateway runs jobs as: the local settings' second tenant.
+TEAM_USER="gwteam"
+TEAM_UID="5002"
 REST_USER="slurmrestd"
 PARTITION="debug"
 CHROOT_PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -409,6 +412,12 @@ configure() {
             --home-dir "/home/${OTHER_USER}" --shell /bin/bash "${OTHER_USER}"
     fi
     install -d -m 0755 -o "${OTHER_UID}" -g "${OTHER_UID}" "${C_CHROOT}/home/${OTHER_USER}"
+    if ! chroot_id "${TEAM_USER}" 3 >/dev/null; then
+        in_chroot groupadd --gid "${TEAM_UID}" "${TEAM_USER}"
+        in_chroot useradd --uid "${TEAM_UID}" --gid "${TEAM_UID}" --create-home \
+            --home-dir "/home/${TEAM_USER}" --shell /bin/bash "${TEAM_USER}"
+    fi
+    install -d -m 0755 -o "${TEAM_UID}" -g "${TEAM_UID}" "${C_CHROOT}/home/${TEAM_USER}"
     # Nothing is mounted on /dev/shm in the chroot: let jobs use the plain folder.
     install -d -m 1777 "${C_CHROOT}/dev/shm" "${C_CHROOT}/tmp"
     chmod 1777 "${C_CHROOT}/dev/shm" "${C_CHROOT}/tmp"
@@ -763,6 +772,8 @@ write_cluster_json() {
   "user": $(json_str "${JOB_USER}"),
   "uid": ${JOB_UID},
   "other_user": $(json_str "${OTHER_USER}"),
+  "team_user": $(json_str "${TEAM_USER}"),
+  "team_uid": ${TEAM_UID},
   "jwt_key": $(json_str "${C_CHROOT}${JWT_KEY_IN_CHROOT}"),
   "cluster_name": $(json_str "${C_NAME}"),
   "chroot": $(json_str "${C_CHROOT}"),

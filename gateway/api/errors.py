@@ -49,9 +49,13 @@ RETRY_AFTER_SECONDS = 5
 
 _MEANINGS = {
     400: "Malformed request: a body that is not JSON, or a parameter that cannot be read",
-    404: "No such service or recipe",
+    401: "No credentials, or credentials that do not check out (see WWW-Authenticate)",
+    403: "Authenticated, but not allowed: a caller outside the allow-list, or acting as "
+    "another Slurm user",
+    404: "No such service or recipe (another tenant's service is no service of yours)",
     409: "The service is not in a state that allows this",
     422: "Invalid request; `errors` names the fields, or Slurm refused the job",
+    429: "A quota of the caller's tenant is reached; `limit` names it",
     500: "Unexpected failure of the gateway; the details are in its log",
     502: "Slurm or the service answered with an error",
     503: "Slurm is unreachable; retry after Retry-After seconds",
@@ -59,8 +63,11 @@ _MEANINGS = {
 }
 
 
-def problem_responses(*codes: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the problem-details errors a route can answer."""
+def problem_responses(*codes: int, public: bool = False) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problem-details errors a route can answer
+    (401 and 403 too, unless the route is public)."""
+    if not public:
+        codes = tuple(sorted({*codes, 401, 403}))
     return {
         code: ResponseSpec(
             ProblemResponse,
@@ -145,7 +152,10 @@ def problem(
 
 
 def from_gateway_error(exc: GatewayError) -> ProblemDetailsException:
-    failure = problem(exc.status_code, exc.title, exc.detail, exc.errors)
+    failure = problem(exc.status_code, exc.title, exc.detail, exc.errors, exc.headers)
+    limit = getattr(exc, "limit", None)
+    if limit is not None and isinstance(failure.extra, dict | None):
+        failure.extra = {**(failure.extra or {}), "limit": limit}
     service_status = getattr(exc, "service_status", None)
     if service_status is not None and isinstance(failure.extra, dict | None):
         failure.extra = {**(failure.extra or {}), "service_status": service_status}

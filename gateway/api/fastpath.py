@@ -11,8 +11,8 @@ service that is not running) goes to the handler with the body replayed, so
 each answer and error keeps one shape and one place; failures once the
 upstream was asked are raised for Litestar's exception handlers, never retried.
 
-Whatever guards the route (authentication, when it comes) must run here too:
-a middleware on the route runs before them otherwise.
+Authentication is app middleware, so it has run by the time this does; a
+guard on the route would not have (route middleware runs before guards).
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def prompt_fast_path(app: ASGIApp) -> ASGIApp:
             return
         service_id = str(scope["path_params"]["service_id"])
         try:
-            service = await prompting.services.running(service_id, kind="vllm")
+            # The caller authenticated already (app middleware, outside this
+            # one); it sees only its own services here as in the handler.
+            service = await prompting.services.running(service_id, scope["user"], kind="vllm")
         except (GatewayError, SlurmError):
             await app(scope, replay, send)  # no side effect yet: the handler says why
             return

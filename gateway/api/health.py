@@ -20,6 +20,7 @@ from litestar.params import QueryParameter
 from litestar.response import Response
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
+from gateway.api.auth import PUBLIC
 from gateway.api.errors import problem_responses
 from gateway.slurm import SlurmClient, SlurmError
 
@@ -44,7 +45,13 @@ class HealthController(Controller):
     path = "/api/v1"
     tags = ("health",)
 
-    @get("/health", operation_id="getHealth", summary="Liveness: the process answers")
+    @get(
+        "/health",
+        operation_id="getHealth",
+        summary="Liveness: the process answers",
+        exclude_from_auth=True,
+        security=PUBLIC,
+    )
     async def health(self) -> Health:
         return Health(status="ok")
 
@@ -52,8 +59,10 @@ class HealthController(Controller):
         "/ready",
         operation_id="getReadiness",
         summary="Readiness: slurmrestd answers and slurmctld responds",
+        exclude_from_auth=True,
+        security=PUBLIC,
         responses={
-            **problem_responses(400, 422),
+            **problem_responses(400, 422, public=True),
             HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
                 Readiness,
                 generate_examples=False,

@@ -18,7 +18,12 @@ class RecipesController(Controller):
     path = "/api/v1/recipes"
     tags = ("recipes",)
 
-    @get("/", operation_id="listRecipes", summary="List the recipes")
+    @get(
+        "/",
+        operation_id="listRecipes",
+        summary="List the recipes",
+        responses=problem_responses(),
+    )
     async def list_recipes(self, recipes: NamedDependency[RecipeCatalog]) -> list[RecipeResponse]:
         return [RecipeResponse.of(r) for r in recipes]
 

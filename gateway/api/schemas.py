@@ -124,7 +124,11 @@ class ServiceResponse(msgspec.Struct, kw_only=True):
     endpoint: Annotated[
         str | None, Meta(description="where the service listens, once it published it")
     ]
-    owner: str
+    owner: Annotated[str, Meta(description="the Slurm user the job runs as")]
+    tenant: Annotated[
+        str | None,
+        Meta(description="the tenant that created it (null: not recorded)"),
+    ]
     slurm_state: str
     slurm_reason: str
 

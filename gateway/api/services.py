@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, delete, get, post
+from litestar import Controller, Request, delete, get, post
+from litestar.datastructures import ResponseHeader
 from litestar.di import NamedDependency
 from litestar.openapi.spec import Example, Link, OpenAPIResponse, Operation
-from litestar.params import Body, Parameter
+from litestar.params import Body, HeaderParameter, Parameter
+from litestar.response import Response
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from msgspec import UNSET
 
+from gateway.api import audit
 from gateway.api.errors import JsonExample, problem_responses
 from gateway.api.schemas import (
     CreateServiceRequest,
@@ -20,11 +23,30 @@ from gateway.api.schemas import (
     ServiceStatusResponse,
     StopResponse,
 )
+from gateway.auth.principal import Principal
 from gateway.core.services import CreateRequest, ServiceManager
 
 ServiceId = Annotated[
     str,
     Parameter(description="the service id: its Slurm job id", examples=[Example(value="3652098")]),
+]
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        required=False,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes a retried create safe: the same key with the same body, "
+        "from the same tenant, answers with the service the first create made (also "
+        "from another replica, also while the first is under way), with "
+        "`Idempotent-Replayed: true`; the same key with another body is 422. Remembered "
+        "while Slurm lists the service (until MinJobAge after it ends). A create with a "
+        "key waits a few seconds before it may start.",
+        examples=[Example(value="benchmark-run-42-server-1")],
+    ),
 ]
 
 _CREATE_EXAMPLES = [
@@ -102,30 +124,49 @@ class ServicesController(Controller):
     @post(
         "/",
         operation_id="createService",
-        responses=problem_responses(400, 422, 502, 503),
+        responses=problem_responses(400, 422, 429, 502, 503),
         summary="Start a service from a recipe",
         description="Renders the recipe with the given overrides and submits it to Slurm. "
         "The new service is usually `pending`; poll its status.",
         status_code=HTTP_201_CREATED,
         response_description="The new service; its `id` is what the other operations take",
         operation_class=CreateServiceOperation,  # adds the links to the 201 answer
+        response_headers=[
+            ResponseHeader(
+                name="Idempotent-Replayed",
+                required=False,
+                documentation_only=True,
+                description="`true` when an earlier create with the same Idempotency-Key "
+                "made this service",
+            )
+        ],
+        audit="service.create",
     )
     async def create(
         self,
+        request: Request[Principal, Any, Any],
         services: NamedDependency[ServiceManager],
+        principal: NamedDependency[Principal],
         data: Annotated[CreateServiceRequest, Body(examples=_CREATE_EXAMPLES)],
-    ) -> ServiceResponse:
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[ServiceResponse]:
         resources = data.config.resources.overrides()
         if "nodes" not in resources and data.config.nodes is not UNSET:
             resources["nodes"] = data.config.nodes
-        service = await services.create(
+        created = await services.create(
             CreateRequest(
                 recipe_name=data.recipe_name,
                 environment=dict(data.config.environment),
                 resources=resources,
-            )
+            ),
+            principal,
+            idempotency_key=idempotency_key,
         )
-        return ServiceResponse.of(service)
+        audit.note(request.scope, service_id=created.service.id, replayed=created.replayed)
+        headers = {"Idempotent-Replayed": "true"} if created.replayed else {}
+        return Response(
+            ServiceResponse.of(created.service), status_code=HTTP_201_CREATED, headers=headers
+        )
 
     @get(
         "/",
@@ -134,9 +175,9 @@ class ServicesController(Controller):
         summary="List the services Slurm still knows",
     )
     async def list_services(
-        self, services: NamedDependency[ServiceManager]
+        self, services: NamedDependency[ServiceManager], principal: NamedDependency[Principal]
     ) -> list[ServiceResponse]:
-        return [ServiceResponse.of(s) for s in await services.list()]
+        return [ServiceResponse.of(s) for s in await services.list(principal)]
 
     @get(
         "/{service_id:str}",
@@ -145,9 +186,12 @@ class ServicesController(Controller):
         summary="Describe one service",
     )
     async def get_service(
-        self, services: NamedDependency[ServiceManager], service_id: ServiceId
+        self,
+        services: NamedDependency[ServiceManager],
+        principal: NamedDependency[Principal],
+        service_id: ServiceId,
     ) -> ServiceResponse:
-        return ServiceResponse.of(await services.get(service_id))
+        return ServiceResponse.of(await services.get(service_id, principal))
 
     @get(
         "/{service_id:str}/status",
@@ -157,9 +201,12 @@ class ServicesController(Controller):
         "failed, cancelled or timeout",
     )
     async def get_status(
-        self, services: NamedDependency[ServiceManager], service_id: ServiceId
+        self,
+        services: NamedDependency[ServiceManager],
+        principal: NamedDependency[Principal],
+        service_id: ServiceId,
     ) -> ServiceStatusResponse:
-        return ServiceStatusResponse.of(await services.get(service_id))
+        return ServiceStatusResponse.of(await services.get(service_id, principal))
 
     @get(
         "/{service_id:str}/logs",
@@ -170,6 +217,7 @@ class ServicesController(Controller):
     async def get_logs(
         self,
         services: NamedDependency[ServiceManager],
+        principal: NamedDependency[Principal],
         service_id: ServiceId,
         tail: Annotated[
             int | None,
@@ -183,7 +231,7 @@ class ServicesController(Controller):
             ),
         ] = None,
     ) -> LogsResponse:
-        return LogsResponse.of(service_id, await services.logs(service_id, tail=tail))
+        return LogsResponse.of(service_id, await services.logs(service_id, principal, tail=tail))
 
     @delete(
         "/{service_id:str}",
@@ -193,11 +241,15 @@ class ServicesController(Controller):
         description="Safe to repeat: a service that has already ended, however it ended, "
         "answers 200 with its final state. Only an unknown id answers 404.",
         status_code=HTTP_200_OK,
+        audit="service.stop",
     )
     async def stop(
-        self, services: NamedDependency[ServiceManager], service_id: ServiceId
+        self,
+        services: NamedDependency[ServiceManager],
+        principal: NamedDependency[Principal],
+        service_id: ServiceId,
     ) -> StopResponse:
-        service, already_ended = await services.stop(service_id)
+        service, already_ended = await services.stop(service_id, principal)
         if already_ended:
             message = (
                 f"Service {service.id} had already ended ({service.status.value}); nothing to stop"

@@ -31,6 +31,7 @@ from gateway.api.schemas import (
 )
 from gateway.api.services import ServiceId
 from gateway.api.streaming import ClosingStream
+from gateway.auth.principal import Principal
 from gateway.core.services import ServiceManager, Upstream
 from gateway.core.status import ServiceStatus
 from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
@@ -63,10 +64,12 @@ class VllmController(Controller):
         responses=problem_responses(502, 503),
         summary="Running vLLM services",
     )
-    async def list_vllm(self, services: NamedDependency[ServiceManager]) -> VllmServicesResponse:
+    async def list_vllm(
+        self, services: NamedDependency[ServiceManager], principal: NamedDependency[Principal]
+    ) -> VllmServicesResponse:
         running = [
             s
-            for s in await services.list()
+            for s in await services.list(principal)
             if s.kind == "vllm" and s.status is ServiceStatus.RUNNING
         ]
         return VllmServicesResponse(
@@ -93,10 +96,11 @@ class VllmController(Controller):
     async def models(
         self,
         prompting: NamedDependency[Prompting],
+        principal: NamedDependency[Principal],
         service_id: ServiceId,
     ) -> ModelsResponse:
         vllm = prompting.vllm
-        service = await prompting.services.running(service_id, kind="vllm")
+        service = await prompting.services.running(service_id, principal, kind="vllm")
         upstream = upstream_of(service)
         endpoint = upstream.url
         try:
@@ -127,10 +131,11 @@ class VllmController(Controller):
     async def prompt(
         self,
         prompting: NamedDependency[Prompting],
+        principal: NamedDependency[Principal],
         service_id: ServiceId,
         data: Annotated[PromptRequest, Body(examples=_PROMPT_EXAMPLES)],
     ) -> Response[PromptResponse] | Stream:
-        service = await prompting.services.running(service_id, kind="vllm")
+        service = await prompting.services.running(service_id, principal, kind="vllm")
         if data.stream:
             upstream = upstream_of(service)
             return await _stream(prompting.vllm, service_id, upstream, prompt_of(service, data))

@@ -15,6 +15,7 @@ class FieldError(msgspec.Struct, frozen=True):
 class GatewayError(Exception):
     status_code = 500
     title = "Internal error"
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str, *, errors: tuple[FieldError, ...] = ()) -> None:
         super().__init__(detail)
@@ -34,6 +35,38 @@ class InvalidRequest(GatewayError):
 class NotFound(GatewayError):
     status_code = 404
     title = "Not found"
+
+
+class Unauthenticated(GatewayError):
+    """No credentials, or credentials that do not check out (RFC 6750)."""
+
+    status_code = 401
+    title = "Unauthorized"
+
+    def __init__(self, detail: str, *, invalid: bool = True) -> None:
+        super().__init__(detail)
+        # No credentials: just the challenge; bad ones: say so (RFC 6750 3.1).
+        challenge = 'Bearer realm="slurm-ai-gateway"'
+        if invalid:
+            quoted = detail.replace("\\", "").replace('"', "'")[:200]
+            challenge += f', error="invalid_token", error_description="{quoted}"'
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class Forbidden(GatewayError):
+    """Authenticated, but not allowed to do this."""
+
+    status_code = 403
+    title = "Forbidden"
+
+
+class QuotaExceeded(GatewayError):
+    status_code = 429
+    title = "Quota exceeded"
+
+    def __init__(self, detail: str, *, limit: str) -> None:
+        super().__init__(detail)
+        self.limit = limit
 
 
 class Conflict(GatewayError):

@@ -65,6 +65,12 @@ class ServiceMeta(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     resources: dict[str, str | int | None] = msgspec.field(default_factory=dict)
     # Random per service: what its upstream key is derived from.
     nonce: bytes = b""
+    # Who created it ("": not recorded, the job's Slurm user owns it).
+    tenant: str = ""
+    # Idempotency-Key marker (see MetaCodec.idempotency_marker) and the digest
+    # of the request it came with; "" when the create had no key.
+    idempotency: str = ""
+    request_digest: str = ""
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -96,6 +102,13 @@ class MetaCodec:
         # In every job name: which gateway (which secret) a job belongs to once
         # its comment is gone. Public, like job names; not a credential.
         self.job_tag = hmac.digest(secret, b"slurm-ai-gateway/job-name", hashlib.sha256)[:3].hex()
+        self._idempotency_key = hmac.digest(secret, b"slurm-ai-gateway/idempotency", hashlib.sha256)
+
+    def idempotency_marker(self, tenant: str, slurm_user: str, key: str) -> str:
+        """What a job records of a create's Idempotency-Key: keyed, so comments
+        (readable by every cluster user) do not show the client's keys."""
+        message = "\0".join((tenant, slurm_user, key)).encode("utf-8", "surrogateescape")
+        return hmac.digest(self._idempotency_key, message, hashlib.sha256)[:9].hex()
 
     def new_meta(
         self,
@@ -105,6 +118,9 @@ class MetaCodec:
         owner: str,
         environment: dict[str, str],
         resources: dict[str, str | int | None],
+        tenant: str = "",
+        idempotency: str = "",
+        request_digest: str = "",
     ) -> ServiceMeta:
         return ServiceMeta(
             recipe=recipe,
@@ -113,6 +129,9 @@ class MetaCodec:
             environment=environment,
             resources=resources,
             nonce=secrets.token_bytes(12),
+            tenant=tenant,
+            idempotency=idempotency,
+            request_digest=request_digest,
         )
 
     def encode(self, meta: ServiceMeta) -> str:

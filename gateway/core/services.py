@@ -15,6 +15,8 @@ only from the files the gateway chose.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import re
 import time
 from datetime import UTC, datetime
@@ -24,8 +26,9 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
+from gateway.auth.principal import Principal
 from gateway.core import jobscript, metadata
-from gateway.core.errors import Conflict, InvalidRequest, NotFound
+from gateway.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
 from gateway.core.joblogs import LogFile, read_tail
 from gateway.core.jobview import JobView
 from gateway.core.metadata import MetaCodec
@@ -36,6 +39,7 @@ from gateway.slurm import (
     JobInfo,
     JobState,
     JobSubmission,
+    Minter,
     SlurmClient,
     SlurmError,
     SlurmJobNotFound,
@@ -52,6 +56,9 @@ _SERVICE_ID = re.compile(r"[0-9]{1,12}")
 # Pending reasons about nodes that cannot take jobs (not about busy ones).
 _WAITS_ON_NODES = re.compile(r"ReqNodeNotAvail|NodeDown")
 _UNAVAILABLE_NODES = re.compile(r"UnavailableNodes:([A-Za-z0-9._,-]+)(?![\[\w])")
+# A create with an Idempotency-Key may not start before this many seconds: the
+# time to find a concurrent twin (another replica's) and cancel the later one.
+IDEMPOTENT_HOLD_SECONDS = 3
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,6 +101,7 @@ class Service(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime | None
     ended_at: datetime | None
     owner: str
+    tenant: str | None
     slurm_state: str
     slurm_reason: str
     node: str | None
@@ -113,6 +121,16 @@ class CreateRequest(msgspec.Struct, frozen=True, kw_only=True):
     environment: dict[str, str] = msgspec.field(default_factory=dict)
     resources: dict[str, Any] = msgspec.field(default_factory=dict)
 
+    def digest(self) -> str:
+        """Same request, same digest: what an Idempotency-Key is bound to."""
+        return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()[:18]
+
+
+class Created(NamedTuple):
+    service: Service
+    # An earlier create with the same Idempotency-Key made it.
+    replayed: bool
+
 
 class ServiceManager:
     def __init__(
@@ -130,13 +148,23 @@ class ServiceManager:
         log_max_bytes: int = 1024 * 1024,
         node_ttl: float = 300.0,
         view: JobView | None = None,
+        minter: Minter | None = None,
     ) -> None:
         self.slurm = slurm
         self.recipes = recipes
         self.prober = prober
         self.codec = codec
+        # May hold `{user}`: each Slurm user's jobs write in their own folder.
         self.job_dir = job_dir.rstrip("/") or "/"
         self.slurm_user = slurm_user
+        # With the cluster's key, jobs run as each caller's own Slurm user.
+        self.minter = minter
+        self._as_users: dict[str, SlurmClient] = {}
+        # Creates with one Idempotency-Key on this replica wait for each other.
+        self._creating: dict[str, asyncio.Lock] = {}
+        # Idempotency marker -> the lowest job id seen with it: later ones are
+        # twins from concurrent creates, cancelled, and no service.
+        self._first_of: dict[str, int] = {}
         self.partition = partition
         self.account = account
         self.path_map = path_map or []
@@ -159,47 +187,126 @@ class ServiceManager:
             self.slurm_user = await self.slurm.user_name()
         return self.slurm_user
 
+    def job_dir_for(self, user: str) -> str:
+        return self.job_dir.replace("{user}", user)
+
+    def _slurm_as(self, user: str, principal: Principal | None = None) -> SlurmClient:
+        """The client acting as ``user``: the caller's own token when it sent
+        one, else tokens minted for that user, else the gateway's own."""
+        credentials = principal.credentials if principal is not None else None
+        if credentials is not None and credentials.user_name == user:
+            return self.slurm.as_user(credentials)
+        if self.minter is None or user == self.slurm_user:
+            return self.slurm
+        client = self._as_users.get(user)
+        if client is None:
+            if len(self._as_users) > 10_000:
+                self._as_users.clear()
+            client = self._as_users[user] = self.slurm.with_tokens(self.minter.for_user(user))
+        return client
+
+    @staticmethod
+    def visible(principal: Principal, job: JobInfo, meta: metadata.ServiceMeta) -> bool:
+        """Admins see every service; others those of their tenant run as their
+        Slurm user (a job with no recorded tenant belongs to its Slurm user)."""
+        if principal.is_admin:
+            return True
+        if job.user_name != principal.slurm_user:
+            return False
+        return meta.tenant in (principal.tenant, "")
+
     # -- create ---------------------------------------------------------------
 
-    async def create(self, request: CreateRequest) -> Service:
+    async def create(
+        self,
+        request: CreateRequest,
+        principal: Principal,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Created:
         recipe = self._recipe_for_create(request.recipe_name)
         environment = recipe.environment(request.environment)
         resources = resolve_resources(
             recipe.spec.resources, request.resources, field="config.resources"
         )
+        gateway_user = await self.owner()
+        user = principal.slurm_user or gateway_user
+        if principal.credentials is None and self.minter is None and user != gateway_user:
+            raise Forbidden(
+                f"this gateway holds a Slurm token for {gateway_user} only and cannot run "
+                f"jobs as {user}: the site must give it the cluster's JWT key (mint mode), "
+                "or the caller must send its own Slurm token"
+            )
+        marker = digest = ""
+        if idempotency_key is not None:
+            marker = self.codec.idempotency_marker(principal.tenant, user, idempotency_key)
+            digest = request.digest()
+        lock = self._creating.setdefault(marker, asyncio.Lock()) if marker else None
+        async with lock or contextlib.nullcontext():
+            try:
+                if marker:
+                    earlier = await self._earlier_create(marker, digest, principal)
+                    if earlier is not None:
+                        return Created(earlier, replayed=True)
+                if principal.limits.max_services is not None or principal.limits.max_gpus:
+                    jobs = await self.view.jobs()
+                    self._check_quota(principal, resources.gpus * resources.nodes, jobs)
+                return await self._submit(
+                    recipe, environment, resources, principal, user, marker, digest
+                )
+            finally:
+                if lock is not None and not lock.locked():
+                    self._creating.pop(marker, None)
+
+    async def _submit(
+        self,
+        recipe: Recipe,
+        environment: dict[str, str],
+        resources: Any,
+        principal: Principal,
+        user: str,
+        marker: str,
+        digest: str,
+    ) -> Created:
         resources_wire = resources.as_config()
         meta = self.codec.new_meta(
             recipe=recipe.name,
             created=time.time(),
-            owner=await self.owner(),
+            owner=user,
             environment=environment,
             resources=resources_wire,
+            tenant=principal.tenant,
+            idempotency=marker,
+            request_digest=digest,
         )
         encoded = self.codec.encode(meta)
         self._check_comment_budget(encoded, environment)
         context = jobscript.render_context(recipe, environment, resources_wire)
         job_name = job_name_of(recipe.name, self.codec.job_tag)
+        job_dir = self.job_dir_for(user)
         submission = JobSubmission(
             script=jobscript.build(recipe, encoded, context),
             name=job_name,
-            working_directory=self.job_dir,
+            working_directory=job_dir,
             environment={
                 "PATH": JOB_PATH,
                 **environment,
                 KEY_VARIABLE: self.codec.upstream_key(meta),
             },
             partition=recipe.partition(resources) or self.partition,
-            account=recipe.spec.account or self.account,
-            standard_output=f"{self.job_dir}/{job_name}-%j.out",
-            standard_error=f"{self.job_dir}/{job_name}-%j.err",
+            account=principal.account or recipe.spec.account or self.account,
+            standard_output=f"{job_dir}/{job_name}-%j.out",
+            standard_error=f"{job_dir}/{job_name}-%j.err",
             nodes=resources.nodes,
             cpus_per_task=resources.cpus,
             memory_per_node_mb=resources.memory_mb,
             time_limit_minutes=resources.time_limit_minutes,
             gpus_per_node=resources.gpus or None,
             comment=encoded,
+            begin_time=int(time.time()) + IDEMPOTENT_HOLD_SECONDS if marker else None,
         )
-        submitted = await self.slurm.submit(submission)
+        slurm = self._slurm_as(user, principal)
+        submitted = await slurm.submit(submission)
         # One slurmrestd call: the job exists now, and reading it back could
         # only fail a create that worked (a client retrying would start a
         # second job). The view shows it at once, pending, until a listing
@@ -208,18 +315,134 @@ class ServiceManager:
             JobInfo(
                 job_id=submitted.job_id,
                 name=job_name,
-                user_name=meta.owner,
+                user_name=user,
                 state=JobState.PENDING,
                 state_reason="None",
                 partition=submission.partition or "",
                 submit_time=datetime.now(tz=UTC),
                 comment=encoded,
-                working_directory=self.job_dir,
-                standard_output=f"{self.job_dir}/{job_name}-{submitted.job_id}.out",
-                standard_error=f"{self.job_dir}/{job_name}-{submitted.job_id}.err",
+                working_directory=job_dir,
+                standard_output=f"{job_dir}/{job_name}-{submitted.job_id}.out",
+                standard_error=f"{job_dir}/{job_name}-{submitted.job_id}.err",
             )
         )
-        return self._service_from_submission(submitted.job_id, recipe, meta)
+        service = self._service_from_submission(submitted.job_id, recipe, meta)
+        limits = principal.limits
+        if not marker and limits.max_services is None and limits.max_gpus is None:
+            return Created(service, replayed=False)
+        return await self._settle(slurm, submitted.job_id, service, principal, marker, digest)
+
+    async def _settle(
+        self,
+        slurm: SlurmClient,
+        job_id: int,
+        service: Service,
+        principal: Principal,
+        marker: str,
+        digest: str,
+    ) -> Created:
+        """Checks, with a listing that began after the submit, what another
+        replica may have done at the same time: the same Idempotency-Key
+        submitted twice, or a quota both creates were within on their own.
+        Job ids order the creates: the lower one stands, the later is
+        cancelled (an idempotent one has not started: it waits its hold)."""
+        try:
+            await self.view.fresh(self.view.clock())
+        except SlurmError as exc:
+            # Nothing lost: the job stands, unverified; said in the log.
+            log.warning("create_not_verified", job_id=job_id, error=str(exc)[:300])
+            return Created(service, replayed=False)
+        jobs = self.view.snapshot()
+        if marker:
+            first = min(
+                (
+                    job
+                    for job in jobs
+                    if (parsed := self._parse(job)) and parsed[0].idempotency == marker
+                ),
+                key=lambda job: job.job_id,
+                default=None,
+            )
+            if first is not None and first.job_id < job_id:
+                await self._cancel_twin(slurm, job_id, f"twin of job {first.job_id}")
+                parsed = self._parse(first)
+                assert parsed is not None
+                self._check_same_request(parsed[0], digest, first.job_id)
+                return Created(await self._service(first, *parsed), replayed=True)
+        try:
+            self._check_quota(principal, 0, jobs, upto=job_id)
+        except QuotaExceeded:
+            await self._cancel_twin(slurm, job_id, "over quota")
+            raise
+        return Created(service, replayed=False)
+
+    async def _cancel_twin(self, slurm: SlurmClient, job_id: int, why: str) -> None:
+        try:
+            await slurm.cancel(job_id)
+        except SlurmJobNotFound:
+            pass
+        except SlurmError as exc:
+            log.error("create_cancel_failed", job_id=job_id, why=why, error=str(exc)[:300])
+            raise
+        log.info("create_cancelled", job_id=job_id, why=why)
+
+    async def _earlier_create(
+        self, marker: str, digest: str, principal: Principal
+    ) -> Service | None:
+        """The service an earlier create with this key made, while Slurm holds it."""
+        found: tuple[JobInfo, metadata.ServiceMeta, metadata.Reported] | None = None
+        for job in await self.view.jobs():
+            parsed = self._parse(job)
+            if parsed is None or parsed[0].idempotency != marker:
+                continue
+            if found is None or job.job_id < found[0].job_id:
+                found = (job, *parsed)
+        if found is None:
+            return None
+        self._check_same_request(found[1], digest, found[0].job_id)
+        return await self._service(*found)
+
+    @staticmethod
+    def _check_same_request(meta: metadata.ServiceMeta, digest: str, job_id: int) -> None:
+        if meta.request_digest != digest:
+            raise InvalidRequest.field(
+                "Idempotency-Key",
+                f"was used for another request (service {job_id}); "
+                "a key may be reused only with the same body",
+            )
+
+    def _check_quota(
+        self, principal: Principal, gpus: int, jobs: list[JobInfo], *, upto: int | None = None
+    ) -> None:
+        """429 when this create would take the tenant over a limit, counting
+        from Slurm's view its services that have not ended (those up to job
+        ``upto`` when given: the create's own job is among them then)."""
+        limits = principal.limits
+        if limits.max_services is None and limits.max_gpus is None:
+            return
+        count, used = 0 if upto is not None else 1, gpus
+        for job in jobs:
+            if job.state.is_terminal or (upto is not None and job.job_id > upto):
+                continue
+            parsed = self._parse(job)
+            if parsed is None or parsed[0].tenant != principal.tenant:
+                continue
+            if self._is_twin(job, parsed[0]):
+                continue
+            count += 1
+            used += _gpus_of(parsed[0].resources)
+        if limits.max_services is not None and count > limits.max_services:
+            raise QuotaExceeded(
+                f"tenant {principal.tenant} may have at most {limits.max_services} services "
+                "pending or running (max_services); stop one first",
+                limit="max_services",
+            )
+        if limits.max_gpus is not None and used > limits.max_gpus:
+            raise QuotaExceeded(
+                f"tenant {principal.tenant} may use at most {limits.max_gpus} GPUs at once "
+                f"(max_gpus); this would make {used}",
+                limit="max_gpus",
+            )
 
     def _recipe_for_create(self, name: str) -> Recipe:
         try:
@@ -257,6 +480,7 @@ class ServiceManager:
             started_at=None,
             ended_at=None,
             owner=meta.owner,
+            tenant=meta.tenant or None,
             slurm_state=JobState.PENDING.value,
             slurm_reason="",
             node=None,
@@ -271,13 +495,31 @@ class ServiceManager:
         key = (job.comment, job.user_name, job.state)
         cached = self._parsed.get(job.job_id)
         if cached is not None and cached[0] == key:
-            return cached[1]
-        parsed = self._parse_comment(job)
-        self._parsed[job.job_id] = (key, parsed)
+            parsed = cached[1]
+        else:
+            parsed = self._parse_comment(job)
+            self._parsed[job.job_id] = (key, parsed)
+        if parsed is not None and parsed[0].idempotency:
+            marker = parsed[0].idempotency
+            first = self._first_of.get(marker)
+            if first is None or job.job_id < first:
+                if len(self._first_of) > 100_000:
+                    self._first_of.clear()
+                self._first_of[marker] = job.job_id
         return parsed
 
+    def _is_twin(self, job: JobInfo, meta: metadata.ServiceMeta) -> bool:
+        """A later job of the same Idempotency-Key: cancelled, never a service."""
+        if not meta.idempotency:
+            return False
+        first = self._first_of.get(meta.idempotency)
+        return first is not None and first < job.job_id
+
     def _parse_comment(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
-        if not job.user_name or (self.slurm_user and job.user_name != self.slurm_user):
+        # Any Slurm user's job may be a service (jobs run as their callers);
+        # the MAC says the gateway wrote the comment, and the owner it names
+        # must be the job's user: a comment copied onto another job is nothing.
+        if not job.user_name:
             return None
         if not job.comment.startswith(metadata.PREFIX):
             return self._overwritten(job)
@@ -298,7 +540,7 @@ class ServiceManager:
         one keeps Slurm's verdict.
         """
         recipe = self._recipe_of_job_name(job.name)
-        expected = f"{self.job_dir.rstrip('/')}/{job.name}-{job.job_id}.out"
+        expected = f"{self.job_dir_for(job.user_name).rstrip('/')}/{job.name}-{job.job_id}.out"
         if recipe is None or job.standard_output != expected or job.submit_time is None:
             return None
         meta = metadata.ServiceMeta(
@@ -317,17 +559,22 @@ class ServiceManager:
         tag = self.codec.job_tag
         return next((r for r in self.recipes.names() if job_name_of(r, tag) == name), None)
 
-    async def list(self) -> list[Service]:
-        """Every service Slurm still knows, from the view; probes in parallel.
+    async def list(self, principal: Principal) -> list[Service]:
+        """The caller's services Slurm still knows, from the view; probes in parallel.
 
         One job's bad data never fails the listing: it is left out and logged once.
         """
-        await self.owner()
         jobs = await self.view.jobs()
         if len(self._parsed) > 2 * len(jobs) + 1024:
             current = {job.job_id for job in jobs}
             self._parsed = {k: v for k, v in self._parsed.items() if k in current}
-        ours = [(job, parsed) for job in jobs if (parsed := self._parse(job))]
+        # Every job parsed first: a twin is known as one only once its first is.
+        parsed_jobs = [(job, parsed) for job in jobs if (parsed := self._parse(job))]
+        ours = [
+            (job, parsed)
+            for job, parsed in parsed_jobs
+            if self.visible(principal, job, parsed[0]) and not self._is_twin(job, parsed[0])
+        ]
         built = await asyncio.gather(
             *(self._service(job, *parsed) for job, parsed in ours), return_exceptions=True
         )
@@ -348,7 +595,7 @@ class ServiceManager:
         counts: dict[tuple[str, str], int] = {}
         for job in self.view.snapshot():
             parsed = self._parse(job)
-            if parsed is None:
+            if parsed is None or self._is_twin(job, parsed[0]):
                 continue
             memo = self._built.get(job.job_id)
             if memo is not None and memo.job is job:
@@ -367,24 +614,27 @@ class ServiceManager:
         self._reported_bad.add(job_id)
         log.warning("service_skipped", job_id=job_id, error=repr(exc)[:300])
 
-    async def get(self, service_id: str) -> Service:
-        return await self._service(*await self._job(service_id))
+    async def get(self, service_id: str, principal: Principal) -> Service:
+        return await self._service(*await self._job(service_id, principal))
 
     async def _job(
-        self, service_id: str
+        self, service_id: str, principal: Principal
     ) -> tuple[JobInfo, metadata.ServiceMeta, metadata.Reported]:
-        """The job of a service with what its comment holds; 404 for any other."""
+        """The job of a service the caller may see, with what its comment
+        holds; one and the same 404 for any other job id, known or not."""
         job_id = parse_id(service_id)
-        await self.owner()
         job = await self.view.job(job_id)
-        if job is None:
+        parsed = self._parse(job) if job is not None else None
+        if (
+            job is None
+            or parsed is None
+            or self._is_twin(job, parsed[0])
+            or not self.visible(principal, job, parsed[0])
+        ):
             raise NotFound(
-                f"service {service_id} does not exist (Slurm does not know job {job_id}; "
-                "finished jobs are forgotten after Slurm's MinJobAge)"
-            ) from None
-        parsed = self._parse(job)
-        if parsed is None:
-            raise NotFound(f"service {service_id} does not exist (job {job_id} is not a service)")
+                f"service {service_id} does not exist: no service of yours has this id "
+                "(finished services are forgotten after Slurm's MinJobAge)"
+            )
         return job, *parsed
 
     async def _service(
@@ -458,6 +708,7 @@ class ServiceManager:
             started_at=job.start_time if job.state is not JobState.PENDING else None,
             ended_at=job.end_time if job.state.is_terminal else None,
             owner=meta.owner,
+            tenant=meta.tenant or None,
             slurm_state=job.state.value,
             slurm_reason=job.state_reason,
             node=job.batch_host or job.nodes or None,
@@ -507,14 +758,16 @@ class ServiceManager:
             return "http", "/health"  # recipe removed since: still list the service
         return spec.kind, spec.health_path
 
-    async def running(self, service_id: str, *, kind: str | None = None) -> Service:
+    async def running(
+        self, service_id: str, principal: Principal, *, kind: str | None = None
+    ) -> Service:
         """The service, which must be running (and of ``kind``); 409 otherwise.
 
         This is on every prompt's path; it reads the view and the prober's cache
         only. At worst a prompt reaches a service stopped by another replica
         within the view's refresh interval, and gets the upstream's error (502).
         """
-        service = await self.get(service_id)
+        service = await self.get(service_id, principal)
         if kind is not None and service.kind != kind:
             raise Conflict(f"service {service_id} is a {service.kind} service, not {kind}")
         if service.status is not ServiceStatus.RUNNING or service.upstream is None:
@@ -527,8 +780,8 @@ class ServiceManager:
 
     # -- logs -----------------------------------------------------------------
 
-    async def logs(self, service_id: str, *, tail: int | None) -> Logs:
-        job, meta, _ = await self._job(service_id)
+    async def logs(self, service_id: str, principal: Principal, *, tail: int | None) -> Logs:
+        job, meta, _ = await self._job(service_id, principal)
         if job.state is JobState.PENDING:
             raise Conflict(f"service {service_id} is pending: it has not started, so no logs yet")
         stdout = await self._log_file(job, meta, "out", job.standard_output, tail)
@@ -537,9 +790,10 @@ class ServiceManager:
             stderr = await self._log_file(job, meta, "err", job.standard_error, tail)
         files = [f for f in (stdout, stderr) if f is not None]
         if all(f.missing for f in files):
+            job_dir = self.job_dir_for(job.user_name)
             raise NotFound(
-                f"no log file of service {service_id} at {self.job_dir} yet "
-                f"(looked at {self.local_path(self.job_dir)} on the gateway host)"
+                f"no log file of service {service_id} at {job_dir} yet "
+                f"(looked at {self.local_path(job_dir)} on the gateway host)"
             )
         refused = "; ".join(f.refused for f in files if f.refused)
         return Logs(
@@ -558,7 +812,8 @@ class ServiceManager:
         tail: int | None,
     ) -> LogFile:
         name = f"{job_name_of(meta.recipe, self.codec.job_tag)}-{job.job_id}.{suffix}"
-        expected = f"{self.job_dir.rstrip('/')}/{name}"
+        job_dir = self.job_dir_for(job.user_name).rstrip("/")
+        expected = f"{job_dir}/{name}"
         if reported != expected:
             shown = reported[:200].encode("unicode_escape").decode("ascii")
             return LogFile(
@@ -567,7 +822,7 @@ class ServiceManager:
             )
         return await asyncio.to_thread(
             read_tail,
-            self.local_path(self.job_dir),
+            self.local_path(job_dir or "/"),
             name,
             uid=job.user_id,
             lines=tail,
@@ -583,18 +838,19 @@ class ServiceManager:
 
     # -- stop -----------------------------------------------------------------
 
-    async def stop(self, service_id: str) -> Stopped:
+    async def stop(self, service_id: str, principal: Principal) -> Stopped:
         """Cancel the service's job and answer with its final state.
 
         Safe to repeat: clients stop services in cleanup paths and retry on
         timeouts, so a service that already ended, however it ended, is
         stopped: its final state, no error. Only an unknown id is 404.
         """
-        job, meta, reported = await self._job(service_id)
+        job, meta, reported = await self._job(service_id, principal)
         if job.state.is_terminal:
             return Stopped(await self._service(job, meta, reported), already_ended=True)
         try:
-            await self.slurm.cancel(job.job_id)
+            # As the job's own user (an admin stopping another user's service too).
+            await self._slurm_as(job.user_name, principal).cancel(job.job_id)
         except SlurmJobNotFound:
             return Stopped(await self._gone(job, meta, reported), already_ended=True)
         # Slurm ends the job within moments; answer with its final state when
@@ -628,6 +884,14 @@ class _Built(NamedTuple):
     upstream: Upstream | None
     healthy: bool | None
     service: Service
+
+
+def _gpus_of(resources: dict[str, str | int | None]) -> int:
+    gpu, nodes = resources.get("gpu"), resources.get("nodes")
+    try:
+        return int(gpu or 0) * int(nodes or 1)
+    except ValueError:
+        return 0
 
 
 def _settled(job: JobInfo | None) -> bool:

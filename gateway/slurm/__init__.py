@@ -5,6 +5,7 @@ from gateway.slurm.auth import (
     Credentials,
     FixedCredentials,
     MintedTokens,
+    Minter,
     StaticToken,
     TokenProvider,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "JobState",
     "JobSubmission",
     "MintedTokens",
+    "Minter",
     "NodeInfo",
     "PingResult",
     "SlurmAuthError",

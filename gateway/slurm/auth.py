@@ -202,6 +202,31 @@ class StaticToken:
         return Credentials(user, token, float(exp) if isinstance(exp, int | float) else None)
 
 
+class Minter:
+    """Holds the cluster's key and mints tokens for any Slurm user, one renewing
+    :class:`MintedTokens` per user (jobs run as each tenant's own user)."""
+
+    def __init__(self, key: bytes, *, lifespan: float = 1800.0) -> None:
+        if not key:
+            raise SlurmAuthError("the JWT key is empty")
+        self._key = key
+        self._lifespan = lifespan
+        self._users: dict[str, MintedTokens] = {}
+
+    def __repr__(self) -> str:
+        return f"Minter(users={len(self._users)})"
+
+    def for_user(self, user_name: str) -> MintedTokens:
+        tokens = self._users.get(user_name)
+        if tokens is None:
+            if len(self._users) > 10_000:
+                self._users.clear()
+            tokens = self._users[user_name] = MintedTokens(
+                self._key, user_name, lifespan=self._lifespan
+            )
+        return tokens
+
+
 class FixedCredentials:
     """A caller's own user and token, used for one request (pass-through)."""
 

@@ -108,9 +108,14 @@ class SlurmClient:
     def as_user(self, credentials: Credentials) -> SlurmClient:
         """A view acting with a caller's own credentials (pass-through mode),
         sharing this client's connections and negotiated version."""
+        return self.with_tokens(FixedCredentials(credentials))
+
+    def with_tokens(self, tokens: TokenProvider) -> SlurmClient:
+        """A view with other credentials (another Slurm user's minted tokens),
+        sharing this client's connections, version and bound on calls."""
         view = object.__new__(SlurmClient)
         view._http = self._http
-        view._tokens = FixedCredentials(credentials)
+        view._tokens = tokens
         view._negotiated = self._negotiated
         view._owns_http = False
         return view

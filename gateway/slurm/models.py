@@ -98,6 +98,9 @@ class JobSubmission(msgspec.Struct, frozen=True, kw_only=True):
     time_limit_minutes: int | None = None
     gpus_per_node: int | None = None
     comment: str | None = None
+    # Not before this time (seconds since the epoch): a hold the gateway can
+    # act within (cancel a duplicate) before the job could start.
+    begin_time: int | None = None
 
 
 class SubmitResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -31,6 +31,8 @@ class LocalCluster(msgspec.Struct, frozen=True, kw_only=True):
     cpus: int = 1
     # A second cluster user who is not the gateway's (hostile-job tests).
     other_user: str = "gwother"
+    # A second user the gateway runs jobs as (the local second tenant).
+    team_user: str = "gwteam"
 
     def host_path(self, cluster_path: str) -> Path:
         """Where a path inside the cluster (a job's stdout) is on this host."""

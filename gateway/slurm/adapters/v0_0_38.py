@@ -79,6 +79,7 @@ class V0038(V0039):
             "time_limit": job.time_limit_minutes,
             "comment": job.comment,
             "gpus_per_node": str(job.gpus_per_node) if job.gpus_per_node else None,
+            "begin_time": job.begin_time,
         }
         desc.update({k: v for k, v in optional.items() if v is not None})
         return {"script": job.script, "job": desc}

@@ -224,6 +224,8 @@ class V0045(Adapter):
             desc["time_limit"] = self.integer(job.time_limit_minutes)
         if job.gpus_per_node:
             desc["tres_per_node"] = f"gres/gpu:{job.gpus_per_node}"
+        if job.begin_time is not None:
+            desc["begin_time"] = self.integer(job.begin_time)
         return desc
 
     def environment(self, env: dict[str, str]) -> Any:

@@ -1,0 +1,343 @@
+"""From a request's headers to a :class:`Principal`, or a 401/403.
+
+Three kinds of credentials, each optional:
+
+* ``Authorization: Bearer sgw_...``: an API key from the auth file;
+* ``Authorization: Bearer <JWT>``: an OIDC token, checked against the issuer's
+  JWKS (signature, issuer, audience, expiry, allowed algorithms), its user
+  claim mapped to a Slurm user by the allow-list or the rule;
+* ``X-SLURM-USER-TOKEN`` (with or without ``X-SLURM-USER-NAME``): the caller's
+  own Slurm JWT; the caller acts as itself and its Slurm calls carry its token.
+  Checked with the cluster's key when the gateway holds it, else by slurmrestd
+  (one ping per token).
+
+A checked token is remembered until it expires (at most five minutes), so a
+caller sending the same token on every prompt costs one check, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jwt
+import structlog
+
+from gateway.auth.authfile import KEY_PREFIX, AuthFile, Directory, empty
+from gateway.auth.principal import SLURM_USER, TENANT, Method, Principal, Role, anonymous
+from gateway.core.errors import Forbidden, Unauthenticated
+from gateway.settings import Settings
+from gateway.slurm import SlurmClient, SlurmError
+from gateway.slurm.auth import Credentials
+from gateway.slurm.errors import SlurmAuthError
+
+log = structlog.get_logger(__name__)
+
+TOKEN_HEADER = "x-slurm-user-token"  # noqa: S105 - a header name
+USER_HEADER = "x-slurm-user-name"
+_CACHE_SECONDS = 300.0
+_CACHE_SIZE = 10_000
+_LEEWAY = 30  # seconds of clock skew allowed on exp/nbf/iat
+
+
+class _Checked:
+    """Tokens already checked: sha256(token) -> (principal or refusal, until)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[bytes, tuple[Principal | Exception, float]] = OrderedDict()
+
+    def get(self, digest: bytes) -> Principal | Exception | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._entries[digest]
+            return None
+        return entry[0]
+
+    def put(self, digest: bytes, outcome: Principal | Exception, until: float) -> None:
+        self._entries[digest] = (outcome, min(until, self._clock() + _CACHE_SECONDS))
+        while len(self._entries) > _CACHE_SIZE:
+            self._entries.popitem(last=False)
+
+
+class OidcVerifier:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        assert settings.oidc_issuer is not None
+        assert settings.oidc_audience is not None
+        self.issuer = settings.oidc_issuer
+        self.audience = settings.oidc_audience
+        self.algorithms = settings.oidc_algorithm_list()
+        self.claim = settings.oidc_user_claim
+        pattern = settings.oidc_user_pattern
+        self.pattern = re.compile(pattern) if pattern else None
+        self._jwks_url = settings.oidc_jwks_url
+        self._jwks: jwt.PyJWKClient | None = None
+        self._clock = clock
+
+    def _client(self) -> jwt.PyJWKClient:
+        """Runs in a worker thread: the first call may fetch the discovery document."""
+        if self._jwks is None:
+            url = self._jwks_url or _discover_jwks(self.issuer)
+            # The key set is cached for five minutes; a token signed with an
+            # unknown key (rotation) refetches it, at most every 30 s.
+            self._jwks = jwt.PyJWKClient(url, cache_jwk_set=True, lifespan=300, timeout=5)
+        return self._jwks
+
+    def _signing_key(self, token: str) -> Any:
+        return self._client().get_signing_key_from_jwt(token).key
+
+    async def claims(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("the bearer token is neither an API key nor a JWT") from None
+        if header.get("alg") not in self.algorithms:
+            raise Unauthenticated(
+                f"token algorithm {str(header.get('alg'))[:20]!r} is not accepted "
+                f"(accepted: {', '.join(self.algorithms)})"
+            )
+        try:
+            key = await asyncio.to_thread(self._signing_key, token)
+        except jwt.PyJWKClientConnectionError as exc:
+            log.error("oidc_jwks_unreachable", error=str(exc)[:300])
+            raise Unauthenticated("the token's signing keys cannot be fetched now") from None
+        except (jwt.PyJWKClientError, jwt.PyJWTError) as exc:
+            raise Unauthenticated(f"the token's signing key is unknown: {exc}") from None
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=_LEEWAY,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the token has expired") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("the token is not issued for this gateway (audience)") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated("the token is from another issuer") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"the token does not check out: {exc}") from None
+        return claims
+
+    def principal(self, claims: Mapping[str, Any], directory: Directory) -> Principal:
+        subject = claims.get(self.claim)
+        if not isinstance(subject, str) or not subject:
+            raise Forbidden(f"the token has no {self.claim!r} claim to map to a Slurm user")
+        listed = directory.oidc_users.get(subject)
+        if listed is not None:
+            return directory.principal(
+                tenant=listed.tenant or listed.slurm_user,
+                slurm_user=listed.slurm_user,
+                role=listed.role,
+                method=Method.OIDC,
+                label=subject,
+            )
+        match = self.pattern.fullmatch(subject) if self.pattern else None
+        if match is None:
+            raise Forbidden(f"{self.claim} {subject[:100]!r} is not allowed to use this gateway")
+        user = match.groupdict().get("user") or match.group(0)
+        if not SLURM_USER.fullmatch(user) or not TENANT.fullmatch(user):
+            raise Forbidden(f"{self.claim} {subject[:100]!r} maps to no valid Slurm user")
+        return directory.principal(
+            tenant=user, slurm_user=user, role=Role.USER, method=Method.OIDC, label=subject
+        )
+
+
+def _discover_jwks(issuer: str) -> str:
+    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310 - https checked
+            document = json.loads(answer.read(1 << 20))
+    except (OSError, ValueError) as exc:
+        raise jwt.PyJWKClientConnectionError(f"discovery at {url} failed: {exc}") from None
+    jwks = document.get("jwks_uri") if isinstance(document, dict) else None
+    if not isinstance(jwks, str) or not jwks.startswith(("https://", "http://")):
+        raise jwt.PyJWKClientConnectionError(f"discovery at {url} names no jwks_uri")
+    return jwks
+
+
+class SlurmTokenVerifier:
+    """A caller's own Slurm JWT: signature checked with the cluster's key when
+    the gateway holds it, otherwise by slurmrestd itself (a ping as the caller)."""
+
+    def __init__(self, key_file: str | None) -> None:
+        self._key = Path(key_file).read_bytes() if key_file else None
+        # Set once the app's client exists (Authenticator.bind).
+        self.slurm: SlurmClient | None = None
+
+    async def user(self, token: str) -> tuple[str, float]:
+        """The token's user and expiry; raises Unauthenticated."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._key or b"",
+                algorithms=["HS256"],
+                leeway=_LEEWAY,
+                options={"verify_signature": self._key is not None, "require": ["exp"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the Slurm token has expired") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"the Slurm token does not check out: {exc}") from None
+        user = claims.get("sun") or claims.get("username")
+        if not isinstance(user, str) or not SLURM_USER.fullmatch(user):
+            raise Unauthenticated("the Slurm token names no user (claim 'sun')")
+        expires = float(claims["exp"])
+        if self._key is None:
+            assert self.slurm is not None, "Authenticator.bind() was not called"
+            try:
+                await self.slurm.as_user(Credentials(user, token, expires)).ping()
+            except SlurmAuthError:
+                raise Unauthenticated("slurmrestd refused the Slurm token") from None
+        return user, expires
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.enabled = settings.authenticates
+        self._clock = clock
+        self._file = AuthFile(Path(settings.auth_file)) if settings.auth_file else None
+        self._oidc = OidcVerifier(settings, clock=clock) if settings.oidc_issuer else None
+        self._slurm_tokens = (
+            SlurmTokenVerifier(
+                settings.slurm_jwt_key_file if settings.slurm_auth == "mint" else None
+            )
+            if settings.auth_slurm_tokens
+            else None
+        )
+        self._anonymous = anonymous(settings.slurm_user)
+        self._checked = _Checked(clock)
+
+    def bind(self, slurm: SlurmClient) -> None:
+        """The client that checks Slurm tokens when the gateway holds no key."""
+        if self._slurm_tokens is not None:
+            self._slurm_tokens.slurm = slurm
+
+    def directory(self) -> Directory:
+        return self._file.current() if self._file else _EMPTY
+
+    def methods(self) -> list[str]:
+        found = []
+        if self._file:
+            found.append(f"API keys ({self._file.path})")
+        if self._oidc:
+            found.append(f"OIDC ({self._oidc.issuer})")
+        if self._slurm_tokens:
+            found.append("Slurm tokens (X-SLURM-USER-TOKEN)")
+        return found
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        if not self.enabled:
+            return self._anonymous
+        authorization = headers.get("authorization")
+        slurm_token = headers.get(TOKEN_HEADER)
+        if authorization and slurm_token:
+            raise Unauthenticated("send either Authorization or X-SLURM-USER-TOKEN, not both")
+        if slurm_token:
+            principal = await self._by_slurm_token(slurm_token.strip())
+        elif authorization:
+            scheme, _, credential = authorization.partition(" ")
+            credential = credential.strip()
+            if scheme.lower() != "bearer" or not credential:
+                raise Unauthenticated("use Authorization: Bearer <key or token>")
+            principal = await self._by_bearer(credential)
+        else:
+            raise Unauthenticated("authentication required", invalid=False)
+        claimed = headers.get(USER_HEADER)
+        if claimed is not None and claimed != principal.slurm_user:
+            raise Forbidden(
+                f"X-SLURM-USER-NAME {claimed[:64]!r} is not the caller's Slurm user "
+                f"({principal.slurm_user}); nobody acts as another user here"
+            )
+        return principal
+
+    async def _by_bearer(self, credential: str) -> Principal:
+        if credential.startswith(KEY_PREFIX) or self._oidc is None:
+            found = self.directory().by_key(credential)
+            if found is None:
+                raise Unauthenticated("unknown API key")
+            return found
+        oidc = self._oidc
+        return await self._cached(
+            credential, lambda: self._oidc_principal(oidc, credential), method="oidc"
+        )
+
+    async def _oidc_principal(self, oidc: OidcVerifier, token: str) -> tuple[Principal, float]:
+        claims = await oidc.claims(token)
+        return oidc.principal(claims, self.directory()), float(claims["exp"])
+
+    async def _by_slurm_token(self, token: str) -> Principal:
+        token = token.removeprefix("SLURM_JWT=")
+        verifier = self._slurm_tokens
+        if verifier is None:
+            raise Unauthenticated("this gateway does not take Slurm tokens (X-SLURM-USER-TOKEN)")
+
+        async def check() -> tuple[Principal, float]:
+            user, expires = await verifier.user(token)
+            principal = self.directory().principal(
+                tenant=user,
+                slurm_user=user,
+                role=Role.USER,
+                method=Method.SLURM_TOKEN,
+                label=user,
+            )
+            credentials = Credentials(user, token, expires)
+            return _with_credentials(principal, credentials), expires
+
+        return await self._cached(token, check, method="slurm-token")
+
+    async def _cached(
+        self,
+        token: str,
+        check: Callable[[], Awaitable[tuple[Principal, float]]],
+        *,
+        method: str,
+    ) -> Principal:
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        known = self._checked.get(digest)
+        if isinstance(known, Principal):
+            return known
+        if isinstance(known, Exception):
+            raise known.with_traceback(None)
+        try:
+            principal, expires = await check()
+        except (Unauthenticated, Forbidden) as exc:
+            # A refused token is remembered briefly: a client retrying it in a
+            # loop must not cost a JWKS fetch or a slurmrestd call each time.
+            self._checked.put(digest, exc, self._clock() + 10)
+            raise
+        except SlurmError as exc:
+            log.warning("token_check_failed", method=method, error=str(exc)[:300])
+            raise
+        self._checked.put(digest, principal, expires)
+        return principal
+
+
+def _with_credentials(principal: Principal, credentials: Credentials) -> Principal:
+    return Principal(
+        tenant=principal.tenant,
+        slurm_user=principal.slurm_user,
+        role=principal.role,
+        method=principal.method,
+        limits=principal.limits,
+        account=principal.account,
+        label=principal.label,
+        credentials=credentials,
+    )
+
+
+_EMPTY = empty()
