@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             path_map=settings.path_mapping(),
             log_max_bytes=settings.log_max_bytes,
             minter=minter,
+            known_users=lambda: authenticate.directory().slurm_users,
             view=JobView(
                 client,
                 interval=settings.view_refresh_seconds,

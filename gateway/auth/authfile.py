@@ -103,6 +103,9 @@ class Directory:
             if user.subject in self.oidc_users:
                 raise AuthFileError(f"{where}.subject: {user.subject!r} is listed twice")
             self.oidc_users[user.subject] = user
+        self.slurm_users = frozenset(
+            [k.slurm_user for k in spec.keys] + [u.slurm_user for u in spec.oidc_users]
+        )
         for name in spec.tenants:
             if not TENANT.fullmatch(name):
                 raise AuthFileError(f"tenants.{name}: not a tenant name ({TENANT.pattern})")

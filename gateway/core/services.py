@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 import hashlib
 import re
 import time
@@ -149,6 +150,7 @@ class ServiceManager:
         node_ttl: float = 300.0,
         view: JobView | None = None,
         minter: Minter | None = None,
+        known_users: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self.slurm = slurm
         self.recipes = recipes
@@ -159,6 +161,8 @@ class ServiceManager:
         self.slurm_user = slurm_user
         # With the cluster's key, jobs run as each caller's own Slurm user.
         self.minter = minter
+        # Slurm users the site's auth file names (besides the gateway's own).
+        self.known_users = known_users or frozenset
         self._as_users: dict[str, SlurmClient] = {}
         # Creates with one Idempotency-Key on this replica wait for each other.
         self._creating: dict[str, asyncio.Lock] = {}
@@ -539,6 +543,9 @@ class ServiceManager:
         endpoint: a running one is ``failed`` (it cannot be reached), an ended
         one keeps Slurm's verdict.
         """
+        if job.user_name != self.slurm_user and job.user_name not in self.known_users():
+            # No MAC left to go by: only users the site configured are believed.
+            return None
         recipe = self._recipe_of_job_name(job.name)
         expected = f"{self.job_dir_for(job.user_name).rstrip('/')}/{job.name}-{job.job_id}.out"
         if recipe is None or job.standard_output != expected or job.submit_time is None:

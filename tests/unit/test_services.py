@@ -14,8 +14,9 @@ import pytest
 from pytest_httpx import HTTPXMock
 from structlog.testing import capture_logs
 
+from gateway.auth.principal import Limits, Method, Principal, Role, anonymous
 from gateway.core import metadata
-from gateway.core.errors import Conflict, InvalidRequest, NotFound
+from gateway.core.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import CreateRequest, ServiceManager
 from gateway.core.status import ServiceStatus
@@ -46,6 +47,7 @@ def job(job_id: int, comment: str, state: str = "RUNNING") -> dict[str, Any]:
 
 
 CODEC = metadata.MetaCodec(b"the gateway's shared secret....!")
+ADMIN = anonymous("gwuser")
 # The node's address is a loopback one of its own, where the tests' health
 # stubs listen (tests/unit/http_stub.py); 127.0.0.1 is then off the node.
 NODE_ADDRESS = "127.0.0.2"
@@ -127,7 +129,7 @@ async def _listing_costs_one_slurm_call(httpx_mock: HTTPXMock, stubs: list[Stub]
         is_reusable=True,
     )
     services = manager()
-    listed = await services.list()
+    listed = await services.list(ADMIN)
     assert [s.id for s in listed] == ["13", "12", "11", "10"]
     assert [s.status for s in listed] == [
         ServiceStatus.STARTING,  # the fourth answers 503
@@ -135,7 +137,7 @@ async def _listing_costs_one_slurm_call(httpx_mock: HTTPXMock, stubs: list[Stub]
         ServiceStatus.RUNNING,
         ServiceStatus.RUNNING,
     ]
-    await services.list()  # within the view's interval and the probe cache: nothing sent
+    await services.list(ADMIN)  # within the view's interval and the probe cache: nothing sent
     jobs_calls = httpx_mock.get_requests(url=JOBS)
     assert len(jobs_calls) == 1
     await services.prober.aclose()
@@ -147,7 +149,7 @@ async def test_comment_from_the_job_is_parsed_not_trusted(httpx_mock: HTTPXMock)
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
     httpx_mock.add_response(url=JOBS, json={"jobs": [job(7, evil)]})
     services = manager()
-    service = await services.get("7")
+    service = await services.get("7", ADMIN)
     # A malformed endpoint is ignored, no probe is sent, and the reason says so.
     assert service.endpoint is None
     assert service.status is ServiceStatus.STARTING
@@ -179,7 +181,7 @@ async def _off_the_node(httpx_mock: HTTPXMock, node: Stub, elsewhere: Stub) -> N
     jobs.append(job(9, service_comment(node.port, "node1.cluster")))
     httpx_mock.add_response(url=JOBS, json={"jobs": jobs})
     services = manager()
-    listed = {s.id: s for s in await services.list()}
+    listed = {s.id: s for s in await services.list(ADMIN)}
     for sid in ("7", "8"):
         assert listed[sid].endpoint is None
         assert listed[sid].status is ServiceStatus.STARTING
@@ -207,9 +209,9 @@ async def test_only_the_gateways_user_and_genuine_blobs_make_services(
     ]
     httpx_mock.add_response(url=JOBS, json={"jobs": jobs})
     services = manager()
-    assert [s.id for s in await services.list()] == ["4"]
-    with pytest.raises(NotFound, match="not a service"):
-        await services.get("1")
+    assert [s.id for s in await services.list(ADMIN)] == ["4"]
+    with pytest.raises(NotFound, match="no service of yours has this id"):
+        await services.get("1", ADMIN)
     await services.prober.aclose()
     await services.slurm.aclose()
 
@@ -230,8 +232,8 @@ async def test_one_bad_job_never_fails_a_listing(
 
     monkeypatch.setattr(services.prober, "healthy", healthy)
     with capture_logs() as logs:
-        assert [s.id for s in await services.list()] == ["2"]
-        assert [s.id for s in await services.list()] == ["2"]
+        assert [s.id for s in await services.list(ADMIN)] == ["2"]
+        assert [s.id for s in await services.list(ADMIN)] == ["2"]
     skipped = [e for e in logs if e["event"] == "service_skipped"]
     assert [e["job_id"] for e in skipped] == [1]  # logged once
     await services.prober.aclose()
@@ -242,7 +244,7 @@ async def test_create_is_one_submit_and_survives_a_failing_read(httpx_mock: HTTP
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 41})
     services = manager()
-    created = await services.create(CreateRequest(recipe_name="testing/http"))
+    created, _ = await services.create(CreateRequest(recipe_name="testing/http"), ADMIN)
     assert (created.id, created.status) == ("41", ServiceStatus.PENDING)
     sent = [r for r in httpx_mock.get_requests() if not r.url.path.endswith("/ping")]
     assert [r.url.path for r in sent] == ["/slurm/v0.0.42/job/submit"]
@@ -262,7 +264,8 @@ async def test_a_comment_over_slurms_limit_names_the_longest_field() -> None:
         await services.create(
             CreateRequest(
                 recipe_name="testing/http", environment={"MESSAGE": "m" * 900, "PORT": "8000"}
-            )
+            ),
+            ADMIN,
         )
     assert info.value.errors[0].field == "config.environment.MESSAGE"
     assert "1024" in info.value.detail
@@ -278,7 +281,7 @@ async def test_a_job_purged_while_stopping_answers_stopped(httpx_mock: HTTPXMock
     # The next listing no longer holds it (purged right away).
     httpx_mock.add_response(url=JOBS, json={"jobs": [], "last_update": {"set": True, "number": 9}})
     services = manager()
-    stopped, already_ended = await services.stop("7")
+    stopped, already_ended = await services.stop("7", ADMIN)
     assert not already_ended
     assert stopped.status is ServiceStatus.CANCELLED
     assert stopped.ended_at is not None
@@ -290,7 +293,7 @@ async def test_a_job_purged_while_stopping_answers_stopped(httpx_mock: HTTPXMock
 async def test_ids_are_ascii_job_numbers(service_id: str) -> None:
     services = manager()
     with pytest.raises(NotFound):
-        await services.get(service_id)
+        await services.get(service_id, ADMIN)
     await services.prober.aclose()
     await services.slurm.aclose()
 
@@ -311,8 +314,8 @@ async def _prompt_path_reads_the_view(httpx_mock: HTTPXMock, node: Stub) -> None
     )
     mock_node(httpx_mock)
     services = manager()
-    first = await asyncio.gather(*(services.running("7") for _ in range(50)))
-    second = await services.running("7")
+    first = await asyncio.gather(*(services.running("7", ADMIN) for _ in range(50)))
+    second = await services.running("7", ADMIN)
     assert first[0].status is ServiceStatus.RUNNING
     assert all(s == second for s in first)
     assert len(httpx_mock.get_requests(url=JOBS)) == 1
@@ -347,17 +350,98 @@ async def test_an_overwritten_comment_leaves_a_stoppable_failed_service(
     ]
     httpx_mock.add_response(url=JOBS, json={"jobs": jobs})
     services = manager()
-    listed = await services.list()
+    listed = await services.list(ADMIN)
     assert [s.id for s in listed] == ["7"]
     service = listed[0]
     assert service.status is ServiceStatus.FAILED
     assert "overwritten" in service.status_reason
     assert (service.recipe_name, service.endpoint, service.upstream) == ("testing/http", None, None)
     with pytest.raises(Conflict, match="overwritten"):
-        await services.running("7")
+        await services.running("7", ADMIN)
     # Once it ends, Slurm's verdict: what it meant is not remembered from before.
     body = json.dumps({"jobs": [overwritten(7, "COMPLETED")]}).encode()
     services.view.put(adapter_for("v0.0.42").parse_jobs(200, body).jobs[0])
-    assert (await services.get("7")).status is ServiceStatus.COMPLETED
+    assert (await services.get("7", ADMIN)).status is ServiceStatus.COMPLETED
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+def tenant_blob(owner: str, tenant: str, idempotency: str = "") -> str:
+    meta = CODEC.new_meta(
+        recipe="testing/http",
+        created=1_800_000_000.0,
+        owner=owner,
+        environment={},
+        resources={"nodes": 1, "gpu": "2"},
+        tenant=tenant,
+        idempotency=idempotency,
+    )
+    return CODEC.encode(meta)
+
+
+async def test_each_tenant_sees_its_own_and_twins_are_no_service(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    jobs = [
+        {**job(1, tenant_blob("alice", "team-a"), "PENDING"), "user_name": "alice"},
+        {**job(2, tenant_blob("bob", "team-b"), "PENDING"), "user_name": "bob"},
+        # team-c shares alice's Slurm user, not her services
+        {**job(3, tenant_blob("alice", "team-c"), "PENDING"), "user_name": "alice"},
+        # two creates with one Idempotency-Key (two replicas): the later is a twin
+        {**job(5, tenant_blob("bob", "team-b", "m1"), "PENDING"), "user_name": "bob"},
+        {**job(6, tenant_blob("bob", "team-b", "m1"), "PENDING"), "user_name": "bob"},
+    ]
+    httpx_mock.add_response(url=JOBS, json={"jobs": jobs}, is_reusable=True)
+    services = manager()
+    team = {
+        name: Principal(tenant=name, slurm_user=user, role=Role.USER, method=Method.KEY)
+        for name, user in (("team-a", "alice"), ("team-b", "bob"), ("team-c", "alice"))
+    }
+    assert [s.id for s in await services.list(team["team-a"])] == ["1"]
+    assert [s.id for s in await services.list(team["team-b"])] == ["5", "2"]
+    assert [s.id for s in await services.list(team["team-c"])] == ["3"]
+    assert [s.id for s in await services.list(ADMIN)] == ["5", "3", "2", "1"]
+    unknown = await asyncio.gather(
+        services.get("2", team["team-a"]),
+        services.get("6", team["team-b"]),
+        services.get("424242", team["team-a"]),
+        return_exceptions=True,
+    )
+    # Another tenant's id, a twin and an unknown id: one and the same answer.
+    assert all(isinstance(e, NotFound) for e in unknown)
+    assert len({str(e).replace(i, "N") for e, i in zip(unknown, ("2", "6", "424242"))}) == 1
+    # Quotas count the tenant's services that have not ended, twins excepted.
+    limited = Principal(
+        tenant="team-b",
+        slurm_user="bob",
+        role=Role.USER,
+        method=Method.KEY,
+        limits=Limits(max_services=2, max_gpus=4),
+    )
+    with pytest.raises(QuotaExceeded) as info:
+        services._check_quota(limited, 2, await services.view.jobs())
+    assert info.value.limit == "max_services"
+    services._check_quota(
+        Principal(
+            tenant="team-b",
+            slurm_user="bob",
+            role=Role.USER,
+            method=Method.KEY,
+            limits=Limits(max_gpus=6),
+        ),
+        2,
+        await services.view.jobs(),
+    )
+    with pytest.raises(QuotaExceeded, match="at most 5 GPUs"):
+        services._check_quota(
+            Principal(
+                tenant="team-b",
+                slurm_user="bob",
+                role=Role.USER,
+                method=Method.KEY,
+                limits=Limits(max_gpus=5),
+            ),
+            2,
+            await services.view.jobs(),
+        )
     await services.prober.aclose()
     await services.slurm.aclose()
