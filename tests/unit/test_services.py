@@ -408,7 +408,10 @@ async def test_each_tenant_sees_its_own_and_twins_are_no_service(httpx_mock: HTT
     )
     # Another tenant's id, a twin and an unknown id: one and the same answer.
     assert all(isinstance(e, NotFound) for e in unknown)
-    assert len({str(e).replace(i, "N") for e, i in zip(unknown, ("2", "6", "424242"))}) == 1
+    assert (
+        len({str(e).replace(i, "N") for e, i in zip(unknown, ("2", "6", "424242"), strict=True)})
+        == 1
+    )
     # Quotas count the tenant's services that have not ended, twins excepted.
     limited = Principal(
         tenant="team-b",
