@@ -56,6 +56,10 @@ OPENAI_BODY = {
     "max_tokens": TOKENS,
 }
 GATEWAY_BODY = {"prompt": PROMPT, "max_tokens": TOKENS}
+# Every request carries this (the baselines too, which ignore it): with
+# --auth key the gateway checks an API key on each one, as deployed.
+HEADERS: dict[str, str] = {}
+LOCAL_KEY = "sgw_local-admin-key"  # deploy/local/tenants.toml
 SIDES = ("direct", "nginx", "vllm-router", "gateway")
 
 
@@ -150,7 +154,7 @@ class Router:
 
 async def wait_answering(url: str, body: dict[str, Any], within: float = 60) -> None:
     deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=HEADERS) as session:
         while True:
             try:
                 async with session.post(url, json=body) as r:
@@ -205,7 +209,8 @@ def wrk(url: str, body: dict[str, Any], connections: int, seconds: float) -> Loa
         script.write(
             'wrk.method = "POST"\n'
             'wrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = {json.dumps(json.dumps(body))}\n"
+            + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.items())
+            +             f"wrk.body = {json.dumps(json.dumps(body))}\n"
         )
     threads = 1 if connections == 1 else 2
     out = subprocess.run(
@@ -249,7 +254,7 @@ async def streams(url: str, body: dict[str, Any], concurrency: int, seconds: flo
     done = 0
     stop_at = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=HEADERS) as session:
 
         async def worker() -> None:
             nonlocal errors, done
@@ -280,7 +285,9 @@ async def burst(url: str, body: dict[str, Any], count: int) -> tuple[float, int]
     """Seconds for ``count`` streams started at once to end; failures."""
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=HEADERS
+    ) as session:
         t0 = time.perf_counter()
         ends = await asyncio.gather(
             *(one_stream(session, url, body) for _ in range(count)), return_exceptions=True
@@ -297,7 +304,9 @@ async def open_streams(url: str, body: dict[str, Any], count: int, pid: int) -> 
     failed = 0
     all_open = asyncio.Event()
     release = asyncio.Event()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=HEADERS
+    ) as session:
 
         async def hold() -> None:
             nonlocal opened, failed
@@ -361,7 +370,7 @@ def ratio(a: float, b: float) -> str:
 
 
 async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayProcess) -> None:
-    async with aiohttp.ClientSession(base_url=gateway.url) as api:
+    async with aiohttp.ClientSession(base_url=gateway.url, headers=HEADERS) as api:
         python = "/opt/vllm/bin/python"  # has uvloop; the chroot's python3 may not
         fast = await start_stub(api, {"STUB_PYTHON": python})
         paced = await start_stub(api, {"STUB_PYTHON": python, "STUB_CHUNK_DELAY_MS": "200"})
@@ -473,7 +482,18 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--open-streams", type=int, default=2000)
     parser.add_argument("--burst", type=int, default=500)
+    parser.add_argument(
+        "--auth",
+        choices=["key", "none"],
+        default="key",
+        help="key: clients authenticate with an API key (deploy/local/tenants.toml); "
+        "none: no authentication (loopback only)",
+    )
     args = parser.parse_args()
+    auth_env: dict[str, str] = {}
+    if args.auth == "key":
+        HEADERS["Authorization"] = f"Bearer {LOCAL_KEY}"
+        auth_env["GATEWAY_AUTH_FILE"] = str(ROOT / "deploy" / "local" / "tenants.toml")
     cluster = next((c for c in discover() if c.name == args.cluster), None)
     if cluster is None:
         raise SystemExit(f"no local cluster {args.cluster}; run `make cluster`")
@@ -484,6 +504,7 @@ def main() -> int:
         GATEWAY_RECIPES_DIRS=recipes,
         GATEWAY_WORKERS=str(args.workers),
         GATEWAY_HEALTH_CACHE_SECONDS="3",
+        **auth_env,
     ) as gateway:
         asyncio.run(run(args, cluster, gateway))
     return 0

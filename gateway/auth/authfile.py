@@ -89,6 +89,8 @@ class Directory:
     def __init__(self, spec: AuthFileSpec) -> None:
         self.spec = spec
         self.keys: dict[bytes, KeySpec] = {}
+        # Built once per key and file version: a key is checked on every prompt.
+        self._principals: dict[bytes, Principal] = {}
         for i, key in enumerate(spec.keys):
             where = f"keys[{i}]"
             _check_names(where, key.tenant, key.slurm_user)
@@ -137,16 +139,20 @@ class Directory:
         # A lookup by the key's hash: what its timing could reveal is about
         # the hash of what was sent, which says nothing about any stored key.
         digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        principal = self._principals.get(digest)
+        if principal is not None:
+            return principal
         found = self.keys.get(digest)
         if found is None or not hmac.compare_digest(bytes.fromhex(found.sha256), digest):
             return None
-        return self.principal(
+        principal = self._principals[digest] = self.principal(
             tenant=found.tenant,
             slurm_user=found.slurm_user,
             role=found.role,
             method=Method.KEY,
             label=found.name or f"key {found.sha256[:8]}",
         )
+        return principal
 
 
 def _check_names(where: str, tenant: str, slurm_user: str) -> None:

@@ -246,21 +246,26 @@ class ServiceManager:
             marker = self.codec.idempotency_marker(principal.tenant, user, idempotency_key)
             digest = request.digest()
         lock = self._creating.setdefault(marker, asyncio.Lock()) if marker else None
-        async with lock or contextlib.nullcontext():
-            try:
+        try:
+            async with lock or contextlib.nullcontext():
                 if marker:
                     earlier = await self._earlier_create(marker, digest, principal)
                     if earlier is not None:
                         return Created(earlier, replayed=True)
-                if principal.limits.max_services is not None or principal.limits.max_gpus:
+                if (
+                    principal.limits.max_services is not None
+                    or principal.limits.max_gpus is not None
+                ):
                     jobs = await self.view.jobs()
                     self._check_quota(principal, resources.gpus * resources.nodes, jobs)
                 return await self._submit(
                     recipe, environment, resources, principal, user, marker, digest
                 )
-            finally:
-                if lock is not None and not lock.locked():
-                    self._creating.pop(marker, None)
+        finally:
+            # Once nobody holds it. A create that still waits on this lock
+            # finds the job in the view, which has it since the submit.
+            if lock is not None and not lock.locked():
+                self._creating.pop(marker, None)
 
     async def _submit(
         self,
