@@ -37,7 +37,7 @@ from gateway.core.errors import Forbidden, Unauthenticated
 from gateway.settings import Settings
 from gateway.slurm import SlurmClient, SlurmError
 from gateway.slurm.auth import Credentials
-from gateway.slurm.errors import SlurmAuthError
+from gateway.slurm.errors import SlurmAuthError, SlurmBusy
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +46,10 @@ USER_HEADER = "x-slurm-user-name"
 _CACHE_SECONDS = 300.0
 _CACHE_SIZE = 10_000
 _LEEWAY = 30  # seconds of clock skew allowed on exp/nbf/iat
+# Checking a Slurm token without the key costs slurmctld an RPC, and anyone can
+# make up tokens: at most this many new ones a second per replica.
+_SLURM_CHECKS_PER_SECOND = 5.0
+_DISCOVERY_RETRY_SECONDS = 30.0
 
 
 class _Checked:
@@ -83,11 +87,19 @@ class OidcVerifier:
         self._jwks_url = settings.oidc_jwks_url
         self._jwks: jwt.PyJWKClient | None = None
         self._clock = clock
+        self._discovery_failed_at = float("-inf")
 
     def _client(self) -> jwt.PyJWKClient:
         """Runs in a worker thread: the first call may fetch the discovery document."""
         if self._jwks is None:
-            url = self._jwks_url or _discover_jwks(self.issuer)
+            # A failed discovery is not retried for every request that comes.
+            if time.monotonic() - self._discovery_failed_at < _DISCOVERY_RETRY_SECONDS:
+                raise jwt.PyJWKClientConnectionError("the issuer's discovery failed just now")
+            try:
+                url = self._jwks_url or _discover_jwks(self.issuer)
+            except jwt.PyJWKClientConnectionError:
+                self._discovery_failed_at = time.monotonic()
+                raise
             # The key set is cached for five minutes; a token signed with an
             # unknown key (rotation) refetches it, at most every 30 s.
             self._jwks = jwt.PyJWKClient(url, cache_jwk_set=True, lifespan=300, timeout=5)
@@ -174,10 +186,27 @@ class SlurmTokenVerifier:
     """A caller's own Slurm JWT: signature checked with the cluster's key when
     the gateway holds it, otherwise by slurmrestd itself (a ping as the caller)."""
 
-    def __init__(self, key_file: str | None) -> None:
+    def __init__(
+        self, key_file: str | None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._key = Path(key_file).read_bytes() if key_file else None
         # Set once the app's client exists (Authenticator.bind).
         self.slurm: SlurmClient | None = None
+        self._clock = clock
+        self._budget = _SLURM_CHECKS_PER_SECOND
+        self._budget_at = clock()
+
+    def _spend(self) -> None:
+        """A token bucket for the checks slurmctld pays for."""
+        now = self._clock()
+        self._budget = min(
+            _SLURM_CHECKS_PER_SECOND,
+            self._budget + (now - self._budget_at) * _SLURM_CHECKS_PER_SECOND,
+        )
+        self._budget_at = now
+        if self._budget < 1:
+            raise SlurmBusy("too many new Slurm tokens to check right now")
+        self._budget -= 1
 
     async def user(self, token: str) -> tuple[str, float]:
         """The token's user and expiry; raises Unauthenticated."""
@@ -199,6 +228,7 @@ class SlurmTokenVerifier:
         expires = float(claims["exp"])
         if self._key is None:
             assert self.slurm is not None, "Authenticator.bind() was not called"
+            self._spend()
             try:
                 await self.slurm.as_user(Credentials(user, token, expires)).ping()
             except SlurmAuthError:
