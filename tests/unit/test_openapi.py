@@ -70,6 +70,8 @@ def test_prompt_answers_json_or_an_event_stream(document: dict[str, Any]) -> Non
     assert list(document["paths"]["/api/v1/vllm/{service_id}/prompt"]["post"]["responses"]) == [
         "200",
         "400",
+        "401",
+        "403",
         "404",
         "409",
         "422",
