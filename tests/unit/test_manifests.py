@@ -1,10 +1,12 @@
 """The Kubernetes manifests (deploy/kubernetes): rendered with the venv's kubectl
 kustomize, valid against the Kubernetes schemas, and saying what a cluster
 operator relies on: replicas, probes, the restricted Pod Security Standard,
-a disruption budget, a network policy, a stop that lets streams finish."""
+a disruption budget, a network policy, a stop that lets streams finish, and
+clients that authenticate with an auth file a key rotation reaches."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.auth.authfile import parse
 from gateway.core.recipes import RecipeCatalog
-from gateway.settings import Settings, env_name
+from gateway.settings import Settings, env_name, is_loopback, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -26,6 +29,10 @@ KUBECTL = Path(sys.executable).parent / "kubectl"
 # What a site deploys, and what tests/integration/test_kubernetes.py plays.
 SITE_VARIANTS = ["base", "overlays/example"]
 ALL_VARIANTS = [*SITE_VARIANTS, "overlays/local"]
+# The overlays, which bring the Secrets the base only names.
+OVERLAYS = ["overlays/example", "overlays/local"]
+# overlays/local takes deploy/local/tenants.toml, outside its folder, as is.
+LOAD_ANYWHERE = {"overlays/local"}
 # Volume types the restricted Pod Security Standard admits.
 RESTRICTED_VOLUMES = {
     "configMap",
@@ -40,8 +47,9 @@ RESTRICTED_VOLUMES = {
 
 
 def render(variant: str) -> list[dict[str, Any]]:
+    restrict = ["--load-restrictor", "LoadRestrictionsNone"] if variant in LOAD_ANYWHERE else []
     out = subprocess.run(
-        [str(KUBECTL), "kustomize", str(KUBE / variant)],
+        [str(KUBECTL), "kustomize", *restrict, str(KUBE / variant)],
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
     return [doc for doc in yaml.safe_load_all(out) if doc]
@@ -165,7 +173,7 @@ def test_the_network_policy_covers_the_pods_both_ways(variant: str) -> None:
 def test_the_example_site_lets_in_only_its_clients_and_out_to_slurmrestd() -> None:
     docs = render("overlays/example")
     policy = one(docs, "NetworkPolicy")["spec"]
-    # No client authentication yet: whoever reaches 8001 can start jobs.
+    # Clients authenticate, but /metrics and the probes' paths answer anyone.
     assert all(rule.get("from") for rule in policy["ingress"]), policy["ingress"]
     url = urlsplit(settings(docs)["GATEWAY_SLURM_URL"])
     ports = {p.get("port") for rule in policy["egress"] for p in rule.get("ports", [])}
@@ -205,7 +213,7 @@ def test_prometheus_scrapes_the_metrics_port(variant: str) -> None:
 
 
 # The base leaves the kind of Slurm credentials to the overlay.
-@pytest.mark.parametrize("variant", ["overlays/example", "overlays/local"])
+@pytest.mark.parametrize("variant", OVERLAYS)
 def test_credentials_are_mounted_so_that_a_renewal_reaches_the_pod(variant: str) -> None:
     docs = render(variant)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -217,10 +225,86 @@ def test_credentials_are_mounted_so_that_a_renewal_reaches_the_pod(variant: str)
     # A subPath mount is never updated by the kubelet: a renewed token would
     # not reach the file the gateway re-reads.
     assert not any("subPath" in m for m in credential_mounts)
-    folder = credential_mounts[0]["mountPath"].rstrip("/")
+    folders = [m["mountPath"].rstrip("/") for m in credential_mounts]
     env = settings(docs)
     files = [env.get(k, "") for k in ("GATEWAY_SLURM_TOKEN_FILE", "GATEWAY_SLURM_JWT_KEY_FILE")]
-    assert any(f.startswith(folder + "/") for f in files), (folder, files)
+    assert any(f.startswith(d + "/") for f in files for d in folders), (folders, files)
+
+
+def auth_file_source(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The mount GATEWAY_AUTH_FILE lies in, its volume, and the file's name there."""
+    auth_file = settings(docs).get("GATEWAY_AUTH_FILE", "")
+    assert auth_file.startswith("/"), f"GATEWAY_AUTH_FILE is {auth_file!r}"
+    deployment = one(docs, "Deployment")
+    mounts = [
+        m for m in container_of(deployment)["volumeMounts"]
+        # The file itself when mounted with subPath (which the test refuses).
+        if auth_file == m["mountPath"] or auth_file.startswith(m["mountPath"].rstrip("/") + "/")
+    ]  # fmt: skip
+    assert len(mounts) == 1, f"{auth_file} lies in {len(mounts)} mounts"
+    mount = mounts[0]
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    volume = next(v for v in volumes if v["name"] == mount["name"])
+    return mount, volume, auth_file.removeprefix(mount["mountPath"].rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_the_auth_file_is_a_secret_mounted_as_a_folder(variant: str) -> None:
+    mount, volume, key = auth_file_source(render(variant))
+    assert "secret" in volume, f"GATEWAY_AUTH_FILE is in a {set(volume) - {'name'}} volume"
+    # A subPath mount is never updated: a key added or revoked in the Secret
+    # would not reach the file the gateway re-reads.
+    assert "subPath" not in mount and "subPathExpr" not in mount, mount
+    assert mount.get("readOnly") is True
+    # Directly in the folder, as a key of the Secret (no items remapping it).
+    assert "/" not in key and "items" not in volume["secret"], (key, volume)
+    # No auth file, no start: the pod waits for the Secret instead of serving.
+    assert volume["secret"].get("optional") is False
+
+
+@pytest.mark.parametrize("variant", OVERLAYS)
+def test_the_overlays_auth_file_parses_and_changes_in_place(variant: str) -> None:
+    docs = render(variant)
+    _, volume, key = auth_file_source(docs)
+    name = volume["secret"]["secretName"]
+    found = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"the overlay renders no Secret {name}"
+    secret = found[0]
+    # The base's name, without a generator's hash suffix: an edited auth file
+    # updates this Secret in place (and the running pods re-read it), rather
+    # than making a new Secret that restarts every pod.
+    assert name == "slurm-gateway-clients"
+    text = secret.get("stringData", {}).get(key)
+    if text is None:
+        text = base64.b64decode(secret["data"][key]).decode()
+    # Raises, naming the entry, when the gateway would refuse the file.
+    directory = parse(text)
+    assert directory.keys, "an auth file with no key lets no client in"
+    # Hashes only: no key itself (sgw_...) outside the comments.
+    entries = "\n".join(line.split("#")[0] for line in text.splitlines())
+    assert "sgw_" not in entries
+
+
+def test_the_local_overlay_carries_the_local_tenants_file() -> None:
+    docs = render("overlays/local")
+    _, volume, key = auth_file_source(docs)
+    name = volume["secret"]["secretName"]
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == name)
+    carried = base64.b64decode(secret["data"][key]).decode()
+    assert carried == (ROOT / "deploy" / "local" / "tenants.toml").read_text()
+
+
+@pytest.mark.parametrize("variant", OVERLAYS)
+def test_the_settings_load_and_serve_all_interfaces_only_with_authentication(
+    variant: str,
+) -> None:
+    # As the gateway loads them at start-up; it refuses (SettingsError) a
+    # non-loopback GATEWAY_HOST without client authentication.
+    loaded = load_settings(settings(render(variant)))
+    assert loaded.authenticates
+    assert not loaded.allow_unauthenticated
+    # Reachable through the Service: not the loopback default of no auth.
+    assert not is_loopback(loaded.listen_host), loaded.listen_host
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
