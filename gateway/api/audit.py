@@ -19,6 +19,7 @@ import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth.principal import Principal
+from gateway.slurm import SlurmError, SlurmUnavailable
 
 log = structlog.get_logger("gateway.audit")
 _NOTE = "gateway.audit"
@@ -47,14 +48,27 @@ def audit_middleware(app: ASGIApp) -> ASGIApp:
 
         try:
             await app(scope, receive, watched)
-        finally:
-            _write(scope, action, status)
+        except Exception as exc:
+            # Refused before the handler (authentication): the answer is made
+            # by the exception handlers outside; its status is the exception's.
+            _write(scope, action, _status_of(exc), getattr(exc, "principal", None))
+            raise
+        _write(scope, action, status)
 
     return middleware
 
 
-def _write(scope: Scope, action: str, status: int) -> None:
-    principal = scope.get("user")
+def _status_of(exc: Exception) -> int:
+    if isinstance(exc, SlurmUnavailable):
+        return 503
+    if isinstance(exc, SlurmError):
+        return 502
+    status = getattr(exc, "status_code", 500)
+    return status if isinstance(status, int) else 500
+
+
+def _write(scope: Scope, action: str, status: int, refused: Principal | None = None) -> None:
+    principal = scope.get("user") or refused
     noted: dict[str, Any] = scope.get("state", {}).get(_NOTE, {})
     service_id = noted.pop("service_id", None) or scope.get("path_params", {}).get("service_id")
     who: dict[str, Any] = {"tenant": None, "slurm_user": None, "auth": None}

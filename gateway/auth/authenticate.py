@@ -289,10 +289,12 @@ class Authenticator:
             raise Unauthenticated("authentication required", invalid=False)
         claimed = headers.get(USER_HEADER)
         if claimed is not None and claimed != principal.slurm_user:
-            raise Forbidden(
+            refusal = Forbidden(
                 f"X-SLURM-USER-NAME {claimed[:64]!r} is not the caller's Slurm user "
                 f"({principal.slurm_user}); nobody acts as another user here"
             )
+            refusal.principal = principal  # who tried, for the audit line
+            raise refusal
         return principal
 
     async def _by_bearer(self, credential: str) -> Principal:

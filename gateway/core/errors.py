@@ -58,6 +58,8 @@ class Forbidden(GatewayError):
 
     status_code = 403
     title = "Forbidden"
+    # The caller, when known (gateway.auth.principal.Principal), for the audit line.
+    principal: object = None
 
 
 class QuotaExceeded(GatewayError):

@@ -79,7 +79,8 @@ class V0038(V0039):
             "time_limit": job.time_limit_minutes,
             "comment": job.comment,
             "gpus_per_node": str(job.gpus_per_node) if job.gpus_per_node else None,
-            "begin_time": job.begin_time,
+            # 22.05 parses it as a time string only; "uts<epoch>" is epoch seconds.
+            "begin_time": f"uts{job.begin_time}" if job.begin_time is not None else None,
         }
         desc.update({k: v for k, v in optional.items() if v is not None})
         return {"script": job.script, "job": desc}
