@@ -40,7 +40,7 @@ def middleware(*, public_schema: bool) -> DefineMiddleware:
     if public_schema:
         exclude.append("^/api/v1/schema(/|$)")
     # Handlers marked exclude_from_auth=True (health, readiness) pass too. Only
-    # OPTIONS is exempt by method: HEAD reads like GET and is authenticated.
+    # OPTIONS is exempt by method (no route answers HEAD: Litestar says 405).
     return DefineMiddleware(
         AuthenticationMiddleware, exclude=exclude, exclude_http_methods=[HttpMethod.OPTIONS]
     )

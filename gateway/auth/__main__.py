@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tenant: not a tenant name ({TENANT.pattern})")
     if not SLURM_USER.fullmatch(args.slurm_user):
         parser.error("--slurm-user: not a user name")
+    if args.name is not None and (
+        not 1 <= len(args.name) <= 64 or not all(" " <= c != "\x7f" for c in args.name)
+    ):
+        parser.error("--name: 1 to 64 characters, no control characters")
     key, digest = new_key()
     print(f"key (give it to the client; it is not stored): {key}", file=sys.stderr)
     lines = ["[[keys]]"]

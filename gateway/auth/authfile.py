@@ -156,10 +156,11 @@ class Directory:
 
 
 def _check_names(where: str, tenant: str, slurm_user: str) -> None:
-    if not TENANT.fullmatch(tenant):
-        raise AuthFileError(f"{where}.tenant: {tenant!r} is not a tenant name ({TENANT.pattern})")
+    # The user first: an entry without a tenant takes its user as the tenant.
     if not SLURM_USER.fullmatch(slurm_user):
         raise AuthFileError(f"{where}.slurm_user: {slurm_user!r} is not a user name")
+    if not TENANT.fullmatch(tenant):
+        raise AuthFileError(f"{where}.tenant: {tenant!r} is not a tenant name ({TENANT.pattern})")
 
 
 def parse(text: str) -> Directory:
@@ -167,6 +168,16 @@ def parse(text: str) -> Directory:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AuthFileError(f"not TOML: {exc}") from None
+    tenants = raw.get("tenants")
+    if isinstance(tenants, dict):
+        # One at a time: msgspec's error path would not say which tenant.
+        for name, table in tenants.items():
+            try:
+                msgspec.convert(table, TenantSpec)
+            except msgspec.ValidationError as exc:
+                message, _, path = str(exc).partition(" - at `$")
+                where = f"tenants.{name}{path.rstrip('`')}"
+                raise AuthFileError(f"{where}: {message}") from None
     try:
         spec = msgspec.convert(raw, AuthFileSpec)
     except msgspec.ValidationError as exc:
@@ -207,10 +218,12 @@ class AuthFile:
         except OSError as exc:
             log.error("auth_file_unreadable", path=str(self.path), error=str(exc))
             return self.directory
-        if (st.st_ino, st.st_mtime_ns, st.st_size) != self._stamp:
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
             try:
                 self.directory = self._load()
             except AuthFileError as exc:
+                self._stamp = stamp  # said once per change, not every second
                 # Keys in force stay in force: a typo must not lock everyone out.
                 log.error("auth_file_rejected", path=str(self.path), error=str(exc)[:500])
             else:

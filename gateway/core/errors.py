@@ -48,7 +48,8 @@ class Unauthenticated(GatewayError):
         # No credentials: just the challenge; bad ones: say so (RFC 6750 3.1).
         challenge = 'Bearer realm="slurm-ai-gateway"'
         if invalid:
-            quoted = detail.replace("\\", "").replace('"', "'")[:200]
+            # Printable ASCII only: the detail may quote a token's own header.
+            quoted = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in detail[:200])
             challenge += f', error="invalid_token", error_description="{quoted}"'
         self.headers = {"WWW-Authenticate": challenge}
 
