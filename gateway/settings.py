@@ -93,6 +93,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allow_unauthenticated: bool = False
     # The API document and its viewer without authentication.
     public_schema: bool = False
+    # Slurm users no caller may act as, whatever a key, token or rule says:
+    # root, and the cluster's SlurmUser (who can read its JWT key).
+    denied_slurm_users: str = "root,slurm"
 
     # Services
     recipes_dirs: str = "recipes"
@@ -114,6 +117,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if self.host is not None:
             return self.host
         return "0.0.0.0" if self.authenticates else "127.0.0.1"  # noqa: S104
+
+    def denied_slurm_user_set(self) -> frozenset[str]:
+        return frozenset(u.strip() for u in self.denied_slurm_users.split(",") if u.strip())
 
     def oidc_algorithm_list(self) -> list[str]:
         return [a.strip() for a in self.oidc_algorithms.split(",") if a.strip()]

@@ -37,7 +37,7 @@ from gateway.core.errors import Forbidden, Unauthenticated
 from gateway.settings import Settings
 from gateway.slurm import SlurmClient, SlurmError
 from gateway.slurm.auth import Credentials
-from gateway.slurm.errors import SlurmAuthError, SlurmBusy
+from gateway.slurm.errors import SlurmBusy, SlurmUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +66,7 @@ class _Checked:
         if entry[1] <= self._clock():
             del self._entries[digest]
             return None
+        self._entries.move_to_end(digest)  # least recently used goes first
         return entry[0]
 
     def put(self, digest: bytes, outcome: Principal | Exception, until: float) -> None:
@@ -171,14 +172,18 @@ class OidcVerifier:
 
 def _discover_jwks(issuer: str) -> str:
     url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    # The keys come over https, or over http only from a loopback issuer.
+    schemes = ("https://",) if issuer.startswith("https://") else ("https://", "http://")
     try:
         with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310 - https checked
             document = json.loads(answer.read(1 << 20))
     except (OSError, ValueError) as exc:
         raise jwt.PyJWKClientConnectionError(f"discovery at {url} failed: {exc}") from None
-    jwks = document.get("jwks_uri") if isinstance(document, dict) else None
-    if not isinstance(jwks, str) or not jwks.startswith(("https://", "http://")):
-        raise jwt.PyJWKClientConnectionError(f"discovery at {url} names no jwks_uri")
+    if not isinstance(document, dict) or document.get("issuer") != issuer:
+        raise jwt.PyJWKClientConnectionError(f"discovery at {url} is for another issuer")
+    jwks = document.get("jwks_uri")
+    if not isinstance(jwks, str) or not jwks.startswith(schemes):
+        raise jwt.PyJWKClientConnectionError(f"discovery at {url} names no usable jwks_uri")
     return jwks
 
 
@@ -216,7 +221,13 @@ class SlurmTokenVerifier:
                 self._key or b"",
                 algorithms=["HS256"],
                 leeway=_LEEWAY,
-                options={"verify_signature": self._key is not None, "require": ["exp"]},
+                # Without the key the signature is slurmctld's to check, but the
+                # expiry is checked here either way.
+                options={
+                    "verify_signature": self._key is not None,
+                    "verify_exp": True,
+                    "require": ["exp"],
+                },
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("the Slurm token has expired") from None
@@ -227,13 +238,27 @@ class SlurmTokenVerifier:
             raise Unauthenticated("the Slurm token names no user (claim 'sun')")
         expires = float(claims["exp"])
         if self._key is None:
-            assert self.slurm is not None, "Authenticator.bind() was not called"
-            self._spend()
-            try:
-                await self.slurm.as_user(Credentials(user, token, expires)).ping()
-            except SlurmAuthError:
-                raise Unauthenticated("slurmrestd refused the Slurm token") from None
+            await self._ask_slurm(Credentials(user, token, expires))
         return user, expires
+
+    async def _ask_slurm(self, credentials: Credentials) -> None:
+        """A ping as the caller. 24.11 and later answer a refused token with 200
+        and no controller responding (as an outage looks): then the gateway's
+        own ping tells which it was."""
+        assert self.slurm is not None, "Authenticator.bind() was not called"
+        self._spend()
+        try:
+            pings = await self.slurm.as_user(credentials).ping()
+            accepted = any(p.responding for p in pings)
+        except SlurmUnavailable:
+            raise
+        except SlurmError:
+            accepted = False
+        if accepted:
+            return
+        if any(p.responding for p in await self.slurm.ping()):
+            raise Unauthenticated("slurmrestd refused the Slurm token")
+        raise SlurmUnavailable("no Slurm controller responds: the token cannot be checked now")
 
 
 class Authenticator:
@@ -250,6 +275,7 @@ class Authenticator:
             else None
         )
         self._anonymous = anonymous(settings.slurm_user)
+        self._denied = settings.denied_slurm_user_set()
         self._checked = _Checked(clock)
 
     def bind(self, slurm: SlurmClient) -> None:
@@ -287,6 +313,11 @@ class Authenticator:
             principal = await self._by_bearer(credential)
         else:
             raise Unauthenticated("authentication required", invalid=False)
+        if principal.slurm_user in self._denied:
+            raise Forbidden(
+                f"Slurm user {principal.slurm_user} may not be acted as through the gateway "
+                "(GATEWAY_DENIED_SLURM_USERS)"
+            )
         claimed = headers.get(USER_HEADER)
         if claimed is not None and claimed != principal.slurm_user:
             refusal = Forbidden(
@@ -339,7 +370,8 @@ class Authenticator:
         *,
         method: str,
     ) -> Principal:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        # Per method: an OIDC token sent as a Slurm token is checked as one.
+        digest = hashlib.sha256(f"{method}\0{token}".encode("utf-8", "surrogateescape")).digest()
         known = self._checked.get(digest)
         if isinstance(known, Principal):
             return known

@@ -83,6 +83,9 @@ class JobView:
         self.max_backoff = max_backoff
         self.clock = clock
         self._jobs: dict[int, _Entry] = {}
+        # Changes whenever the set of jobs or a job's record may have changed:
+        # what is derived from all jobs at once is recomputed only then.
+        self.generation = 0
         self._listed_at: float | None = None  # start of the newest listing applied
         self._last_start = -math.inf
         self._last_duration = 0.0
@@ -180,6 +183,7 @@ class JobView:
         """What this replica just did to a job (created, stopped): shown at once,
         until a listing that started later says otherwise."""
         self._jobs[job.job_id] = _Entry(job, self.clock())
+        self.generation += 1
 
     @property
     def age(self) -> float | None:
@@ -273,6 +277,7 @@ class JobView:
                 if job_id not in fresh and known.seen > started:
                     fresh[job_id] = known  # created here while the listing ran
             self._jobs = fresh
+            self.generation += 1
             if full:
                 self._last_full = started
             # Slurm's pack time when it sends one; "unchanged" keeps the old mark.

@@ -166,9 +166,10 @@ class ServiceManager:
         self._as_users: dict[str, SlurmClient] = {}
         # Creates with one Idempotency-Key on this replica wait for each other.
         self._creating: dict[str, asyncio.Lock] = {}
-        # Idempotency marker -> the lowest job id seen with it: later ones are
-        # twins from concurrent creates, cancelled, and no service.
+        # Idempotency marker -> the lowest job id holding it in the view (as of
+        # the view's generation): a later one that ended is a cancelled twin.
         self._first_of: dict[str, int] = {}
+        self._first_of_generation = -1
         self.partition = partition
         self.account = account
         self.path_map = path_map or []
@@ -217,7 +218,12 @@ class ServiceManager:
             return True
         if job.user_name != principal.slurm_user:
             return False
-        return meta.tenant in (principal.tenant, "")
+        if meta.tenant:
+            return meta.tenant == principal.tenant
+        # No tenant recorded (made before tenants, or its comment was
+        # overwritten): only the tenant named after the Slurm user, so that
+        # tenants sharing a user do not see each other's through it.
+        return principal.tenant == principal.slurm_user
 
     # -- create ---------------------------------------------------------------
 
@@ -391,9 +397,17 @@ class ServiceManager:
         except SlurmJobNotFound:
             pass
         except SlurmError as exc:
+            # It stays visible (a twin is hidden only once ended) and can be stopped.
             log.error("create_cancel_failed", job_id=job_id, why=why, error=str(exc)[:300])
             raise
         log.info("create_cancelled", job_id=job_id, why=why)
+        known = next((j for j in self.view.snapshot() if j.job_id == job_id), None)
+        if known is not None:
+            self.view.put(
+                msgspec.structs.replace(
+                    known, state=JobState.CANCELLED, end_time=datetime.now(tz=UTC)
+                )
+            )
 
     async def _earlier_create(
         self, marker: str, digest: str, principal: Principal
@@ -508,21 +522,31 @@ class ServiceManager:
         else:
             parsed = self._parse_comment(job)
             self._parsed[job.job_id] = (key, parsed)
-        if parsed is not None and parsed[0].idempotency:
-            marker = parsed[0].idempotency
-            first = self._first_of.get(marker)
-            if first is None or job.job_id < first:
-                if len(self._first_of) > 100_000:
-                    self._first_of.clear()
-                self._first_of[marker] = job.job_id
         return parsed
 
     def _is_twin(self, job: JobInfo, meta: metadata.ServiceMeta) -> bool:
-        """A later job of the same Idempotency-Key: cancelled, never a service."""
-        if not meta.idempotency:
+        """A later job of an Idempotency-Key whose earlier job Slurm still
+        holds, once ended: the cancelled twin of a concurrent create, never a
+        service. A twin still alive stays visible (a cancel that failed must
+        not hide a running job), and so does a later job once the first is
+        purged (the key was reused after Slurm forgot it)."""
+        if not meta.idempotency or not job.state.is_terminal:
             return False
-        first = self._first_of.get(meta.idempotency)
+        first = self._firsts().get(meta.idempotency)
         return first is not None and first < job.job_id
+
+    def _firsts(self) -> dict[str, int]:
+        """Marker -> lowest job id in the view, rebuilt when the view changed."""
+        if self._first_of_generation != self.view.generation:
+            firsts: dict[str, int] = {}
+            for job in self.view.snapshot():
+                parsed = self._parse(job)
+                marker = parsed[0].idempotency if parsed is not None else ""
+                if marker and job.job_id < firsts.get(marker, job.job_id + 1):
+                    firsts[marker] = job.job_id
+            self._first_of = firsts
+            self._first_of_generation = self.view.generation
+        return self._first_of
 
     def _parse_comment(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
         # Any Slurm user's job may be a service (jobs run as their callers);
@@ -643,6 +667,11 @@ class ServiceManager:
             or self._is_twin(job, parsed[0])
             or not self.visible(principal, job, parsed[0])
         ):
+            if job is not None:
+                # As long as for an id the view does not hold (which waits for
+                # a listing): the time must not tell another's from none.
+                with contextlib.suppress(SlurmError):
+                    await self.view.fresh(self.view.clock())
             raise NotFound(
                 f"service {service_id} does not exist: no service of yours has this id "
                 "(finished services are forgotten after Slurm's MinJobAge)"

@@ -217,6 +217,8 @@ class Minter:
         return f"Minter(users={len(self._users)})"
 
     def for_user(self, user_name: str) -> MintedTokens:
+        if user_name == "root":
+            raise SlurmAuthError("the gateway does not mint tokens for root")
         tokens = self._users.get(user_name)
         if tokens is None:
             if len(self._users) > 10_000:

@@ -208,6 +208,8 @@ async def test_only_the_gateways_user_and_genuine_blobs_make_services(
         job(4, genuine, state="PENDING"),
     ]
     httpx_mock.add_response(url=JOBS, json={"jobs": jobs})
+    # A job that is no service is refused after a listing, like an unknown id.
+    httpx_mock.add_response(url=JOBS, json={"jobs": jobs})
     services = manager()
     assert [s.id for s in await services.list(ADMIN)] == ["4"]
     with pytest.raises(NotFound, match="no service of yours has this id"):
@@ -386,9 +388,13 @@ async def test_each_tenant_sees_its_own_and_twins_are_no_service(httpx_mock: HTT
         {**job(2, tenant_blob("bob", "team-b"), "PENDING"), "user_name": "bob"},
         # team-c shares alice's Slurm user, not her services
         {**job(3, tenant_blob("alice", "team-c"), "PENDING"), "user_name": "alice"},
-        # two creates with one Idempotency-Key (two replicas): the later is a twin
+        # two creates with one Idempotency-Key (two replicas): the later, once
+        # cancelled, is a twin; one whose cancel failed (alive) stays visible
         {**job(5, tenant_blob("bob", "team-b", "m1"), "PENDING"), "user_name": "bob"},
-        {**job(6, tenant_blob("bob", "team-b", "m1"), "PENDING"), "user_name": "bob"},
+        {**job(6, tenant_blob("bob", "team-b", "m1"), "CANCELLED"), "user_name": "bob"},
+        {**job(7, tenant_blob("bob", "team-b", "m1"), "PENDING"), "user_name": "bob"},
+        # no tenant recorded: only the tenant named after the Slurm user sees it
+        {**job(8, tenant_blob("bob", ""), "PENDING"), "user_name": "bob"},
     ]
     httpx_mock.add_response(url=JOBS, json={"jobs": jobs}, is_reusable=True)
     services = manager()
@@ -397,9 +403,11 @@ async def test_each_tenant_sees_its_own_and_twins_are_no_service(httpx_mock: HTT
         for name, user in (("team-a", "alice"), ("team-b", "bob"), ("team-c", "alice"))
     }
     assert [s.id for s in await services.list(team["team-a"])] == ["1"]
-    assert [s.id for s in await services.list(team["team-b"])] == ["5", "2"]
+    assert [s.id for s in await services.list(team["team-b"])] == ["7", "5", "2"]
+    bob = Principal(tenant="bob", slurm_user="bob", role=Role.USER, method=Method.SLURM_TOKEN)
+    assert [s.id for s in await services.list(bob)] == ["8"]
     assert [s.id for s in await services.list(team["team-c"])] == ["3"]
-    assert [s.id for s in await services.list(ADMIN)] == ["5", "3", "2", "1"]
+    assert [s.id for s in await services.list(ADMIN)] == ["8", "7", "5", "3", "2", "1"]
     unknown = await asyncio.gather(
         services.get("2", team["team-a"]),
         services.get("6", team["team-b"]),
@@ -418,7 +426,7 @@ async def test_each_tenant_sees_its_own_and_twins_are_no_service(httpx_mock: HTT
         slurm_user="bob",
         role=Role.USER,
         method=Method.KEY,
-        limits=Limits(max_services=2, max_gpus=4),
+        limits=Limits(max_services=3, max_gpus=4),
     )
     with pytest.raises(QuotaExceeded) as info:
         services._check_quota(limited, 2, await services.view.jobs())
@@ -429,19 +437,19 @@ async def test_each_tenant_sees_its_own_and_twins_are_no_service(httpx_mock: HTT
             slurm_user="bob",
             role=Role.USER,
             method=Method.KEY,
-            limits=Limits(max_gpus=6),
+            limits=Limits(max_gpus=8),
         ),
         2,
         await services.view.jobs(),
     )
-    with pytest.raises(QuotaExceeded, match="at most 5 GPUs"):
+    with pytest.raises(QuotaExceeded, match="at most 7 GPUs"):
         services._check_quota(
             Principal(
                 tenant="team-b",
                 slurm_user="bob",
                 role=Role.USER,
                 method=Method.KEY,
-                limits=Limits(max_gpus=5),
+                limits=Limits(max_gpus=7),
             ),
             2,
             await services.view.jobs(),

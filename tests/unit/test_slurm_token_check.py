@@ -1,0 +1,116 @@
+"""A caller's own Slurm token when the gateway holds no key: slurmrestd judges
+it, and 24.11 and later answer a refused token's ping with 200 and no
+controller responding (the recorded answers of tests/fixtures/slurmrestd)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+from pytest_httpx import HTTPXMock
+
+from gateway.auth.authenticate import Authenticator
+from gateway.core.errors import Unauthenticated
+from gateway.settings import load_settings
+from gateway.slurm import SlurmClient, SlurmUnavailable, StaticToken
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "slurmrestd" / "24.11.5" / "v0.0.42"
+URL = "http://slurmrestd.test"
+PING = f"{URL}/slurm/v0.0.42/ping"
+
+
+def recorded(name: str) -> tuple[int, bytes]:
+    answer = json.loads((FIXTURES / f"{name}.json").read_text())
+    return answer["status"], answer["body"].encode()
+
+
+def token(user: str, key: bytes, *, exp: float | None = None) -> str:
+    expires = exp if exp is not None else time.time() + 600
+    return jwt.encode({"sun": user, "exp": int(expires)}, key, algorithm="HS256")
+
+
+async def authenticator() -> tuple[Authenticator, SlurmClient]:
+    settings = load_settings(
+        {
+            "GATEWAY_SLURM_URL": URL,
+            "GATEWAY_SLURM_API_VERSION": "v0.0.42",
+            "GATEWAY_SLURM_AUTH": "static",
+            "GATEWAY_SLURM_TOKEN": token("gwuser", b"the cluster key"),
+            "GATEWAY_SECRET": "s" * 32,
+            "GATEWAY_AUTH_SLURM_TOKENS": "true",
+        }
+    )
+    auth = Authenticator(settings)
+    slurm = SlurmClient(
+        URL,
+        StaticToken(value=settings.slurm_token),
+        api_version="v0.0.42",
+        transport=httpx.AsyncHTTPTransport(),  # the one pytest-httpx answers
+    )
+    auth.bind(slurm)
+    return auth, slurm
+
+
+def answer_pings(httpx_mock: HTTPXMock, caller: str, own: str) -> None:
+    """Pings carrying the caller's user get ``caller``'s recorded answer."""
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        name = caller if request.headers["X-SLURM-USER-NAME"] == "alice" else own
+        status, body = recorded(name)
+        return httpx.Response(status, content=body)
+
+    httpx_mock.add_callback(respond, url=PING, is_reusable=True)
+
+
+async def test_a_forged_token_is_refused_though_the_ping_answers_200(
+    httpx_mock: HTTPXMock,
+) -> None:
+    answer_pings(httpx_mock, caller="ping_forged_token", own="ping")
+    auth, slurm = await authenticator()
+    forged = token("alice", b"not the cluster key")
+    with pytest.raises(Unauthenticated, match="refused the Slurm token"):
+        await auth.authenticate({"x-slurm-user-token": forged})
+    await slurm.aclose()
+
+
+async def test_an_accepted_token_makes_the_caller(httpx_mock: HTTPXMock) -> None:
+    answer_pings(httpx_mock, caller="ping", own="ping")
+    auth, slurm = await authenticator()
+    principal = await auth.authenticate({"x-slurm-user-token": token("alice", b"k")})
+    assert (principal.tenant, principal.slurm_user) == ("alice", "alice")
+    assert principal.credentials is not None
+    await slurm.aclose()
+
+
+async def test_an_expired_token_is_refused_without_asking_slurm(httpx_mock: HTTPXMock) -> None:
+    auth, slurm = await authenticator()
+    expired = token("alice", b"k", exp=time.time() - 3600)
+    with pytest.raises(Unauthenticated, match="expired"):
+        await auth.authenticate({"x-slurm-user-token": expired})
+    assert httpx_mock.get_requests() == []
+    await slurm.aclose()
+
+
+async def test_no_controller_for_anyone_is_an_outage_not_a_refusal(
+    httpx_mock: HTTPXMock,
+) -> None:
+    # slurmctld down: the gateway's own ping finds no controller either.
+    answer_pings(httpx_mock, caller="ping_forged_token", own="ping_forged_token")
+    auth, slurm = await authenticator()
+    with pytest.raises(SlurmUnavailable):
+        await auth.authenticate({"x-slurm-user-token": token("alice", b"k")})
+    await slurm.aclose()
+
+
+async def test_root_is_never_acted_as(httpx_mock: HTTPXMock) -> None:
+    answer_pings(httpx_mock, caller="ping", own="ping")
+    auth, slurm = await authenticator()
+    from gateway.core.errors import Forbidden
+
+    with pytest.raises(Forbidden, match="GATEWAY_DENIED_SLURM_USERS"):
+        await auth.authenticate({"x-slurm-user-token": token("root", b"k")})
+    await slurm.aclose()
