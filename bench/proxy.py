@@ -210,7 +210,7 @@ def wrk(url: str, body: dict[str, Any], connections: int, seconds: float) -> Loa
             'wrk.method = "POST"\n'
             'wrk.headers["Content-Type"] = "application/json"\n'
             + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.items())
-            +             f"wrk.body = {json.dumps(json.dumps(body))}\n"
+            + f"wrk.body = {json.dumps(json.dumps(body))}\n"
         )
     threads = 1 if connections == 1 else 2
     out = subprocess.run(
