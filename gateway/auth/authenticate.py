@@ -301,11 +301,12 @@ class Authenticator:
             return self._anonymous
         authorization = headers.get("authorization")
         slurm_token = headers.get(TOKEN_HEADER)
-        if authorization and slurm_token:
+        # Present counts, empty or not: an empty header is no way around a check.
+        if authorization is not None and slurm_token is not None:
             raise Unauthenticated("send either Authorization or X-SLURM-USER-TOKEN, not both")
-        if slurm_token:
+        if slurm_token is not None:
             principal = await self._by_slurm_token(slurm_token.strip())
-        elif authorization:
+        elif authorization is not None:
             scheme, _, credential = authorization.partition(" ")
             credential = credential.strip()
             if scheme.lower() != "bearer" or not credential:

@@ -93,7 +93,7 @@ async def test_another_users_job_with_a_copied_comment_is_not_a_service(
     for path in ("", "/status", "/logs"):
         response = await api.get(f"/api/v1/services/{job_id}{path}")
         assert response.status_code == 404, response.text
-        assert "not a service" in response.json()["detail"]
+        assert "no service of yours has this id" in response.json()["detail"]
     listed = {s["id"] for s in (await api.get("/api/v1/services")).json()}
     assert running["id"] in listed
     assert str(job_id) not in listed

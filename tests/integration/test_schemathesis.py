@@ -42,6 +42,10 @@ RECIPES = ROOT / "tests" / "recipes" / "schemathesis"
 # cases and 100 services, some 40 s on this 2-core machine, stopping included.
 MAX_EXAMPLES = 100
 RUN_TIMEOUT = 240.0
+# The local admin key (deploy/local/tenants.toml): the run authenticates as a
+# site's clients do, and Schemathesis checks that the document's security is
+# enforced (no or made-up credentials: 401).
+AUTH = {"Authorization": "Bearer sgw_local-admin-key"}
 
 # Each setting that is not Schemathesis' default, with why.
 CONFIG = """\
@@ -76,6 +80,7 @@ def schemathesis_command(url: str, config: Path, report: Path) -> list[str]:
         "--output-sanitize", "false",  # `max_tokens` is no secret
         "--report", "json", "--report-json-path", str(report),
         "--no-color",
+        "--header", f"Authorization: {AUTH['Authorization']}",
     ]  # fmt: skip
 
 
@@ -88,6 +93,8 @@ def gateway() -> Iterator[GatewayProcess]:
         "GATEWAY_SECRET": secrets.token_hex(32),
         "GATEWAY_RECIPES_DIRS": str(RECIPES),
         "GATEWAY_SITE_FILE": "",  # the local site overlay would size inference/vllm for vLLM
+        "GATEWAY_AUTH_FILE": str(ROOT / "deploy" / "local" / "tenants.toml"),
+        "GATEWAY_PUBLIC_SCHEMA": "true",  # where Schemathesis reads the document
     }
     with GatewayProcess(cluster, **env) as process:
         yield process
@@ -95,7 +102,7 @@ def gateway() -> Iterator[GatewayProcess]:
 
 async def stop_all(url: str) -> tuple[int, list[dict[str, Any]]]:
     """Stop every service of the gateway: how many it had, and those still live."""
-    async with httpx.AsyncClient(base_url=url, timeout=120) as api:
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=AUTH) as api:
         listed = (await api.get("/api/v1/services")).raise_for_status().json()
         gate = asyncio.Semaphore(8)
 

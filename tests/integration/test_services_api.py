@@ -262,7 +262,7 @@ async def test_jobs_not_launched_by_the_gateway_are_not_listed(
             # below has seen the job and still leaves it out.
             response = await api.get(f"/api/v1/services/{foreign.job_id}")
             assert response.status_code == 404
-            assert "not a service" in response.json()["detail"]
+            assert "no service of yours has this id" in response.json()["detail"]
             ids = {s["id"] for s in (await api.get("/api/v1/services")).json()}
             assert str(foreign.job_id) not in ids
         finally:

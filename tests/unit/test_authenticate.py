@@ -808,7 +808,8 @@ def slurm_tokens(cluster_key: Path, auth_file: Path) -> Authenticator:
 
 def slurm_token(key: bytes = CLUSTER_KEY, **claims: Any) -> str:
     now = int(time.time())
-    body = {"sun": "dave", "iat": now, "exp": now + 600, **claims}
+    # A day: the parameters are made at collection, long before a full run reaches them.
+    body = {"sun": "dave", "iat": now, "exp": now + 86400, **claims}
     return jwt.encode({k: v for k, v in body.items() if v is not None}, key, "HS256")
 
 

@@ -39,7 +39,7 @@ async def authenticator() -> tuple[Authenticator, SlurmClient]:
             "GATEWAY_SLURM_URL": URL,
             "GATEWAY_SLURM_API_VERSION": "v0.0.42",
             "GATEWAY_SLURM_AUTH": "static",
-            "GATEWAY_SLURM_TOKEN": token("gwuser", b"the cluster key"),
+            "GATEWAY_SLURM_TOKEN": token("gwuser", b"the cluster key, thirty-two bytes"),
             "GATEWAY_SECRET": "s" * 32,
             "GATEWAY_AUTH_SLURM_TOKENS": "true",
         }
@@ -71,7 +71,7 @@ async def test_a_forged_token_is_refused_though_the_ping_answers_200(
 ) -> None:
     answer_pings(httpx_mock, caller="ping_forged_token", own="ping")
     auth, slurm = await authenticator()
-    forged = token("alice", b"not the cluster key")
+    forged = token("alice", b"not the cluster key, 32 bytes long")
     with pytest.raises(Unauthenticated, match="refused the Slurm token"):
         await auth.authenticate({"x-slurm-user-token": forged})
     await slurm.aclose()
@@ -80,7 +80,7 @@ async def test_a_forged_token_is_refused_though_the_ping_answers_200(
 async def test_an_accepted_token_makes_the_caller(httpx_mock: HTTPXMock) -> None:
     answer_pings(httpx_mock, caller="ping", own="ping")
     auth, slurm = await authenticator()
-    principal = await auth.authenticate({"x-slurm-user-token": token("alice", b"k")})
+    principal = await auth.authenticate({"x-slurm-user-token": token("alice", b"k" * 32)})
     assert (principal.tenant, principal.slurm_user) == ("alice", "alice")
     assert principal.credentials is not None
     await slurm.aclose()
@@ -88,7 +88,7 @@ async def test_an_accepted_token_makes_the_caller(httpx_mock: HTTPXMock) -> None
 
 async def test_an_expired_token_is_refused_without_asking_slurm(httpx_mock: HTTPXMock) -> None:
     auth, slurm = await authenticator()
-    expired = token("alice", b"k", exp=time.time() - 3600)
+    expired = token("alice", b"k" * 32, exp=time.time() - 3600)
     with pytest.raises(Unauthenticated, match="expired"):
         await auth.authenticate({"x-slurm-user-token": expired})
     assert httpx_mock.get_requests() == []
@@ -102,7 +102,7 @@ async def test_no_controller_for_anyone_is_an_outage_not_a_refusal(
     answer_pings(httpx_mock, caller="ping_forged_token", own="ping_forged_token")
     auth, slurm = await authenticator()
     with pytest.raises(SlurmUnavailable):
-        await auth.authenticate({"x-slurm-user-token": token("alice", b"k")})
+        await auth.authenticate({"x-slurm-user-token": token("alice", b"k" * 32)})
     await slurm.aclose()
 
 
@@ -112,5 +112,5 @@ async def test_root_is_never_acted_as(httpx_mock: HTTPXMock) -> None:
     from gateway.core.errors import Forbidden
 
     with pytest.raises(Forbidden, match="GATEWAY_DENIED_SLURM_USERS"):
-        await auth.authenticate({"x-slurm-user-token": token("root", b"k")})
+        await auth.authenticate({"x-slurm-user-token": token("root", b"k" * 32)})
     await slurm.aclose()
