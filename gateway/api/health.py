@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -22,7 +23,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from gateway.api.auth import PUBLIC
 from gateway.api.errors import problem_responses
-from gateway.slurm import SlurmClient, SlurmError
+from gateway.slurm import PingResult, SlurmClient, SlurmError
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +108,7 @@ class HealthController(Controller):
             )
             return Response(body)
         try:
-            pings = await slurm.ping()
+            pings = await _shared_ping(state, slurm)
         except SlurmError as exc:
             body = Readiness(
                 status="unavailable",
@@ -128,6 +129,24 @@ class HealthController(Controller):
         return Response(
             body, status_code=HTTP_200_OK if responding else HTTP_503_SERVICE_UNAVAILABLE
         )
+
+
+# Readiness is public: however often it is asked, slurmctld gets at most one
+# ping a second from it per replica.
+_READY_PING_SECONDS = 1.0
+_clock = time.monotonic
+
+
+async def _shared_ping(state: State, slurm: SlurmClient) -> list[PingResult]:
+    now = _clock()
+    cached: tuple[float, asyncio.Future[list[PingResult]]] | None = state.get("ready_ping")
+    if cached is None or now - cached[0] >= _READY_PING_SECONDS:
+        ping = asyncio.ensure_future(slurm.ping())
+        ping.add_done_callback(lambda done: done.cancelled() or done.exception())
+        cached = (now, ping)
+        state["ready_ping"] = cached
+    # Shielded: one caller going away does not cancel the others' answer.
+    return await asyncio.shield(cached[1])
 
 
 @asynccontextmanager
