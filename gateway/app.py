@@ -13,7 +13,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.structlog import StructlogConfig, StructlogPlugin
 
-from gateway import __version__
+from gateway import __version__, wiring
 from gateway.api import audit, auth, errors, reference
 from gateway.api.health import HealthController, drain_on_sigterm
 from gateway.api.metrics import HttpMetrics, MetricsController
@@ -22,37 +22,14 @@ from gateway.api.recipes import RecipesController
 from gateway.api.schemas import StrictStructSchemaPlugin
 from gateway.api.services import ServicesController
 from gateway.api.vllm import VllmController
-from gateway.auth.authenticate import Authenticator
-from gateway.auth.authfile import AuthFileError
 from gateway.core.jobview import JobView
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import ServiceManager
-from gateway.settings import Settings, SettingsError, SlurmAuthMode, env_name, load_settings
-from gateway.slurm import Minter, SlurmClient
+from gateway.settings import Settings, load_settings
+from gateway.slurm import SlurmClient
 from gateway.upstream.probe import HealthProber
 from gateway.upstream.vllm import VllmClient
 from gateway.wiring import metadata_codec, slurm_client, token_provider
-
-
-def authenticator(settings: Settings) -> Authenticator:
-    """Client authentication as configured; a broken auth file stops start-up."""
-    try:
-        return Authenticator(settings)
-    except AuthFileError as exc:
-        raise SettingsError(f"{env_name('auth_file')}: {exc}") from None
-    except OSError as exc:
-        raise SettingsError(f"{env_name('slurm_jwt_key_file')}: cannot read: {exc}") from None
-
-
-def _minter(settings: Settings) -> Minter | None:
-    """With the cluster's key, tokens for every tenant's Slurm user."""
-    if settings.slurm_auth is not SlurmAuthMode.MINT or settings.slurm_jwt_key_file is None:
-        return None
-    try:
-        key = Path(settings.slurm_jwt_key_file).read_bytes()
-    except OSError as exc:
-        raise SettingsError(f"{env_name('slurm_jwt_key_file')}: cannot read: {exc}") from None
-    return Minter(key, lifespan=float(settings.slurm_jwt_lifespan))
 
 
 def load_recipes(settings: Settings) -> RecipeCatalog:
@@ -89,8 +66,8 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
     catalog = recipes if recipes is not None else load_recipes(settings)
     tokens = token_provider(settings)  # so is a token or key that cannot be used
     codec = metadata_codec(settings)  # and a secret that cannot be read
-    minter = _minter(settings)
-    authenticate = authenticator(settings)  # and an auth file that cannot be used
+    minter = wiring.minter(settings)
+    authenticate = wiring.authenticator(settings)  # and an auth file that cannot be used
 
     @asynccontextmanager
     async def adapters(app: Litestar) -> AsyncIterator[None]:

@@ -6,9 +6,18 @@ import hashlib
 import hmac
 from pathlib import Path
 
+from gateway.auth.authenticate import Authenticator
+from gateway.auth.authfile import AuthFileError
 from gateway.core.metadata import MetaCodec
 from gateway.settings import Settings, SettingsError, SlurmAuthMode, env_name
-from gateway.slurm import MintedTokens, SlurmAuthError, SlurmClient, StaticToken, TokenProvider
+from gateway.slurm import (
+    MintedTokens,
+    Minter,
+    SlurmAuthError,
+    SlurmClient,
+    StaticToken,
+    TokenProvider,
+)
 
 
 def token_provider(settings: Settings) -> TokenProvider:
@@ -80,3 +89,24 @@ def metadata_codec(settings: Settings) -> MetaCodec:
         return MetaCodec(secret)
     except ValueError as exc:
         raise SettingsError(f"{env_name(variable)}: {exc}") from None
+
+
+def authenticator(settings: Settings) -> Authenticator:
+    """Client authentication as configured; a broken auth file stops start-up."""
+    try:
+        return Authenticator(settings)
+    except AuthFileError as exc:
+        raise SettingsError(f"{env_name('auth_file')}: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"{env_name('slurm_jwt_key_file')}: cannot read: {exc}") from None
+
+
+def minter(settings: Settings) -> Minter | None:
+    """With the cluster's key, tokens for every tenant's Slurm user."""
+    if settings.slurm_auth is not SlurmAuthMode.MINT or settings.slurm_jwt_key_file is None:
+        return None
+    try:
+        key = Path(settings.slurm_jwt_key_file).read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"{env_name('slurm_jwt_key_file')}: cannot read: {exc}") from None
+    return Minter(key, lifespan=float(settings.slurm_jwt_lifespan))

@@ -18,8 +18,9 @@ from typing import Any
 import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.api import errors
 from gateway.auth.principal import Principal
-from gateway.slurm import SlurmError, SlurmUnavailable
+from gateway.slurm import SlurmError
 
 log = structlog.get_logger("gateway.audit")
 _NOTE = "gateway.audit"
@@ -59,10 +60,9 @@ def audit_middleware(app: ASGIApp) -> ASGIApp:
 
 
 def _status_of(exc: Exception) -> int:
-    if isinstance(exc, SlurmUnavailable):
-        return 503
+    """The status the exception handlers answer it with."""
     if isinstance(exc, SlurmError):
-        return 502
+        return errors.from_slurm_error(exc).status_code
     status = getattr(exc, "status_code", 500)
     return status if isinstance(status, int) else 500
 

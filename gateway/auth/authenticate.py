@@ -18,6 +18,7 @@ caller sending the same token on every prompt costs one check, not one each.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import re
@@ -76,7 +77,7 @@ class _Checked:
 
 
 class OidcVerifier:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings) -> None:
         assert settings.oidc_issuer is not None
         assert settings.oidc_audience is not None
         self.issuer = settings.oidc_issuer
@@ -87,7 +88,6 @@ class OidcVerifier:
         self.pattern = re.compile(pattern) if pattern else None
         self._jwks_url = settings.oidc_jwks_url
         self._jwks: jwt.PyJWKClient | None = None
-        self._clock = clock
         self._discovery_failed_at = float("-inf")
 
     def _client(self) -> jwt.PyJWKClient:
@@ -266,7 +266,7 @@ class Authenticator:
         self.enabled = settings.authenticates
         self._clock = clock
         self._file = AuthFile(Path(settings.auth_file)) if settings.auth_file else None
-        self._oidc = OidcVerifier(settings, clock=clock) if settings.oidc_issuer else None
+        self._oidc = OidcVerifier(settings) if settings.oidc_issuer else None
         self._slurm_tokens = (
             SlurmTokenVerifier(
                 settings.slurm_jwt_key_file if settings.slurm_auth == "mint" else None
@@ -360,7 +360,7 @@ class Authenticator:
                 label=user,
             )
             credentials = Credentials(user, token, expires)
-            return _with_credentials(principal, credentials), expires
+            return dataclasses.replace(principal, credentials=credentials), expires
 
         return await self._cached(token, check, method="slurm-token")
 
@@ -390,19 +390,6 @@ class Authenticator:
             raise
         self._checked.put(digest, principal, expires)
         return principal
-
-
-def _with_credentials(principal: Principal, credentials: Credentials) -> Principal:
-    return Principal(
-        tenant=principal.tenant,
-        slurm_user=principal.slurm_user,
-        role=principal.role,
-        method=principal.method,
-        limits=principal.limits,
-        account=principal.account,
-        label=principal.label,
-        credentials=credentials,
-    )
 
 
 _EMPTY = empty()

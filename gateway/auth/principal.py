@@ -32,6 +32,10 @@ class Limits:
     max_services: int | None = None
     max_gpus: int | None = None
 
+    @property
+    def any(self) -> bool:
+        return self.max_services is not None or self.max_gpus is not None
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:

@@ -157,6 +157,11 @@ class JobView:
             entry = self._jobs.get(job_id)
         return entry.job if entry else None
 
+    def peek(self, job_id: int) -> JobInfo | None:
+        """The job as last listed or put, with no wait and no listing."""
+        entry = self._jobs.get(job_id)
+        return entry.job if entry else None
+
     async def wait_for(
         self, job_id: int, done: Callable[[JobInfo | None], bool], within: float
     ) -> JobInfo | None:

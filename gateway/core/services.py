@@ -166,9 +166,10 @@ class ServiceManager:
         self._as_users: dict[str, SlurmClient] = {}
         # Creates with one Idempotency-Key on this replica wait for each other.
         self._creating: dict[str, asyncio.Lock] = {}
-        # Idempotency marker -> the lowest job id holding it in the view (as of
-        # the view's generation): a later one that ended is a cancelled twin.
-        self._first_of: dict[str, int] = {}
+        # Idempotency marker -> the job with the lowest id holding it in the
+        # view (as of the view's generation): a later one that ended is a
+        # cancelled twin.
+        self._first_of: dict[str, JobInfo] = {}
         self._first_of_generation = -1
         self.partition = partition
         self.account = account
@@ -255,13 +256,10 @@ class ServiceManager:
         try:
             async with lock or contextlib.nullcontext():
                 if marker:
-                    earlier = await self._earlier_create(marker, digest, principal)
+                    earlier = await self._earlier_create(marker, digest)
                     if earlier is not None:
                         return Created(earlier, replayed=True)
-                if (
-                    principal.limits.max_services is not None
-                    or principal.limits.max_gpus is not None
-                ):
+                if principal.limits.any:
                     jobs = await self.view.jobs()
                     self._check_quota(principal, resources.gpus * resources.nodes, jobs)
                 return await self._submit(
@@ -342,8 +340,7 @@ class ServiceManager:
             )
         )
         service = self._service_from_submission(submitted.job_id, recipe, meta)
-        limits = principal.limits
-        if not marker and limits.max_services is None and limits.max_gpus is None:
+        if not marker and not principal.limits.any:
             return Created(service, replayed=False)
         return await self._settle(slurm, submitted.job_id, service, principal, marker, digest)
 
@@ -367,25 +364,12 @@ class ServiceManager:
             # Nothing lost: the job stands, unverified; said in the log.
             log.warning("create_not_verified", job_id=job_id, error=str(exc)[:300])
             return Created(service, replayed=False)
-        jobs = self.view.snapshot()
-        if marker:
-            first = min(
-                (
-                    job
-                    for job in jobs
-                    if (parsed := self._parse(job)) and parsed[0].idempotency == marker
-                ),
-                key=lambda job: job.job_id,
-                default=None,
-            )
-            if first is not None and first.job_id < job_id:
-                await self._cancel_twin(slurm, job_id, f"twin of job {first.job_id}")
-                parsed = self._parse(first)
-                assert parsed is not None
-                self._check_same_request(parsed[0], digest, first.job_id)
-                return Created(await self._service(first, *parsed), replayed=True)
+        first = self._firsts().get(marker) if marker else None
+        if first is not None and first.job_id < job_id:
+            await self._cancel_twin(slurm, job_id, f"twin of job {first.job_id}")
+            return Created(await self._replay(first, digest), replayed=True)
         try:
-            self._check_quota(principal, 0, jobs, upto=job_id)
+            self._check_quota(principal, 0, self.view.snapshot(), upto=job_id)
         except QuotaExceeded:
             await self._cancel_twin(slurm, job_id, "over quota")
             raise
@@ -401,7 +385,7 @@ class ServiceManager:
             log.error("create_cancel_failed", job_id=job_id, why=why, error=str(exc)[:300])
             raise
         log.info("create_cancelled", job_id=job_id, why=why)
-        known = next((j for j in self.view.snapshot() if j.job_id == job_id), None)
+        known = self.view.peek(job_id)
         if known is not None:
             self.view.put(
                 msgspec.structs.replace(
@@ -409,21 +393,19 @@ class ServiceManager:
                 )
             )
 
-    async def _earlier_create(
-        self, marker: str, digest: str, principal: Principal
-    ) -> Service | None:
+    async def _earlier_create(self, marker: str, digest: str) -> Service | None:
         """The service an earlier create with this key made, while Slurm holds it."""
-        found: tuple[JobInfo, metadata.ServiceMeta, metadata.Reported] | None = None
-        for job in await self.view.jobs():
-            parsed = self._parse(job)
-            if parsed is None or parsed[0].idempotency != marker:
-                continue
-            if found is None or job.job_id < found[0].job_id:
-                found = (job, *parsed)
-        if found is None:
+        await self.view.jobs()  # a view no older than its interval
+        first = self._firsts().get(marker)
+        if first is None:
             return None
-        self._check_same_request(found[1], digest, found[0].job_id)
-        return await self._service(*found)
+        return await self._replay(first, digest)
+
+    async def _replay(self, first: JobInfo, digest: str) -> Service:
+        parsed = self._parse(first)
+        assert parsed is not None  # _firsts holds services only
+        self._check_same_request(parsed[0], digest, first.job_id)
+        return await self._service(first, *parsed)
 
     @staticmethod
     def _check_same_request(meta: metadata.ServiceMeta, digest: str, job_id: int) -> None:
@@ -441,7 +423,7 @@ class ServiceManager:
         from Slurm's view its services that have not ended (those up to job
         ``upto`` when given: the create's own job is among them then)."""
         limits = principal.limits
-        if limits.max_services is None and limits.max_gpus is None:
+        if not limits.any:
             return
         count, used = 0 if upto is not None else 1, gpus
         for job in jobs:
@@ -533,17 +515,17 @@ class ServiceManager:
         if not meta.idempotency or not job.state.is_terminal:
             return False
         first = self._firsts().get(meta.idempotency)
-        return first is not None and first < job.job_id
+        return first is not None and first.job_id < job.job_id
 
-    def _firsts(self) -> dict[str, int]:
-        """Marker -> lowest job id in the view, rebuilt when the view changed."""
+    def _firsts(self) -> dict[str, JobInfo]:
+        """Marker -> its lowest-id job in the view, rebuilt when the view changed."""
         if self._first_of_generation != self.view.generation:
-            firsts: dict[str, int] = {}
+            firsts: dict[str, JobInfo] = {}
             for job in self.view.snapshot():
                 parsed = self._parse(job)
                 marker = parsed[0].idempotency if parsed is not None else ""
-                if marker and job.job_id < firsts.get(marker, job.job_id + 1):
-                    firsts[marker] = job.job_id
+                if marker and (marker not in firsts or job.job_id < firsts[marker].job_id):
+                    firsts[marker] = job
             self._first_of = firsts
             self._first_of_generation = self.view.generation
         return self._first_of
