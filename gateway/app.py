@@ -17,13 +17,16 @@ from gateway import __version__, wiring
 from gateway.api import audit, auth, errors, reference
 from gateway.api.health import HealthController, drain_on_sigterm
 from gateway.api.metrics import HttpMetrics, MetricsController
+from gateway.api.openai import OpenAIController
 from gateway.api.prompting import Prompting
 from gateway.api.recipes import RecipesController
+from gateway.api.relay import FrontDoor
 from gateway.api.schemas import StrictStructSchemaPlugin
 from gateway.api.services import ServicesController
 from gateway.api.vllm import VllmController
 from gateway.core.jobview import JobView
 from gateway.core.recipes import RecipeCatalog
+from gateway.core.routing import ModelRouter
 from gateway.core.services import ServiceManager
 from gateway.settings import Settings, load_settings
 from gateway.slurm import SlurmClient
@@ -98,6 +101,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             ),
         )
         app.state.prompting = Prompting(services=app.state.services, vllm=vllm)
+        app.state.front_door = FrontDoor(router=ModelRouter(app.state.services), vllm=vllm)
         app.state.services.view.start()
         try:
             yield
@@ -119,6 +123,10 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         prompting: Prompting = state.prompting
         return prompting
 
+    def provide_front_door(state: State) -> FrontDoor:
+        front_door: FrontDoor = state.front_door
+        return front_door
+
     def provide_recipes() -> RecipeCatalog:
         return catalog
 
@@ -128,6 +136,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             ServicesController,
             RecipesController,
             VllmController,
+            OpenAIController,
             MetricsController,
         ],
         dependencies={
@@ -135,6 +144,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             "slurm": Provide(provide_slurm, sync_to_thread=False),
             "recipes": Provide(provide_recipes, sync_to_thread=False),
             "prompting": Provide(provide_prompting, sync_to_thread=False),
+            "front_door": Provide(provide_front_door, sync_to_thread=False),
             "principal": Provide(auth.provide_principal, sync_to_thread=False),
         },
         lifespan=[adapters, drain_on_sigterm],

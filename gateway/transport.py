@@ -249,12 +249,14 @@ class Outbound:
 
 
 class TransportFailure(Exception):
-    """A request that got no answer: ``timeout`` tells a slow peer from a gone one."""
+    """A request that got no answer: ``timeout`` tells a slow peer from a gone
+    one; ``unsent`` that no connection was made, so not a byte was sent."""
 
-    def __init__(self, kind: str, *, timeout: bool) -> None:
+    def __init__(self, kind: str, *, timeout: bool, unsent: bool = False) -> None:
         super().__init__(kind)
         self.kind = kind
         self.timeout = timeout
+        self.unsent = unsent
 
 
 class Pool:
@@ -287,8 +289,13 @@ class Pool:
             return await self._client().request(
                 method, url, data=content, headers=headers, allow_redirects=False
             )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise TransportFailure(type(exc).__name__, timeout=True, unsent=True) from exc
         except TimeoutError as exc:
             raise TransportFailure(type(exc).__name__, timeout=True) from exc
+        except aiohttp.ClientConnectorError as exc:
+            # Refused or unreachable: the connection never opened.
+            raise TransportFailure(type(exc).__name__, timeout=False, unsent=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransportFailure(type(exc).__name__, timeout=False) from exc
 

@@ -18,6 +18,7 @@ guard on the route would not have (route middleware runs before guards).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 import msgspec
 from litestar.types import (
@@ -47,7 +48,7 @@ from gateway.slurm import SlurmError
 # Bodies beyond this go to the handler (which applies Litestar's own limit).
 _MAX_BODY = 1 << 20
 _JSON = [(b"content-type", b"application/json")]
-_SSE = [
+SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),  # as Litestar's Stream sends it
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
@@ -56,7 +57,7 @@ _SSE = [
 
 def prompt_fast_path(app: ASGIApp) -> ASGIApp:
     async def fast_path(scope: Scope, receive: Receive, send: Send) -> None:
-        body, complete_body = await _read(receive)
+        body, complete_body = await read_body(receive)
         replay = _replaying(body, complete_body, receive)
         prompting: Prompting | None = scope["litestar_app"].state.get("prompting")
         if not complete_body or prompting is None:
@@ -103,20 +104,30 @@ async def _stream(
     receive: Receive,
     send: Send,
 ) -> None:
-    """The stream, each chunk written as it comes; a client that goes away
-    closes the upstream at once (vLLM then aborts the request)."""
     upstream = upstream_of(service)
     # A refusal before the first chunk raises here, for Litestar's handlers.
     first, chunks = await open_stream(
         prompting.vllm, service_id, upstream, prompt_of(service, data)
     )
-    body = relay(first, chunks)
+    await send_stream(relay(first, chunks), chunks, receive, send, SSE_HEADERS)
+
+
+async def send_stream(
+    body: AsyncGenerator[bytes, None],
+    chunks: AsyncGenerator[bytes, None],
+    receive: Receive,
+    send: Send,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """``body`` (the relay of the upstream's ``chunks``) written chunk by chunk
+    as it comes; a client that goes away closes the upstream at once (vLLM
+    then aborts the request)."""
 
     async def pump() -> None:
         start: HTTPResponseStartEvent = {
             "type": "http.response.start",
             "status": 200,
-            "headers": _SSE,
+            "headers": headers,
         }
         await send(start)
         async for chunk in body:
@@ -150,8 +161,8 @@ async def _stream(
         raise pumping.exception()  # type: ignore[misc]
 
 
-async def _read(receive: Receive) -> tuple[bytes, bool]:
-    """The request body, and whether it is all of it (not past ``_MAX_BODY``)."""
+async def read_body(receive: Receive, limit: int = _MAX_BODY) -> tuple[bytes, bool]:
+    """The request body, and whether it is all of it (not past ``limit``)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -161,7 +172,7 @@ async def _read(receive: Receive) -> tuple[bytes, bool]:
         chunk = message.get("body", b"")
         chunks.append(chunk)
         size += len(chunk)
-        if size > _MAX_BODY:
+        if size > limit:
             return b"".join(chunks), False
         if not message.get("more_body", False):
             return b"".join(chunks), True

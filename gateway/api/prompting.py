@@ -12,7 +12,7 @@ import msgspec
 
 from gateway.api.schemas import PromptRequest, PromptResponse, UsageResponse
 from gateway.core.errors import UpstreamFailed, UpstreamTimeout
-from gateway.core.services import Service, ServiceManager, Upstream
+from gateway.core.services import Service, ServiceManager, Upstream, served_model
 from gateway.metrics import PROMPT_FIRST_BYTE, PROMPT_TOKENS, PROMPTS, series
 from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
 
@@ -30,7 +30,7 @@ class Prompting:
 def prompt_of(service: Service, data: PromptRequest) -> Prompt:
     return Prompt(
         prompt=data.prompt,
-        model=data.model or service.config.environment.get("VLLM_MODEL") or "",
+        model=data.model or served_model(service.config.environment),
         max_tokens=data.max_tokens,
         temperature=data.temperature,
         top_p=data.top_p,
@@ -151,6 +151,18 @@ class _UsageChunk(msgspec.Struct):
 
 
 _read_usage = msgspec.json.Decoder(_UsageChunk).decode
+
+
+def count_usage(answer: bytes) -> None:
+    """Tokens of a whole OpenAI answer (its top-level ``usage``), if it has one."""
+    if b'"usage"' not in answer:
+        return
+    try:
+        usage = _read_usage(answer).usage
+    except msgspec.DecodeError:  # ValidationError included
+        return
+    if usage is not None:
+        _count_tokens(usage.prompt_tokens, usage.completion_tokens)
 
 
 class _UsageReader:

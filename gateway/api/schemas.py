@@ -103,6 +103,13 @@ class ServiceConfigRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=T
 class CreateServiceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     recipe_name: Annotated[str, Meta(min_length=1, max_length=200, examples=["inference/vllm"])]
     config: ServiceConfigRequest = msgspec.field(default_factory=ServiceConfigRequest)
+    shared: Annotated[
+        bool,
+        Meta(
+            description="offer the service to every tenant on the OpenAI front door (/v1); "
+            "admins only"
+        ),
+    ] = False
 
 
 class ServiceConfigResponse(msgspec.Struct, kw_only=True):
@@ -129,6 +136,7 @@ class ServiceResponse(msgspec.Struct, kw_only=True):
         str | None,
         Meta(description="the tenant that created it (null: not recorded)"),
     ]
+    shared: Annotated[bool, Meta(description="every tenant may use it on /v1")] = False
     slurm_state: str
     slurm_reason: str
 

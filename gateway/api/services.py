@@ -158,6 +158,7 @@ class ServicesController(Controller):
                 recipe_name=data.recipe_name,
                 environment=dict(data.config.environment),
                 resources=resources,
+                shared=data.shared,
             ),
             principal,
             idempotency_key=idempotency_key,

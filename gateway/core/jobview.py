@@ -142,6 +142,11 @@ class JobView:
         await self._ready()
         return [entry.job for entry in self._jobs.values()]
 
+    async def jobs_ready(self) -> None:
+        """What ``jobs()`` waits for, without copying the jobs: read them
+        with ``snapshot()`` next."""
+        await self._ready()
+
     def snapshot(self) -> list[JobInfo]:
         """The jobs as last listed, however old: this neither waits nor counts
         as a read (a metrics scrape must not keep the view listing)."""

@@ -71,6 +71,8 @@ class ServiceMeta(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     # of the request it came with; "" when the create had no key.
     idempotency: str = ""
     request_digest: str = ""
+    # An admin offered it to every tenant (the OpenAI front door, /v1).
+    shared: bool = False
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -121,6 +123,7 @@ class MetaCodec:
         tenant: str = "",
         idempotency: str = "",
         request_digest: str = "",
+        shared: bool = False,
     ) -> ServiceMeta:
         return ServiceMeta(
             recipe=recipe,
@@ -132,6 +135,7 @@ class MetaCodec:
             tenant=tenant,
             idempotency=idempotency,
             request_digest=request_digest,
+            shared=shared,
         )
 
     def encode(self, meta: ServiceMeta) -> str:

@@ -108,6 +108,7 @@ class Service(msgspec.Struct, frozen=True, kw_only=True):
     node: str | None
     endpoint: str | None
     upstream: Upstream | None = None
+    shared: bool = False
 
 
 class Logs(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,6 +122,8 @@ class CreateRequest(msgspec.Struct, frozen=True, kw_only=True):
     recipe_name: str
     environment: dict[str, str] = msgspec.field(default_factory=dict)
     resources: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Usable by every tenant through /v1 (admins only may say so).
+    shared: bool = False
 
     def digest(self) -> str:
         """Same request, same digest: what an Idempotency-Key is bound to."""
@@ -171,6 +174,12 @@ class ServiceManager:
         # cancelled twin.
         self._first_of: dict[str, JobInfo] = {}
         self._first_of_generation = -1
+        # Served model -> its vLLM jobs, as of the view's generation (/v1).
+        self._models: dict[str, _ModelEntries] = {}
+        self._models_generation = -1
+        # Jobs this replica is stopping: /v1 sends them nothing more, before
+        # Slurm is even asked (other replicas see them end with the view).
+        self.leaving: set[int] = set()
         self.partition = partition
         self.account = account
         self.path_map = path_map or []
@@ -226,6 +235,11 @@ class ServiceManager:
         # tenants sharing a user do not see each other's through it.
         return principal.tenant == principal.slurm_user
 
+    def usable(self, principal: Principal, job: JobInfo, meta: metadata.ServiceMeta) -> bool:
+        """Whom a service takes prompts from: those who see it, and everyone
+        when an admin shared it."""
+        return meta.shared or self.visible(principal, job, meta)
+
     # -- create ---------------------------------------------------------------
 
     async def create(
@@ -236,6 +250,10 @@ class ServiceManager:
         idempotency_key: str | None = None,
     ) -> Created:
         recipe = self._recipe_for_create(request.recipe_name)
+        if request.shared and not principal.is_admin:
+            raise Forbidden(
+                "shared: only an admin may offer a service to every tenant",
+            )
         environment = recipe.environment(request.environment)
         resources = resolve_resources(
             recipe.spec.resources, request.resources, field="config.resources"
@@ -263,7 +281,14 @@ class ServiceManager:
                     jobs = await self.view.jobs()
                     self._check_quota(principal, resources.gpus * resources.nodes, jobs)
                 return await self._submit(
-                    recipe, environment, resources, principal, user, marker, digest
+                    recipe,
+                    environment,
+                    resources,
+                    principal,
+                    user,
+                    marker,
+                    digest,
+                    shared=request.shared,
                 )
         finally:
             # Once nobody holds it. A create that still waits on this lock
@@ -280,6 +305,8 @@ class ServiceManager:
         user: str,
         marker: str,
         digest: str,
+        *,
+        shared: bool = False,
     ) -> Created:
         resources_wire = resources.as_config()
         meta = self.codec.new_meta(
@@ -291,6 +318,7 @@ class ServiceManager:
             tenant=principal.tenant,
             idempotency=marker,
             request_digest=digest,
+            shared=shared,
         )
         encoded = self.codec.encode(meta)
         self._check_comment_budget(encoded, environment)
@@ -490,6 +518,7 @@ class ServiceManager:
             slurm_reason="",
             node=None,
             endpoint=None,
+            shared=meta.shared,
         )
 
     # -- read -----------------------------------------------------------------
@@ -694,7 +723,7 @@ class ServiceManager:
         if upstream and job.state is JobState.RUNNING and reported.phase in ("starting", "running"):
             if recipe_kind == "vllm":
                 # Ready when vLLM answers /health and serves the model asked for.
-                model = meta.environment.get("VLLM_MODEL")
+                model = served_model(meta.environment)
                 healthy = await self.prober.vllm_ready(upstream.url, model, upstream.key)
             else:
                 healthy = await self.prober.healthy(upstream.url + health_path, upstream.key)
@@ -737,6 +766,7 @@ class ServiceManager:
             node=job.batch_host or job.nodes or None,
             endpoint=live.url if live else None,
             upstream=live,
+            shared=meta.shared,
         )
 
     async def _checked(
@@ -780,6 +810,66 @@ class ServiceManager:
         except NotFound:
             return "http", "/health"  # recipe removed since: still list the service
         return spec.kind, spec.health_path
+
+    async def serving(self, principal: Principal, model: str | None = None) -> _Services:
+        """The vLLM services the caller may prompt that have not ended, of
+        ``model`` (the name vLLM serves) or of every model, from the view.
+
+        This is on every /v1 request's path: the view's jobs are grouped by
+        model once per view generation, and each service is built from the
+        same memo and prober cache as a prompt's."""
+        await self.view.jobs_ready()
+        index = self._models_index()
+        if model is None:
+            entries = [entry for group in index.values() for entry in group]
+        else:
+            entries = index.get(model, [])
+        usable = [
+            entry
+            for entry in entries
+            if entry[0].job_id not in self.leaving and self.usable(principal, entry[0], entry[1])
+        ]
+        if not usable:
+            return []
+        built: tuple[Service | BaseException, ...]
+        if len(usable) == 1:
+            built = (await self._service_of(*usable[0]),)
+        else:
+            built = tuple(
+                await asyncio.gather(
+                    *(self._service_of(*entry) for entry in usable), return_exceptions=True
+                )
+            )
+        services: _Services = []
+        for (job, _, _), result in zip(usable, built, strict=True):
+            if isinstance(result, Service):
+                services.append(result)
+            elif isinstance(result, Exception):
+                self._log_bad_job(job.job_id, result)
+            else:
+                raise result
+        return services
+
+    def _models_index(self) -> dict[str, _ModelEntries]:
+        """Served model -> the vLLM jobs serving it that have not ended, as of
+        the view's generation."""
+        if self._models_generation != self.view.generation:
+            index: dict[str, _ModelEntries] = {}
+            for job in self.view.snapshot():
+                if job.state.is_terminal:
+                    continue
+                parsed = self._parse(job)
+                if parsed is None or self._is_twin(job, parsed[0]):
+                    continue
+                meta, reported = parsed
+                if self._service_spec(meta.recipe)[0] != "vllm":
+                    continue
+                index.setdefault(served_model(meta.environment), []).append((job, meta, reported))
+            for group in index.values():
+                group.sort(key=lambda entry: entry[0].job_id)
+            self._models = index
+            self._models_generation = self.view.generation
+        return self._models
 
     async def running(
         self, service_id: str, principal: Principal, *, kind: str | None = None
@@ -871,11 +961,17 @@ class ServiceManager:
         job, meta, reported = await self._job(service_id, principal)
         if job.state.is_terminal:
             return Stopped(await self._service(job, meta, reported), already_ended=True)
+        if len(self.leaving) > 4096:
+            self.leaving.clear()
+        self.leaving.add(job.job_id)
         try:
             # As the job's own user (an admin stopping another user's service too).
             await self._slurm_as(job.user_name, principal).cancel(job.job_id)
         except SlurmJobNotFound:
             return Stopped(await self._gone(job, meta, reported), already_ended=True)
+        except BaseException:
+            self.leaving.discard(job.job_id)  # not stopped: it may take prompts again
+            raise
         # Slurm ends the job within moments; answer with its final state when
         # it arrives in time, else with what Slurm says now. The wait shares
         # the view's listings with every other reader.
@@ -927,6 +1023,18 @@ def _unavailable_nodes(job: JobInfo) -> frozenset[str] | None:
     (or in a bracketed host list, not expanded here)."""
     found = _UNAVAILABLE_NODES.search(job.state_description)
     return frozenset(found.group(1).split(",")) if found else None
+
+
+# A vLLM job of the view with what its comment holds (the /v1 index).
+_ModelEntry = tuple[JobInfo, metadata.ServiceMeta, metadata.Reported]
+_ModelEntries = list[_ModelEntry]
+_Services = list["Service"]
+
+
+def served_model(environment: dict[str, str]) -> str:
+    """The name vLLM serves its model under: the alias when the request gave
+    one (vLLM's ``--served-model-name``), else the model itself."""
+    return environment.get("VLLM_SERVED_MODEL_NAME") or environment.get("VLLM_MODEL") or ""
 
 
 def job_name_of(recipe: str, tag: str) -> str:

@@ -24,7 +24,7 @@ Api = Literal["chat", "completions"]
 # The most a model list (or a probe's answer) may take.
 _SMALL_ANSWER = 1024 * 1024
 # The most a completion may take (max_tokens is the model's business).
-_LARGE_ANSWER = 64 * 1024 * 1024
+LARGE_ANSWER = 64 * 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -37,11 +37,13 @@ class UpstreamError(Exception):
 
 
 class UpstreamUnavailable(Exception):
-    """vLLM could not be reached or did not answer in time."""
+    """vLLM could not be reached or did not answer in time; ``unsent``: no
+    connection was made, so the request may go to another server."""
 
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
+    def __init__(self, message: str, *, timeout: bool = False, unsent: bool = False) -> None:
         super().__init__(message)
         self.timeout = timeout
+        self.unsent = unsent
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -66,13 +68,15 @@ class _Completion(msgspec.Struct, frozen=True):
     usage: Usage | None = None
 
 
-class _Model(msgspec.Struct, frozen=True):
+class ModelCard(msgspec.Struct, frozen=True):
+    """A model as vLLM's ``/v1/models`` lists it (the fields the gateway uses)."""
+
     id: str
     max_model_len: int | None = None
 
 
 class _Models(msgspec.Struct, frozen=True):
-    data: list[_Model] = []
+    data: list[ModelCard] = []
 
 
 class _ErrorBody(msgspec.Struct, frozen=True):
@@ -118,12 +122,22 @@ class VllmClient:
         await self._http.aclose()
 
     async def models(self, endpoint: str, key: str | None = None) -> list[str]:
+        return [card.id for card in await self.model_cards(endpoint, key)]
+
+    async def model_cards(self, endpoint: str, key: str | None = None) -> list[ModelCard]:
         answer = await self._request("GET", f"{endpoint}/v1/models", key, limit=_SMALL_ANSWER)
         _raise_for_status(answer)
         try:
-            return [m.id for m in msgspec.json.decode(answer.content, type=_Models).data]
+            return msgspec.json.decode(answer.content, type=_Models).data
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             raise UpstreamError(502, "vLLM's /v1/models answer is not a model list") from None
+
+    async def forward(
+        self, endpoint: str, path: str, body: bytes, key: str | None = None
+    ) -> aiohttp.ClientResponse:
+        """``body`` POSTed to ``path`` as it came (the OpenAI front door); the
+        answer with its body unread: read it, then release or close it."""
+        return await self._start("POST", endpoint + path, key, content=body)
 
     async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:
         """``/health`` answers and ``/v1/models`` lists ``model`` (any, if None)."""
@@ -168,29 +182,25 @@ class VllmClient:
         api = self._api.get((endpoint, prompt.model), "chat")
         response = await self._start("POST", _url(endpoint, api), key, _body(api, prompt, True))
         if api == "chat" and response.status == 400:
-            refused = await _read_all(response)
+            refused = await read_all(response)
             if not _no_chat_template(refused):
                 _raise_for_status(refused)
             api = "completions"
             response = await self._start("POST", _url(endpoint, api), key, _body(api, prompt, True))
         if response.status >= 400:
-            _raise_for_status(await _read_all(response))
+            _raise_for_status(await read_all(response))
         self._api[(endpoint, prompt.model)] = api
-        try:
-            async for chunk in response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise UpstreamUnavailable(
-                f"the stream from vLLM broke off: {type(exc).__name__}"
-            ) from None
-        finally:
-            # Closed, not released: an unfinished answer must end the upstream
-            # request (vLLM aborts on the disconnect). Synchronous, so a
-            # cancelled client cannot interrupt it.
-            response.close()
+        async for chunk in iter_chunks(response):
+            yield chunk
 
     async def _start(
-        self, method: str, url: str, key: str | None, body: dict[str, Any] | None = None
+        self,
+        method: str,
+        url: str,
+        key: str | None,
+        body: dict[str, Any] | None = None,
+        *,
+        content: bytes | None = None,
     ) -> aiohttp.ClientResponse:
         """The answer's status and headers; its body still to be read."""
         headers = auth_headers(key) or {}
@@ -199,16 +209,20 @@ class VllmClient:
             # vLLM takes it as its engine's request id, and older releases
             # refuse a second one in flight: unique, found by its prefix.
             headers["X-Request-ID"] = f"{request_id}-{secrets.token_hex(4)}"
-        content = None
         if body is not None:
             content = msgspec.json.encode(body)
+        if content is not None:
             headers["Content-Type"] = "application/json"
         try:
             return await self._http.open(method, url, content=content, headers=headers)
         except TransportFailure as exc:
             if exc.timeout:
-                raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
-            raise UpstreamUnavailable(f"vLLM is unreachable: {exc.kind}") from None
+                raise UpstreamUnavailable(
+                    "vLLM did not answer in time", timeout=True, unsent=exc.unsent
+                ) from None
+            raise UpstreamUnavailable(
+                f"vLLM is unreachable: {exc.kind}", unsent=exc.unsent
+            ) from None
 
     async def _request(
         self,
@@ -217,19 +231,34 @@ class VllmClient:
         key: str | None,
         body: dict[str, Any] | None = None,
         *,
-        limit: int = _LARGE_ANSWER,
-    ) -> _Answer:
+        limit: int = LARGE_ANSWER,
+    ) -> Answer:
         """The whole answer, up to ``limit`` bytes: whatever listens on an
         endpoint is a job's, and must not make the gateway hold gigabytes."""
-        return await _read_all(await self._start(method, url, key, body), limit)
+        return await read_all(await self._start(method, url, key, body), limit)
 
 
-class _Answer(NamedTuple):
+async def iter_chunks(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+    """The answer's body as it arrives. Closing the iterator (a client that
+    went away) closes the upstream connection, which makes vLLM abort."""
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise UpstreamUnavailable(f"the stream from vLLM broke off: {type(exc).__name__}") from None
+    finally:
+        # Closed, not released: an unfinished answer must end the upstream
+        # request (vLLM aborts on the disconnect). Synchronous, so a
+        # cancelled client cannot interrupt it.
+        response.close()
+
+
+class Answer(NamedTuple):
     status: int
     content: bytes
 
 
-async def _read_all(response: aiohttp.ClientResponse, limit: int = _SMALL_ANSWER) -> _Answer:
+async def read_all(response: aiohttp.ClientResponse, limit: int = _SMALL_ANSWER) -> Answer:
     """``response`` read whole and released, refused past ``limit`` bytes."""
     chunks: list[bytes] = []
     size = 0
@@ -248,7 +277,7 @@ async def _read_all(response: aiohttp.ClientResponse, limit: int = _SMALL_ANSWER
             response.close()  # the rest is never read: the connection cannot be reused
         else:
             response.release()
-    return _Answer(response.status, b"".join(chunks))
+    return Answer(response.status, b"".join(chunks))
 
 
 def auth_headers(key: str | None) -> dict[str, str] | None:
@@ -275,11 +304,11 @@ def _body(api: Api, prompt: Prompt, stream: bool) -> dict[str, Any]:
     return body
 
 
-def _error_message(answer: _Answer) -> str:
-    return _message_of(answer.content, answer.status)
+def _error_message(answer: Answer) -> str:
+    return message_of(answer.content, answer.status)
 
 
-def _message_of(content: bytes, status: int) -> str:
+def message_of(content: bytes, status: int) -> str:
     try:
         body = msgspec.json.decode(content, type=_ErrorBody)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
@@ -289,10 +318,10 @@ def _message_of(content: bytes, status: int) -> str:
     return (body.message or (str(body.error) if body.error else f"HTTP {status}"))[:500]
 
 
-def _no_chat_template(answer: _Answer) -> bool:
+def _no_chat_template(answer: Answer) -> bool:
     return answer.status == 400 and "chat template" in _error_message(answer).lower()
 
 
-def _raise_for_status(answer: _Answer) -> None:
+def _raise_for_status(answer: Answer) -> None:
     if answer.status >= 400:
         raise UpstreamError(answer.status, _error_message(answer))

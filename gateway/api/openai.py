@@ -1,0 +1,225 @@
+"""``/v1``: an OpenAI-compatible front door, routed by model across running services.
+
+Point any OpenAI client at ``http://gateway:8001/v1`` with an API key of the
+gateway: ``/v1/models`` lists the models of the running vLLM services the
+caller may use (its own tenant's, and those an admin shared), and each
+completion goes to a service of its ``model`` (gateway/core/routing.py).
+Errors come in OpenAI's shape, which its SDKs turn into their exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import structlog
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Body, PathParameter
+from litestar.plugins.problem_details import ProblemDetailsException
+from litestar.types import ExceptionHandlersMap
+
+from gateway.api.errors import EventStreamOperation, from_slurm_error
+from gateway.api.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIAnswer,
+    OpenAIError,
+    OpenAIErrorDetail,
+    OpenAIModel,
+    OpenAIModelList,
+)
+from gateway.api.relay import FrontDoor, UpstreamAnswer, relay_to
+from gateway.auth.principal import Principal
+from gateway.core.errors import GatewayError
+from gateway.core.routing import ModelNotFound
+from gateway.core.services import Service
+from gateway.slurm import SlurmError
+
+log = structlog.get_logger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+_MEANINGS = {
+    400: "The body is not JSON, or has no `model`",
+    401: "No credentials, or credentials that do not check out",
+    403: "Authenticated, but not allowed",
+    404: "No running or starting service the caller may use serves this model "
+    "(`code`: model_not_found; the message lists those that do)",
+    413: "The body is over 32 MiB",
+    502: "The service answered with an error (vLLM's status and message are passed on where "
+    "they are the request's fault: 400, 404, 422...), or could not be reached",
+    503: "The model's services are still starting (see Retry-After), or Slurm is unreachable",
+    504: "The service did not answer in time",
+}
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {
+        code: ResponseSpec(OpenAIError, description=_MEANINGS[code], generate_examples=False)
+        for code in sorted({*codes, 401, 403})
+    }
+
+
+def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[OpenAIError]:
+    """Any failure on /v1, as ``{"error": {message, type, param, code}}``."""
+    headers: dict[str, str] | None = None
+    param: str | None = None
+    code: str | None = None
+    kind: str | None = None
+    if isinstance(exc, GatewayError):
+        status, message, headers = exc.status_code, exc.detail, exc.headers
+        if exc.errors:
+            param = exc.errors[0].field
+        param = getattr(exc, "param", param)
+        code = getattr(exc, "code", None)
+        if isinstance(exc, UpstreamAnswer):
+            kind = exc.kind
+    elif isinstance(exc, SlurmError):
+        problem = from_slurm_error(exc)
+        status, message, headers = problem.status_code, problem.detail, problem.headers
+    elif isinstance(exc, ValidationException):
+        status, message = 400, exc.detail
+    elif isinstance(exc, HTTPException):
+        status, message = exc.status_code, exc.detail
+        headers = dict(exc.headers) if exc.headers else None
+    else:
+        log.exception("unhandled exception", path=request.url.path, exc_info=exc)
+        status, message = 500, "The gateway failed unexpectedly; the error was logged"
+    detail = OpenAIErrorDetail(
+        message=message,
+        type=kind or _TYPES.get(status, "server_error"),
+        param=param,
+        code=code,
+    )
+    return Response(OpenAIError(error=detail), status_code=status, headers=headers)
+
+
+# Each type the app maps to problem details (errors.plugin()) is mapped here
+# too: the most specific class in an exception's MRO wins, at any layer.
+_HANDLERS: ExceptionHandlersMap = {
+    cls: openai_error
+    for cls in (
+        GatewayError,
+        SlurmError,
+        ValidationException,
+        HTTPException,
+        ProblemDetailsException,
+        Exception,
+    )
+}
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    tags = ("openai",)
+    exception_handlers = _HANDLERS
+
+    @get(
+        "/models",
+        operation_id="listOpenAIModels",
+        summary="Models of the running vLLM services the caller may use",
+        responses=_errors(503),
+    )
+    async def list_models(
+        self, front_door: NamedDependency[FrontDoor], principal: NamedDependency[Principal]
+    ) -> OpenAIModelList:
+        models = await front_door.router.models(principal)
+        cards = await asyncio.gather(
+            *(_card(front_door, name, services) for name, services in sorted(models.items()))
+        )
+        return OpenAIModelList(data=list(cards))
+
+    @get(
+        "/models/{model:path}",
+        operation_id="getOpenAIModel",
+        summary="One model, if a running service the caller may use serves it",
+        responses=_errors(404, 503),
+    )
+    async def get_model(
+        self,
+        front_door: NamedDependency[FrontDoor],
+        principal: NamedDependency[Principal],
+        model: Annotated[str, PathParameter(description="the model's name (it may hold /)")],
+    ) -> OpenAIModel:
+        name = model.lstrip("/")
+        models = await front_door.router.models(principal)
+        if name not in models:
+            raise ModelNotFound(name, sorted(models))
+        return await _card(front_door, name, models[name])
+
+    @post(
+        "/chat/completions",
+        operation_id="createChatCompletion",
+        summary="A chat completion from a service of the model (streamed with stream=true)",
+        status_code=200,
+        responses={
+            **_errors(400, 404, 413, 502, 503, 504),
+            200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
+        },
+        operation_class=EventStreamOperation,
+        middleware=[relay_to("/v1/chat/completions")],
+    )
+    async def chat_completions(
+        self, data: Annotated[ChatCompletionRequest, Body()]
+    ) -> OpenAIAnswer:
+        raise _relayed()
+
+    @post(
+        "/completions",
+        operation_id="createCompletion",
+        summary="A completion from a service of the model (streamed with stream=true)",
+        status_code=200,
+        responses={
+            **_errors(400, 404, 413, 502, 503, 504),
+            200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
+        },
+        operation_class=EventStreamOperation,
+        middleware=[relay_to("/v1/completions")],
+    )
+    async def completions(self, data: Annotated[CompletionRequest, Body()]) -> OpenAIAnswer:
+        raise _relayed()
+
+    @post(
+        "/embeddings",
+        operation_id="createEmbedding",
+        summary="Embeddings from a service of the model",
+        status_code=200,
+        responses={
+            **_errors(400, 404, 413, 502, 503, 504),
+            200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
+        },
+        middleware=[relay_to("/v1/embeddings")],
+    )
+    async def embeddings(self, data: Annotated[EmbeddingRequest, Body()]) -> OpenAIAnswer:
+        raise _relayed()
+
+
+def _relayed() -> Exception:
+    # The route's middleware (relay.py) answers every request: these handlers
+    # exist for the OpenAPI document only.
+    return RuntimeError("answered by the relay middleware, which did not run")
+
+
+async def _card(front_door: FrontDoor, name: str, services: list[Service]) -> OpenAIModel:
+    first = min(services, key=lambda s: int(s.id))
+    return OpenAIModel(
+        id=name,
+        created=int(first.created_at.timestamp()),
+        owned_by=first.tenant or first.owner,
+        root=first.config.environment.get("VLLM_MODEL"),
+        max_model_len=await front_door.max_model_len(first, name),
+        services=len(services),
+    )

@@ -1,0 +1,96 @@
+"""Wire types of the OpenAI front door (/v1), in OpenAI's own shapes.
+
+The request types document the operations; the relay (relay.py) reads only
+``model`` and passes every body on as it came, so fields vLLM adds (and ones
+OpenAI adds later) work without a change here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+ModelName = Annotated[
+    str,
+    Meta(
+        description="a model as GET /v1/models lists it: the served name of running services",
+        examples=["Qwen/Qwen2.5-0.5B-Instruct"],
+    ),
+]
+_PASSED_ON = "Every other field of OpenAI's API (or vLLM's extensions) is passed to vLLM as sent."
+
+
+class OpenAIModel(msgspec.Struct, kw_only=True):
+    id: ModelName
+    object: Literal["model"] = "model"
+    created: Annotated[int, Meta(description="when its first service was created (Unix time)")]
+    owned_by: Annotated[str, Meta(description="the tenant (or Slurm user) that runs it")]
+    root: Annotated[str | None, Meta(description="the model vLLM loaded (VLLM_MODEL)")] = None
+    max_model_len: Annotated[
+        int | None, Meta(description="the longest context, where vLLM reports it")
+    ] = None
+    services: Annotated[int, Meta(description="how many running services serve it")] = 1
+
+
+class OpenAIModelList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: Annotated[
+        str,
+        Meta(
+            examples=["invalid_request_error"],
+            description="invalid_request_error, authentication_error, permission_error, "
+            "rate_limit_error, service_unavailable_error, server_error, or vLLM's own",
+        ),
+    ]
+    param: Annotated[str | None, Meta(description="the request field at fault")] = None
+    code: Annotated[
+        str | None, Meta(examples=["model_not_found"], description="a machine-readable reason")
+    ] = None
+
+
+class OpenAIError(msgspec.Struct, kw_only=True):
+    """Every error of /v1, as OpenAI's SDKs read them."""
+
+    error: OpenAIErrorDetail
+
+
+class ChatCompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    __doc__ = f"OpenAI's chat completion request. {_PASSED_ON}"
+
+    model: ModelName
+    messages: list[dict[str, Any]]
+    stream: Annotated[bool, Meta(description="answer with Server-Sent Events")] = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    __doc__ = f"OpenAI's (legacy) completion request. {_PASSED_ON}"
+
+    model: ModelName
+    prompt: Annotated[str | list[Any], Meta(description="text, texts, or token ids")]
+    stream: Annotated[bool, Meta(description="answer with Server-Sent Events")] = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    __doc__ = f"OpenAI's embedding request (the service must run an embedding model). {_PASSED_ON}"
+
+    model: ModelName
+    input: Annotated[str | list[Any], Meta(description="text, texts, or token ids")]
+
+
+class OpenAIAnswer(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """vLLM's answer as it sent it (OpenAI's shape for the operation)."""
+
+    id: str | None = None
+    object: str
+    model: str | None = None

@@ -1,0 +1,160 @@
+"""Which service answers a request for a model (the OpenAI front door, /v1).
+
+A model is the name vLLM serves it under (``served_model``); several services
+may serve one. A request goes to a running one the caller may use, the one
+with the fewest requests outstanding on this replica; ties take turns, so that
+one client's requests in a row spread too.
+
+A service stops receiving requests when it leaves:
+- stopped through this replica: at once, before Slurm is even asked;
+- stopped elsewhere, failed, timed out: when the job view next lists it
+  (``GATEWAY_VIEW_REFRESH_SECONDS``, 1 s by default), or earlier when its
+  server stops taking connections: the first refused connection passes it
+  over for ``eject_seconds`` (and that request goes to another service);
+- its server stops answering /health: within ``GATEWAY_HEALTH_CACHE_SECONDS``.
+
+Outstanding counts are this replica's own: replicas balance independently,
+as vLLM's router and SkyServe's load balancers do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from gateway.auth.principal import Principal
+from gateway.core.errors import GatewayError, NotFound
+from gateway.core.services import Service, ServiceManager, Upstream, served_model
+from gateway.core.status import ServiceStatus
+
+RETRY_AFTER_SECONDS = 5
+_COMING = frozenset({ServiceStatus.PENDING, ServiceStatus.BUILDING, ServiceStatus.STARTING})
+
+
+class ModelNotFound(NotFound):
+    """No service the caller may use serves this model."""
+
+    code = "model_not_found"
+    param = "model"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        if available:
+            where = f"models you can use: {', '.join(available[:50])}"
+        else:
+            where = "no model is served for you: start a vLLM service (POST /api/v1/services)"
+        super().__init__(f"the model {model!r} does not exist here; {where}")
+        self.model = model
+        self.available = available
+
+
+class ModelNotReady(GatewayError):
+    """The model's services have not started yet (or are all unhealthy)."""
+
+    status_code = 503
+    title = "Model not ready"
+    code = "model_not_ready"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
+class ModelRouter:
+    def __init__(
+        self,
+        services: ServiceManager,
+        *,
+        eject_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.services = services
+        self.eject_seconds = eject_seconds
+        self._clock = clock
+        # Upstream URL -> requests this replica has in flight there.
+        self._outstanding: dict[str, int] = {}
+        # Upstream URL -> until when it is passed over (a refused connection).
+        self._ejected: dict[str, float] = {}
+        self._turn = 0
+
+    async def models(self, principal: Principal) -> dict[str, list[Service]]:
+        """Served model -> the running services of it the caller may use."""
+        models: dict[str, list[Service]] = {}
+        for service in await self.services.serving(principal):
+            if service.status is ServiceStatus.RUNNING and service.upstream is not None:
+                models.setdefault(served_model(service.config.environment), []).append(service)
+        return models
+
+    async def pick(self, principal: Principal, model: str, *, avoid: str | None = None) -> Service:
+        """The service to send a request for ``model`` to (not the upstream
+        ``avoid``, which just refused a connection)."""
+        candidates = await self.services.serving(principal, model)
+        live: list[Service] = [
+            s
+            for s in candidates
+            if s.status is ServiceStatus.RUNNING
+            and s.upstream is not None
+            and s.upstream.url != avoid
+        ]
+        if not live:
+            raise await self._why_none(principal, model, candidates, avoid)
+        if len(live) == 1:
+            return live[0]
+        now = self._clock()
+        if self._ejected:
+            for url, until in list(self._ejected.items()):
+                if until <= now:
+                    del self._ejected[url]
+            # All passed over: they may be back; better to try than to refuse.
+            live = [s for s in live if _url(s) not in self._ejected] or live
+        self._turn += 1
+        start = self._turn % len(live)
+        best = live[start]
+        best_load = self._outstanding.get(_url(best), 0)
+        for i in range(1, len(live)):
+            service = live[(start + i) % len(live)]
+            load = self._outstanding.get(_url(service), 0)
+            if load < best_load:
+                best, best_load = service, load
+        return best
+
+    @contextmanager
+    def outstanding(self, upstream: Upstream) -> Iterator[None]:
+        """Counts a request in flight at ``upstream`` for as long as it lasts."""
+        url = upstream.url
+        self._outstanding[url] = self._outstanding.get(url, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._outstanding[url] - 1
+            if left:
+                self._outstanding[url] = left
+            else:
+                del self._outstanding[url]
+
+    def eject(self, upstream: Upstream) -> None:
+        """Pass ``upstream`` over for a while: it refused a connection."""
+        if len(self._ejected) > 4096:
+            self._ejected.clear()
+        self._ejected[upstream.url] = self._clock() + self.eject_seconds
+
+    async def _why_none(
+        self, principal: Principal, model: str, candidates: list[Service], avoid: str | None
+    ) -> GatewayError:
+        waiting = [s for s in candidates if s.status in _COMING]
+        if waiting:
+            states = ", ".join(f"service {s.id} is {s.status.value}" for s in waiting[:5])
+            return ModelNotReady(f"the model {model!r} has no service running yet: {states}")
+        if any(s.status is ServiceStatus.RUNNING for s in candidates):
+            # The only running one just refused a connection.
+            return ModelNotReady(f"the service of the model {model!r} refused the connection")
+        if candidates:
+            states = ", ".join(f"service {s.id} is {s.status.value}" for s in candidates[:5])
+            return ModelNotReady(f"the model {model!r} has no working service: {states}")
+        serving = await self.services.serving(principal)
+        return ModelNotFound(model, sorted({served_model(s.config.environment) for s in serving}))
+
+
+def _url(service: Service) -> str:
+    assert service.upstream is not None  # only running services are picked
+    return service.upstream.url
