@@ -10,14 +10,16 @@ before each streamed chunk. In front of the fast one it runs Debian's nginx
 * direct: the stub itself;
 * nginx: the reference proxy;
 * vllm-router: the peer;
-* gateway: ``POST /api/v1/vllm/{id}/prompt``.
+* gateway: ``POST /api/v1/vllm/{id}/prompt``;
+* gateway /v1: the OpenAI front door, ``POST /v1/chat/completions`` routed by
+  model (the same body as direct, nginx and vllm-router get).
 
 Non-streamed: wrk at 1 and 64 connections (req/s, p50, p99). Streamed: an
 aiohttp client at 1 and 32 concurrent streams (streams/s, first-chunk p50).
 Then, on the paced stub: the gateway's RSS with 2,000 streams open, and how
 long 500 concurrent 16-chunk streams (3.2 s each on schedule) take, direct
-and through the gateway. Medians of the rounds; ratios gateway/direct,
-gateway/nginx, gateway/vllm-router.
+and through the gateway. Medians of the rounds; ratios of each gateway side
+to direct, nginx and vllm-router.
 
     python bench/proxy.py [--rounds 3] [--seconds 5] [--workers 1]
 """
@@ -60,7 +62,8 @@ GATEWAY_BODY = {"prompt": PROMPT, "max_tokens": TOKENS}
 # --auth key the gateway checks an API key on each one, as deployed.
 HEADERS: dict[str, str] = {}
 LOCAL_KEY = "sgw_local-admin-key"  # deploy/local/tenants.toml
-SIDES = ("direct", "nginx", "vllm-router", "gateway")
+SIDES = ("direct", "nginx", "vllm-router", "gateway", "gateway /v1")
+GATEWAYS = ("gateway", "gateway /v1")
 
 
 def ensure_tools() -> None:
@@ -373,7 +376,11 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
     async with aiohttp.ClientSession(base_url=gateway.url, headers=HEADERS) as api:
         python = "/opt/vllm/bin/python"  # has uvloop; the chroot's python3 may not
         fast = await start_stub(api, {"STUB_PYTHON": python})
-        paced = await start_stub(api, {"STUB_PYTHON": python, "STUB_CHUNK_DELAY_MS": "200"})
+        # Another model name: /v1 routes by model, and must not pick the paced one.
+        paced = await start_stub(
+            api,
+            {"STUB_PYTHON": python, "STUB_CHUNK_DELAY_MS": "200", "VLLM_MODEL": "stub-paced"},
+        )
         try:
             await measure(args, gateway, fast, paced)
         finally:
@@ -400,6 +407,7 @@ async def measure(
             "nginx": (nginx.url + chat, OPENAI_BODY),
             "vllm-router": (router.url + chat, OPENAI_BODY),
             "gateway": (f"{gateway.url}/api/v1/vllm/{fast['id']}/prompt", GATEWAY_BODY),
+            "gateway /v1": (gateway.url + chat, OPENAI_BODY),
         }
         for url, body in urls.values():
             await wait_answering(url, body)
@@ -456,22 +464,26 @@ def _cell(load: Load, unit: str) -> str:
 
 
 def report(results: Results, tests: list[tuple[str, int]]) -> None:
-    print("\n| test | direct | nginx | vllm-router | gateway | gw/direct | gw/nginx | gw/router |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| test | " + " | ".join(SIDES) + " |")
+    print("|---" * (len(SIDES) + 1) + "|")
     for test, _ in tests:
-        loads = {side: results.median(test, side) for side in SIDES}
         unit = "streams/s" if "stream" in test else "req/s"
         latency = "first chunk" if "stream" in test else "latency"
-
-        g = loads["gateway"]
-        print(
-            f"| {test} ({latency}) | "
-            + " | ".join(_cell(loads[s], unit) for s in SIDES)
-            + f" | {ratio(g.rate, loads['direct'].rate)}x rate, +{g.p50 - loads['direct'].p50:.2f}"
-            f" ms p50, +{g.p99 - loads['direct'].p99:.2f} ms p99"
-            + f" | {ratio(g.rate, loads['nginx'].rate)}x rate"
-            + f" | {ratio(g.rate, loads['vllm-router'].rate)}x rate |"
-        )
+        cells = " | ".join(_cell(results.median(test, side), unit) for side in SIDES)
+        print(f"| {test} ({latency}) | {cells} |")
+    print("\n| test | side | vs direct | vs nginx | vs vllm-router |")
+    print("|---|---|---|---|---|")
+    for test, _ in tests:
+        direct = results.median(test, "direct")
+        nginx = results.median(test, "nginx")
+        router = results.median(test, "vllm-router")
+        for side in GATEWAYS:
+            g = results.median(test, side)
+            print(
+                f"| {test} | {side} | {ratio(g.rate, direct.rate)}x rate, "
+                f"+{g.p50 - direct.p50:.2f} ms p50, +{g.p99 - direct.p99:.2f} ms p99 | "
+                f"{ratio(g.rate, nginx.rate)}x rate | {ratio(g.rate, router.rate)}x rate |"
+            )
 
 
 def main() -> int:
