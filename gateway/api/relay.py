@@ -102,7 +102,7 @@ class FrontDoor:
 
     router: ModelRouter
     vllm: VllmClient
-    # Upstream URL -> the longest context vLLM reports for its model.
+    # Service id -> the longest context vLLM reports for its model.
     _context: dict[str, int | None] = field(default_factory=dict)
 
     async def max_model_len(self, service: Service, model: str) -> int | None:
@@ -114,8 +114,8 @@ class FrontDoor:
         upstream = service.upstream
         if upstream is None:
             return None
-        if upstream.url in self._context:
-            return self._context[upstream.url]
+        if service.id in self._context:
+            return self._context[service.id]
         try:
             cards = await self.vllm.model_cards(upstream.url, upstream.key)
         except (UpstreamError, UpstreamUnavailable):
@@ -123,7 +123,7 @@ class FrontDoor:
         found = next((c.max_model_len for c in cards if c.id == model), None)
         if len(self._context) > 4096:
             self._context.clear()
-        self._context[upstream.url] = found
+        self._context[service.id] = found
         return found
 
     async def forward(

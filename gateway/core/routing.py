@@ -43,7 +43,7 @@ class ModelNotFound(NotFound):
             where = f"models you can use: {', '.join(available[:50])}"
         else:
             where = "no model is served for you: start a vLLM service (POST /api/v1/services)"
-        super().__init__(f"the model {model!r} does not exist here; {where}")
+        super().__init__(f"the model {model[:200]!r} does not exist here; {where}")
         self.model = model
         self.available = available
 
@@ -144,7 +144,7 @@ class ModelRouter:
         waiting = [s for s in candidates if s.status in _COMING]
         if waiting:
             states = ", ".join(f"service {s.id} is {s.status.value}" for s in waiting[:5])
-            return ModelNotReady(f"the model {model!r} has no service running yet: {states}")
+            return ModelNotReady(f"the model {model[:200]!r} has no service running yet: {states}")
         if any(s.status is ServiceStatus.RUNNING for s in candidates):
             # The only running one just refused a connection.
             return ModelNotReady(f"the service of the model {model!r} refused the connection")
