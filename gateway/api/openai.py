@@ -53,7 +53,8 @@ _TYPES = {
     503: "service_unavailable_error",
 }
 _MEANINGS = {
-    400: "The body is not JSON, or has no `model`",
+    400: "The body is not JSON, or has no `model` (`param`: model); a parameter that "
+    "cannot be read",
     401: "No credentials, or credentials that do not check out",
     403: "Authenticated, but not allowed",
     404: "No running or starting service the caller may use serves this model "
@@ -146,7 +147,7 @@ class OpenAIController(Controller):
         "/models/{model:path}",
         operation_id="getOpenAIModel",
         summary="One model, if a running service the caller may use serves it",
-        responses=_errors(404, 503),
+        responses=_errors(400, 404, 503),
     )
     async def get_model(
         self,

@@ -167,8 +167,16 @@ def test_openapi_documents_one_error_shape(api: AsyncTestClient[Any]) -> None:
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             for code, response in operation["responses"].items():
+                if not code.startswith(("4", "5")):
+                    continue
+                if path.startswith("/v1/"):
+                    # The OpenAI front door answers in OpenAI's shape, which its SDKs read.
+                    content = response["content"]
+                    assert list(content) == ["application/json"], (method, path, code)
+                    ref = content["application/json"]["schema"]["$ref"]
+                    assert ref.endswith("/OpenAIError"), (method, path, code)
                 # Readiness answers 503 with its own body: a probe result, not an error.
-                if code.startswith(("4", "5")) and (path, code) != ("/api/v1/ready", "503"):
+                elif (path, code) != ("/api/v1/ready", "503"):
                     assert list(response["content"]) == ["application/problem+json"], (
                         method,
                         path,
