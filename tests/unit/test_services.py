@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from pytest_httpx import HTTPXMock
 from structlog.testing import capture_logs
 
 from gateway.auth.principal import Limits, Method, Principal, Role, anonymous
 from gateway.core import metadata
-from gateway.core.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
+from gateway.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import CreateRequest, ServiceManager
 from gateway.core.status import ServiceStatus
@@ -456,3 +457,92 @@ async def test_each_tenant_sees_its_own_and_twins_are_no_service(httpx_mock: HTT
         )
     await services.prober.aclose()
     await services.slurm.aclose()
+
+
+def vllm_blob(owner: str, tenant: str, model: str, *, shared: bool = False, alias: str = "") -> str:
+    environment = {"VLLM_MODEL": model}
+    if alias:
+        environment["VLLM_SERVED_MODEL_NAME"] = alias
+    meta = CODEC.new_meta(
+        recipe="testing/openai-stub",
+        created=1_800_000_000.0,
+        owner=owner,
+        environment=environment,
+        resources={},
+        tenant=tenant,
+        shared=shared,
+    )
+    return CODEC.encode(meta)
+
+
+async def test_serving_finds_the_model_among_what_the_caller_may_use(
+    httpx_mock: HTTPXMock,
+) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    jobs = [
+        {**job(1, vllm_blob("alice", "team-a", "m"), "PENDING"), "user_name": "alice"},
+        {**job(2, vllm_blob("bob", "team-b", "m"), "PENDING"), "user_name": "bob"},
+        # an admin's service offered to everyone
+        {**job(3, vllm_blob("gwuser", "ops", "m", shared=True), "PENDING")},
+        # served under an alias: that is its name on /v1
+        {
+            **job(4, vllm_blob("alice", "team-a", "org/big", alias="m"), "PENDING"),
+            "user_name": "alice",
+        },
+        {**job(5, vllm_blob("alice", "team-a", "m"), "COMPLETED"), "user_name": "alice"},
+        {**job(6, vllm_blob("alice", "team-a", "other"), "PENDING"), "user_name": "alice"},
+        # not a vLLM service, whatever its environment says
+        {**job(7, tenant_blob("alice", "team-a"), "PENDING"), "user_name": "alice"},
+    ]
+    httpx_mock.add_response(url=JOBS, json={"jobs": jobs}, is_reusable=True)
+    services = manager()
+    alice = Principal(tenant="team-a", slurm_user="alice", role=Role.USER, method=Method.KEY)
+    bob = Principal(tenant="team-b", slurm_user="bob", role=Role.USER, method=Method.KEY)
+    assert sorted(s.id for s in await services.serving(alice, "m")) == ["1", "3", "4"]
+    assert sorted(s.id for s in await services.serving(bob, "m")) == ["2", "3"]
+    assert sorted(s.id for s in await services.serving(alice)) == ["1", "3", "4", "6"]
+    assert sorted(s.id for s in await services.serving(ADMIN, "m")) == ["1", "2", "3", "4"]
+    # Shared for prompts only: the service itself stays another tenant's.
+    with pytest.raises(NotFound):
+        await services.get("3", bob)
+    # A service this replica is stopping takes no more requests.
+    services.leaving.add(1)
+    assert sorted(s.id for s in await services.serving(alice, "m")) == ["3", "4"]
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+async def test_only_an_admin_shares_a_service(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING, is_optional=True)
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 42})
+    services = manager()
+    user = Principal(tenant="gwuser", slurm_user="gwuser", role=Role.USER, method=Method.KEY)
+    with pytest.raises(Forbidden, match="shared"):
+        await services.create(CreateRequest(recipe_name="testing/http", shared=True), user)
+    created, _ = await services.create(
+        CreateRequest(recipe_name="testing/http", shared=True), ADMIN
+    )
+    assert created.shared is True
+    submitted = next(r for r in httpx_mock.get_requests() if r.url.path.endswith("/submit"))
+    decoded = CODEC.decode(json.loads(submitted.content)["job"]["comment"])
+    assert decoded is not None and decoded[0].shared is True
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+def test_a_comment_written_before_sharing_existed_decodes_unshared() -> None:
+    class Before(msgspec.Struct, array_like=True):
+        recipe: str
+        created: float
+        owner: str
+        environment: dict[str, str]
+        resources: dict[str, Any]
+        nonce: bytes
+        tenant: str
+        idempotency: str
+        request_digest: str
+
+    raw = msgspec.msgpack.encode(Before("testing/http", 1.0, "gwuser", {}, {}, b"n", "t", "", ""))
+    decoded = msgspec.msgpack.decode(raw, type=metadata.ServiceMeta)
+    assert decoded.shared is False
+    assert decoded.tenant == "t"
