@@ -15,6 +15,7 @@ from msgspec import Meta
 ModelName = Annotated[
     str,
     Meta(
+        min_length=1,
         description="a model as GET /v1/models lists it: the served name of running services",
         examples=["Qwen/Qwen2.5-0.5B-Instruct"],
     ),
