@@ -1,0 +1,175 @@
+"""OpenAI's own Python SDK against the gateway's /v1, in front of the real vLLM
+(CPU build, tiny local model) started by Slurm on the cluster with the vLLM
+runtime (c2205).
+
+Two services serve the recipe's default chat model under one alias
+(VLLM_SERVED_MODEL_NAME): the SDK sees one model, and requests spread over
+both. The caller is tenant team-a with its API key, sent as the SDK sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.testing.clusters import LocalCluster
+from tests.conftest import poll
+from tests.integration.conftest import CLUSTERS, TIMINGS
+from tests.integration.gateway_process import GatewayProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_CLUSTERS = [c for c in CLUSTERS if (Path(c.chroot) / "opt/vllm/bin/python").exists()]
+KEY = "sgw_local-team-a-key"  # deploy/local/tenants.toml: tenant team-a
+ALIAS = "tiny-chat"
+ROOT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"  # the recipe's default, a tiny local stand-in
+STARTUP = 420.0  # seconds; two vLLMs starting at once on two cores
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "gateway" in metafunc.fixturenames:
+        if not VLLM_CLUSTERS:
+            raise pytest.UsageError(
+                "no local cluster has the vLLM runtime; run deploy/local/vllm-runtime.sh"
+            )
+        metafunc.parametrize(
+            "gateway", VLLM_CLUSTERS, ids=[c.name for c in VLLM_CLUSTERS], indirect=True,
+            scope="module",
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gateway(request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
+    cluster: LocalCluster = request.param
+    tenants = str(ROOT / "deploy" / "local" / "tenants.toml")
+    with GatewayProcess(cluster, GATEWAY_AUTH_FILE=tenants) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def pair(gateway: GatewayProcess) -> Iterator[list[str]]:
+    """Two running vLLM services of one model under one alias."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ids: list[str] = []
+
+    async def start() -> None:
+        async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=60) as api:
+            body = {
+                "recipe_name": "inference/vllm",
+                "config": {"environment": {"VLLM_SERVED_MODEL_NAME": ALIAS}},
+            }
+            for _ in range(2):
+                created = await api.post("/api/v1/services", json=body)
+                assert created.status_code == 201, created.text
+                ids.append(created.json()["id"])
+            started = time.monotonic()
+            for sid in ids:
+                state = await poll(
+                    lambda sid=sid: api.get(f"/api/v1/services/{sid}/status"),  # type: ignore[misc]
+                    lambda r: r.json()["status"] not in ("pending", "building", "starting"),
+                    timeout=STARTUP,
+                    interval=1,
+                    what=f"vLLM service {sid} started",
+                )
+                assert state.json()["status"] == "running", state.text
+            TIMINGS.append(
+                f"/v1 with the SDK: two vLLMs running in {time.monotonic() - started:.0f} s"
+            )
+
+    async def stop() -> None:
+        async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=60) as api:
+            for sid in ids:
+                await api.delete(f"/api/v1/services/{sid}")
+
+    try:
+        asyncio.run(start())
+        yield ids
+    finally:
+        asyncio.run(stop())
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0) as sdk:
+        yield sdk
+
+
+def test_the_sdk_lists_one_model_served_twice(client: openai.OpenAI, pair: list[str]) -> None:
+    models = [m for m in client.models.list() if m.id == ALIAS]
+    assert len(models) == 1, models
+    card = models[0].model_dump()
+    assert card["services"] == 2
+    assert card["root"] == ROOT_MODEL
+    assert card["owned_by"] == "team-a"
+    assert card["max_model_len"] == 512  # the site's --max-model-len, as vLLM reports it
+    assert client.models.retrieve(ALIAS).id == ALIAS
+
+
+def test_chat_plain_and_streamed_and_completions(client: openai.OpenAI, pair: list[str]) -> None:
+    chat = client.chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "Tell me a joke"}], max_tokens=8
+    )
+    assert chat.choices[0].message.content
+    assert chat.model == ALIAS
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=ALIAS,
+            messages=[{"role": "user", "content": "Count to five"}],
+            max_tokens=8,
+            stream=True,
+        )
+        if chunk.choices
+    ]
+    assert len(pieces) > 1 and "".join(pieces), pieces
+
+    completion = client.completions.create(model=ALIAS, prompt="Once upon a time", max_tokens=8)
+    assert completion.choices[0].text
+    print(f"SDK through /v1: chat {chat.choices[0].message.content!r}, stream {len(pieces)} chunks")
+
+
+def test_both_services_take_requests(client: openai.OpenAI, pair: list[str]) -> None:
+    seen: Counter[str] = Counter()
+    for _ in range(6):
+        raw = client.chat.completions.with_raw_response.create(
+            model=ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert raw.parse().choices
+        seen[raw.headers["x-gateway-service-id"]] += 1
+    print(f"SDK requests per service: {dict(seen)}")
+    assert set(seen) == set(pair)
+
+
+async def test_the_async_client(gateway: GatewayProcess, pair: list[str]) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=KEY) as sdk:
+        answers = await asyncio.gather(
+            *(
+                sdk.chat.completions.create(
+                    model=ALIAS, messages=[{"role": "user", "content": f"say {n}"}], max_tokens=4
+                )
+                for n in range(4)
+            )
+        )
+    assert all(a.choices[0].message.content for a in answers)
+
+
+def test_sdk_errors(gateway: GatewayProcess, client: openai.OpenAI, pair: list[str]) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert ALIAS in str(missing.value)  # what the caller can use instead
+    assert missing.value.code == "model_not_found"
+    with (
+        openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sgw_wrong", max_retries=0) as wrong,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        wrong.models.list()
