@@ -832,8 +832,11 @@ class ServiceManager:
         if not usable:
             return []
         built: tuple[Service | BaseException, ...]
-        if len(usable) == 1:
-            built = (await self._service_of(*usable[0]),)
+        if len(usable) == 1:  # the common case, without a gather's tasks
+            try:
+                built = (await self._service_of(*usable[0]),)
+            except Exception as exc:
+                built = (exc,)
         else:
             built = tuple(
                 await asyncio.gather(
