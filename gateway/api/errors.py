@@ -220,11 +220,17 @@ def _first(exc: ValidationException, errors: list[FieldError]) -> str:
 
 
 class _HttpProblem(ProblemDetailsException):
-    def to_response(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    def to_response(self, request: Request[Any, Any, Any]) -> Response[Any]:
         # The router sets the template only once a route matched.
         if "path_template" not in request.scope:
             method = request.method if request.method in _METHODS else "other"
             UNROUTED.labels(method, str(self.status_code)).inc()
+            if request.url.path.startswith("/v1/"):
+                # No route, so not the /v1 controller's handlers: OpenAI's
+                # clients still expect its error shape under /v1.
+                from gateway.api.openai import openai_error  # imports this module
+
+                return openai_error(request, self)
         return super().to_response(request)
 
 

@@ -4,8 +4,12 @@ Services of tests/recipes/testing/openai-stub run as Slurm jobs on c2411
 (Slurm 24.11) behind one gateway with deploy/local/tenants.toml. What a user
 of /v1 would notice: a model served by two services spreads over both; a
 service stopped, or killed behind the gateway's back, under load costs no
-request (beyond one in flight on it); errors come in OpenAI's shape; tenants
-see their own models and those an admin shared, nothing else.
+request (beyond one in flight on it); a client that leaves a stream frees the
+service at once; errors come in OpenAI's shape; tenants see their own models
+and those an admin shared, nothing else.
+
+Every service a test starts is stopped at its end; the module ends by checking
+that none of its jobs is left in squeue. Run with ``-s`` for the figures.
 
 The real vLLM behind /v1, with OpenAI's SDK, is tests/integration/test_openai_vllm.py.
 """
@@ -13,6 +17,8 @@ The real vLLM behind /v1, with OpenAI's SDK, is tests/integration/test_openai_vl
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import time
 from collections import Counter
@@ -34,6 +40,8 @@ TEAM_A = {"Authorization": "Bearer sgw_local-team-a-key"}  # tenant team-a, gwus
 TEAM_B = {"Authorization": "Bearer sgw_local-team-b-key"}  # tenant team-b, gwteam
 ADMIN = {"Authorization": "Bearer sgw_local-admin-key"}  # tenant ops
 MODEL = "fd-pair"
+# Every job the module made: none may be left in squeue at its end.
+CREATED: list[str] = []
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:
@@ -55,12 +63,33 @@ def stub_cluster() -> LocalCluster:
     return found[0]
 
 
+def squeue_ids(cluster: LocalCluster) -> set[str]:
+    """The ids of the jobs squeue shows (pending, running, completing)."""
+    done = subprocess.run(
+        ["chroot", cluster.chroot, "squeue", "-h", "-o", "%i"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return set(done.stdout.split())
+
+
 @pytest.fixture(scope="module")
 def gateway(stub_cluster: LocalCluster) -> Iterator[GatewayProcess]:
     with GatewayProcess(
         stub_cluster, GATEWAY_AUTH_FILE=str(ROOT / "deploy" / "local" / "tenants.toml")
     ) as process:
         yield process
+        # Each test stopped what it started, through the API: none of it is
+        # left in Slurm (a cancelled job leaves squeue within moments).
+        deadline = time.monotonic() + 30
+        while (left := squeue_ids(stub_cluster) & set(CREATED)) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        if left:
+            subprocess.run(
+                ["chroot", stub_cluster.chroot, "scancel", *sorted(left)],
+                capture_output=True, timeout=30, check=False,
+            )  # fmt: skip
+        print(f"\n/v1 module: {len(CREATED)} jobs made, {len(left)} left in squeue")
+        assert not left, f"jobs left in squeue: {sorted(left)}"
 
 
 @pytest.fixture
@@ -74,7 +103,7 @@ class Services:
 
     def __init__(self, gateway: GatewayProcess) -> None:
         self.gateway = gateway
-        self.ids: list[tuple[str, dict[str, str]]] = []
+        self.ids: list[str] = []
 
     async def start(
         self,
@@ -97,22 +126,27 @@ class Services:
             )
         assert created.status_code == 201, created.text
         sid: str = created.json()["id"]
-        self.ids.append((sid, who))
+        self.ids.append(sid)
+        CREATED.append(sid)
         return sid
 
     async def running(self, *ids: str) -> None:
         async with httpx.AsyncClient(base_url=self.gateway.url, timeout=30, headers=ADMIN) as c:
-            for sid in ids:
-                await poll(
-                    lambda sid=sid: c.get(f"/api/v1/services/{sid}/status"),  # type: ignore[misc]
-                    lambda r: r.json()["status"] == "running",
-                    timeout=90,
-                    what=f"service {sid} running",
+            await asyncio.gather(
+                *(
+                    poll(
+                        lambda sid=sid: c.get(f"/api/v1/services/{sid}/status"),  # type: ignore[misc]
+                        lambda r: r.json()["status"] == "running",
+                        timeout=90,
+                        what=f"service {sid} running",
+                    )
+                    for sid in ids
                 )
+            )
 
     async def stop_all(self) -> None:
         async with httpx.AsyncClient(base_url=self.gateway.url, timeout=30, headers=ADMIN) as c:
-            for sid, _ in self.ids:
+            for sid in self.ids:
                 await c.delete(f"/api/v1/services/{sid}")
 
 
@@ -127,7 +161,7 @@ async def services(gateway: GatewayProcess) -> AsyncIterator[Services]:
 
 @pytest.fixture(scope="module")
 def pair(gateway: GatewayProcess) -> Iterator[list[str]]:
-    """Two running stubs of one model, for the module's read-only tests."""
+    """Two running stubs of one model (team-a's), for the module's read-only tests."""
     started = Services(gateway)
 
     async def up() -> list[str]:
@@ -159,6 +193,11 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     return error
 
 
+def sse_events(text: str) -> list[str]:
+    """The data of each server-sent event of a stream."""
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+
+
 # -- one model, two services ------------------------------------------------------
 
 
@@ -170,22 +209,27 @@ async def test_two_services_of_one_model_share_its_requests(
         lambda r: any(m["id"] == MODEL and m["services"] == 2 for m in r.json()["data"]),
         what="the model listed with both services",
     )
-    card = next(m for m in models.json()["data"] if m["id"] == MODEL)
+    assert models.json()["object"] == "list"
+    cards = [m for m in models.json()["data"] if m["id"] == MODEL]
+    assert len(cards) == 1, cards  # one model, however many services serve it
+    card = cards[0]
     assert card["object"] == "model"
     assert card["owned_by"] == "team-a"
+    assert card["root"] == MODEL
+    assert isinstance(card["created"], int)
     assert card["max_model_len"] == 2048  # as the stub's /v1/models reports it
-    assert models.json()["object"] == "list"
     one = await api.get(f"/v1/models/{MODEL}")
     assert one.status_code == 200
-    assert one.json()["id"] == MODEL
+    assert one.json() == card
 
     seen: Counter[str] = Counter()
     for _ in range(20):
         answer = await api.post("/v1/chat/completions", json=chat(MODEL))
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"] == " tok" * 4
+        assert answer.json()["model"] == MODEL
         seen[answer.headers["x-gateway-service-id"]] += 1
-    print(f"/v1 over two services of {MODEL}: {dict(seen)}")
+    print(f"/v1 20 chat requests over two services of {MODEL}: {dict(seen)}")
     assert set(seen) == set(pair)
     assert min(seen.values()) >= 5, seen
 
@@ -193,16 +237,33 @@ async def test_two_services_of_one_model_share_its_requests(
         "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}
     )
     assert plain.status_code == 200, plain.text
+    assert plain.json()["object"] == "text_completion"
     assert plain.json()["choices"][0]["text"] == " tok" * 3
-    async with api.stream("POST", "/v1/chat/completions", json=chat(MODEL, stream=True)) as stream:
-        assert stream.status_code == 200
-        assert stream.headers["content-type"].startswith("text/event-stream")
-        text = (await stream.aread()).decode()
-    assert text.rstrip().endswith("data: [DONE]"), text
-    assert text.count('"delta"') == 4
-    embedded = await api.post("/v1/embeddings", json={"model": MODEL, "input": "hi"})
+    assert plain.headers["x-gateway-service-id"] in pair
+
+    for path, body in (
+        ("/v1/chat/completions", chat(MODEL, stream=True)),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True}),
+    ):
+        async with api.stream("POST", path, json=body) as stream:
+            assert stream.status_code == 200, await stream.aread()
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            assert stream.headers["x-gateway-service-id"] in pair
+            text = (await stream.aread()).decode()
+        assert text.rstrip().endswith("data: [DONE]"), text
+        events = sse_events(text)
+        assert events[-1] == "[DONE]"
+        tokens = [json.loads(e)["choices"] for e in events[:-1]]
+        assert sum(1 for choices in tokens if choices) == 4, text  # then the usage event
+
+    embedded = await api.post("/v1/embeddings", json={"model": MODEL, "input": ["hi", "there"]})
     assert embedded.status_code == 200, embedded.text
-    assert embedded.json()["data"][0]["embedding"] == [0.25, -0.5, 1.0]
+    assert embedded.headers["x-gateway-service-id"] in pair
+    vectors = embedded.json()
+    assert vectors["object"] == "list"
+    assert [d["index"] for d in vectors["data"]] == [0, 1]
+    assert vectors["data"][0]["embedding"] == [0.25, -0.5, 1.0]
+    assert vectors["usage"]["prompt_tokens"] > 0
 
 
 async def test_the_body_reaches_the_service_as_sent(
@@ -236,8 +297,26 @@ async def test_errors_come_in_openais_shape(
     assert unknown.status_code == 404
     error = error_of(unknown)
     assert error["code"] == "model_not_found"
+    assert error["param"] == "model"
     assert MODEL in error["message"], error  # what the caller can use instead
-    assert (await api.get("/v1/models/no-such-model")).status_code == 404
+    card = await api.get("/v1/models/no-such-model")
+    assert card.status_code == 404
+    assert error_of(card)["code"] == "model_not_found"
+    embeddings = await api.post("/v1/embeddings", json={"model": "no-such-model", "input": "x"})
+    assert embeddings.status_code == 404
+    assert error_of(embeddings)["code"] == "model_not_found"
+
+    # Over 32 MiB: refused before anything reaches a service.
+    big = b'{"model": "%s", "prompt": "%s"}' % (MODEL.encode(), b"x" * (33 * 1024 * 1024))
+    too_big = await api.post(
+        "/v1/completions", content=big, headers={"Content-Type": "application/json"}
+    )
+    assert too_big.status_code == 413, too_big.text[:200]
+    assert "32 MiB" in error_of(too_big)["message"]
+
+    # An unknown path or method is refused (in which shape: the next test).
+    assert (await api.get("/v1/no-such-route")).status_code == 404
+    assert (await api.get("/v1/chat/completions")).status_code == 405
 
     async with httpx.AsyncClient(base_url=gateway.url) as anonymous:
         refused = await anonymous.get("/v1/models")
@@ -251,6 +330,18 @@ async def test_errors_come_in_openais_shape(
     assert error_of(wrong)["type"] == "authentication_error"
 
 
+async def test_unknown_v1_paths_answer_in_openais_shape(api: httpx.AsyncClient) -> None:
+    nowhere = await api.get("/v1/no-such-route")
+    wrong_method = await api.get("/v1/chat/completions")
+    for what, answer in (("unknown path", nowhere), ("wrong method", wrong_method)):
+        print(f"/v1 {what}: {answer.status_code} {answer.headers['content-type']}")
+    assert nowhere.status_code == 404
+    assert error_of(nowhere)["type"] == "invalid_request_error"
+    assert wrong_method.status_code == 405
+    assert "POST" in wrong_method.headers["allow"]
+    assert error_of(wrong_method)["type"] == "invalid_request_error"
+
+
 async def test_a_model_still_pending_is_503_with_retry_after(
     api: httpx.AsyncClient, services: Services, stub_cluster: LocalCluster
 ) -> None:
@@ -262,7 +353,9 @@ async def test_a_model_still_pending_is_503_with_retry_after(
     assert answer.headers["retry-after"] == "5"
     error = error_of(answer)
     assert error["code"] == "model_not_ready"
+    assert error["type"] == "service_unavailable_error"
     assert f"service {sid} is pending" in error["message"]
+    print(f"/v1 model pending: 503 Retry-After {answer.headers['retry-after']}")
     # Not listed until it runs.
     models = (await api.get("/v1/models")).json()["data"]
     assert "fd-pending" not in [m["id"] for m in models]
@@ -279,8 +372,10 @@ async def test_tenants_see_their_models_and_shared_ones(
         assert MODEL not in listed
         foreign = await team_b.post("/v1/chat/completions", json=chat(MODEL))
         assert foreign.status_code == 404
+        assert error_of(foreign)["code"] == "model_not_found"
         # The same answer as for a model nobody serves: nothing of team-a's shows.
         assert "no model is served for you" in error_of(foreign)["message"]
+        assert (await team_b.get(f"/v1/models/{MODEL}")).status_code == 404
 
         # Only an admin offers a service to everyone.
         refused = await api.post(
@@ -289,7 +384,10 @@ async def test_tenants_see_their_models_and_shared_ones(
         assert refused.status_code == 403, refused.text
         assert "shared" in refused.json()["detail"]
 
-        sid = await services.start("fd-shared", ADMIN, shared=True)
+        # Served under an alias (vLLM's --served-model-name): /v1 routes by it.
+        sid = await services.start(
+            "org/fd-base", ADMIN, shared=True, VLLM_SERVED_MODEL_NAME="fd-shared"
+        )
         await services.running(sid)
         got = await api.get(f"/api/v1/services/{sid}", headers=ADMIN)
         assert got.json()["shared"] is True
@@ -300,15 +398,72 @@ async def test_tenants_see_their_models_and_shared_ones(
         )
         card = next(m for m in shared_models.json()["data"] if m["id"] == "fd-shared")
         assert card["owned_by"] == "ops"
+        assert card["root"] == "org/fd-base"
+        assert MODEL not in [m["id"] for m in shared_models.json()["data"]]
         answer = await team_b.post("/v1/chat/completions", json=chat("fd-shared"))
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-gateway-service-id"] == sid
+        assert answer.json()["model"] == "fd-shared"
+        # team-a sees it too; by its alias only.
+        assert (await api.get("/v1/models/fd-shared")).status_code == 200
+        assert (await api.get("/v1/models/org/fd-base")).status_code == 404
         # Shared for prompts through /v1 only: not to read, log or stop.
         assert (await team_b.get(f"/api/v1/services/{sid}")).status_code == 404
         assert (await team_b.get(f"/api/v1/services/{sid}/logs")).status_code == 404
         assert (await team_b.delete(f"/api/v1/services/{sid}")).status_code == 404
+        assert (await api.delete(f"/api/v1/services/{sid}")).status_code == 404  # team-a
         still = await api.get(f"/api/v1/services/{sid}/status", headers=ADMIN)
         assert still.json()["status"] == "running"
+        again = await team_b.post("/v1/chat/completions", json=chat("fd-shared"))
+        assert again.status_code == 200, again.text
+        print(f"/v1 shared service {sid}: team-b prompts it, GET/logs/stop 404")
+
+
+# -- a client that leaves ------------------------------------------------------------
+
+
+async def test_a_client_leaving_a_stream_closes_the_upstream(
+    api: httpx.AsyncClient, services: Services
+) -> None:
+    # 200 ms a chunk, 100 chunks: a 20 s stream if nobody let go.
+    sid = await services.start("fd-slow", STUB_CHUNK_DELAY_MS="200")
+    await services.running(sid)
+    body = chat("fd-slow", stream=True, max_tokens=100)
+    received, left = 0, 0.0
+    async with api.stream("POST", "/v1/chat/completions", json=body) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["x-gateway-service-id"] == sid
+        async for line in stream.aiter_lines():
+            if line.startswith("data: "):
+                received += 1
+                if received == 3:
+                    left = time.time()
+                    break  # leaving the block closes the connection to the gateway
+
+    assert received == 3
+
+    # The stub logs the moment its connection was closed mid-stream.
+    async def log() -> str:
+        answer = await api.get(f"/api/v1/services/{sid}/logs")
+        assert answer.status_code == 200, answer.text
+        text: str = answer.json()["stdout"]
+        return text
+
+    cut = re.compile(r"stream cut by the peer after (\d+) of (\d+) chunks at ([0-9.]+)")
+    text = await poll(log, lambda t: cut.search(t) is not None, timeout=10, what="the cut")
+    found = cut.search(text)
+    assert found is not None
+    sent, total, at = int(found[1]), int(found[2]), float(found[3])
+    after = at - left
+    print(f"/v1 client left after {received} events: upstream closed {after * 1000:.0f} ms later, "
+          f"{sent} of {total} chunks sent")  # fmt: skip
+    TIMINGS.append(f"/v1 disconnect: upstream stream closed {after * 1000:.0f} ms after the client")
+    assert total == 100
+    assert sent < 20, sent  # far from the end: cut, not finished
+    assert after < 2.0, after
+    # The service is free and answers the next request.
+    again = await api.post("/v1/chat/completions", json=chat("fd-slow", max_tokens=2))
+    assert again.status_code == 200, again.text
 
 
 # -- services leaving under load ----------------------------------------------------
@@ -338,7 +493,8 @@ class Load:
                 sid = answer.headers["x-gateway-service-id"]
                 self.done.append((sid, started, time.monotonic(), "200"))
             else:
-                self.done.append((None, started, time.monotonic(), answer.text[:200]))
+                failure = f"{answer.status_code} {answer.text[:200]}"
+                self.done.append((None, started, time.monotonic(), failure))
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
@@ -376,23 +532,26 @@ async def test_a_service_stopped_under_load_costs_no_request(
     load.start()
     try:
         await load.until(200)
+        asked = time.monotonic()
         stopped = await api.delete(f"/api/v1/services/{first}")
         stop_answered = time.monotonic()
         assert stopped.status_code == 200, stopped.text
+        assert stopped.json()["status"] == "cancelled", stopped.text
         await load.until(200)
     finally:
         await load.finish()
-    before = Counter(sid for sid, _, end, _ in load.done if sid and end < stop_answered)
+    before = Counter(sid for sid, _, end, _ in load.done if sid and end < asked)
     after = Counter(sid for sid, start, _, _ in load.done if sid and start > stop_answered)
     line = (
         f"/v1 stop under load: {len(load.done)} requests by 4 clients, "
         f"{len(load.failures)} failed; per service before the stop {dict(before)}, "
-        f"after {dict(after)}"
+        f"after {dict(after)} (stop answered in {stop_answered - asked:.2f} s)"
     )
     print(line)
     TIMINGS.append(line)
     assert set(before) == {first, second}
     assert first not in after, after
+    assert after[second] >= 100, after
     assert len(load.failures) <= 1, load.failures
 
 
@@ -427,15 +586,24 @@ async def test_a_service_killed_behind_the_gateways_back_costs_at_most_those_in_
     finally:
         await load.finish()
     last = max((end for sid, _, end, _ in load.done if sid == first), default=killed)
+    before = Counter(sid for sid, _, end, _ in load.done if sid and end < killed)
+    since = Counter(sid for sid, start, _, _ in load.done if sid and start > killed)
     later = [sid for sid, start, _, _ in load.done if sid and start > known]
+    # Answered while the gateway still took the dead one for running (its
+    # refused connections went to the other service instead).
+    unaware = [sid for sid, start, _, _ in load.done if sid and killed < start < known]
     line = (
         f"/v1 service killed outside the gateway: {len(load.done)} requests, "
-        f"{len(load.failures)} failed; the killed one's last answer "
-        f"{max(0.0, last - killed) * 1000:.0f} ms after the kill; the gateway saw the job "
-        f"end {known - killed:.1f} s after it"
+        f"{len(load.failures)} failed; per service before {dict(before)}, since {dict(since)}; "
+        f"the killed one's last answer {max(0.0, last - killed) * 1000:.0f} ms after the kill; "
+        f"the gateway saw the job end {known - killed:.1f} s after it, "
+        f"{len(unaware)} answered meanwhile"
     )
     print(line)
+    if load.failures:
+        print(f"/v1 failed while killed: {load.failures}")
     TIMINGS.append(line)
+    assert set(before) == {first, second}
     assert later and first not in later
     # A request in flight on the stub when it died may fail; no other.
     assert len(load.failures) <= load.clients, load.failures
