@@ -54,16 +54,20 @@ _TYPES = {
     503: "service_unavailable_error",
 }
 _MEANINGS = {
-    400: "The body is not JSON, or has no `model` (`param`: model); a parameter that "
-    "cannot be read",
+    400: "The body is not JSON or has no `model` (`param`: model), a parameter cannot be "
+    "read, or vLLM refused the request (its message)",
     401: "No credentials, or credentials that do not check out",
     403: "Authenticated, but not allowed",
     404: "No running or starting service the caller may use serves this model "
     "(`code`: model_not_found; the message lists those that do)",
     413: "The body is over 32 MiB",
-    502: "The service answered with an error (vLLM's status and message are passed on where "
-    "they are the request's fault: 400, 404, 422...), or could not be reached",
-    503: "The model's services are still starting (see Retry-After), or Slurm is unreachable",
+    422: "vLLM refused the request (its status and message)",
+    429: "vLLM is overloaded (its status and message)",
+    500: "vLLM failed (its status and message), or the gateway did (logged)",
+    502: "The service could not be reached, broke off, or answered with an error that is "
+    "not the request's (vLLM's 400, 404, 422, 429, 500 and 503 are passed on as they are)",
+    503: "The model's services are still starting (see Retry-After), Slurm is unreachable, "
+    "or vLLM answered 503",
     504: "The service did not answer in time",
 }
 
@@ -168,7 +172,7 @@ class OpenAIController(Controller):
         summary="A chat completion from a service of the model (streamed with stream=true)",
         status_code=200,
         responses={
-            **_errors(400, 404, 413, 502, 503, 504),
+            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
             200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
         },
         operation_class=EventStreamOperation,
@@ -185,7 +189,7 @@ class OpenAIController(Controller):
         summary="A completion from a service of the model (streamed with stream=true)",
         status_code=200,
         responses={
-            **_errors(400, 404, 413, 502, 503, 504),
+            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
             200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
         },
         operation_class=EventStreamOperation,
@@ -200,7 +204,7 @@ class OpenAIController(Controller):
         summary="Embeddings from a service of the model",
         status_code=200,
         responses={
-            **_errors(400, 404, 413, 502, 503, 504),
+            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
             200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
         },
         middleware=[relay_to("/v1/embeddings")],

@@ -28,10 +28,10 @@ class OpenAIModel(msgspec.Struct, kw_only=True):
     object: Literal["model"] = "model"
     created: Annotated[int, Meta(description="when its first service was created (Unix time)")]
     owned_by: Annotated[str, Meta(description="the tenant (or Slurm user) that runs it")]
-    root: Annotated[str | None, Meta(description="the model vLLM loaded (VLLM_MODEL)")] = None
+    root: Annotated[str | None, Meta(description="the model vLLM loaded (VLLM_MODEL)")]
     max_model_len: Annotated[
         int | None, Meta(description="the longest context, where vLLM reports it")
-    ] = None
+    ]
     services: Annotated[int, Meta(description="how many running services serve it")] = 1
 
 
@@ -50,10 +50,10 @@ class OpenAIErrorDetail(msgspec.Struct, kw_only=True):
             "rate_limit_error, service_unavailable_error, server_error, or vLLM's own",
         ),
     ]
-    param: Annotated[str | None, Meta(description="the request field at fault")] = None
+    param: Annotated[str | None, Meta(description="the request field at fault")]
     code: Annotated[
         str | None, Meta(examples=["model_not_found"], description="a machine-readable reason")
-    ] = None
+    ]
 
 
 class OpenAIError(msgspec.Struct, kw_only=True):

@@ -48,6 +48,8 @@ from gateway.upstream.vllm import (
 # Longer contexts and embedding batches than the prompt route's 1 MiB.
 MAX_BODY = 32 * 1024 * 1024
 SERVICE_HEADER = b"x-gateway-service-id"
+# vLLM's error statuses the client gets as they are.
+PASSED_ON = frozenset({400, 404, 422, 429, 500, 503})
 _JSON = (b"content-type", b"application/json")
 
 
@@ -70,8 +72,10 @@ class UpstreamAnswer(GatewayError):
 
     def __init__(self, status: int, detail: str, kind: str | None) -> None:
         super().__init__(detail)
-        # Its key is the gateway's: a 401 or 403 from vLLM is no fault of the caller's.
-        self.status_code = 502 if status in (401, 403, 407) or not 400 <= status <= 599 else status
+        # Passed on where they are the request's (or vLLM's load's) business; a
+        # 401 or 403 is about the key, which is the gateway's: those, and
+        # anything else undocumented, are a bad gateway.
+        self.status_code = status if status in PASSED_ON else 502
         self.kind = kind
 
 

@@ -4,7 +4,8 @@
 a temporary folder; the test imports it and walks a service's life with its
 async API against a real gateway on cluster c2411, with the OpenAI-shaped stub
 recipe: create, read, list, status until running, vLLM listing and models,
-prompt, logs, stop, recipes, health. Where the document and the server
+prompt, logs, the OpenAI front door's model listing and model (one served,
+one unknown: 404 in OpenAI's error shape), stop, recipes, health. Where the document and the server
 disagree, a generated client quietly answers ``None`` (an undocumented status)
 or files unknown fields under ``additional_properties``: every call therefore
 uses the ``*_detailed`` variant and checks that ``.parsed`` is the documented
@@ -148,6 +149,7 @@ async def test_generated_python_client_walks_a_service(
     )}  # fmt: skip
     vllm = {n: module(f"api.vllm.{n}") for n in ("list_vllm_services", "list_vllm_models")}
     prompt_vllm = module("api.vllm.prompt_vllm")
+    openai = {n: module(f"api.openai.{n}") for n in ("list_open_ai_models", "get_open_ai_model")}
     recipes = {n: module(f"api.recipes.{n}") for n in ("list_recipes", "get_recipe")}
     health = {n: module(f"api.health.{n}") for n in ("get_health", "get_readiness")}
     driven: list[str] = []
@@ -242,6 +244,30 @@ async def test_generated_python_client_walks_a_service(
             assert logs.reason is None, logs.reason  # the gateway read its own files
             assert "openai stub on port" in logs.stdout
             driven.append("logs")
+
+            # The OpenAI front door (/v1) routes by model: the stub's is listed.
+            cards = documented(
+                await openai["list_open_ai_models"].asyncio_detailed(client=api),
+                200,
+                models.OpenAIModelList,
+            )
+            stub = next(c for c in cards.data if c.id == "stub")
+            assert stub.object_ == "model" and stub.root == "stub" and stub.services >= 1
+            card = documented(
+                await openai["get_open_ai_model"].asyncio_detailed("stub", client=api),
+                200,
+                models.OpenAIModel,
+            )
+            assert card.to_dict() == stub.to_dict()
+            # A model name with a slash (as most are): the client sends it as %2F.
+            unknown = documented(
+                await openai["get_open_ai_model"].asyncio_detailed("no/such-model", client=api),
+                404,
+                models.OpenAIError,
+            )
+            assert unknown.error.code == "model_not_found", unknown
+            assert unknown.error.type_ == "invalid_request_error", unknown
+            driven += ["openai models", "openai model", "openai model 404"]
         finally:
             stopped = documented(
                 await services["stop_service"].asyncio_detailed(sid, client=api),

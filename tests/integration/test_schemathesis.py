@@ -5,7 +5,10 @@ jobs it created, so a fuzzed ``DELETE`` of some digit id can never stop another
 test's service. Its only recipe folder is tests/recipes/schemathesis, where
 ``inference/vllm`` (the name the document's examples use) is the OpenAI-shaped
 stub with tiny resources: the services the examples and Schemathesis' own data
-create start in a second and cost nothing, never the real vLLM.
+create start in a second and cost nothing, never the real vLLM. One of them is
+started before the run, so that the OpenAI front door (/v1) has a model to
+list and to relay to: the stub's, "stub", which half of the /v1 bodies name
+(fuzzed names are served by nothing: 404, as documented).
 
 Every phase runs (examples, coverage, fuzzing, stateful: the last follows the
 document's links from createService to the operations on the new service);
@@ -38,8 +41,9 @@ from tests.integration.gateway_process import ROOT, GatewayProcess
 # own tests. Slurm 26.05's slurmrestd is the newest the gateway speaks to.
 CLUSTER = "c2605"
 RECIPES = ROOT / "tests" / "recipes" / "schemathesis"
-# Per operation and phase (coverage's own cases come on top): about 1,700 test
-# cases and 100 services, some 40 s on this 2-core machine, stopping included.
+# Per operation and phase (coverage's own cases come on top): about 3,000 test
+# cases over 18 operations and a dozen services (createService soon meets the
+# tenant's limit: 429), some 55 s, stopping included.
 MAX_EXAMPLES = 100
 RUN_TIMEOUT = 240.0
 # The local admin key (deploy/local/tenants.toml): the run authenticates as a
@@ -65,6 +69,16 @@ include-operation-id = "createService"
 checks.positive_data_acceptance.expected-statuses = [
     "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx",
 ]
+
+# The OpenAI front door routes by `model`: a fuzzed name is served by nothing
+# (404, documented), so half of the bodies name the stub's model, which the
+# service started before the run serves: those reach the relay and the stub.
+[dictionaries.served]
+values = ["stub"]
+
+[[operations]]
+include-operation-id = ["createChatCompletion", "createCompletion", "createEmbedding"]
+parameters = { "body.model" = { dictionary = "served", probability = 0.5 } }
 """
 
 
@@ -100,6 +114,20 @@ def gateway() -> Iterator[GatewayProcess]:
         yield process
 
 
+async def start_served(url: str) -> str:
+    """A running stub service whose model ("stub") the /v1 operations can reach."""
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=AUTH) as api:
+        created = await api.post("/api/v1/services", json={"recipe_name": "inference/vllm"})
+        sid: str = created.raise_for_status().json()["id"]
+        await poll(
+            lambda: api.get("/v1/models/stub"),
+            lambda r: r.status_code == 200,
+            timeout=60,
+            what=f"service {sid} serving model stub on /v1",
+        )
+        return sid
+
+
 async def stop_all(url: str) -> tuple[int, list[dict[str, Any]]]:
     """Stop every service of the gateway: how many it had, and those still live."""
     async with httpx.AsyncClient(base_url=url, timeout=120, headers=AUTH) as api:
@@ -131,6 +159,7 @@ async def test_document_and_server_agree(gateway: GatewayProcess, tmp_path: Path
     command = schemathesis_command(gateway.url, config, report)
     started = time.monotonic()
     try:
+        await start_served(gateway.url)
         run = await asyncio.to_thread(
             subprocess.run,
             command,

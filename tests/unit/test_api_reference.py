@@ -82,10 +82,13 @@ async def test_only_swagger_ui_and_the_documents_are_served(api: AsyncTestClient
     assert (await api.get(f"{SCHEMA}/assets/..%2F__init__.py")).status_code == 404
     document = (await api.get(f"{SCHEMA}/openapi.json")).json()
     assert "/api/v1/services" in document["paths"]
+    # The OpenAI front door (/v1) is in the same document, so on the same page.
+    assert {"/v1/models", "/v1/models/{model}", "/v1/chat/completions"} <= document["paths"].keys()
     assert not [p for p in document["paths"] if p.startswith(SCHEMA)]
     yaml = await api.get(f"{SCHEMA}/openapi.yaml")
     assert yaml.status_code == 200
     assert "/api/v1/services:" in yaml.text
+    assert "/v1/chat/completions:" in yaml.text
 
 
 def test_without_the_files_only_the_document_is_served(

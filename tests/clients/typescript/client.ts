@@ -33,6 +33,12 @@ function problem(error: Schemas["ProblemResponse"]): Error {
   return new Error(`${error.status} ${error.title}: ${error.detail} ${fields.join("; ")}`);
 }
 
+// /v1 answers errors in OpenAI's shape, not problem+json.
+function openaiError(error: Schemas["OpenAIError"]): Error {
+  const { type, message, param, code } = error.error;
+  return new Error(`${type} ${code ?? "-"} (${param ?? "-"}): ${message}`);
+}
+
 export async function walk(baseUrl: string): Promise<string[]> {
   const api = createClient<paths>({ baseUrl });
   const seen: string[] = [];
@@ -79,6 +85,19 @@ export async function walk(baseUrl: string): Promise<string[]> {
     if (logs.error) throw problem(logs.error);
     const reason: string | null = logs.data.reason;
     seen.push(`logs ${logs.data.stdout.length} bytes, truncated ${logs.data.truncated}, ${reason ?? "read"}`);
+
+    // The OpenAI front door routes by model: the stub's, then an unknown one.
+    const models = await api.GET("/v1/models");
+    if (models.error) throw openaiError(models.error);
+    const card: Schemas["OpenAIModel"] | undefined = models.data.data.find((m) => m.id === "stub");
+    const unknown = await api.GET("/v1/models/{model}", { params: { path: { model: "no/such-model" } } });
+    if (unknown.data !== undefined) throw new Error(`no/such-model is served: ${unknown.data.id}`);
+    const notFound: string | null | undefined = unknown.error.error.code;
+    const chat = await api.POST("/v1/chat/completions", {
+      body: { model: "stub", messages: [{ role: "user", content: "hi" }], max_tokens: 4 },
+    });
+    if (chat.error) throw openaiError(chat.error);
+    seen.push(`openai ${models.data.data.length} models, stub ${card?.max_model_len ?? "-"}, ${notFound ?? "-"}`);
   } finally {
     const stopped = await api.DELETE("/api/v1/services/{service_id}", byId);
     if (stopped.error) throw problem(stopped.error);
