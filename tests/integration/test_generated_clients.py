@@ -4,13 +4,17 @@
 a temporary folder; the test imports it and walks a service's life with its
 async API against a real gateway on cluster c2411, with the OpenAI-shaped stub
 recipe: create, read, list, status until running, vLLM listing and models,
-prompt, logs, the OpenAI front door's model listing and model (one served,
-one unknown: 404 in OpenAI's error shape), stop, recipes, health. Where the document and the server
-disagree, a generated client quietly answers ``None`` (an undocumented status)
-or files unknown fields under ``additional_properties``: every call therefore
-uses the ``*_detailed`` variant and checks that ``.parsed`` is the documented
-model, that no field was left undocumented, and that the model gives back
-exactly the JSON the server sent.
+prompt, logs, the OpenAI front door's five operations (model listing, a served
+model and an unknown one: 404 in OpenAI's error shape; a chat completion, embeddings,
+a completion for an unknown model), stop, recipes, health. Where the document and
+the server disagree, a generated client quietly answers ``None`` (an undocumented
+status) or files unknown fields under ``additional_properties``: every call
+therefore uses the ``*_detailed`` variant and checks that ``.parsed`` is the
+documented model, that no field was left undocumented, and that the model gives
+back exactly the JSON the server sent. vLLM's answers on /v1 are the exception
+by design: the document describes what the gateway reads of them (``object``,
+``id``, ``model``) and they come back as vLLM sent them, so the rest of their
+fields are ``additional_properties``.
 """
 
 from __future__ import annotations
@@ -139,6 +143,18 @@ def documented(response: Any, status: int, model: type) -> Any:
     return parsed
 
 
+def relayed(response: Any, model: type, kind: str, service_id: str) -> Any:
+    """``.parsed`` of a 200 that vLLM (here the stub) answered through /v1: the
+    documented model, open by design, giving back the JSON exactly."""
+    assert response.status_code == 200, response.content
+    assert response.headers["x-gateway-service-id"] == service_id
+    parsed = response.parsed
+    assert isinstance(parsed, model), (parsed, response.content)
+    assert parsed.object_ == kind and parsed.model == "stub", parsed
+    assert _same_json(json.loads(response.content), _wire(parsed.to_dict())), response.content
+    return parsed
+
+
 async def test_generated_python_client_walks_a_service(
     client_package: Any, gateway: GatewayProcess
 ) -> None:
@@ -149,7 +165,10 @@ async def test_generated_python_client_walks_a_service(
     )}  # fmt: skip
     vllm = {n: module(f"api.vllm.{n}") for n in ("list_vllm_services", "list_vllm_models")}
     prompt_vllm = module("api.vllm.prompt_vllm")
-    openai = {n: module(f"api.openai.{n}") for n in ("list_open_ai_models", "get_open_ai_model")}
+    openai = {n: module(f"api.openai.{n}") for n in (
+        "list_open_ai_models", "get_open_ai_model", "create_chat_completion",
+        "create_embedding", "create_completion",
+    )}  # fmt: skip
     recipes = {n: module(f"api.recipes.{n}") for n in ("list_recipes", "get_recipe")}
     health = {n: module(f"api.health.{n}") for n in ("get_health", "get_readiness")}
     driven: list[str] = []
@@ -268,6 +287,41 @@ async def test_generated_python_client_walks_a_service(
             assert unknown.error.code == "model_not_found", unknown
             assert unknown.error.type_ == "invalid_request_error", unknown
             driven += ["openai models", "openai model", "openai model 404"]
+
+            # Completions go to the service of their model as sent: a field the
+            # document does not name (vLLM's `seed`) travels in additional_properties.
+            message = models.ChatCompletionRequestMessagesItem.from_dict(
+                {"role": "user", "content": "hi"}
+            )
+            request = models.ChatCompletionRequest(model="stub", messages=[message], max_tokens=4)
+            request["seed"] = 7
+            chat = relayed(
+                await openai["create_chat_completion"].asyncio_detailed(client=api, body=request),
+                models.OpenAIAnswer,
+                "chat.completion",
+                sid,
+            )
+            assert chat["choices"][0]["message"]["content"] == " tok" * 4, chat
+            assert chat["usage"]["completion_tokens"] == 4, chat
+            vectors = relayed(
+                await openai["create_embedding"].asyncio_detailed(
+                    client=api, body=models.EmbeddingRequest(model="stub", input_=["a", "b"])
+                ),
+                models.OpenAIAnswer,
+                "list",
+                sid,
+            )
+            assert [v["index"] for v in vectors["data"]] == [0, 1], vectors
+            nowhere = documented(
+                await openai["create_completion"].asyncio_detailed(
+                    client=api, body=models.CompletionRequest(model="no/such-model", prompt="hi")
+                ),
+                404,
+                models.OpenAIError,
+            )
+            assert nowhere.error.code == "model_not_found", nowhere
+            assert "stub" in nowhere.error.message, nowhere  # it lists the served models
+            driven += ["openai chat", "openai embeddings", "openai completion 404"]
         finally:
             stopped = documented(
                 await services["stop_service"].asyncio_detailed(sid, client=api),

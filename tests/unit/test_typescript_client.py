@@ -3,9 +3,11 @@
 tests/clients/typescript is a small npm project with pinned versions:
 openapi-typescript turns the committed document into types (``generated/``,
 not committed) and openapi-fetch checks every call of client.ts (create,
-status, prompt, logs, stop, recipes) against them; ``tsc --strict`` must pass
-with no error and the generator must print no warning. A second file with
-misspelled fields must fail, so that a passing check means something.
+status, prompt, logs, the OpenAI front door's model list, an unknown model's
+error in OpenAI's shape and a chat completion, stop, recipes) against them;
+``tsc --strict`` must pass with no error and the generator must print no
+warning. A second file with misspelled fields must fail, so that a passing
+check means something.
 """
 
 from __future__ import annotations
