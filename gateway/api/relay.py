@@ -76,7 +76,7 @@ class UpstreamAnswer(GatewayError):
         # 401 or 403 is about the key, which is the gateway's: those, and
         # anything else undocumented, are a bad gateway.
         self.status_code = status if status in PASSED_ON else 502
-        self.kind = kind
+        self.kind = kind if self.status_code == status else None
 
 
 class _Head(msgspec.Struct):
@@ -164,8 +164,11 @@ class FrontDoor:
             response = await self.vllm.forward(upstream.url, path, body, upstream.key)
             headers = [(SERVICE_HEADER, service.id.encode())]
             if response.status >= 400:
-                answer = await read_all(response)
                 series(PROMPTS, "false", "upstream_error").inc()
+                try:
+                    answer = await read_all(response)
+                except UpstreamError:
+                    raise UpstreamAnswer(502, "vLLM's error answer is over 1 MiB", None) from None
                 raise UpstreamAnswer(
                     answer.status, message_of(answer.content, answer.status), _kind(answer.content)
                 )

@@ -266,7 +266,8 @@ async def read_all(response: aiohttp.ClientResponse, limit: int = _SMALL_ANSWER)
         async for chunk in response.content.iter_any():
             size += len(chunk)
             if size > limit:
-                raise UpstreamError(502, f"{response.url} answered more than {limit} bytes")
+                # Not the URL: a tenant of a shared service is not told where it runs.
+                raise UpstreamError(502, f"vLLM answered more than {limit} bytes")
             chunks.append(chunk)
     except TimeoutError:
         raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import msgspec
 import pytest
@@ -158,3 +159,66 @@ def test_a_refused_publish_is_written_to_the_jobs_log(tmp_path: Path) -> None:
     script = _preamble(CODEC.encode(meta())) + "gw_phase starting x\n"
     stderr = _run(script, tmp_path, "echo 'Comment too long' >&2\nexit 1\n")
     assert "Slurm refused to publish the service state (starting): Comment too long" in stderr
+
+
+def test_shared_round_trips_and_is_signed() -> None:
+    shared = msgspec.structs.replace(meta(), shared=True)
+    decoded = CODEC.decode(CODEC.encode(shared))
+    assert decoded is not None
+    assert decoded[0].shared is True
+    assert decoded[0] == shared
+    unshared = CODEC.decode(CODEC.encode(meta()))
+    assert unshared is not None and unshared[0].shared is False
+    # Sharing cannot be switched on by editing the blob: the MAC no longer fits.
+    blob, mac = CODEC.encode(meta())[len(metadata.PREFIX) :].split(".")
+    raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+    original = msgspec.msgpack.decode(raw, type=metadata.ServiceMeta)
+    edited = msgspec.msgpack.encode(msgspec.structs.replace(original, shared=True))
+    edited_blob = base64.urlsafe_b64encode(edited).decode().rstrip("=")
+    assert CODEC.decode(f"{metadata.PREFIX}{edited_blob}.{mac}") is None
+
+
+class _BeforeSharing(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """ServiceMeta as gateways before /v1 wrote it: no ``shared`` at the end."""
+
+    recipe: str
+    created: float
+    owner: str
+    environment: dict[str, str]
+    resources: dict[str, str | int | None]
+    nonce: bytes
+    tenant: str
+    idempotency: str
+    request_digest: str
+
+
+def test_a_comment_written_before_sharing_existed_still_decodes_unshared() -> None:
+    old = _BeforeSharing(
+        recipe="inference/vllm",
+        created=1_800_000_000.5,
+        owner="gwuser",
+        environment={"VLLM_MODEL": "m"},
+        resources={"nodes": 1},
+        nonce=b"0123456789ab",
+        tenant="team-a",
+        idempotency="abc",
+        request_digest="def",
+    )
+    assert len(msgspec.msgpack.decode(msgspec.msgpack.encode(old))) == 9  # one element fewer
+    # Signed as an older gateway signed it (encode only msgpack-encodes and MACs).
+    comment = CODEC.encode(cast(metadata.ServiceMeta, old)) + "|phase=running|endpoint=node1:80"
+    decoded = CODEC.decode(comment)
+    assert decoded is not None
+    new, reported = decoded
+    assert new.shared is False
+    assert (new.recipe, new.owner, new.tenant, new.idempotency, new.request_digest) == (
+        "inference/vllm",
+        "gwuser",
+        "team-a",
+        "abc",
+        "def",
+    )
+    assert new.environment == {"VLLM_MODEL": "m"}
+    # The same service, the same key: its running server keeps working.
+    assert CODEC.upstream_key(new) == CODEC.upstream_key(cast(metadata.ServiceMeta, old))
+    assert reported.endpoint == Endpoint("node1", 80)

@@ -15,11 +15,12 @@ import pytest
 from pytest_httpx import HTTPXMock
 from structlog.testing import capture_logs
 
+from gateway.api.schemas import ServiceResponse
 from gateway.auth.principal import Limits, Method, Principal, Role, anonymous
 from gateway.core import metadata
 from gateway.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
 from gateway.core.recipes import RecipeCatalog
-from gateway.core.services import CreateRequest, ServiceManager
+from gateway.core.services import CreateRequest, ServiceManager, served_model
 from gateway.core.status import ServiceStatus
 from gateway.slurm import MintedTokens, SlurmClient
 from gateway.slurm.adapters import adapter_for
@@ -546,3 +547,99 @@ def test_a_comment_written_before_sharing_existed_decodes_unshared() -> None:
     decoded = msgspec.msgpack.decode(raw, type=metadata.ServiceMeta)
     assert decoded.shared is False
     assert decoded.tenant == "t"
+
+
+async def test_a_shared_service_says_so_wherever_it_is_read(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING, is_optional=True)
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 42})
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 43})
+    services = manager()
+    user = Principal(tenant="team-a", slurm_user="gwuser", role=Role.USER, method=Method.KEY)
+    with pytest.raises(Forbidden) as refused:
+        await services.create(CreateRequest(recipe_name="testing/http", shared=True), user)
+    assert refused.value.detail.startswith("shared:")
+    # Refused before anything reached Slurm.
+    assert not [r for r in httpx_mock.get_requests() if r.url.path.endswith("/submit")]
+    shared, _ = await services.create(CreateRequest(recipe_name="testing/http", shared=True), ADMIN)
+    plain, _ = await services.create(CreateRequest(recipe_name="testing/http"), user)
+    assert ServiceResponse.of(shared).shared is True
+    assert ServiceResponse.of(plain).shared is False
+    # Read back from the jobs' comments, as Slurm lists them.
+    submitted = [
+        json.loads(r.content)["job"]["comment"]
+        for r in httpx_mock.get_requests()
+        if r.url.path.endswith("/submit")
+    ]
+    httpx_mock.add_response(
+        url=JOBS, json={"jobs": [job(42 + i, c, "PENDING") for i, c in enumerate(submitted)]}
+    )
+    assert {s.id: s.shared for s in await services.list(ADMIN)} == {"42": True, "43": False}
+    body = msgspec.json.decode(msgspec.json.encode(ServiceResponse.of(shared)))
+    assert body["shared"] is True
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+def test_the_served_name_is_the_alias_when_there_is_one() -> None:
+    assert served_model({"VLLM_MODEL": "org/big", "VLLM_SERVED_MODEL_NAME": "m"}) == "m"
+    assert served_model({"VLLM_MODEL": "org/big", "VLLM_SERVED_MODEL_NAME": ""}) == "org/big"
+    assert served_model({"VLLM_MODEL": "org/big"}) == "org/big"
+    assert served_model({}) == ""
+
+
+async def test_readiness_asks_vllm_for_the_served_name(httpx_mock: HTTPXMock) -> None:
+    """vLLM lists a model under its --served-model-name only: a service with an
+    alias is ready when the alias is listed, not the model's path."""
+    asked: list[str] = []
+
+    async def vllm(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        asked.append(seen.path)
+        if seen.path == "/v1/models":
+            writer.write(response(200, {"object": "list", "data": [{"id": "m"}]}))
+        else:
+            writer.write(response(200, {}))
+
+    async with http_stub(vllm, NODE_ADDRESS) as node:
+        aliased = vllm_blob("gwuser", "ops", "org/big", alias="m")
+        plain = vllm_blob("gwuser", "ops", "org/big")
+        jobs = [
+            job(1, f"{aliased}|phase=running|endpoint=node1:{node.port}"),
+            job(2, f"{plain}|phase=running|endpoint=node1:{node.port}"),
+        ]
+        httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+        mock_node(httpx_mock)
+        httpx_mock.add_response(url=JOBS, json={"jobs": jobs}, is_reusable=True)
+        services = manager()
+        listed = {s.id: s.status for s in await services.list(ADMIN)}
+        serving = [s.id for s in await services.serving(ADMIN, "m")]
+        await services.prober.aclose()
+        await services.slurm.aclose()
+    assert listed == {"1": ServiceStatus.RUNNING, "2": ServiceStatus.STARTING}
+    assert "/v1/models" in asked
+    assert serving == ["1"]
+
+
+async def test_serving_leaves_out_cancelled_twins_and_keeps_a_live_one(
+    httpx_mock: HTTPXMock,
+) -> None:
+    def twin(job_id: int, state: str) -> dict[str, Any]:
+        meta = CODEC.new_meta(
+            recipe="testing/openai-stub",
+            created=1_800_000_000.0,
+            owner="gwuser",
+            environment={"VLLM_MODEL": "m"},
+            resources={},
+            tenant="ops",
+            idempotency="k1",
+        )
+        return job(job_id, CODEC.encode(meta), state)
+
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    # Two creates with one Idempotency-Key: the later one, cancelled, is a twin;
+    # one whose cancel failed (still pending) takes requests like any other.
+    jobs = [twin(5, "PENDING"), twin(6, "CANCELLED"), twin(7, "PENDING")]
+    httpx_mock.add_response(url=JOBS, json={"jobs": jobs}, is_reusable=True)
+    services = manager()
+    assert [s.id for s in await services.serving(ADMIN, "m")] == ["5", "7"]
+    await services.prober.aclose()
+    await services.slurm.aclose()
