@@ -17,6 +17,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Operation
 from litestar.params import Body, PathParameter
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.types import ExceptionHandlersMap
@@ -128,6 +129,23 @@ _HANDLERS: ExceptionHandlersMap = {
 }
 
 
+def _relayed_route(path: str, operation_id: str, summary: str, *, stream: bool) -> post:
+    """A POST the relay middleware answers, documented as vLLM's answer."""
+    return post(
+        path,
+        operation_id=operation_id,
+        summary=summary,
+        status_code=200,
+        responses={
+            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
+            200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
+        },
+        # The JSON answer or a text/event-stream one.
+        operation_class=EventStreamOperation if stream else Operation,
+        middleware=[relay_to(f"/v1{path}")],
+    )
+
+
 class OpenAIController(Controller):
     path = "/v1"
     tags = ("openai",)
@@ -166,48 +184,28 @@ class OpenAIController(Controller):
             raise ModelNotFound(name, sorted(models))
         return await _card(front_door, name, models[name])
 
-    @post(
+    @_relayed_route(
         "/chat/completions",
-        operation_id="createChatCompletion",
-        summary="A chat completion from a service of the model (streamed with stream=true)",
-        status_code=200,
-        responses={
-            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
-            200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
-        },
-        operation_class=EventStreamOperation,
-        middleware=[relay_to("/v1/chat/completions")],
+        "createChatCompletion",
+        "A chat completion from a service of the model (streamed with stream=true)",
+        stream=True,
     )
     async def chat_completions(
         self, data: Annotated[ChatCompletionRequest, Body()]
     ) -> OpenAIAnswer:
         raise _relayed()
 
-    @post(
+    @_relayed_route(
         "/completions",
-        operation_id="createCompletion",
-        summary="A completion from a service of the model (streamed with stream=true)",
-        status_code=200,
-        responses={
-            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
-            200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
-        },
-        operation_class=EventStreamOperation,
-        middleware=[relay_to("/v1/completions")],
+        "createCompletion",
+        "A completion from a service of the model (streamed with stream=true)",
+        stream=True,
     )
     async def completions(self, data: Annotated[CompletionRequest, Body()]) -> OpenAIAnswer:
         raise _relayed()
 
-    @post(
-        "/embeddings",
-        operation_id="createEmbedding",
-        summary="Embeddings from a service of the model",
-        status_code=200,
-        responses={
-            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
-            200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
-        },
-        middleware=[relay_to("/v1/embeddings")],
+    @_relayed_route(
+        "/embeddings", "createEmbedding", "Embeddings from a service of the model", stream=False
     )
     async def embeddings(self, data: Annotated[EmbeddingRequest, Body()]) -> OpenAIAnswer:
         raise _relayed()

@@ -195,12 +195,4 @@ def _usage_in(chunk: bytes) -> None:
     if b'"usage":{' not in chunk and b'"usage": {' not in chunk:
         return
     for event in chunk.split(b"\n\n"):
-        data = event.partition(b"data: ")[2]
-        if b'"usage"' not in data:
-            continue
-        try:
-            usage = _read_usage(data).usage
-        except msgspec.DecodeError:  # ValidationError included
-            continue
-        if usage is not None:
-            _count_tokens(usage.prompt_tokens, usage.completion_tokens)
+        count_usage(event.partition(b"data: ")[2])

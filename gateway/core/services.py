@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -625,15 +625,21 @@ class ServiceManager:
         built = await asyncio.gather(
             *(self._service(job, *parsed) for job, parsed in ours), return_exceptions=True
         )
-        services: list[Service] = []
-        for (job, _), result in zip(ours, built, strict=True):
+        services = self._kept([job for job, _ in ours], built)
+        return sorted(services, key=lambda s: int(s.id), reverse=True)
+
+    def _kept(self, jobs: Sequence[JobInfo], built: Sequence[Service | BaseException]) -> _Services:
+        """The services built for ``jobs``; a job whose build failed is left
+        out and logged once (a cancellation goes on up)."""
+        services: _Services = []
+        for job, result in zip(jobs, built, strict=True):
             if isinstance(result, Service):
                 services.append(result)
             elif isinstance(result, Exception):
                 self._log_bad_job(job.job_id, result)
             else:
                 raise result
-        return sorted(services, key=lambda s: int(s.id), reverse=True)
+        return services
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Services by recipe and status, from the view as last listed, with no
@@ -843,15 +849,7 @@ class ServiceManager:
                     *(self._service_of(*entry) for entry in usable), return_exceptions=True
                 )
             )
-        services: _Services = []
-        for (job, _, _), result in zip(usable, built, strict=True):
-            if isinstance(result, Service):
-                services.append(result)
-            elif isinstance(result, Exception):
-                self._log_bad_job(job.job_id, result)
-            else:
-                raise result
-        return services
+        return self._kept([job for job, _, _ in usable], built)
 
     def _models_index(self) -> dict[str, _ModelEntries]:
         """Served model -> the vLLM jobs serving it that have not ended, as of
