@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import ResponseHeader
 from litestar.di import NamedDependency
+from litestar.exceptions import ValidationException
 from litestar.openapi.spec import Example, Link, OpenAPIResponse, Operation
 from litestar.params import Body, HeaderParameter, Parameter
 from litestar.response import Response
@@ -48,6 +49,26 @@ IdempotencyKey = Annotated[
         examples=[Example(value="benchmark-run-42-server-1")],
     ),
 ]
+
+
+def _plain_count(request: Request[Any, Any, Any], name: str) -> None:
+    """Refuse what msgspec's lax parsing would take as a count: ``0.0``, ``1e2``, repeats.
+
+    A client means one thing by a number; ``1e2`` lines is a guess we do not make.
+    """
+    given = request.query_params.getall(name, [])
+    if len(given) > 1 or (given and not (given[0].isascii() and given[0].isdigit())):
+        raise ValidationException(
+            detail=f"Validation failed for {request.method} {request.url.path}",
+            extra=[
+                {
+                    "message": "Expected a whole number written in digits, once",
+                    "key": name,
+                    "source": "query",
+                }
+            ],
+        )
+
 
 _CREATE_EXAMPLES = [
     Example(summary="Default model", value={"recipe_name": "inference/vllm"}),
@@ -217,6 +238,7 @@ class ServicesController(Controller):
     )
     async def get_logs(
         self,
+        request: Request[Any, Any, Any],
         services: NamedDependency[ServiceManager],
         principal: NamedDependency[Principal],
         service_id: ServiceId,
@@ -232,6 +254,7 @@ class ServicesController(Controller):
             ),
         ] = None,
     ) -> LogsResponse:
+        _plain_count(request, "tail")
         return LogsResponse.of(service_id, await services.logs(service_id, principal, tail=tail))
 
     @delete(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -118,6 +119,8 @@ def schemathesis_command(url: str, config: Path, report: Path) -> list[str]:
         "--report", "json", "--report-json-path", str(report),
         "--no-color",
         "--header", f"Authorization: {AUTH['Authorization']}",
+        # A failing run prints its seed; SCHEMATHESIS_SEED=<it> replays that run.
+        *(["--seed", seed] if (seed := os.environ.get("SCHEMATHESIS_SEED")) else []),
     ]  # fmt: skip
 
 

@@ -151,7 +151,9 @@ async def test_every_route_has_an_operation_id(api: AsyncTestClient[Any]) -> Non
     assert len(set(ids)) == len(ids)
 
 
-@pytest.mark.parametrize("tail", ["-1", "many", "100001"])
+@pytest.mark.parametrize(
+    "tail", ["-1", "many", "100001", "0.0", "1e2", "1&tail=2", "%EF%BC%91", "+1", ""]
+)
 async def test_bad_log_tail_is_422_naming_it(api: AsyncTestClient[Any], tail: str) -> None:
     response = await api.get(f"/api/v1/services/1/logs?tail={tail}")
     assert response.status_code == 422
