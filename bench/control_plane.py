@@ -4,7 +4,10 @@ On one local cluster, with its partition down so that every job stays pending
 (no job processes compete for the CPUs), this measures:
 
 1. creates: ``POST /services`` through the gateway against the same job
-   submitted straight to slurmrestd, at the same concurrency, alternating;
+   submitted straight to slurmrestd, and against that submit followed by the
+   update that binds a service's metadata to its job id (what a create asks
+   of Slurm), at the same concurrency, alternating (``--only-creates`` stops
+   after this part);
 2. listing: ``GET /services`` with ``--list-size`` services queued against
    slurmrestd's own ``GET /jobs``, alternating;
 3. polling: ``--pollers`` clients each polling ``GET /services/{id}/status``
@@ -39,6 +42,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.auth.principal import anonymous  # noqa: E402
 from gateway.core.services import CreateRequest, ServiceManager  # noqa: E402
 from gateway.slurm import JobSubmission, SubmitResult  # noqa: E402
 from gateway.slurm.adapters import adapter_for  # noqa: E402
@@ -152,7 +156,7 @@ def ms(values: list[float]) -> str:
 
 
 async def timed_batch(
-    count: int, concurrency: int, one: Callable[[], Awaitable[None]]
+    count: int, concurrency: int, one: Callable[[], Awaitable[Any]]
 ) -> tuple[list[float], float]:
     """Latencies of ``count`` calls run ``concurrency`` at a time, and the calls per second."""
     latencies: list[float] = []
@@ -182,6 +186,9 @@ async def captured_submission(cluster: LocalCluster, gateway: GatewayProcess) ->
             captured.append(job)
             return SubmitResult(job_id=1)
 
+        async def update_comment(self, job_id: int, comment: str) -> None:
+            pass
+
     manager = ServiceManager(
         slurm=Capture(),  # type: ignore[arg-type]
         recipes=load_recipes(settings),
@@ -191,7 +198,7 @@ async def captured_submission(cluster: LocalCluster, gateway: GatewayProcess) ->
         slurm_user=cluster.user,
         partition=cluster.partition,
     )
-    await manager.create(CreateRequest(recipe_name=RECIPE))
+    await manager.create(CreateRequest(recipe_name=RECIPE), anonymous(cluster.user))
     return captured[0]
 
 
@@ -214,25 +221,39 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
             r = await api.post("/api/v1/services", json={"recipe_name": RECIPE})
             assert r.status_code == 201, r.text
 
-        async def raw_submit() -> None:
+        async def raw_submit() -> int:
             request = adapter.submit_request(job)
             headers = (await tokens.credentials()).headers()
             r = await raw.request(request.method, request.path, json=request.body, headers=headers)
             assert r.status_code == 200, r.text
+            return adapter.parse_submit(r.status_code, r.content).job_id
+
+        async def raw_submit_and_bind() -> None:
+            job_id = await raw_submit()
+            request = adapter.update_comment_request(job_id, f"{job.comment}.bound-{job_id}")
+            headers = (await tokens.credentials()).headers()
+            r = await raw.request(request.method, request.path, json=request.body, headers=headers)
+            assert r.status_code == 200, r.text
+
+        sides: dict[str, Callable[[], Awaitable[Any]]] = {
+            "gateway": gateway_create,
+            "raw": raw_submit,
+            "raw+bind": raw_submit_and_bind,
+        }
 
         # 1. creates, alternating blocks
-        for warm in (gateway_create, raw_submit):
+        for warm in sides.values():
             await timed_batch(8, args.concurrency, warm)
-        results: dict[str, tuple[list[float], list[float]]] = {"gateway": ([], []), "raw": ([], [])}
+        results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
         processes = {
             "bench client": [os.getpid()],
             "gateway": [gateway.process.pid] if gateway.process else [],
             "slurmrestd": cluster.daemon_pids("slurmrestd"),
             "slurmctld": cluster.daemon_pids("slurmctld"),
         }
-        cpu: dict[str, dict[str, float]] = {"gateway": {}, "raw": {}}
+        cpu: dict[str, dict[str, float]] = {name: {} for name in sides}
         for _ in range(args.rounds):
-            for name, one in (("gateway", gateway_create), ("raw", raw_submit)):
+            for name, one in sides.items():
                 cpu_before = {k: cpu_seconds(v) for k, v in processes.items()}
                 lat, rate = await timed_batch(args.creates, args.concurrency, one)
                 for k, v in processes.items():
@@ -244,18 +265,23 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, gateway: GatewayP
         )
         for name, (lat, rates) in results.items():
             print(f"  {name:>8}: {ms(lat)}  {statistics.median(rates):6.0f}/s")
-        g, r = results["gateway"], results["raw"]
-        print(
-            f"     ratio: p50 {statistics.median(g[0]) / statistics.median(r[0]):.2f}x  "
-            f"throughput {statistics.median(r[1]) / statistics.median(g[1]):.2f}x slower "
-            "(gateway / raw submit)"
-        )
+        for one, other in (("gateway", "raw"), ("raw+bind", "raw"), ("gateway", "raw+bind")):
+            a, b = results[one], results[other]
+            print(
+                f"     ratio: p50 {statistics.median(a[0]) / statistics.median(b[0]):.2f}x  "
+                f"throughput {statistics.median(b[1]) / statistics.median(a[1]):.2f}x slower "
+                f"({one} / {other})"
+            )
         made = args.rounds * args.creates
         for name, spent in cpu.items():
             print(
-                f"  CPU per {'create' if name == 'gateway' else 'submit'} ({name}): "
+                f"  CPU per create ({name}): "
                 + ", ".join(f"{k} {v / made * 1000:.2f} ms" for k, v in spent.items())
             )
+        if args.only_creates:
+            await raw.aclose()
+            await api.aclose()
+            return
 
         async def fill(target: int) -> int:
             queued = len((await slurm.list_jobs()).jobs)
@@ -372,6 +398,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--creates", type=int, default=100, help="creates per round and side")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only-creates", action="store_true", help="stop after the creates")
     parser.add_argument("--list-size", type=int, default=2000)
     parser.add_argument("--list-rounds", type=int, default=10)
     parser.add_argument("--pollers", type=int, default=100)

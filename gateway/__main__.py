@@ -18,8 +18,7 @@ from litestar.types import ASGIApp
 from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
-from gateway.accesslog import AccessLog
-from gateway.app import create_app
+from gateway.app import create_app, served
 from gateway.core.errors import RecipeError
 from gateway.settings import (
     Settings,
@@ -177,8 +176,7 @@ def worker_app() -> ASGIApp:
 
 def _served(app: Litestar, settings: Settings) -> ASGIApp:
     # Always wrapped: the request id is given out whether or not lines are written.
-    # Lines wait up to 50 ms to be written together.
-    return AccessLog(app, write=settings.access_log, batch=0.05)
+    return served(app, settings)
 
 
 def _raise_open_files_limit() -> None:

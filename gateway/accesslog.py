@@ -6,10 +6,13 @@ with bench/proxy.py. This writes the same facts (client, method, path,
 status, duration) straight to the stream, as JSON like every other line. No
 body, header or query value is written: they may hold prompts or keys.
 
-Each request gets an id: the caller's ``X-Request-ID`` when it is a plain
-token, else a new one. It is sent back in the answer, bound to every log line
-of the request (structlog's contextvars) and sent to the service (vLLM) with
-the prompt, so one request can be followed through the gateway and vLLM.
+Each request gets an id the gateway chose (16 random hex digits), followed by
+the caller's ``X-Request-ID`` when it sent a plain one (``<ours>-<theirs>``):
+two requests never share an id, whatever callers send, and a caller still
+finds its own. The caller's part is also written alone (``client_request_id``).
+The id is sent back in the answer, bound to every log line of the request
+(structlog's contextvars) and sent to the service (vLLM) with the prompt, so
+one request can be followed through the gateway and vLLM.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 HEADER = b"x-request-id"
 # The current request's id, for outbound calls (gateway/upstream/vllm.py).
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
-_TOKEN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# The caller's part: what no log or header reader can mistake, bounded.
+_TOKEN = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -58,7 +62,7 @@ class AccessLog:
             return
         started = time.perf_counter()
         path = scope["path"]  # as sent: Litestar normalises the scope's own
-        request_id = _request_id(scope)
+        request_id, theirs = _request_id(scope)
         status = 0
 
         async def sending(message: Message) -> None:
@@ -76,9 +80,18 @@ class AccessLog:
             structlog.contextvars.reset_contextvars(**bound)
             REQUEST_ID.reset(token)
             if self.write and not (path in _PROBED and 0 < status < 400 and _kubelet(scope)):
-                self._line(scope, path, status, request_id, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._line(scope, path, status, request_id, theirs, seconds)
 
-    def _line(self, scope: Scope, path: str, status: int, request_id: str, seconds: float) -> None:
+    def _line(
+        self,
+        scope: Scope,
+        path: str,
+        status: int,
+        request_id: str,
+        theirs: str | None,
+        seconds: float,
+    ) -> None:
         client = scope.get("client")
         line = {
             "event": "access",
@@ -89,6 +102,7 @@ class AccessLog:
             "status": status or None,
             "duration_ms": round(seconds * 1000, 3),
             "request_id": request_id,
+            "client_request_id": theirs,
             "level": "info",
             "timestamp": datetime.now(tz=UTC).isoformat().replace("+00:00", "Z"),
         }
@@ -131,8 +145,13 @@ def _kubelet(scope: Scope) -> bool:
     return False
 
 
-def _request_id(scope: Scope) -> str:
+def _request_id(scope: Scope) -> tuple[str, str | None]:
+    """The request's id, and the caller's own when it sent a usable one."""
+    ours = secrets.token_hex(8)
     for name, value in scope["headers"]:
-        if name == HEADER and _TOKEN.fullmatch(value):
-            return value.decode()
-    return secrets.token_hex(8)
+        if name == HEADER:
+            if _TOKEN.fullmatch(value):
+                theirs = value.decode()
+                return f"{ours}-{theirs}", theirs
+            break
+    return ours, None

@@ -12,11 +12,14 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.structlog import StructlogConfig, StructlogPlugin
+from litestar.types import ASGIApp
 
 from gateway import __version__, wiring
+from gateway.accesslog import AccessLog
 from gateway.api import audit, auth, errors, reference
 from gateway.api.health import HealthController, drain_on_sigterm
-from gateway.api.metrics import HttpMetrics, MetricsController
+from gateway.api.loopback import LoopbackOnly
+from gateway.api.metrics import HttpMetrics, MetricsController, ServiceCounts
 from gateway.api.openai import OpenAIController
 from gateway.api.prompting import Prompting
 from gateway.api.recipes import RecipesController
@@ -28,10 +31,9 @@ from gateway.core.jobview import JobView
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.routing import ModelRouter
 from gateway.core.services import ServiceManager
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, is_loopback, load_settings
 from gateway.slurm import SlurmClient
 from gateway.upstream.probe import HealthProber
-from gateway.upstream.vllm import VllmClient
 from gateway.wiring import metadata_codec, slurm_client, token_provider
 
 
@@ -76,7 +78,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
     async def adapters(app: Litestar) -> AsyncIterator[None]:
         client = slurm_client(settings, tokens)
         prober = HealthProber(timeout=settings.health_timeout, ttl=settings.health_cache_seconds)
-        vllm = VllmClient(timeout=settings.vllm_timeout)
+        vllm = wiring.vllm_client(settings)
         app.state.slurm = client
         app.state.vllm = vllm
         authenticate.bind(client)
@@ -157,5 +159,24 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             audit.audit_middleware,
             auth.middleware(public_schema=settings.public_schema),
         ],
-        state=State({"settings": settings, "authenticator": authenticate}),
+        state=State(
+            {
+                "settings": settings,
+                "authenticator": authenticate,
+                "service_counts": ServiceCounts(),
+            }
+        ),
     )
+
+
+def served(app: Litestar, settings: Settings) -> ASGIApp:
+    """``app`` as the server runs it, outermost first: the access log (every
+    request has an id, refused ones too); then, without client authentication,
+    the guard that keeps web pages out (gateway/api/loopback.py). Both sit in
+    front of Litestar's routing, so they cover the prompt fast path, the /v1
+    relay and unknown paths alike."""
+    inner: ASGIApp = app
+    if not settings.authenticates:
+        inner = LoopbackOnly(app, check_host=is_loopback(settings.listen_host))
+    # Lines wait up to 50 ms to be written together.
+    return AccessLog(inner, write=settings.access_log, batch=0.05)

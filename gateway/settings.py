@@ -81,6 +81,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     auth_file: str | None = None
     # Callers may present their own Slurm JWT (X-SLURM-USER-TOKEN) and act as themselves.
     auth_slurm_tokens: bool = False
+    # Without the cluster's key each new Slurm token costs slurmctld a ping: per
+    # replica, new tokens a second of users not verified lately (and as many of
+    # users verified), and per client address (gateway/auth/budget.py).
+    slurm_token_checks_per_second: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 5.0
+    slurm_token_checks_per_client: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     oidc_jwks_url: str | None = None  # default: from the issuer's discovery document
@@ -101,12 +106,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     recipes_dirs: str = "recipes"
     site_file: str | None = None
     # A folder on the cluster for job output; `{user}` stands for the job's Slurm user.
-    job_dir: str = "/tmp"  # noqa: S108
+    # Private to that user: see _check_job_dir.
+    job_dir: str = "/home/{user}"
     path_map: str = ""
     log_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
     health_timeout: Seconds = 2.0
     health_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0
+    # A non-streamed answer whole, and a stream's first chunk and each gap;
+    # a whole stream at most vllm_stream_timeout.
     vllm_timeout: Seconds = 300.0
+    vllm_stream_timeout: Seconds = 3600.0
+    # The data path's share-out per replica (gateway/upstream/limits.py):
+    # requests in flight in all, at one service and for one tenant; how long
+    # one waits for a slot before 503/429; bytes of bodies and buffered answers.
+    vllm_max_connections: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 4096
+    vllm_max_per_service: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 1024
+    vllm_max_per_tenant: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 1024
+    vllm_queue_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.5
+    vllm_max_buffered_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
 
     @property
     def authenticates(self) -> bool:
@@ -293,6 +310,41 @@ def _apply_cluster_file(settings: Settings, explicit: Mapping[str, Any]) -> Sett
     return msgspec.convert({**msgspec.structs.asdict(settings), **updates}, Settings, strict=False)
 
 
+# Writable by every user on any Unix system.
+_SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/shm")  # noqa: S108
+
+
+def _check_job_dir(s: Settings) -> None:
+    """A job's output files have predictable names (the job name and id), and
+    slurmd opens them as the job's user, following links: in a folder other
+    users can write, any of them can create or link the next job's files
+    first, to read its logs or make it write over the user's own files."""
+    why = "use a folder only the job's Slurm user can write, such as /home/{user}"
+    for shared in _SHARED_DIRS:
+        if s.job_dir == shared or s.job_dir.startswith(shared + "/"):
+            raise SettingsError(
+                f"{env_name('job_dir')}: {s.job_dir} is under {shared}, which every user of "
+                f"the cluster can write; {why}"
+            )
+    # Where the gateway sees the folder (the same file system, or through the
+    # path map), it checks the mode too.
+    cluster_path = s.job_dir.replace("{user}", s.slurm_user or "")
+    local = cluster_path
+    for remote, mapped in s.path_mapping():
+        if cluster_path == remote or cluster_path.startswith(remote.rstrip("/") + "/"):
+            local = mapped.rstrip("/") + "/" + cluster_path[len(remote.rstrip("/")) :].lstrip("/")
+            break
+    try:
+        mode = os.stat(local).st_mode
+    except OSError:
+        return
+    if mode & 0o002:
+        raise SettingsError(
+            f"{env_name('job_dir')}: {cluster_path} is writable by every user (mode "
+            f"{mode & 0o7777:o}); {why}"
+        )
+
+
 def _check_slurm(s: Settings) -> None:
     if not s.slurm_url:
         raise SettingsError(
@@ -310,6 +362,7 @@ def _check_slurm(s: Settings) -> None:
     rest = s.job_dir.replace("{user}", "")
     if "{" in rest or "}" in rest:
         raise SettingsError(f"{env_name('job_dir')}: the only placeholder is {{user}}")
+    _check_job_dir(s)
     if not re.match(r"^https?://", s.slurm_url):
         raise SettingsError(f"{env_name('slurm_url')}: must start with http:// or https://")
     if s.slurm_api_version is not None:
@@ -334,6 +387,12 @@ def _check_slurm(s: Settings) -> None:
             f"{env_name('slurm_token')} or {env_name('slurm_token_file')}: set exactly one "
             f"when {env_name('slurm_auth')}=static"
         )
+    for field in ("vllm_max_per_service", "vllm_max_per_tenant"):
+        if getattr(s, field) > s.vllm_max_connections:
+            raise SettingsError(
+                f"{env_name(field)}: must not exceed {env_name('vllm_max_connections')} "
+                f"({s.vllm_max_connections})"
+            )
     if s.view_min_gap_seconds > s.view_refresh_seconds:
         raise SettingsError(
             f"{env_name('view_min_gap_seconds')}: must not exceed "

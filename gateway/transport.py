@@ -16,17 +16,23 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 
 import aiohttp
+import aiohttp.abc
+import aiohttp.payload
 import httpx
 from aiohttp.client import DEFAULT_TIMEOUT
 
 _USER_AGENT = "slurm-ai-gateway"
 
 
-def _session(limit: int, timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientSession:
+def session(
+    limit: int,
+    timeout: aiohttp.ClientTimeout | None = None,
+    per_host: int = 0,
+) -> aiohttp.ClientSession:
     """One connection pool; made on first use, as a session belongs to the
     running event loop."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit),
+        connector=aiohttp.TCPConnector(limit=limit, limit_per_host=per_host),
         cookie_jar=aiohttp.DummyCookieJar(),  # no cookies: nothing to parse or send
         auto_decompress=False,
         skip_auto_headers=("Accept-Encoding",),
@@ -47,7 +53,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the running event loop.
         if self._session is None:
-            self._session = _session(self._limit)
+            self._session = session(self._limit)
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -246,59 +252,3 @@ class Outbound:
         await self._transport.aclose()
         if self._lenient is not None:
             await self._lenient.aclose()
-
-
-class TransportFailure(Exception):
-    """A request that got no answer: ``timeout`` tells a slow peer from a gone
-    one; ``unsent`` that no connection was made, so not a byte was sent."""
-
-    def __init__(self, kind: str, *, timeout: bool, unsent: bool = False) -> None:
-        super().__init__(kind)
-        self.kind = kind
-        self.timeout = timeout
-        self.unsent = unsent
-
-
-class Pool:
-    """aiohttp's connection pool, without httpx on top: for the prompt path,
-    where each request's objects count (see VllmClient)."""
-
-    def __init__(self, *, timeout: float, connect_timeout: float, max_connections: int) -> None:
-        self._limit = max_connections
-        self._timeout = aiohttp.ClientTimeout(
-            connect=timeout, sock_connect=connect_timeout, sock_read=timeout
-        )
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        # Made on first use: a session belongs to the running event loop.
-        if self._session is None:
-            self._session = _session(self._limit, self._timeout)
-        return self._session
-
-    async def open(
-        self,
-        method: str,
-        url: str,
-        *,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> aiohttp.ClientResponse:
-        """The answer with its body unread: read it, then release (or close) it."""
-        try:
-            return await self._client().request(
-                method, url, data=content, headers=headers, allow_redirects=False
-            )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise TransportFailure(type(exc).__name__, timeout=True, unsent=True) from exc
-        except TimeoutError as exc:
-            raise TransportFailure(type(exc).__name__, timeout=True) from exc
-        except aiohttp.ClientConnectorError as exc:
-            # Refused or unreachable: the connection never opened.
-            raise TransportFailure(type(exc).__name__, timeout=False, unsent=True) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise TransportFailure(type(exc).__name__, timeout=False) from exc
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()

@@ -18,6 +18,8 @@ from gateway.slurm import (
     StaticToken,
     TokenProvider,
 )
+from gateway.upstream.limits import Limits
+from gateway.upstream.vllm import VllmClient
 
 
 def token_provider(settings: Settings) -> TokenProvider:
@@ -59,6 +61,21 @@ def slurm_client(settings: Settings, tokens: TokenProvider | None = None) -> Slu
         connect_timeout=settings.slurm_connect_timeout,
         max_concurrency=settings.slurm_max_concurrency,
         queue_timeout=settings.slurm_queue_timeout_seconds,
+    )
+
+
+def vllm_client(settings: Settings) -> VllmClient:
+    """The data path's client of services, with its deadlines and share-out."""
+    return VllmClient(
+        timeout=settings.vllm_timeout,
+        stream_timeout=settings.vllm_stream_timeout,
+        limits=Limits(
+            total=settings.vllm_max_connections,
+            per_service=settings.vllm_max_per_service,
+            per_tenant=settings.vllm_max_per_tenant,
+            wait=settings.vllm_queue_seconds,
+            budget=settings.vllm_max_buffered_bytes,
+        ),
     )
 
 

@@ -75,6 +75,8 @@ load_cluster() {
         # 22.05 has no "disabled" cgroup plugin, and its autodetection fails in a chroot
         # without /sys/fs/cgroup ("cgroup filesystem not mounted"): name v1, never mount.
         C_CGROUP_CONF=$'CgroupPlugin=cgroup/v1\nCgroupAutomount=no'
+        # With the host's freezer hierarchy mounted where it looks (mount_cgroup).
+        C_CGROUP_TRACK_CONF=$'CgroupPlugin=cgroup/v1\nCgroupAutomount=no\nCgroupMountpoint=/sys/fs/cgroup'
         C_API_CANDIDATES=(v0.0.38 v0.0.37 v0.0.36)
         ;;
     c2411)
@@ -86,6 +88,8 @@ load_cluster() {
         C_PING_VERSION="v0.0.42"
         # No cgroup controllers here: 24.11's slurmd refuses to start without this.
         C_CGROUP_CONF="CgroupPlugin=disabled"
+        # (CgroupAutomount is "defunct" from 24.11 on: an error in each job's log.)
+        C_CGROUP_TRACK_CONF=$'CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup'
         C_API_CANDIDATES=(v0.0.44 v0.0.43 v0.0.42 v0.0.41 v0.0.40 v0.0.39)
         ;;
     c2605)
@@ -97,6 +101,7 @@ load_cluster() {
         C_REST_PLUGIN_CHOICES=("openapi/slurmctld")
         C_PING_VERSION="v0.0.42"
         C_CGROUP_CONF="CgroupPlugin=disabled"
+        C_CGROUP_TRACK_CONF=$'CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup'
         C_API_CANDIDATES=(v0.0.46 v0.0.45 v0.0.44 v0.0.43 v0.0.42 v0.0.41 v0.0.40)
         ;;
     *) die "unknown cluster '${C_NAME}' (known: ${ALL_CLUSTERS[*]})" ;;
@@ -260,11 +265,68 @@ mount_proc() {
     fi
 }
 
+# The host's cgroup v1 freezer hierarchy (its mount point), if it has one.
+host_freezer() {
+    awk '{ split($0, a, " - "); split(a[1], m, " "); split(a[2], f, " ")
+           if (f[1] == "cgroup" && m[4] == "/" && ("," f[3] ",") ~ /,freezer,/) { print m[5]; exit } }' \
+        /proc/self/mountinfo
+}
+
+# This cluster's own folder in the host's freezer hierarchy.
+freezer_dir() {
+    local freezer="$1"
+    printf '%s/gw-local-%s-%s\n' "${freezer}" "${C_NAME}" "$(printf '%s' "${C_DIR}" | md5sum | cut -c1-8)"
+}
+
+# Sets C_FREEZER when jobs can be tracked by cgroup (proctrack/cgroup): Slurm
+# then puts each job in a freezer cgroup and ends everything in it with the
+# job, orphans included (proctrack/linuxproc follows parents, and loses a
+# process whose parent died, e.g. vLLM's engine). The host's hierarchy is
+# shared by all clusters, whose job ids overlap: each gets a folder of its own,
+# bind-mounted where its slurmd looks (CgroupMountpoint/freezer).
+mount_cgroup() {
+    local freezer own dir="${C_CHROOT}/sys/fs/cgroup"
+    C_FREEZER=""
+    freezer="$(host_freezer)"
+    if [[ -z "${freezer}" ]]; then
+        log "${C_NAME}: no cgroup v1 freezer hierarchy on this host; jobs are tracked by parentage"
+        return 0
+    fi
+    own="$(freezer_dir "${freezer}")"
+    if mkdir -p "${own}" &&
+        { mountpoint -q "${dir}" || mount -t tmpfs -o nosuid,nodev,noexec,mode=0755,size=64k gw-cgroup "${dir}"; } &&
+        mkdir -p "${dir}/freezer" &&
+        { mountpoint -q "${dir}/freezer" || mount --bind "${own}" "${dir}/freezer"; }; then
+        C_FREEZER="${own}"
+    else
+        log "${C_NAME}: cannot mount ${own} at ${dir}/freezer; jobs are tracked by parentage"
+    fi
+}
+
+# Removes this cluster's cgroups from the host's hierarchy (empty ones only).
+remove_cgroup() {
+    local freezer
+    freezer="$(host_freezer)"
+    [[ -n "${freezer}" ]] || return 0
+    freezer="$(freezer_dir "${freezer}")"
+    [[ -d "${freezer}" ]] && find "${freezer}" -depth -type d -exec rmdir {} + 2>/dev/null
+    return 0
+}
+
 # ---------------------------------------------------------------------------
 # Running things inside the chroot (clean environment: no SLURM_* from the host)
 
 in_chroot() {
     chroot "${C_CHROOT}" /usr/bin/env -i PATH="${CHROOT_PATH}" HOME=/root LANG=C.UTF-8 "$@"
+}
+
+# in_chroot, in a UTS namespace of its own named after the node: slurmctld and
+# slurmd (and so every job: `hostname`) never depend on what the host is
+# called, which a test run once changed under the running clusters.
+in_chroot_as_node() {
+    unshare --uts -- /bin/sh -c 'printf %s "$1" >/proc/sys/kernel/hostname && shift && exec "$@"' \
+        sh "${C_NODE}" chroot "${C_CHROOT}" /usr/bin/env -i PATH="${CHROOT_PATH}" HOME=/root \
+        LANG=C.UTF-8 "$@"
 }
 
 as_job_user() {
@@ -384,7 +446,7 @@ write_if_changed() {
 }
 
 configure() {
-    local host cpus mem_kb mem_mb su sg mu mg
+    local cpus mem_kb mem_mb su sg mu mg proctrack cgroup_conf
     CONFIG_CHANGED=0
 
     # Users: SlurmUser, the slurmrestd runner (must be neither root nor SlurmUser), the job user.
@@ -450,13 +512,20 @@ configure() {
     chown "${su}:${sg}" "${C_CHROOT}${JWT_KEY_IN_CHROOT}"
     chmod 0600 "${C_CHROOT}${JWT_KEY_IN_CHROOT}"
 
-    # /etc/hosts must resolve the short hostname used in SlurmctldHost/NodeHostname.
-    host="$(cat /proc/sys/kernel/hostname)"
-    host="${host%%.*}"
-    [[ -n "${host}" ]] || die "cannot determine the short hostname"
+    # The daemons (and jobs) are called after the node (in_chroot_as_node),
+    # whatever the host is called.
     write_if_changed "${C_CHROOT}/etc/hosts" 0644 "127.0.0.1 localhost
-127.0.0.1 ${host}
+127.0.0.1 ${C_NODE}
 ::1 localhost ip6-localhost ip6-loopback"
+    if [[ -n "${C_FREEZER}" ]]; then
+        proctrack="proctrack/cgroup"
+        cgroup_conf="${C_CGROUP_TRACK_CONF}"
+    else
+        # No cgroup v1 freezer on this host: processes are tracked by parentage,
+        # and the recipes end what their servers leave (gw_stop_server).
+        proctrack="proctrack/linuxproc"
+        cgroup_conf="${C_CGROUP_CONF}"
+    fi
 
     # The node is declared with the shape of a production GPU node, so that the
     # API's examples (8 CPUs, 64G, a GPU) are accepted here too. config_overrides
@@ -467,7 +536,7 @@ configure() {
 
     write_if_changed "${C_CHROOT}/etc/slurm/slurm.conf" 0644 "# Written by deploy/local/cluster.sh on every 'up'; edits are overwritten.
 ClusterName=${C_NAME}
-SlurmctldHost=${host}(127.0.0.1)
+SlurmctldHost=${C_NODE}(127.0.0.1)
 SlurmctldPort=${C_CTLD_PORT}
 SlurmdPort=${C_SLURMD_PORT}
 SlurmUser=slurm
@@ -476,7 +545,7 @@ AuthType=auth/munge
 AuthAltTypes=auth/jwt
 AuthAltParameters=jwt_key=${JWT_KEY_IN_CHROOT}
 MpiDefault=none
-ProctrackType=proctrack/linuxproc
+ProctrackType=${proctrack}
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
@@ -506,7 +575,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 SlurmdParameters=config_overrides
 GresTypes=gpu
-NodeName=${C_NODE} NodeHostname=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} Gres=gpu:${NODE_GPUS} State=UNKNOWN
+NodeName=${C_NODE} NodeHostname=${C_NODE} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} Gres=gpu:${NODE_GPUS} State=UNKNOWN
 PartitionName=${PARTITION} Nodes=${C_NODE} Default=YES MaxTime=INFINITE State=UP"
 
     # Stand-in GPU devices (copies of /dev/null): slurmd counts a gres/gpu only
@@ -518,8 +587,8 @@ PartitionName=${PARTITION} Nodes=${C_NODE} Default=YES MaxTime=INFINITE State=UP
     write_if_changed "${C_CHROOT}/etc/slurm/gres.conf" 0644 "AutoDetect=off
 Name=gpu File=/dev/gwgpu[0-$((NODE_GPUS - 1))]"
 
-    if [[ -n "${C_CGROUP_CONF}" ]]; then
-        write_if_changed "${C_CHROOT}/etc/slurm/cgroup.conf" 0644 "${C_CGROUP_CONF}"
+    if [[ -n "${cgroup_conf}" ]]; then
+        write_if_changed "${C_CHROOT}/etc/slurm/cgroup.conf" 0644 "${cgroup_conf}"
     elif [[ -e "${C_CHROOT}/etc/slurm/cgroup.conf" ]]; then
         rm -f "${C_CHROOT}/etc/slurm/cgroup.conf"
         CONFIG_CHANGED=1
@@ -583,7 +652,7 @@ start_slurm_daemon() {
     daemon_pid "${daemon}" >/dev/null && return 0
     clear_stale_pidfile "${daemon}"
     log "${C_NAME}: starting ${daemon}"
-    in_chroot "${daemon}" "$@" </dev/null >>"$(logfile_of "${daemon}-stdio")" 2>&1 9>&- ||
+    in_chroot_as_node "${daemon}" "$@" </dev/null >>"$(logfile_of "${daemon}-stdio")" 2>&1 9>&- ||
         fail_with_logs "${daemon} failed to start" "${daemon}-stdio" "${daemon}"
     wait_for_daemon "${daemon}" 30 || fail_with_logs "${daemon} did not come up" "${daemon}-stdio" "${daemon}"
 }
@@ -794,6 +863,7 @@ start_cluster() {
     load_cluster "$1"
     is_provisioned || die "${C_NAME}: chroot is not provisioned"
     mount_proc
+    mount_cgroup
     configure
     if ((CONFIG_CHANGED == 0)) && all_daemons_running && wait_for_rest 5; then
         write_cluster_json
@@ -959,6 +1029,7 @@ cmd_destroy() {
         load_cluster "${name}"
         [[ -d "${C_DIR}" ]] || continue
         unmount_under "${C_DIR}"
+        remove_cgroup
         log "${C_NAME}: removing ${C_DIR}"
         rm -rf --one-file-system "${C_DIR}"
     done

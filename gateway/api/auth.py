@@ -31,7 +31,8 @@ PUBLIC: list[SecurityRequirement] = [{}]
 class AuthenticationMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
         authenticator: Authenticator = connection.app.state.authenticator
-        principal = await authenticator.authenticate(connection.headers)
+        client = connection.client.host if connection.client else None
+        principal = await authenticator.authenticate(connection.headers, client=client)
         return AuthenticationResult(user=principal, auth=principal.method)
 
 

@@ -10,6 +10,8 @@ are written chunk by chunk. Everything else (a body that does not decode, a
 service that is not running) goes to the handler with the body replayed, so
 each answer and error keeps one shape and one place; failures once the
 upstream was asked are raised for Litestar's exception handlers, never retried.
+The body is read under the replica's memory budget (gateway/upstream/limits.py),
+and held on the request's lease until the answer is sent.
 
 Authentication is app middleware, so it has run by the time this does; a
 guard on the route would not have (route middleware runs before guards).
@@ -44,9 +46,11 @@ from gateway.api.schemas import PromptRequest
 from gateway.core.errors import GatewayError
 from gateway.core.services import Service
 from gateway.slurm import SlurmError
+from gateway.upstream.limits import Lease, tenant_of
 
-# Bodies beyond this go to the handler (which applies Litestar's own limit).
-_MAX_BODY = 1 << 20
+# Litestar's request_max_body_size: a body past it goes to the handler, which
+# answers 413; read here up to it, so that what is held is on the budget.
+_MAX_BODY = 10_000_000
 _JSON = [(b"content-type", b"application/json")]
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),  # as Litestar's Stream sends it
@@ -57,43 +61,59 @@ SSE_HEADERS = [
 
 def prompt_fast_path(app: ASGIApp) -> ASGIApp:
     async def fast_path(scope: Scope, receive: Receive, send: Send) -> None:
-        body, complete_body = await read_body(receive)
-        replay = _replaying(body, complete_body, receive)
         prompting: Prompting | None = scope["litestar_app"].state.get("prompting")
-        if not complete_body or prompting is None:
-            await app(scope, replay, send)
+        if prompting is None:
+            await app(scope, receive, send)
             return
+        lease = prompting.vllm.limits.lease()
         try:
-            data = msgspec.json.decode(body, type=PromptRequest)
-        except msgspec.MsgspecError:
-            await app(scope, replay, send)  # the handler names the bad field
-            return
-        service_id = str(scope["path_params"]["service_id"])
-        try:
-            # The caller authenticated already (app middleware, outside this
-            # one); it sees only its own services here as in the handler.
-            service = await prompting.services.running(service_id, scope["user"], kind="vllm")
-        except (GatewayError, SlurmError):
-            await app(scope, replay, send)  # no side effect yet: the handler says why
-            return
-        if data.stream:
-            await _stream(prompting, service_id, service, data, receive, send)
-            return
-        answer = msgspec.json.encode(await complete(prompting.vllm, service_id, service, data))
-        start: HTTPResponseStartEvent = {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [*_JSON, (b"content-length", str(len(answer)).encode())],
-        }
-        await send(start)
-        end: HTTPResponseBodyEvent = {
-            "type": "http.response.body",
-            "body": answer,
-            "more_body": False,
-        }
-        await send(end)
+            await _answer(app, prompting, lease, scope, receive, send)
+        finally:
+            lease.close()
 
     return fast_path
+
+
+async def _answer(
+    app: ASGIApp, prompting: Prompting, lease: Lease, scope: Scope, receive: Receive, send: Send
+) -> None:
+    # Twice the body: the bytes, and the prompt decoded from them.
+    body, complete_body = await read_body(receive, scope, _MAX_BODY, lease, weight=2)
+    replay = _replaying(body, complete_body, receive)
+    if not complete_body:
+        await app(scope, replay, send)
+        return
+    try:
+        data = msgspec.json.decode(body, type=PromptRequest)
+    except msgspec.MsgspecError:
+        await app(scope, replay, send)  # the handler names the bad field
+        return
+    service_id = str(scope["path_params"]["service_id"])
+    try:
+        # The caller authenticated already (app middleware, outside this
+        # one); it sees only its own services here as in the handler.
+        service = await prompting.services.running(service_id, scope["user"], kind="vllm")
+    except (GatewayError, SlurmError):
+        await app(scope, replay, send)  # no side effect yet: the handler says why
+        return
+    tenant = tenant_of(scope["user"])
+    if data.stream:
+        await _stream(prompting, service_id, service, data, lease, tenant, receive, send)
+        return
+    done = await complete(prompting.vllm, service_id, service, data, lease, tenant)
+    answer = msgspec.json.encode(done)
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [*_JSON, (b"content-length", str(len(answer)).encode())],
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {
+        "type": "http.response.body",
+        "body": answer,
+        "more_body": False,
+    }
+    await send(end)
 
 
 async def _stream(
@@ -101,13 +121,15 @@ async def _stream(
     service_id: str,
     service: Service,
     data: PromptRequest,
+    lease: Lease,
+    tenant: str | None,
     receive: Receive,
     send: Send,
 ) -> None:
     upstream = upstream_of(service)
     # A refusal before the first chunk raises here, for Litestar's handlers.
     first, chunks = await open_stream(
-        prompting.vllm, service_id, upstream, prompt_of(service, data)
+        prompting.vllm, service_id, upstream, prompt_of(service, data), lease, tenant
     )
     await send_stream(relay(first, chunks), chunks, receive, send, SSE_HEADERS)
 
@@ -118,6 +140,7 @@ async def send_stream(
     receive: Receive,
     send: Send,
     headers: list[tuple[bytes, bytes]],
+    status: int = 200,
 ) -> None:
     """``body`` (the relay of the upstream's ``chunks``) written chunk by chunk
     as it comes; a client that goes away closes the upstream at once (vLLM
@@ -126,7 +149,7 @@ async def send_stream(
     async def pump() -> None:
         start: HTTPResponseStartEvent = {
             "type": "http.response.start",
-            "status": 200,
+            "status": status,
             "headers": headers,
         }
         await send(start)
@@ -161,24 +184,64 @@ async def send_stream(
         raise pumping.exception()  # type: ignore[misc]
 
 
-async def read_body(receive: Receive, limit: int = _MAX_BODY) -> tuple[bytes, bool]:
-    """The request body, and whether it is all of it (not past ``limit``)."""
-    chunks: list[bytes] = []
-    size = 0
+async def read_body(
+    receive: Receive,
+    scope: Scope,
+    limit: int = _MAX_BODY,
+    lease: Lease | None = None,
+    weight: int = 1,
+) -> tuple[bytes | bytearray, bool]:
+    """The request body, and whether it is all of it (not past ``limit``),
+    ``weight`` times its size taken from the memory budget on ``lease``
+    (OverBudget past it).
+
+    Most bodies come in one piece, taken as it is. One in pieces goes into one
+    buffer (pieces joined, or a buffer grown, took up to three times the body),
+    made at once at its declared size (Content-Length), which is taken from
+    the budget before more of it is read."""
+    message = await receive()
+    if message["type"] != "http.request":
+        return b"", False  # a disconnect: the handler sees it too
+    first = message.get("body", b"")
+    if lease is not None:
+        lease.take(weight * len(first))
+    if not message.get("more_body", False) or len(first) > limit:
+        return first, len(first) <= limit
+    size = taken = len(first)
+    declared = _declared_length(scope)
+    if declared is None or not size < declared <= limit:
+        declared = size
+    elif lease is not None:
+        lease.take(weight * (declared - size))
+        taken = declared
+    body = bytearray(declared)
+    body[:size] = first
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return b"".join(chunks), False  # a disconnect: the handler sees it too
+            return body[:size], False
         chunk = message.get("body", b"")
-        chunks.append(chunk)
+        if lease is not None and size + len(chunk) > taken:
+            lease.take(weight * (size + len(chunk) - taken))
+            taken = size + len(chunk)
+        # In place while the buffer has room; past it, the buffer grows.
+        body[size : size + len(chunk)] = chunk
         size += len(chunk)
         if size > limit:
-            return b"".join(chunks), False
+            return body, False
         if not message.get("more_body", False):
-            return b"".join(chunks), True
+            del body[size:]  # if less came than was declared
+            return body, True
 
 
-def _replaying(body: bytes, whole: bool, receive: Receive) -> Receive:
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _replaying(body: bytes | bytearray, whole: bool, receive: Receive) -> Receive:
     """``receive`` with what was read from it given back first."""
     given = False
 
@@ -186,7 +249,11 @@ def _replaying(body: bytes, whole: bool, receive: Receive) -> Receive:
         nonlocal given
         if not given:
             given = True
-            first: HTTPRequestEvent = {"type": "http.request", "body": body, "more_body": not whole}
+            first: HTTPRequestEvent = {
+                "type": "http.request",
+                "body": bytes(body),
+                "more_body": not whole,
+            }
             return first
         return await receive()
 

@@ -24,6 +24,7 @@ from litestar.types import ExceptionHandlersMap
 
 from gateway.api.errors import EventStreamOperation, from_slurm_error
 from gateway.api.openai_schemas import (
+    MODEL_MAX_LENGTH,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -55,21 +56,27 @@ _TYPES = {
     503: "service_unavailable_error",
 }
 _MEANINGS = {
-    400: "The body is not JSON or has no `model` (`param`: model), a parameter cannot be "
-    "read, or vLLM refused the request (its message)",
+    400: "The body is not JSON or has no `model`, or one over "
+    f"{MODEL_MAX_LENGTH} characters (`param`: model), a parameter cannot be read, or vLLM "
+    "refused the request (its message)",
     401: "No credentials, or credentials that do not check out",
     403: "Authenticated, but not allowed",
     404: "No running or starting service the caller may use serves this model "
     "(`code`: model_not_found; the message lists those that do)",
     413: "The body is over 32 MiB",
     422: "vLLM refused the request (its status and message)",
-    429: "vLLM is overloaded (its status and message)",
+    429: "The caller's tenant has GATEWAY_VLLM_MAX_PER_TENANT requests in flight on this "
+    "replica (`code`: tenant_over_share; see Retry-After), or vLLM is overloaded (its status "
+    "and message)",
     500: "vLLM failed (its status and message), or the gateway did (logged)",
     502: "The service could not be reached, broke off, or answered with an error that is "
     "not the request's (vLLM's 400, 404, 422, 429, 500 and 503 are passed on as they are)",
-    503: "The model's services are still starting (see Retry-After), Slurm is unreachable, "
-    "or vLLM answered 503",
-    504: "The service did not answer in time",
+    503: "The model's services are still starting, the service has "
+    "GATEWAY_VLLM_MAX_PER_SERVICE requests in flight (`code`: upstream_full), the gateway's "
+    "memory budget for bodies and answers is spent (`code`: memory_budget), Slurm is "
+    "unreachable (each with Retry-After), or vLLM answered 503",
+    504: "The service did not answer in time (a whole answer within GATEWAY_VLLM_TIMEOUT; a "
+    "stream's first chunk and each gap too, and all of it within GATEWAY_VLLM_STREAM_TIMEOUT)",
 }
 
 

@@ -12,10 +12,23 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+# The longest model name a request may send (the prompt route's too): a name
+# is a key the gateway remembers things under, so it is bounded.
+MODEL_MAX_LENGTH = 512
+
 ModelName = Annotated[
     str,
     Meta(
         min_length=1,
+        description="a model as GET /v1/models lists it: the served name of running services",
+        examples=["Qwen/Qwen2.5-0.5B-Instruct"],
+    ),
+]
+RequestedModel = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MODEL_MAX_LENGTH,
         description="a model as GET /v1/models lists it: the served name of running services",
         examples=["Qwen/Qwen2.5-0.5B-Instruct"],
     ),
@@ -65,7 +78,7 @@ class OpenAIError(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     __doc__ = f"OpenAI's chat completion request. {_PASSED_ON}"
 
-    model: ModelName
+    model: RequestedModel
     messages: list[dict[str, Any]]
     stream: Annotated[bool, Meta(description="answer with Server-Sent Events")] = False
     max_tokens: int | None = None
@@ -75,7 +88,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=
 class CompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     __doc__ = f"OpenAI's (legacy) completion request. {_PASSED_ON}"
 
-    model: ModelName
+    model: RequestedModel
     prompt: Annotated[str | list[Any], Meta(description="text, texts, or token ids")]
     stream: Annotated[bool, Meta(description="answer with Server-Sent Events")] = False
     max_tokens: int | None = None
@@ -85,7 +98,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=Fals
 class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     __doc__ = f"OpenAI's embedding request (the service must run an embedding model). {_PASSED_ON}"
 
-    model: ModelName
+    model: RequestedModel
     input: Annotated[str | list[Any], Meta(description="text, texts, or token ids")]
 
 

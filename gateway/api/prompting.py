@@ -11,10 +11,13 @@ import anyio
 import msgspec
 
 from gateway.api.schemas import PromptRequest, PromptResponse, UsageResponse
+from gateway.api.usage import SseUsage, count_tokens
 from gateway.core.errors import UpstreamFailed, UpstreamTimeout
 from gateway.core.services import Service, ServiceManager, Upstream, served_model
-from gateway.metrics import PROMPT_FIRST_BYTE, PROMPT_TOKENS, PROMPTS, series
-from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
+from gateway.metrics import PROMPT_FIRST_BYTE, PROMPTS, series
+from gateway.upstream.answers import UpstreamError, UpstreamUnavailable
+from gateway.upstream.limits import Lease
+from gateway.upstream.vllm import Prompt, VllmClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +42,32 @@ def prompt_of(service: Service, data: PromptRequest) -> Prompt:
 
 
 async def complete(
-    vllm: VllmClient, service_id: str, service: Service, data: PromptRequest
+    vllm: VllmClient,
+    service_id: str,
+    service: Service,
+    data: PromptRequest,
+    lease: Lease,
+    tenant: str | None,
 ) -> PromptResponse:
-    """A prompt's whole answer (the route and its fast path share this)."""
+    """A prompt's whole answer (the route and its fast path share this); its
+    bytes stay on ``lease`` until the caller closes it, once it has answered."""
     upstream = upstream_of(service)
     started = time.perf_counter()
     try:
-        done = await vllm.complete(upstream.url, prompt_of(service, data), upstream.key)
+        done = await vllm.complete(
+            upstream.url,
+            prompt_of(service, data),
+            upstream.key,
+            service=service_id,
+            lease=lease,
+            tenant=tenant,
+        )
     except (UpstreamError, UpstreamUnavailable) as exc:
         series(PROMPTS, "false", _outcome(exc)).inc()
         raise upstream_failure(service_id, exc) from None
     series(PROMPT_FIRST_BYTE, "false").observe(time.perf_counter() - started)
     series(PROMPTS, "false", "ok").inc()
-    _count_tokens(done.usage.prompt_tokens, done.usage.completion_tokens)
+    count_tokens(done.usage.prompt_tokens, done.usage.completion_tokens)
     return PromptResponse(
         success=True,
         response=done.text,
@@ -82,12 +98,20 @@ def upstream_failure(service_id: str, exc: Exception) -> Exception:
 
 
 async def open_stream(
-    vllm: VllmClient, service_id: str, upstream: Upstream, request: Prompt
+    vllm: VllmClient,
+    service_id: str,
+    upstream: Upstream,
+    request: Prompt,
+    lease: Lease,
+    tenant: str | None,
 ) -> tuple[bytes, AsyncGenerator[bytes, None]]:
     """The upstream stream, opened before anything is answered so that a
-    refusal is a proper HTTP error; its first chunk, and the rest."""
+    refusal is a proper HTTP error; its first chunk, and the rest. The
+    stream's slot is on ``lease``, given back when the stream ends."""
     started = time.perf_counter()
-    chunks = vllm.stream(upstream.url, request, upstream.key)
+    chunks = vllm.stream(
+        upstream.url, request, upstream.key, service=service_id, lease=lease, tenant=tenant
+    )
     try:
         first = await anext(chunks)
     except StopAsyncIteration:
@@ -100,11 +124,14 @@ async def open_stream(
     return first, chunks
 
 
-async def relay(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+async def relay(
+    first: bytes, chunks: AsyncGenerator[bytes, None], lease: Lease | None = None
+) -> AsyncGenerator[bytes, None]:
     """The chunks as they come; a failure after the headers ends the stream
-    with an error event. Closing it closes the upstream (vLLM then aborts)."""
+    with an error event. Closing it closes the upstream (vLLM then aborts),
+    and ``lease`` if given."""
     outcome = "client_gone"  # unless the stream ends
-    usage = _UsageReader()
+    usage = SseUsage()
     try:
         yield first
         usage.feed(first)
@@ -126,73 +153,11 @@ async def relay(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGener
         # (Litestar's streaming), where an await would be cancelled at once.
         with anyio.CancelScope(shield=True):
             await chunks.aclose()
+        if lease is not None:
+            lease.close()
 
 
 def _outcome(exc: Exception) -> str:
     if isinstance(exc, UpstreamUnavailable):
         return "timeout" if exc.timeout else "unreachable"
     return "upstream_error"
-
-
-def _count_tokens(prompt: int | None, completion: int | None) -> None:
-    if prompt:
-        series(PROMPT_TOKENS, "prompt").inc(prompt)
-    if completion:
-        series(PROMPT_TOKENS, "completion").inc(completion)
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-class _UsageChunk(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-_read_usage = msgspec.json.Decoder(_UsageChunk).decode
-
-
-def count_usage(answer: bytes) -> None:
-    """Tokens of a whole OpenAI answer (its top-level ``usage``), if it has one."""
-    if b'"usage"' not in answer:
-        return
-    try:
-        usage = _read_usage(answer).usage
-    except msgspec.DecodeError:  # ValidationError included
-        return
-    if usage is not None:
-        _count_tokens(usage.prompt_tokens, usage.completion_tokens)
-
-
-class _UsageReader:
-    """Reads usage from whole events only: a read may end inside one (seen
-    when vLLM's last event crosses a TCP segment), so a partial event waits
-    for the next read. Events end with a blank line; almost every read ends
-    with one, so the usual cost is one ``endswith``."""
-
-    LIMIT = 1 << 16  # a partial event longer than any usage event is dropped
-
-    __slots__ = ("_partial",)
-
-    def __init__(self) -> None:
-        self._partial = b""
-
-    def feed(self, chunk: bytes) -> None:
-        if self._partial:
-            chunk, self._partial = self._partial + chunk, b""
-        if not chunk.endswith(b"\n\n"):
-            cut = chunk.rfind(b"\n\n") + 2 if b"\n\n" in chunk else 0
-            if len(chunk) - cut <= self.LIMIT:
-                self._partial = chunk[cut:]
-            chunk = chunk[:cut]
-        _usage_in(chunk)
-
-
-def _usage_in(chunk: bytes) -> None:
-    """Tokens from the chunk that reports usage (vLLM sends it last, when
-    asked to); other chunks cost one substring search."""
-    if b'"usage":{' not in chunk and b'"usage": {' not in chunk:
-        return
-    for event in chunk.split(b"\n\n"):
-        count_usage(event.partition(b"data: ")[2])

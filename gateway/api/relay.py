@@ -3,10 +3,17 @@
 This middleware answers ``POST /v1/chat/completions``, ``/v1/completions`` and
 ``/v1/embeddings`` in front of their (documenting) handlers, for the reason
 the prompt route has a fast path (fastpath.py): Litestar's handler machinery
-was a quarter of a proxied request's CPU. Only ``model`` is read from the
-body; the body goes to the chosen service byte for byte, and its answer comes
-back byte for byte (streams chunk by chunk). Failures are raised for the
-route's exception handlers, which answer in OpenAI's error shape.
+was a quarter of a proxied request's CPU. Only ``model`` (and ``stream``) is
+read from the body; the body goes to the chosen service byte for byte, and its
+answer comes back byte for byte as it arrives, never held whole (streams
+chunk by chunk). Failures are raised for the route's exception handlers,
+which answer in OpenAI's error shape; one after the answer has started
+(vLLM breaking off) cuts the connection, which the client sees as an
+incomplete answer.
+
+Each request holds a lease (gateway/upstream/limits.py): its body on the
+memory budget until the service has it, and a slot at the service for its
+tenant until the answer ends.
 
 Authentication is app middleware and has run by now: ``scope["user"]``.
 """
@@ -14,11 +21,13 @@ Authentication is app middleware and has run by now: ``scope["user"]``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import aiohttp
 import msgspec
+import structlog
 from litestar.types import (
     ASGIApp,
     HTTPResponseBodyEvent,
@@ -29,21 +38,26 @@ from litestar.types import (
 )
 
 from gateway.api.fastpath import SSE_HEADERS, read_body, send_stream
-from gateway.api.prompting import count_usage, relay, upstream_failure
+from gateway.api.openai_schemas import MODEL_MAX_LENGTH
+from gateway.api.prompting import relay, upstream_failure
+from gateway.api.usage import AnswerUsage, count_usage
 from gateway.auth.principal import Principal
 from gateway.core.errors import GatewayError
 from gateway.core.routing import ModelRouter
 from gateway.core.services import Service
 from gateway.metrics import PROMPT_FIRST_BYTE, PROMPTS, series
-from gateway.upstream.vllm import (
-    LARGE_ANSWER,
+from gateway.upstream.answers import (
     UpstreamError,
     UpstreamUnavailable,
-    VllmClient,
+    iter_answer,
     iter_chunks,
     message_of,
     read_all,
 )
+from gateway.upstream.limits import Lease, tenant_of
+from gateway.upstream.vllm import LARGE_ANSWER, VllmClient
+
+log = structlog.get_logger(__name__)
 
 # Longer contexts and embedding batches than the prompt route's 1 MiB.
 MAX_BODY = 32 * 1024 * 1024
@@ -82,7 +96,23 @@ class UpstreamAnswer(GatewayError):
 class _Head(msgspec.Struct):
     """What routing reads of a body; the rest is skipped, never built."""
 
-    model: str | None = None
+    model: Annotated[str, msgspec.Meta(max_length=MODEL_MAX_LENGTH)] | None = None
+    # Raw: whatever it is, never decoded (vLLM says if it is not a boolean).
+    stream: msgspec.Raw = msgspec.Raw(b"false")
+
+
+class RequestBody:
+    """The body, until the service has it: then dropped and its bytes given
+    back to the budget, as a stream may last long after."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def drop(self, lease: Lease) -> None:
+        lease.give(len(self.data))
+        self.data = b""
 
 
 _read_head = msgspec.json.Decoder(_Head).decode
@@ -131,11 +161,23 @@ class FrontDoor:
         return found
 
     async def forward(
-        self, principal: Principal, model: str, path: str, body: bytes, receive: Receive, send: Send
+        self,
+        principal: Principal,
+        model: str,
+        path: str,
+        body: RequestBody,
+        lease: Lease,
+        receive: Receive,
+        send: Send,
+        *,
+        stream: bool = False,
     ) -> None:
+        """``body`` to a service of ``model`` and its answer to the client, on
+        ``lease`` (whose bytes hold the body, given back once it is sent)."""
+        tenant = tenant_of(principal)
         service = await self.router.pick(principal, model)
         try:
-            await self._once(service, path, body, receive, send)
+            await self._once(service, tenant, path, body, lease, stream, receive, send)
         except UpstreamUnavailable as exc:
             if not exc.unsent:
                 raise upstream_failure(service.id, exc) from None
@@ -147,7 +189,7 @@ class FrontDoor:
             except GatewayError:
                 raise upstream_failure(service.id, exc) from None
             try:
-                await self._once(other, path, body, receive, send)
+                await self._once(other, tenant, path, body, lease, stream, receive, send)
             except UpstreamUnavailable as again:
                 if again.unsent:
                     assert other.upstream is not None
@@ -155,72 +197,152 @@ class FrontDoor:
                 raise upstream_failure(other.id, again) from None
 
     async def _once(
-        self, service: Service, path: str, body: bytes, receive: Receive, send: Send
+        self,
+        service: Service,
+        tenant: str | None,
+        path: str,
+        body: RequestBody,
+        lease: Lease,
+        stream: bool,
+        receive: Receive,
+        send: Send,
     ) -> None:
         upstream = service.upstream
         assert upstream is not None  # the router picks running services only
-        with self.router.outstanding(upstream):
-            started = time.perf_counter()
-            response = await self.vllm.forward(upstream.url, path, body, upstream.key)
-            headers = [(SERVICE_HEADER, service.id.encode())]
-            if response.status >= 400:
-                series(PROMPTS, "false", "upstream_error").inc()
-                try:
-                    answer = await read_all(response)
-                except UpstreamError:
-                    raise UpstreamAnswer(502, "vLLM's error answer is over 1 MiB", None) from None
-                raise UpstreamAnswer(
-                    answer.status, message_of(answer.content, answer.status), _kind(answer.content)
+        await lease.admit(upstream.url, tenant)
+        try:
+            with self.router.outstanding(upstream):
+                started = time.perf_counter()
+                response, deadline = await self.vllm.forward(
+                    upstream.url, path, body.data, upstream.key, stream=stream
                 )
-            if response.content_type == "text/event-stream":
-                await self._stream(response, started, headers, receive, send)
-                return
-            try:
-                answer = await read_all(response, LARGE_ANSWER)
-            except UpstreamError as exc:
-                series(PROMPTS, "false", "upstream_error").inc()
-                raise UpstreamAnswer(502, exc.message, None) from None
-            except UpstreamUnavailable:
-                series(PROMPTS, "false", "unreachable").inc()
-                raise
-            series(PROMPT_FIRST_BYTE, "false").observe(time.perf_counter() - started)
-            series(PROMPTS, "false", "ok").inc()
-            count_usage(answer.content)
-            start: HTTPResponseStartEvent = {
-                "type": "http.response.start",
-                "status": answer.status,
-                "headers": [_JSON, (b"content-length", b"%d" % len(answer.content)), *headers],
-            }
-            await send(start)
-            end: HTTPResponseBodyEvent = {
-                "type": "http.response.body",
-                "body": answer.content,
-                "more_body": False,
-            }
-            await send(end)
+                body.drop(lease)  # it has reached the service: never sent again
+                headers = [(SERVICE_HEADER, service.id.encode())]
+                if response.status >= 400:
+                    series(PROMPTS, "false", "upstream_error").inc()
+                    try:
+                        answer = await read_all(response, lease=lease, deadline=deadline)
+                    except UpstreamError:
+                        raise UpstreamAnswer(
+                            502, "vLLM's error answer is over 1 MiB", None
+                        ) from None
+                    raise UpstreamAnswer(
+                        answer.status,
+                        message_of(answer.content, answer.status),
+                        _kind(answer.content),
+                    )
+                if response.content_type == "text/event-stream":
+                    await self._stream(response, deadline, started, headers, receive, send)
+                else:
+                    await self._pass(response, deadline, started, headers, receive, send)
+        finally:
+            lease.leave()
 
     @staticmethod
-    async def _stream(
+    async def _pass(
         response: aiohttp.ClientResponse,
+        deadline: float,
         started: float,
         headers: list[tuple[bytes, bytes]],
         receive: Receive,
         send: Send,
     ) -> None:
-        chunks = iter_chunks(response)
+        """A whole answer, passed on as it arrives: never held whole."""
+        length = response.content_length
+        if length is not None and length > LARGE_ANSWER:
+            response.close()
+            series(PROMPTS, "false", "upstream_error").inc()
+            raise UpstreamAnswer(502, f"vLLM answered more than {LARGE_ANSWER} bytes", None)
+        chunks = iter_answer(response, LARGE_ANSWER, deadline)
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
             first = b""
-        except UpstreamUnavailable:
+        except UpstreamError as exc:
+            series(PROMPTS, "false", "upstream_error").inc()
+            raise UpstreamAnswer(502, exc.message, None) from None
+        except UpstreamUnavailable as exc:
+            series(PROMPTS, "false", "timeout" if exc.timeout else "unreachable").inc()
+            raise
+        series(PROMPT_FIRST_BYTE, "false").observe(time.perf_counter() - started)
+        if length is not None:
+            headers.append((b"content-length", b"%d" % length))
+            if len(first) == length:
+                # The usual answer, whole in one read: sent as it is, without
+                # the machinery of a stream (two tasks a request).
+                async for _ in chunks:
+                    pass  # its end: the connection goes back to the pool
+                count_usage(first)
+                series(PROMPTS, "false", "ok").inc()
+                await _send_whole(send, response.status, [_JSON, *headers], first)
+                return
+        try:
+            await send_stream(
+                _passed(first, chunks), chunks, receive, send, [_JSON, *headers], response.status
+            )
+        except (UpstreamError, UpstreamUnavailable) as exc:
+            # Too late for an error answer: returning without its end makes
+            # the server close the connection, so the client sees it cut short.
+            log.warning("upstream_answer_cut_off", reason=str(exc))
+
+    @staticmethod
+    async def _stream(
+        response: aiohttp.ClientResponse,
+        deadline: float,
+        started: float,
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        chunks = iter_chunks(response, deadline)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = b""
+        except UpstreamUnavailable as exc:
             await chunks.aclose()
-            series(PROMPTS, "true", "unreachable").inc()
+            series(PROMPTS, "true", "timeout" if exc.timeout else "unreachable").inc()
             raise
         series(PROMPT_FIRST_BYTE, "true").observe(time.perf_counter() - started)
         await send_stream(relay(first, chunks), chunks, receive, send, [*SSE_HEADERS, *headers])
 
 
-def _kind(content: bytes) -> str | None:
+async def _passed(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    """A whole answer's pieces as they come, its usage read on the way."""
+    outcome = "client_gone"  # unless it ends
+    usage = AnswerUsage()
+    try:
+        usage.feed(first)
+        yield first
+        async for chunk in chunks:
+            usage.feed(chunk)
+            yield chunk
+        outcome = "ok"
+        usage.finish()
+    except UpstreamError:
+        outcome = "upstream_error"
+        raise
+    except UpstreamUnavailable as exc:
+        outcome = "timeout" if exc.timeout else "unreachable"
+        raise
+    finally:
+        series(PROMPTS, "false", outcome).inc()
+
+
+async def _send_whole(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": headers,
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(end)
+
+
+def _kind(content: bytes | bytearray) -> str | None:
     try:
         body = _read_error(content)
     except msgspec.DecodeError:
@@ -236,23 +358,35 @@ def relay_to(path: str) -> Callable[[ASGIApp], ASGIApp]:
     def middleware(app: ASGIApp) -> ASGIApp:
         async def relay_request(scope: Scope, receive: Receive, send: Send) -> None:
             door: FrontDoor = scope["litestar_app"].state.front_door
-            body, whole = await read_body(receive, MAX_BODY)
-            if not whole:
-                if len(body) <= MAX_BODY:
-                    return  # the client left before sending it all
-                raise BadRequest(f"the body is over {MAX_BODY // (1024 * 1024)} MiB", status=413)
+            lease = door.vllm.limits.lease()
             try:
-                model = _read_head(body).model
-            except msgspec.ValidationError as exc:
-                raise BadRequest(
-                    f"the body is not an OpenAI request: {exc}", param="model"
-                ) from None
-            except msgspec.DecodeError as exc:
-                raise BadRequest(f"the body is not JSON: {exc}") from None
-            if not model:
-                raise BadRequest("model: required; GET /v1/models lists them", param="model")
-            await door.forward(scope["user"], model, path, body, receive, send)
+                await _relay(door, path, lease, scope, receive, send)
+            finally:
+                lease.close()
 
         return relay_request
 
     return middleware
+
+
+async def _relay(
+    door: FrontDoor, path: str, lease: Lease, scope: Scope, receive: Receive, send: Send
+) -> None:
+    data, whole = await read_body(receive, scope, MAX_BODY, lease)
+    if not whole:
+        if len(data) <= MAX_BODY:
+            return  # the client left before sending it all
+        raise BadRequest(f"the body is over {MAX_BODY // (1024 * 1024)} MiB", status=413)
+    try:
+        head = _read_head(data)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"the body is not an OpenAI request: {exc}", param="model") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    model, stream = head.model, len(head.stream) == 4 and bytes(head.stream) == b"true"
+    del head  # its Raw holds the body
+    if not model:
+        raise BadRequest("model: required; GET /v1/models lists them", param="model")
+    body = RequestBody(data)
+    del data  # only ``body`` holds it now, and drops it once the service has it
+    await door.forward(scope["user"], model, path, body, lease, receive, send, stream=stream)

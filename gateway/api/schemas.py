@@ -10,6 +10,7 @@ from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugi
 from litestar.openapi.spec import Schema
 from msgspec import UNSET, Meta, UnsetType
 
+from gateway.api.openai_schemas import MODEL_MAX_LENGTH
 from gateway.core.recipes import Recipe, VariableSpec
 from gateway.core.resources import MAX_TIME_LIMIT
 from gateway.core.services import Logs, Service
@@ -299,7 +300,12 @@ class ModelsResponse(msgspec.Struct, kw_only=True):
 
 class PromptRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prompt: Annotated[str, Meta(min_length=1, max_length=1_000_000)]
-    model: Annotated[str, Meta(description="defaults to the service's model")] | None = None
+    model: (
+        Annotated[
+            str, Meta(max_length=MODEL_MAX_LENGTH, description="defaults to the service's model")
+        ]
+        | None
+    ) = None
     max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 150
     temperature: Annotated[float, Meta(ge=0, le=2)] = 0.7
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None

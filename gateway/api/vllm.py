@@ -24,6 +24,7 @@ from gateway.api.prompting import (
 )
 from gateway.api.schemas import (
     ModelsResponse,
+    ProblemResponse,
     PromptRequest,
     PromptResponse,
     VllmServiceResponse,
@@ -34,7 +35,9 @@ from gateway.api.streaming import ClosingStream
 from gateway.auth.principal import Principal
 from gateway.core.services import ServiceManager, Upstream
 from gateway.core.status import ServiceStatus
-from gateway.upstream.vllm import Prompt, UpstreamError, UpstreamUnavailable, VllmClient
+from gateway.upstream.answers import UpstreamError, UpstreamUnavailable
+from gateway.upstream.limits import tenant_of
+from gateway.upstream.vllm import Prompt, VllmClient
 
 _PROMPT_EXAMPLES = [
     Example(
@@ -52,6 +55,24 @@ _PROMPT_EXAMPLES = [
     ),
     Example(summary="Streamed", value={"prompt": "Count to five", "stream": True}),
 ]
+
+
+# The data path's own refusals (gateway/upstream/limits.py), with Retry-After.
+_OVERLOADED = {
+    code: ResponseSpec(
+        ProblemResponse,
+        description=meaning,
+        media_type="application/problem+json",
+        generate_examples=False,
+    )
+    for code, meaning in {
+        429: "The caller's tenant has GATEWAY_VLLM_MAX_PER_TENANT prompts in flight on this "
+        "replica; retry after Retry-After seconds",
+        503: "Slurm is unreachable, or the service has GATEWAY_VLLM_MAX_PER_SERVICE prompts in "
+        "flight, or the gateway's memory budget for bodies and answers is spent; retry after "
+        "Retry-After seconds",
+    }.items()
+}
 
 
 class VllmController(Controller):
@@ -118,6 +139,7 @@ class VllmController(Controller):
         status_code=200,
         responses={
             **problem_responses(400, 404, 409, 422, 502, 503, 504),
+            **_OVERLOADED,
             200: ResponseSpec(
                 PromptResponse,
                 generate_examples=False,
@@ -135,19 +157,36 @@ class VllmController(Controller):
         service_id: ServiceId,
         data: Annotated[PromptRequest, Body(examples=_PROMPT_EXAMPLES)],
     ) -> Response[PromptResponse] | Stream:
+        # What the fast path (fastpath.py) passed on: mostly requests it refuses.
         service = await prompting.services.running(service_id, principal, kind="vllm")
+        tenant = tenant_of(principal)
         if data.stream:
             upstream = upstream_of(service)
-            return await _stream(prompting.vllm, service_id, upstream, prompt_of(service, data))
-        return Response(await complete(prompting.vllm, service_id, service, data))
+            request = prompt_of(service, data)
+            return await _stream(prompting.vllm, service_id, upstream, request, tenant)
+        lease = prompting.vllm.limits.lease()
+        try:
+            done = await complete(prompting.vllm, service_id, service, data, lease, tenant)
+            return Response(done)
+        finally:
+            lease.close()
 
 
 async def _stream(
-    vllm: VllmClient, service_id: str, upstream: Upstream, request: Prompt
+    vllm: VllmClient,
+    service_id: str,
+    upstream: Upstream,
+    request: Prompt,
+    tenant: str | None = None,
 ) -> ClosingStream:
-    first, chunks = await open_stream(vllm, service_id, upstream, request)
+    lease = vllm.limits.lease()
+    try:
+        first, chunks = await open_stream(vllm, service_id, upstream, request, lease, tenant)
+    except BaseException:
+        lease.close()
+        raise
     return ClosingStream(
-        relay(first, chunks),
+        relay(first, chunks, lease),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -9,7 +9,7 @@ Three kinds of credentials, each optional:
 * ``X-SLURM-USER-TOKEN`` (with or without ``X-SLURM-USER-NAME``): the caller's
   own Slurm JWT; the caller acts as itself and its Slurm calls carry its token.
   Checked with the cluster's key when the gateway holds it, else by slurmrestd
-  (one ping per token).
+  (one ping per token, within the budgets of gateway/auth/budget.py).
 
 A checked token is remembered until it expires (at most five minutes), so a
 caller sending the same token on every prompt costs one check, not one each.
@@ -33,12 +33,13 @@ import jwt
 import structlog
 
 from gateway.auth.authfile import KEY_PREFIX, AuthFile, Directory, empty
+from gateway.auth.budget import CheckBudget
 from gateway.auth.principal import SLURM_USER, TENANT, Method, Principal, Role, anonymous
 from gateway.core.errors import Forbidden, Unauthenticated
 from gateway.settings import Settings
 from gateway.slurm import SlurmClient, SlurmError
 from gateway.slurm.auth import Credentials
-from gateway.slurm.errors import SlurmBusy, SlurmUnavailable
+from gateway.slurm.errors import SlurmUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -47,9 +48,6 @@ USER_HEADER = "x-slurm-user-name"
 _CACHE_SECONDS = 300.0
 _CACHE_SIZE = 10_000
 _LEEWAY = 30  # seconds of clock skew allowed on exp/nbf/iat
-# Checking a Slurm token without the key costs slurmctld an RPC, and anyone can
-# make up tokens: at most this many new ones a second per replica.
-_SLURM_CHECKS_PER_SECOND = 5.0
 _DISCOVERY_RETRY_SECONDS = 30.0
 
 
@@ -189,32 +187,25 @@ def _discover_jwks(issuer: str) -> str:
 
 class SlurmTokenVerifier:
     """A caller's own Slurm JWT: signature checked with the cluster's key when
-    the gateway holds it, otherwise by slurmrestd itself (a ping as the caller)."""
+    the gateway holds it (no call, no budget), otherwise by slurmrestd itself
+    (a ping as the caller, within the budgets of gateway/auth/budget.py)."""
 
     def __init__(
-        self, key_file: str | None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        key_file: str | None,
+        *,
+        per_second: float = 5.0,
+        per_client: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._key = Path(key_file).read_bytes() if key_file else None
         # Set once the app's client exists (Authenticator.bind).
         self.slurm: SlurmClient | None = None
-        self._clock = clock
-        self._budget = _SLURM_CHECKS_PER_SECOND
-        self._budget_at = clock()
+        self.budget = CheckBudget(per_second=per_second, per_client=per_client, clock=clock)
 
-    def _spend(self) -> None:
-        """A token bucket for the checks slurmctld pays for."""
-        now = self._clock()
-        self._budget = min(
-            _SLURM_CHECKS_PER_SECOND,
-            self._budget + (now - self._budget_at) * _SLURM_CHECKS_PER_SECOND,
-        )
-        self._budget_at = now
-        if self._budget < 1:
-            raise SlurmBusy("too many new Slurm tokens to check right now")
-        self._budget -= 1
-
-    async def user(self, token: str) -> tuple[str, float]:
-        """The token's user and expiry; raises Unauthenticated."""
+    async def user(self, token: str, client: str | None = None) -> tuple[str, float]:
+        """The token's user and expiry; raises Unauthenticated. ``client``: the
+        sender's address, whose budget a check by slurmrestd is spent from."""
         try:
             claims = jwt.decode(
                 token,
@@ -238,7 +229,9 @@ class SlurmTokenVerifier:
             raise Unauthenticated("the Slurm token names no user (claim 'sun')")
         expires = float(claims["exp"])
         if self._key is None:
+            self.budget.spend(user, client)
             await self._ask_slurm(Credentials(user, token, expires))
+            self.budget.verified(user)
         return user, expires
 
     async def _ask_slurm(self, credentials: Credentials) -> None:
@@ -246,7 +239,6 @@ class SlurmTokenVerifier:
         and no controller responding (as an outage looks): then the gateway's
         own ping tells which it was."""
         assert self.slurm is not None, "Authenticator.bind() was not called"
-        self._spend()
         try:
             pings = await self.slurm.as_user(credentials).ping()
             accepted = any(p.responding for p in pings)
@@ -269,7 +261,10 @@ class Authenticator:
         self._oidc = OidcVerifier(settings) if settings.oidc_issuer else None
         self._slurm_tokens = (
             SlurmTokenVerifier(
-                settings.slurm_jwt_key_file if settings.slurm_auth == "mint" else None
+                # Mint mode holds the cluster's key: tokens are checked here.
+                settings.slurm_jwt_key_file if settings.slurm_auth == "mint" else None,
+                per_second=settings.slurm_token_checks_per_second,
+                per_client=settings.slurm_token_checks_per_client,
             )
             if settings.auth_slurm_tokens
             else None
@@ -296,7 +291,10 @@ class Authenticator:
             found.append("Slurm tokens (X-SLURM-USER-TOKEN)")
         return found
 
-    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    async def authenticate(
+        self, headers: Mapping[str, str], *, client: str | None = None
+    ) -> Principal:
+        """``client``: the caller's address (budgets of Slurm token checks)."""
         if not self.enabled:
             return self._anonymous
         authorization = headers.get("authorization")
@@ -305,7 +303,7 @@ class Authenticator:
         if authorization is not None and slurm_token is not None:
             raise Unauthenticated("send either Authorization or X-SLURM-USER-TOKEN, not both")
         if slurm_token is not None:
-            principal = await self._by_slurm_token(slurm_token.strip())
+            principal = await self._by_slurm_token(slurm_token.strip(), client)
         elif authorization is not None:
             scheme, _, credential = authorization.partition(" ")
             credential = credential.strip()
@@ -344,14 +342,14 @@ class Authenticator:
         claims = await oidc.claims(token)
         return oidc.principal(claims, self.directory()), float(claims["exp"])
 
-    async def _by_slurm_token(self, token: str) -> Principal:
+    async def _by_slurm_token(self, token: str, client: str | None) -> Principal:
         token = token.removeprefix("SLURM_JWT=")
         verifier = self._slurm_tokens
         if verifier is None:
             raise Unauthenticated("this gateway does not take Slurm tokens (X-SLURM-USER-TOKEN)")
 
         async def check() -> tuple[Principal, float]:
-            user, expires = await verifier.user(token)
+            user, expires = await verifier.user(token, client)
             principal = self.directory().principal(
                 tenant=user,
                 slurm_user=user,

@@ -1,13 +1,27 @@
 """The batch script of a service: the gateway's preamble, then the recipe's body.
 
-The preamble gives every recipe three shell helpers:
+The preamble first waits until the gateway has bound the job's metadata to
+its job id (see metadata.py), then gives every recipe these shell helpers:
 
 * ``gw_phase PHASE [REASON...]`` publishes the phase (building, starting,
   running, failed) through the job's own comment, which slurmrestd returns;
 * ``gw_endpoint HOST PORT`` publishes where the service listens;
 * ``gw_free_port [PORT]`` prints a free TCP port on this node (random, tested
   by binding), or checks that PORT is free and fails the service if not;
-* ``gw_fail REASON...`` publishes ``failed`` with the reason and exits.
+* ``gw_fail REASON...`` publishes ``failed`` with the reason and exits;
+* ``gw_start CMD...`` starts the service's server in the background in a
+  session of its own (``setsid``; its pid in ``$GW_SERVER``); on every exit of
+  the job script (the end, ``gw_fail``, a cancel or the time limit: SIGTERM)
+  ``gw_stop_server`` ends that whole session, orphans included (vLLM's engine
+  outlives a killed API server): SIGTERM, then SIGKILL after 10 s. A recipe
+  that sets its own EXIT trap calls ``gw_stop_server`` in it;
+* ``gw_own_listener PORT`` is 0 once something listens on PORT and every
+  listening socket there is held by the server's session (the socket's inode
+  in /proc/net/tcp{,6} among its fds), 1 if another process holds one, 2 if
+  none listens; ``gw_wait_listener PORT [SECONDS]`` waits for 0 and fails the
+  service otherwise (``gw_port_held PORT`` says why). An endpoint is published
+  only after that, so that another user who binds the port first (between
+  ``gw_free_port`` and the server's bind, say) never gets the service's key.
 
 No shared filesystem is involved: ``scontrol update`` from inside a job needs
 no token, and the gateway reads the comment with the job. Slurm refuses a
@@ -28,7 +42,10 @@ from gateway.core import metadata
 from gateway.core.recipes import Recipe
 from gateway.core.shell import quote
 
-_PLACEHOLDER = re.compile(r"__(?:META|LIMIT|REASON|RECIPE)__")
+_PLACEHOLDER = re.compile(r"__(?:META|LIMIT|REASON|RECIPE|BIND_WAIT)__")
+# How long a job waits for the gateway to bind its metadata to its job id
+# (one update right after the submit) before it gives up and ends.
+BIND_WAIT_SECONDS = 120
 
 _PREAMBLE = r"""#!/bin/bash
 # --- slurm-ai-gateway preamble: helpers for the recipe below ---
@@ -88,14 +105,116 @@ gw_free_port() {
   done
   gw_fail "no free port found on $(hostname)"
 }
+# The live processes of session $1 and their descendants: a server started by
+# gw_start and everything it forked, orphans included (they keep the session).
+gw_session_pids() {
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$1" '
+    { rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " ")
+      if (f[1] != "Z") { parent[$1] = f[2]; if ($1 == root || f[4] == root) keep[$1] = 1 } }
+    END {
+      do { more = 0
+        for (p in parent) if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; more = 1 }
+      } while (more)
+      for (p in keep) print p
+    }'
+}
+gw_stop_session() {
+  local sid=$1 grace=${2:-10} pids end
+  pids=$(gw_session_pids "$sid")
+  [ -n "$pids" ] || return 0
+  kill -TERM $pids 2>/dev/null
+  end=$(( SECONDS + grace ))
+  while pids=$(gw_session_pids "$sid") && [ -n "$pids" ]; do
+    if [ "$SECONDS" -ge "$end" ]; then
+      echo "gateway: SIGKILL to what is left of the server after ${grace}s:" $pids >&2
+      kill -KILL $pids 2>/dev/null
+      [ "$SECONDS" -lt $(( end + 10 )) ] || return 1
+    fi
+    sleep 0.5
+  done
+}
+GW_SERVER=
+gw_start() {
+  command -v setsid >/dev/null 2>&1 || gw_fail "setsid (util-linux) is not available on $(hostname)"
+  # <&0: a background command's stdin would be /dev/null, not a heredoc given.
+  setsid "$@" <&0 &
+  GW_SERVER=$!
+}
+gw_stop_server() {
+  [ -n "$GW_SERVER" ] || return 0
+  trap '' TERM INT
+  gw_stop_session "$GW_SERVER" "${1:-10}"
+  GW_SERVER=
+}
+trap 'gw_stop_server' EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+# 0: something listens on TCP port $1 and every listening socket there is one
+# of the server's (or of session $2's); 1: another process holds one; 2: none.
+gw_own_listener() {
+  local inodes inode tree p mine
+  inodes=$(cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v want="$(printf ':%04X' "$1")" \
+    '$4 == "0A" && substr($2, length($2) - 4) == want { print $10 }')
+  [ -n "$inodes" ] || return 2
+  tree=$(gw_session_pids "${2:-$GW_SERVER}")
+  for inode in $inodes; do
+    mine=
+    for p in $tree; do
+      if ls -l "/proc/$p/fd" 2>/dev/null | grep -qF "socket:[$inode]"; then mine=1; break; fi
+    done
+    [ -n "$mine" ] || return 1
+  done
+}
+gw_port_held() {
+  gw_fail "port $1 on $(hostname) is held by another process, not by this service's" \
+    "server; nothing was published there"
+}
+gw_wait_listener() {
+  local port=$1 limit=${2:-300} rc end
+  end=$(( SECONDS + limit ))
+  while :; do
+    gw_own_listener "$port"
+    rc=$?
+    [ "$rc" -eq 0 ] && return 0
+    [ "$rc" -eq 1 ] && gw_port_held "$port"
+    if ! kill -0 "$GW_SERVER" 2>/dev/null; then
+      wait "$GW_SERVER"
+      gw_fail "the server exited with code $? before it listened on port $port"
+    fi
+    [ "$SECONDS" -lt "$end" ] || gw_fail "the server did not listen on port $port within ${limit}s"
+    sleep 0.2
+  done
+}
+# The gateway binds the metadata to this job's id with one update right after
+# the submit; nothing is published before that, so that the job never writes
+# its metadata unbound (a job whose create did not finish ends here).
+gw_bind() {
+  local out comment tries=0
+  while [ "$tries" -lt __BIND_WAIT__ ]; do
+    out=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || out=
+    comment=${out#* Comment=}
+    comment=${comment%%[ |]*}
+    case "$comment" in
+      "$GW_META".?*) GW_META=$comment; return 0 ;;
+    esac
+    sleep 1
+    tries=$(( tries + 1 ))
+  done
+  echo "gateway: the gateway did not confirm this service within __BIND_WAIT__ s; ending" >&2
+  exit 1
+}
+gw_bind
 gw_phase building
 # --- recipe __RECIPE__ ---
 """
 
 
-def build(recipe: Recipe, encoded_meta: str, context: Mapping[str, Any]) -> str:
+def build(recipe: Recipe, unbound_meta: str, context: Mapping[str, Any]) -> str:
+    """``unbound_meta``: :meth:`MetaCodec.unbound`; the job reads the bound
+    metadata from its own comment before it publishes anything."""
     values = {
-        "__META__": quote(encoded_meta),
+        "__META__": quote(unbound_meta),
+        "__BIND_WAIT__": str(BIND_WAIT_SECONDS),
         "__LIMIT__": str(metadata.COMMENT_LIMIT),
         "__REASON__": str(metadata.REASON_MAX),
         "__RECIPE__": recipe.name,

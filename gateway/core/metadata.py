@@ -3,18 +3,28 @@
 The job's ``comment`` holds everything, so any gateway replica can rebuild a
 service from slurmrestd alone:
 
-    gw2:<base64url(msgpack meta)>.<base64url(mac)>|phase=<phase>|endpoint=<host:port>|reason=<text>
+    gw3:<base64url(msgpack meta)>.<base64url(mac)>|phase=<phase>|endpoint=<host:port>|reason=<text>
 
-The metadata part is written at submission and never changes; the job itself
-rewrites the fields after it (``scontrol update jobid=... comment=...`` works
+The MAC covers the metadata and the job id, so the metadata is written in two
+steps: the submission carries it without a MAC (``gw3:<blob>``, nothing
+anybody accepts), then one job update writes it bound to the id Slurm gave.
+The job waits for that before it publishes anything; then it rewrites the
+fields after the metadata (``scontrol update jobid=... comment=...`` works
 inside a job with no token) to publish its phase and endpoint. ``reason`` is
 last, so it may contain anything but newlines.
 
 Every cluster user can submit a job with any comment and read everyone's
 comments (``squeue -o %k``), so a comment is untrusted input. The metadata is
 authenticated with an HMAC under a secret all replicas share: a forged or
-edited blob is not a service. The job's Slurm user is checked by the caller,
-which makes a comment copied onto another user's job worthless. What follows
+edited blob is not a service, and since the MAC names the job id, a comment
+copied onto another job (the same Slurm user's included) is not one either.
+The job's Slurm user is checked by the caller too.
+
+Comments of the previous format (``gw2:``, MAC'd without the job id) are still
+read, so that services made before the change keep working until their jobs
+end; :meth:`MetaCodec.decode` marks them ``legacy`` and the caller believes one
+only on the job it was written for (the lowest job id carrying its nonce,
+submitted when its metadata says it was created). What follows
 the blob is the job's own say about itself and is bounded and checked here;
 whether an endpoint is on the job's node is checked by the caller.
 
@@ -32,10 +42,12 @@ import hmac
 import math
 import re
 import secrets
+from typing import NamedTuple
 
 import msgspec
 
-PREFIX = "gw2:"
+PREFIX = "gw3:"
+LEGACY_PREFIX = "gw2:"
 PHASES = ("building", "starting", "running", "failed")
 # slurmctld refuses a longer comment, at submit and at update.
 COMMENT_LIMIT = 1024
@@ -44,8 +56,16 @@ COMMENT_LIMIT = 1024
 ENDPOINT_MAX = 72
 REASON_MIN = 120
 REASON_MAX = 400
-META_BUDGET = COMMENT_LIMIT - len("|phase=building|endpoint=|reason=") - ENDPOINT_MAX - REASON_MIN
 _MAC_BYTES = 16
+# "." and the MAC's base64url, added when the metadata is bound to its job.
+BIND_CHARS = 1 + -(-_MAC_BYTES * 4 // 3)
+META_BUDGET = (
+    COMMENT_LIMIT
+    - len("|phase=building|endpoint=|reason=")
+    - ENDPOINT_MAX
+    - REASON_MIN
+    - BIND_CHARS
+)
 _HOST = re.compile(
     r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*|\[[0-9A-Fa-f:.]{2,45}\])$"
 )
@@ -93,13 +113,21 @@ class Reported(msgspec.Struct, frozen=True, kw_only=True):
     refused: str | None = None
 
 
+class Decoded(NamedTuple):
+    meta: ServiceMeta
+    reported: Reported
+    # The previous format: its MAC does not name the job (see the module doc).
+    legacy: bool = False
+
+
 class MetaCodec:
     """Writes and authenticates the metadata blob under the shared secret."""
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("the metadata secret must be at least 16 bytes")
-        self._mac_key = hmac.digest(secret, b"slurm-ai-gateway/metadata", hashlib.sha256)
+        self._legacy_mac_key = hmac.digest(secret, b"slurm-ai-gateway/metadata", hashlib.sha256)
+        self._mac_key = hmac.digest(secret, b"slurm-ai-gateway/metadata/job", hashlib.sha256)
         self._upstream_key = hmac.digest(secret, b"slurm-ai-gateway/upstream", hashlib.sha256)
         # In every job name: which gateway (which secret) a job belongs to once
         # its comment is gone. Public, like job names; not a credential.
@@ -138,15 +166,28 @@ class MetaCodec:
             shared=shared,
         )
 
-    def encode(self, meta: ServiceMeta) -> str:
-        raw = msgspec.msgpack.encode(meta)
-        mac = hmac.digest(self._mac_key, raw, hashlib.sha256)[:_MAC_BYTES]
-        return f"{PREFIX}{_b64(raw)}.{_b64(mac)}"
+    def unbound(self, meta: ServiceMeta) -> str:
+        """The comment a job is submitted with: the metadata, not yet valid."""
+        return f"{PREFIX}{_b64(msgspec.msgpack.encode(meta))}"
 
-    def decode(self, comment: str) -> tuple[ServiceMeta, Reported] | None:
-        """The service a comment describes; None for anything the gateway did
-        not write (no prefix, a bad MAC, a blob that does not parse)."""
-        if not comment.startswith(PREFIX):
+    def bind(self, unbound: str, job_id: int) -> str:
+        """The metadata of :meth:`unbound`, authenticated for job ``job_id``."""
+        raw = _unb64(unbound[len(PREFIX) :])
+        return f"{unbound}.{_b64(self._mac(raw, job_id))}"
+
+    def encode(self, meta: ServiceMeta, job_id: int) -> str:
+        return self.bind(self.unbound(meta), job_id)
+
+    def _mac(self, raw: bytes, job_id: int) -> bytes:
+        message = b"%d\0" % job_id + raw
+        return hmac.digest(self._mac_key, message, hashlib.sha256)[:_MAC_BYTES]
+
+    def decode(self, comment: str, job_id: int) -> Decoded | None:
+        """The service a comment describes on job ``job_id``; None for anything
+        the gateway did not write for that job (no prefix, a MAC for another
+        job or none, a blob that does not parse)."""
+        legacy = comment.startswith(LEGACY_PREFIX)
+        if not legacy and not comment.startswith(PREFIX):
             return None
         head, _, tail = comment.partition("|")
         blob, _, mac_text = head[len(PREFIX) :].partition(".")
@@ -155,7 +196,10 @@ class MetaCodec:
             mac = _unb64(mac_text)
         except (binascii.Error, ValueError):
             return None
-        expected = hmac.digest(self._mac_key, raw, hashlib.sha256)[:_MAC_BYTES]
+        if legacy:
+            expected = hmac.digest(self._legacy_mac_key, raw, hashlib.sha256)[:_MAC_BYTES]
+        else:
+            expected = self._mac(raw, job_id)
         if not hmac.compare_digest(mac, expected):
             return None
         try:
@@ -164,16 +208,24 @@ class MetaCodec:
             return None
         if not (math.isfinite(meta.created) and 0 <= meta.created <= _LATEST):
             return None
-        return meta, parse_reported(tail)
+        return Decoded(meta, parse_reported(tail), legacy)
+
+    def legacy_encode(self, meta: ServiceMeta) -> str:
+        """A comment of the previous format, as gateways before the binding
+        wrote them (for tests of how they are still read)."""
+        raw = msgspec.msgpack.encode(meta)
+        mac = hmac.digest(self._legacy_mac_key, raw, hashlib.sha256)[:_MAC_BYTES]
+        return f"{LEGACY_PREFIX}{_b64(raw)}.{_b64(mac)}"
 
     def upstream_key(self, meta: ServiceMeta) -> str:
         """The bearer key the service's endpoint requires: derived, never stored."""
         return hmac.digest(self._upstream_key, meta.nonce, hashlib.sha256).hex()[:40]
 
 
-def comment_room(meta_text: str) -> int:
-    """How far the encoded metadata is over (positive) or under its budget."""
-    return len(meta_text.encode()) - META_BUDGET
+def comment_room(unbound: str) -> int:
+    """How far the metadata (as submitted, before binding) is over (positive)
+    or under its budget."""
+    return len(unbound.encode()) - META_BUDGET
 
 
 def parse_reported(tail: str) -> Reported:

@@ -60,6 +60,10 @@ _UNAVAILABLE_NODES = re.compile(r"UnavailableNodes:([A-Za-z0-9._,-]+)(?![\[\w])"
 # A create with an Idempotency-Key may not start before this many seconds: the
 # time to find a concurrent twin (another replica's) and cancel the later one.
 IDEMPOTENT_HOLD_SECONDS = 3
+# An old-format comment (its MAC does not name the job) is believed only on a
+# job submitted within this window (seconds) of the creation time it records.
+LEGACY_CLOCK_SKEW = 5.0
+LEGACY_SUBMIT_WINDOW = 60.0
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -191,10 +195,10 @@ class ServiceManager:
         # job id -> ((comment, user), what it parses to): a comment is checked
         # (MAC, owner) once, not on every read.
         self._built: dict[int, _Built] = {}
-        self._parsed: dict[
-            int,
-            tuple[tuple[str, str, JobState], tuple[metadata.ServiceMeta, metadata.Reported] | None],
-        ] = {}
+        self._parsed: dict[int, tuple[tuple[str, str, JobState], metadata.Decoded | None]] = {}
+        # Nonce -> jobs with an old-format comment, per view generation.
+        self._legacy_jobs_of: dict[bytes, list[int]] = {}
+        self._legacy_generation = -1
 
     async def owner(self) -> str:
         """The Slurm user the gateway submits as (static tokens name it)."""
@@ -320,13 +324,13 @@ class ServiceManager:
             request_digest=digest,
             shared=shared,
         )
-        encoded = self.codec.encode(meta)
-        self._check_comment_budget(encoded, environment)
+        unbound = self.codec.unbound(meta)
+        self._check_comment_budget(unbound, environment)
         context = jobscript.render_context(recipe, environment, resources_wire)
         job_name = job_name_of(recipe.name, self.codec.job_tag)
         job_dir = self.job_dir_for(user)
         submission = JobSubmission(
-            script=jobscript.build(recipe, encoded, context),
+            script=jobscript.build(recipe, unbound, context),
             name=job_name,
             working_directory=job_dir,
             environment={
@@ -343,11 +347,12 @@ class ServiceManager:
             memory_per_node_mb=resources.memory_mb,
             time_limit_minutes=resources.time_limit_minutes,
             gpus_per_node=resources.gpus or None,
-            comment=encoded,
+            comment=unbound,
             begin_time=int(time.time()) + IDEMPOTENT_HOLD_SECONDS if marker else None,
         )
         slurm = self._slurm_as(user, principal)
         submitted = await slurm.submit(submission)
+        encoded = await self._bind(slurm, submitted.job_id, unbound)
         # One slurmrestd call: the job exists now, and reading it back could
         # only fail a create that worked (a client retrying would start a
         # second job). The view shows it at once, pending, until a listing
@@ -371,6 +376,21 @@ class ServiceManager:
         if not marker and not principal.limits.any:
             return Created(service, replayed=False)
         return await self._settle(slurm, submitted.job_id, service, principal, marker, digest)
+
+    async def _bind(self, slurm: SlurmClient, job_id: int, unbound: str) -> str:
+        """Writes the metadata bound to the job's id: the one update that makes
+        the job a service (its script waits for it). If Slurm refuses it, the
+        job is cancelled and the create fails: nothing is left half made (a
+        job whose cancel fails too ends itself, unbound, after its wait)."""
+        encoded = self.codec.bind(unbound, job_id)
+        try:
+            await slurm.update_comment(job_id, encoded)
+        except SlurmError as exc:
+            log.error("create_bind_failed", job_id=job_id, error=str(exc)[:300])
+            with contextlib.suppress(SlurmError):
+                await slurm.cancel(job_id)
+            raise
+        return encoded
 
     async def _settle(
         self,
@@ -533,7 +553,39 @@ class ServiceManager:
         else:
             parsed = self._parse_comment(job)
             self._parsed[job.job_id] = (key, parsed)
-        return parsed
+        if parsed is None:
+            return None
+        if parsed.legacy and not self._legacy_believed(job, parsed.meta):
+            return None
+        return parsed.meta, parsed.reported
+
+    def _legacy_believed(self, job: JobInfo, meta: metadata.ServiceMeta) -> bool:
+        """A comment of the previous format (its MAC does not name the job) is
+        believed only on the one job submitted when its metadata says it was
+        created: a copy is on a job submitted earlier (held, then filled in)
+        or later. Two such jobs carrying one nonce: neither is believed (the
+        genuine one loses its listing, nobody gains its traffic or key)."""
+        return self._legacy_jobs().get(meta.nonce) == [job.job_id]
+
+    def _legacy_jobs(self) -> dict[bytes, list[int]]:
+        """Nonce -> the jobs carrying it in an old-format comment whose
+        submission is within the creation time's window."""
+        if self._legacy_generation != self.view.generation:
+            jobs: dict[bytes, list[int]] = {}
+            for job in self.view.snapshot():
+                if not job.comment.startswith(metadata.LEGACY_PREFIX) or job.submit_time is None:
+                    continue
+                decoded = self.codec.decode(job.comment, job.job_id)
+                if decoded is None:
+                    continue
+                # The gateway took the time just before it submitted; Slurm
+                # records whole seconds, on a clock that may differ a little.
+                lag = job.submit_time.timestamp() - decoded.meta.created
+                if -LEGACY_CLOCK_SKEW <= lag <= LEGACY_SUBMIT_WINDOW:
+                    jobs.setdefault(decoded.meta.nonce, []).append(job.job_id)
+            self._legacy_jobs_of = jobs
+            self._legacy_generation = self.view.generation
+        return self._legacy_jobs_of
 
     def _is_twin(self, job: JobInfo, meta: metadata.ServiceMeta) -> bool:
         """A later job of an Idempotency-Key whose earlier job Slurm still
@@ -559,20 +611,20 @@ class ServiceManager:
             self._first_of_generation = self.view.generation
         return self._first_of
 
-    def _parse_comment(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
+    def _parse_comment(self, job: JobInfo) -> metadata.Decoded | None:
         # Any Slurm user's job may be a service (jobs run as their callers);
-        # the MAC says the gateway wrote the comment, and the owner it names
-        # must be the job's user: a comment copied onto another job is nothing.
+        # the MAC says the gateway wrote the comment for this job id, and the
+        # owner it names must be the job's user: a copied comment is nothing.
         if not job.user_name:
             return None
-        if not job.comment.startswith(metadata.PREFIX):
+        if not job.comment.startswith((metadata.PREFIX, metadata.LEGACY_PREFIX)):
             return self._overwritten(job)
-        parsed = self.codec.decode(job.comment)
-        if parsed is None or parsed[0].owner != job.user_name:
-            return None  # forged, or another gateway's (another secret)
+        parsed = self.codec.decode(job.comment, job.job_id)
+        if parsed is None or parsed.meta.owner != job.user_name:
+            return None  # forged, copied, not yet bound, or another gateway's
         return parsed
 
-    def _overwritten(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
+    def _overwritten(self, job: JobInfo) -> metadata.Decoded | None:
         """A job of ours whose owner replaced its comment (``scontrol update``).
 
         Its metadata is gone, so nothing in it can be trusted, but the job is
@@ -598,7 +650,9 @@ class ServiceManager:
             "and endpoint cannot be verified, so it takes no prompts; it can be stopped"
         )
         running = job.state is not JobState.PENDING and not job.state.is_terminal
-        return meta, metadata.Reported(phase="failed" if running else None, reason=why)
+        return metadata.Decoded(
+            meta, metadata.Reported(phase="failed" if running else None, reason=why)
+        )
 
     def _recipe_of_job_name(self, name: str) -> str | None:
         if not name.startswith("gw-"):
@@ -641,11 +695,12 @@ class ServiceManager:
                 raise result
         return services
 
-    def counts(self) -> dict[tuple[str, str], int]:
-        """Services by recipe and status, from the view as last listed, with no
-        call and no probe: the status last built for a job, else Slurm's say
-        without a health answer (a running job then counts as starting)."""
-        counts: dict[tuple[str, str], int] = {}
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """Services by tenant, recipe and status, from the view as last listed,
+        with no call and no probe: the status last built for a job, else Slurm's
+        say without a health answer (a running job then counts as starting).
+        A job with no tenant recorded counts for the tenant of its Slurm user."""
+        counts: dict[tuple[str, str, str], int] = {}
         for job in self.view.snapshot():
             parsed = self._parse(job)
             if parsed is None or self._is_twin(job, parsed[0]):
@@ -655,7 +710,7 @@ class ServiceManager:
                 status = memo.service.status
             else:
                 status = derive(job, parsed[1], None)[0]
-            key = (parsed[0].recipe, status.value)
+            key = (parsed[0].tenant or job.user_name, parsed[0].recipe, status.value)
             counts[key] = counts.get(key, 0) + 1
         return counts
 
@@ -686,9 +741,9 @@ class ServiceManager:
         ):
             if job is not None:
                 # As long as for an id the view does not hold (which waits for
-                # a listing): the time must not tell another's from none.
-                with contextlib.suppress(SlurmError):
-                    await self.view.fresh(self.view.clock())
+                # a listing), and the same error when that listing fails: the
+                # answer must not tell another's from none.
+                await self.view.fresh(self.view.clock())
             raise NotFound(
                 f"service {service_id} does not exist: no service of yours has this id "
                 "(finished services are forgotten after Slurm's MinJobAge)"

@@ -108,7 +108,7 @@ async def upstream_key(cluster: LocalCluster, gateway_env: Mapping[str, str], jo
     codec = metadata_codec(load_settings(gateway_env))
     async with cluster.client() as slurm:
         comment = (await slurm.get_job(job_id)).comment
-    decoded = codec.decode(comment)
+    decoded = codec.decode(comment, job_id)
     if decoded is None:
         raise ValueError(f"job {job_id} is not a service of that gateway")
-    return codec.upstream_key(decoded[0])
+    return codec.upstream_key(decoded.meta)

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from gateway.transport import Pool, TransportFailure
+from gateway.upstream.pool import Pool, TransportFailure
 from gateway.upstream.vllm import VllmClient, auth_headers
 
 log = structlog.get_logger(__name__)

@@ -2,48 +2,43 @@
 
 A prompt goes to ``/v1/chat/completions`` when the model has a chat template
 and to ``/v1/completions`` otherwise. Which one works is learnt from vLLM's
-answer (a 400 naming the chat template) and remembered per endpoint and model,
-so the fallback costs one extra request once, not on every prompt.
+answer (a 400 naming the chat template) and remembered per service and model
+(the most recently used few thousand), so the fallback costs one extra
+request once, not on every prompt.
 
 Streams are passed through as vLLM sends them, chunk by chunk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
 
 from gateway.accesslog import REQUEST_ID
-from gateway.transport import Pool, TransportFailure
+from gateway.upstream.answers import (
+    SMALL_ANSWER,
+    Answer,
+    Opened,
+    UpstreamError,
+    UpstreamUnavailable,
+    iter_chunks,
+    message_of,
+    read_all,
+)
+from gateway.upstream.limits import Lease, Limits
+from gateway.upstream.pool import Pool, TransportFailure
 
 Api = Literal["chat", "completions"]
-# The most a model list (or a probe's answer) may take.
-_SMALL_ANSWER = 1024 * 1024
 # The most a completion may take (max_tokens is the model's business).
 LARGE_ANSWER = 64 * 1024 * 1024
-
-
-class UpstreamError(Exception):
-    """vLLM answered with an error; ``status`` and ``message`` are vLLM's."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class UpstreamUnavailable(Exception):
-    """vLLM could not be reached or did not answer in time; ``unsent``: no
-    connection was made, so the request may go to another server."""
-
-    def __init__(self, message: str, *, timeout: bool = False, unsent: bool = False) -> None:
-        super().__init__(message)
-        self.timeout = timeout
-        self.unsent = unsent
+# Services and models whose API (chat or completions) is remembered.
+_REMEMBERED = 4096
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -79,11 +74,6 @@ class _Models(msgspec.Struct, frozen=True):
     data: list[ModelCard] = []
 
 
-class _ErrorBody(msgspec.Struct, frozen=True):
-    message: str | None = None
-    error: Any = None
-
-
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
     text: str
     model: str
@@ -102,7 +92,7 @@ class Prompt(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class VllmClient:
-    """Straight on aiohttp's connection pool (gateway/transport.py's Pool): on
+    """Straight on aiohttp's connection pool (gateway/upstream/pool.py): on
     the prompt path even httpx's request and response objects cost as much
     CPU as the call itself (py-spy under wrk, bench/proxy.py)."""
 
@@ -111,12 +101,21 @@ class VllmClient:
         *,
         timeout: float = 120.0,
         connect_timeout: float = 3.0,
-        max_connections: int = 4096,
+        stream_timeout: float = 3600.0,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
+        # A whole answer's time, and a stream's (each read gets ``timeout``).
+        self._timeout = timeout
+        self._stream_timeout = stream_timeout
         self._http = Pool(
-            timeout=timeout, connect_timeout=connect_timeout, max_connections=max_connections
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_connections=self.limits.total,
+            max_per_host=self.limits.per_service,
+            wait=self.limits.wait,
         )
-        self._api: dict[tuple[str, str], Api] = {}
+        self._api = _Apis(_REMEMBERED)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -125,7 +124,7 @@ class VllmClient:
         return [card.id for card in await self.model_cards(endpoint, key)]
 
     async def model_cards(self, endpoint: str, key: str | None = None) -> list[ModelCard]:
-        answer = await self._request("GET", f"{endpoint}/v1/models", key, limit=_SMALL_ANSWER)
+        answer = await self._request("GET", f"{endpoint}/v1/models", key, limit=SMALL_ANSWER)
         _raise_for_status(answer)
         try:
             return msgspec.json.decode(answer.content, type=_Models).data
@@ -133,16 +132,25 @@ class VllmClient:
             raise UpstreamError(502, "vLLM's /v1/models answer is not a model list") from None
 
     async def forward(
-        self, endpoint: str, path: str, body: bytes, key: str | None = None
-    ) -> aiohttp.ClientResponse:
+        self,
+        endpoint: str,
+        path: str,
+        body: bytes | bytearray,
+        key: str | None = None,
+        *,
+        stream: bool = False,
+    ) -> Opened:
         """``body`` POSTed to ``path`` as it came (the OpenAI front door); the
-        answer with its body unread: read it, then release or close it."""
-        return await self._start("POST", endpoint + path, key, content=body)
+        answer with its body unread: read it by its deadline, then release or
+        close it."""
+        deadline = self._deadline(stream)
+        answer = await self._start("POST", endpoint + path, key, content=body, deadline=deadline)
+        return Opened(answer, deadline)
 
     async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:
         """``/health`` answers and ``/v1/models`` lists ``model`` (any, if None)."""
         try:
-            health = await self._request("GET", f"{endpoint}/health", key, limit=_SMALL_ANSWER)
+            health = await self._request("GET", f"{endpoint}/health", key, limit=SMALL_ANSWER)
             if health.status != 200:
                 return False
             served = await self.models(endpoint, key)
@@ -150,16 +158,37 @@ class VllmClient:
             return False
         return model in served if model else bool(served)
 
-    async def complete(self, endpoint: str, prompt: Prompt, key: str | None = None) -> Completion:
-        api = self._api.get((endpoint, prompt.model), "chat")
-        answer = await self._request("POST", _url(endpoint, api), key, _body(api, prompt, False))
-        if api == "chat" and _no_chat_template(answer):
-            api = "completions"
+    async def complete(
+        self,
+        endpoint: str,
+        prompt: Prompt,
+        key: str | None = None,
+        *,
+        service: str | None = None,
+        lease: Lease | None = None,
+        tenant: str | None = None,
+    ) -> Completion:
+        """The whole answer. With ``lease``, a slot at the upstream for
+        ``tenant`` while it is asked, and its bytes held on the lease (the
+        caller's to close once it has answered)."""
+        remembered = (service or endpoint, prompt.model)
+        api = self._api.get(remembered)
+        if lease is not None:
+            await lease.admit(endpoint, tenant)
+        try:
             answer = await self._request(
-                "POST", _url(endpoint, api), key, _body(api, prompt, False)
+                "POST", _url(endpoint, api), key, _body(api, prompt, False), lease=lease
             )
+            if api == "chat" and _no_chat_template(answer):
+                api = "completions"
+                answer = await self._request(
+                    "POST", _url(endpoint, api), key, _body(api, prompt, False), lease=lease
+                )
+        finally:
+            if lease is not None:
+                lease.leave()
         _raise_for_status(answer)
-        self._api[(endpoint, prompt.model)] = api
+        self._api.learn(remembered, api)
         try:
             body = msgspec.json.decode(answer.content, type=_Completion)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
@@ -175,23 +204,45 @@ class VllmClient:
         )
 
     async def stream(
-        self, endpoint: str, prompt: Prompt, key: str | None = None
+        self,
+        endpoint: str,
+        prompt: Prompt,
+        key: str | None = None,
+        *,
+        service: str | None = None,
+        lease: Lease | None = None,
+        tenant: str | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """vLLM's SSE bytes, as they arrive. Closing the iterator (a client that
-        went away) closes the upstream connection, which makes vLLM abort."""
-        api = self._api.get((endpoint, prompt.model), "chat")
-        response = await self._start("POST", _url(endpoint, api), key, _body(api, prompt, True))
-        if api == "chat" and response.status == 400:
-            refused = await read_all(response)
-            if not _no_chat_template(refused):
-                _raise_for_status(refused)
-            api = "completions"
-            response = await self._start("POST", _url(endpoint, api), key, _body(api, prompt, True))
-        if response.status >= 400:
-            _raise_for_status(await read_all(response))
-        self._api[(endpoint, prompt.model)] = api
-        async for chunk in iter_chunks(response):
-            yield chunk
+        went away) closes the upstream connection, which makes vLLM abort.
+        With ``lease``, a slot at the upstream for ``tenant`` until then."""
+        remembered = (service or endpoint, prompt.model)
+        api = self._api.get(remembered)
+        if lease is not None:
+            await lease.admit(endpoint, tenant)
+        try:
+            deadline = self._deadline(stream=True)
+            response = await self._start(
+                "POST", _url(endpoint, api), key, _body(api, prompt, True), deadline=deadline
+            )
+            if api == "chat" and response.status == 400:
+                refused = await read_all(response, lease=lease, deadline=deadline)
+                if not _no_chat_template(refused):
+                    _raise_for_status(refused)
+                api = "completions"
+                response = await self._start(
+                    "POST", _url(endpoint, api), key, _body(api, prompt, True), deadline=deadline
+                )
+            if response.status >= 400:
+                _raise_for_status(await read_all(response, lease=lease, deadline=deadline))
+            self._api.learn(remembered, api)
+            async for chunk in iter_chunks(response, deadline):
+                yield chunk
+        finally:
+            # Here, not in the caller: this runs however the stream ends,
+            # even when nobody started relaying it (then once it is collected).
+            if lease is not None:
+                lease.leave()
 
     async def _start(
         self,
@@ -200,9 +251,11 @@ class VllmClient:
         key: str | None,
         body: dict[str, Any] | None = None,
         *,
-        content: bytes | None = None,
+        content: bytes | bytearray | None = None,
+        deadline: float | None = None,
     ) -> aiohttp.ClientResponse:
-        """The answer's status and headers; its body still to be read."""
+        """The answer's status and headers (by ``deadline``, loop time); its
+        body still to be read."""
         headers = auth_headers(key) or {}
         request_id = REQUEST_ID.get()
         if request_id is not None:
@@ -214,7 +267,9 @@ class VllmClient:
         if content is not None:
             headers["Content-Type"] = "application/json"
         try:
-            return await self._http.open(method, url, content=content, headers=headers)
+            return await self._http.open(
+                method, url, content=content, headers=headers, deadline=deadline
+            )
         except TransportFailure as exc:
             if exc.timeout:
                 raise UpstreamUnavailable(
@@ -232,53 +287,57 @@ class VllmClient:
         body: dict[str, Any] | None = None,
         *,
         limit: int = LARGE_ANSWER,
+        lease: Lease | None = None,
     ) -> Answer:
-        """The whole answer, up to ``limit`` bytes: whatever listens on an
-        endpoint is a job's, and must not make the gateway hold gigabytes."""
-        return await read_all(await self._start(method, url, key, body), limit)
+        """The whole answer within the time for one, up to ``limit`` bytes and
+        within the memory budget (on ``lease``, else only while it is read):
+        whatever listens on an endpoint is a job's, and must not make the
+        gateway hold gigabytes, or wait for ever."""
+        own = self.limits.lease() if lease is None else None
+        try:
+            async with asyncio.timeout_at(self._deadline(stream=False)):
+                answer = await self._start(method, url, key, body)
+                return await read_all(answer, limit, lease or own)
+        except TimeoutError:
+            raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
+        finally:
+            if own is not None:
+                own.close()
+
+    def _deadline(self, stream: bool) -> float:
+        seconds = self._stream_timeout if stream else self._timeout
+        return asyncio.get_running_loop().time() + seconds
 
 
-async def iter_chunks(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
-    """The answer's body as it arrives. Closing the iterator (a client that
-    went away) closes the upstream connection, which makes vLLM abort."""
-    try:
-        async for chunk in response.content.iter_any():
-            yield chunk
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise UpstreamUnavailable(f"the stream from vLLM broke off: {type(exc).__name__}") from None
-    finally:
-        # Closed, not released: an unfinished answer must end the upstream
-        # request (vLLM aborts on the disconnect). Synchronous, so a
-        # cancelled client cannot interrupt it.
-        response.close()
+class _Apis:
+    """Which API works for a service's model: "chat" unless learnt otherwise;
+    the least recently used forgotten past ``size`` (a caller names models)."""
 
+    __slots__ = ("_known", "_size")
 
-class Answer(NamedTuple):
-    status: int
-    content: bytes
+    def __init__(self, size: int) -> None:
+        self._size = size
+        # Only the exceptions are kept: models without a chat template.
+        self._known: OrderedDict[tuple[str, str], Api] = OrderedDict()
 
+    def get(self, key: tuple[str, str]) -> Api:
+        api = self._known.get(key)
+        if api is None:
+            return "chat"
+        self._known.move_to_end(key)
+        return api
 
-async def read_all(response: aiohttp.ClientResponse, limit: int = _SMALL_ANSWER) -> Answer:
-    """``response`` read whole and released, refused past ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                # Not the URL: a tenant of a shared service is not told where it runs.
-                raise UpstreamError(502, f"vLLM answered more than {limit} bytes")
-            chunks.append(chunk)
-    except TimeoutError:
-        raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
-    finally:
-        if size > limit:
-            response.close()  # the rest is never read: the connection cannot be reused
-        else:
-            response.release()
-    return Answer(response.status, b"".join(chunks))
+    def learn(self, key: tuple[str, str], api: Api) -> None:
+        if api == "chat":
+            self._known.pop(key, None)
+            return
+        self._known[key] = api
+        self._known.move_to_end(key)
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._known)
 
 
 def auth_headers(key: str | None) -> dict[str, str] | None:
@@ -307,16 +366,6 @@ def _body(api: Api, prompt: Prompt, stream: bool) -> dict[str, Any]:
 
 def _error_message(answer: Answer) -> str:
     return message_of(answer.content, answer.status)
-
-
-def message_of(content: bytes, status: int) -> str:
-    try:
-        body = msgspec.json.decode(content, type=_ErrorBody)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-        return content[:500].decode("utf-8", errors="replace") or f"HTTP {status}"
-    if isinstance(body.error, dict) and body.error.get("message"):
-        return str(body.error["message"])[:500]
-    return (body.message or (str(body.error) if body.error else f"HTTP {status}"))[:500]
 
 
 def _no_chat_template(answer: Answer) -> bool:

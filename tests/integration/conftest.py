@@ -35,6 +35,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
+    # The check that no job left a process behind looks after everything else.
+    last = "test_no_process_outlives_its_job"
+    items.sort(key=lambda item: getattr(item, "originalname", "") == last)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -2,7 +2,9 @@
 
 They are submitted with ``sbatch`` straight to Slurm, as a cluster user would
 from a login node: as ``gwother`` (a user the gateway does not submit as) and
-as the gateway's own user. Their comments copy a real service's, or forge one.
+as the gateway's own user. Their comments copy a real service's, or forge one; or
+they are services (their metadata bound to their own ids, as a create binds
+it) whose owner then publishes what it likes.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.core.metadata import MetaCodec
+from gateway.settings import load_settings
 from gateway.slurm import JobInfo
 from gateway.testing.clusters import LocalCluster
+from gateway.wiring import metadata_codec
 from tests.conftest import free_port, poll
+from tests.integration.gateway_process import GatewayProcess
 from tests.integration.test_services_api import (  # noqa: F401 - fixtures
     Services,
     api,
@@ -63,6 +69,31 @@ async def real_service(services: Services, cluster: LocalCluster) -> tuple[dict[
     return running, comment.split("|", 1)[0]
 
 
+class Misbehaving:
+    """Jobs the gateway takes for services (their metadata bound to their own
+    ids, as a create binds it) whose owner then publishes what it likes: what
+    a service's own user can do to its own jobs."""
+
+    def __init__(self, gateway: GatewayProcess, running: dict[str, Any], meta: str) -> None:
+        self.cluster = gateway.cluster
+        self.codec: MetaCodec = metadata_codec(load_settings(gateway.env))
+        decoded = self.codec.decode(meta, int(running["id"]))
+        assert decoded is not None, meta
+        self.unbound = self.codec.unbound(decoded.meta)
+
+    def head(self, job_id: int) -> str:
+        return self.codec.bind(self.unbound, job_id)
+
+    def submit(self, tail: str, *args: str) -> int:
+        """Held with no comment, given its bound one, then released."""
+        user = self.cluster.user
+        job_id = sbatch(self.cluster, user, "--hold", *args)
+        comment = f"{self.head(job_id)}{tail}"
+        self.cluster.run_as(user, "scontrol", "update", f"jobid={job_id}", f"comment={comment}")
+        self.cluster.run_as(user, "scontrol", "release", str(job_id))
+        return job_id
+
+
 @pytest.fixture
 async def cleanup(cluster_of: LocalCluster) -> AsyncIterator[list[tuple[str, int]]]:
     """(user, job id) of the crafted jobs, cancelled at the end."""
@@ -100,10 +131,15 @@ async def test_another_users_job_with_a_copied_comment_is_not_a_service(
 
 
 async def test_logs_are_read_only_from_the_file_the_gateway_chose(
-    services: Services, cluster_of: LocalCluster, api: httpx.AsyncClient, cleanup: list[Any]
+    services: Services,
+    cluster_of: LocalCluster,
+    gateway: GatewayProcess,
+    api: httpx.AsyncClient,
+    cleanup: list[Any],
 ) -> None:
     cluster = cluster_of
     running, meta = await real_service(services, cluster)
+    misbehaving = Misbehaving(gateway, running, meta)
     user = cluster.user
     secret = Path(cluster.jwt_key).read_bytes()
     home = f"/home/{user}"
@@ -120,10 +156,10 @@ async def test_logs_are_read_only_from_the_file_the_gateway_chose(
     }
     jobs: dict[str, int] = {}
     for what, (output, plant) in cases.items():
-        job_id = sbatch(
-            cluster, user, "--hold", f"--comment={meta}", f"--output={output}", "--wrap=true"
-        )
+        job_id = sbatch(cluster, user, "--hold", f"--output={output}", "--wrap=true")
         cleanup.append((user, job_id))
+        bound = f"comment={misbehaving.head(job_id)}"
+        cluster.run_as(user, "scontrol", "update", f"jobid={job_id}", bound)
         jobs[what] = job_id
         target = cluster.host_path(f"{home}/{job_name}-{job_id}.out")
         if plant == "symlink":
@@ -182,10 +218,15 @@ class Listener:
 
 
 async def test_forged_endpoints_are_never_shown_nor_probed(
-    services: Services, cluster_of: LocalCluster, api: httpx.AsyncClient, cleanup: list[Any]
+    services: Services,
+    cluster_of: LocalCluster,
+    gateway: GatewayProcess,
+    api: httpx.AsyncClient,
+    cleanup: list[Any],
 ) -> None:
     cluster = cluster_of
     running, meta = await real_service(services, cluster)
+    misbehaving = Misbehaving(gateway, running, meta)
     user = cluster.user
     async with Listener() as listener:
         forged = [
@@ -196,10 +237,9 @@ async def test_forged_endpoints_are_never_shown_nor_probed(
         ]
         ids = []
         for endpoint in forged:
-            job_id = sbatch(
-                cluster, user, f"--comment={meta}|phase=running|endpoint={endpoint}",
-                "--output=/dev/null", "--wrap=sleep 120",
-            )  # fmt: skip
+            job_id = misbehaving.submit(
+                f"|phase=running|endpoint={endpoint}", "--output=/dev/null", "--wrap=sleep 120"
+            )
             cleanup.append((user, job_id))
             ids.append(job_id)
         for job_id in ids:
@@ -226,10 +266,15 @@ async def test_forged_endpoints_are_never_shown_nor_probed(
 
 
 async def test_garbage_in_comments_never_breaks_a_listing(
-    services: Services, cluster_of: LocalCluster, api: httpx.AsyncClient, cleanup: list[Any]
+    services: Services,
+    cluster_of: LocalCluster,
+    gateway: GatewayProcess,
+    api: httpx.AsyncClient,
+    cleanup: list[Any],
 ) -> None:
     cluster = cluster_of
-    _, meta = await real_service(services, cluster)
+    running, meta = await real_service(services, cluster)
+    misbehaving = Misbehaving(gateway, running, meta)
     old_style = base64.urlsafe_b64encode(json.dumps({"recipe": "x", "created": 1e20}).encode())
     comments = {
         cluster.other_user: [
@@ -237,22 +282,29 @@ async def test_garbage_in_comments_never_breaks_a_listing(
             f"{meta}|phase=running|endpoint=127.0.0.1:70000",
         ],
         cluster.user: [
+            "gw3:not base64!|phase=running",
             "gw2:not base64!|phase=running",
             meta.rsplit(".", 1)[0] + ".AAAAAAAAAAAAAAAAAAAAAA|phase=running",
-            f"{meta}|phase=running|endpoint=127.0.0.1:70000",
-            f"{meta}|phase=running|endpoint=[::1]:99999|reason=" + "x" * 600,
-            f"{meta}|phase=\u00b2|endpoint=|reason=\u00e9\u00e9",
+            # the real service's own, copied: bound to the real job's id
+            f"{meta}|phase=running|endpoint=127.0.0.1:8000",
         ],
     }
-    mine: list[int] = []
     for user, texts in comments.items():
         for text in texts:
             job_id = sbatch(
                 cluster, user, f"--comment={text}", "--output=/dev/null", "--wrap=sleep 120"
             )
             cleanup.append((user, job_id))
-            if user == cluster.user and text.startswith(meta + "|"):
-                mine.append(job_id)
+    # Genuine services (bound to their own ids) publishing garbage.
+    mine: list[int] = []
+    for tail in (
+        "|phase=running|endpoint=127.0.0.1:70000",
+        "|phase=running|endpoint=[::1]:99999|reason=" + "x" * 600,
+        "|phase=\u00b2|endpoint=|reason=\u00e9\u00e9",
+    ):
+        job_id = misbehaving.submit(tail, "--output=/dev/null", "--wrap=sleep 120")
+        cleanup.append((cluster.user, job_id))
+        mine.append(job_id)
     # Bytes that are not UTF-8 (slurmrestd passes them on), an output pattern
     # asking for a 50-million-digit job id, a start thousands of years ahead.
     other = cluster.other_user

@@ -741,8 +741,8 @@ async def test_idempotent_create_on_two_replicas_makes_one_job(
                 jobs = (await slurm.list_jobs()).jobs
             keyed = []
             for job in jobs:
-                decoded = codec.decode(job.comment)
-                if decoded is not None and decoded[0].idempotency == marker:
+                decoded = codec.decode(job.comment, job.job_id)
+                if decoded is not None and decoded.meta.idempotency == marker:
                     keyed.append(job)
             standing = [str(j.job_id) for j in keyed if j.state is not JobState.CANCELLED]
             assert standing == [sid], keyed

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 import structlog
 from litestar.types import Receive, Scope, Send
 
 from gateway.accesslog import AccessLog
-from tests.conftest import poll
+from gateway.app import create_app, served
+from gateway.settings import load_settings
+from tests.conftest import free_port, poll
 
 
 async def test_one_line_per_request_without_query_or_body() -> None:
@@ -76,7 +83,7 @@ async def test_a_path_cannot_forge_a_log_line() -> None:
     assert json.loads(out.getvalue())["path"] == scope["path"]
 
 
-async def test_the_request_id_is_the_callers_or_a_new_one() -> None:
+async def test_the_request_id_is_the_gateways_then_the_callers() -> None:
     seen: list[object] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,7 +98,12 @@ async def test_the_request_id_is_the_callers_or_a_new_one() -> None:
     async def send(message: dict[str, object]) -> None:
         sent.append(message)
 
-    for given, kept in ((b"trace-42.a:b", True), (b"bad id\r\nx: y", False), (None, False)):
+    for given, kept in (
+        (b"trace-42.a:b", "trace-42.a:b"),
+        (b"bad id\r\nx: y", None),  # not a plain token: left out
+        (b"x" * 65, None),  # longer than 64
+        (None, None),
+    ):
         out = io.StringIO()
         sent.clear()
 
@@ -100,9 +112,56 @@ async def test_the_request_id_is_the_callers_or_a_new_one() -> None:
                  "http_version": "1.1", "client": None}  # fmt: skip
         await AccessLog(app, out)(scope, receive, send)  # type: ignore[arg-type]
         returned = dict(sent[0]["headers"])[b"x-request-id"].decode()  # type: ignore[call-overload]
-        assert json.loads(out.getvalue())["request_id"] == returned == seen[-1]
-        assert (returned == (given or b"").decode()) is kept
+        line = json.loads(out.getvalue())
+        assert line["request_id"] == returned == seen[-1]
+        assert line["client_request_id"] == kept
+        ours = returned[:16]
+        assert re.fullmatch("[0-9a-f]{16}", ours), returned
+        assert returned == (f"{ours}-{kept}" if kept else ours)
     assert structlog.contextvars.get_contextvars().get("request_id") is None
+
+
+async def test_two_requests_sending_one_request_id_get_two(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client choosing its X-Request-ID must not make two requests look like
+    one in the log (nor pass its request off as another's): the real app as
+    served, the same id sent twice."""
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    settings = load_settings(
+        {
+            "GATEWAY_SLURM_URL": f"http://127.0.0.1:{free_port()}",
+            "GATEWAY_SLURM_USER": "gwuser",
+            "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
+            "GATEWAY_RECIPES_DIRS": str(Path(__file__).resolve().parents[2] / "recipes"),
+        }
+    )
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=served(app, settings))  # type: ignore[arg-type]
+    async with (
+        app.lifespan(),
+        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8001") as api,
+    ):
+        answers = [
+            await api.get("/api/v1/recipes", headers={"X-Request-ID": "victims-id-1"})
+            for _ in range(2)
+        ]
+
+        async def access_lines() -> list[dict[str, Any]]:
+            out = capsys.readouterr().out.splitlines()
+            lines = [json.loads(x) for x in out if x.startswith("{")]
+            found.extend(x for x in lines if x.get("event") == "access")
+            return found
+
+        found: list[dict[str, Any]] = []
+        logged = await poll(access_lines, lambda x: len(x) == 2, timeout=5, interval=0.02)
+    given = [a.headers["x-request-id"] for a in answers]
+    in_log = [x["request_id"] for x in logged]
+    print(f"\none X-Request-ID sent twice: ids {in_log}")
+    assert len(set(in_log)) == 2 and in_log == given
+    assert all(x.endswith("-victims-id-1") for x in in_log)
+    assert [x["client_request_id"] for x in logged] == ["victims-id-1"] * 2
 
 
 async def test_passing_kubelet_probes_are_not_written_failing_ones_are() -> None:

@@ -241,9 +241,34 @@ def test_oidc_without_issuer_is_not_authentication() -> None:
 # --- GATEWAY_JOB_DIR ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("job_dir", ["/home/{user}", "/scratch/{user}/gateway", "/tmp"])
+@pytest.mark.parametrize("job_dir", ["/home/{user}", "/scratch/{user}/gateway", "/srv/jobs"])
 def test_job_dir_with_the_user_placeholder(job_dir: str) -> None:
     assert load(GATEWAY_JOB_DIR=job_dir).job_dir == job_dir
+
+
+def test_the_default_job_dir_is_each_users_own() -> None:
+    assert load().job_dir == "/home/{user}"
+
+
+@pytest.mark.parametrize(
+    "job_dir", ["/tmp", "/tmp/", "/tmp/{user}", "/var/tmp/gateway", "/dev/shm/{user}"]
+)
+def test_a_job_dir_every_user_can_write_is_refused(job_dir: str) -> None:
+    """Output files have predictable names: another user could create or link
+    them first (read the logs, or make the job write over the user's files)."""
+    message = refused(GATEWAY_JOB_DIR=job_dir)
+    assert message.startswith(f"GATEWAY_JOB_DIR: {job_dir} is under /")
+    assert "every user of the cluster can write" in message
+
+
+def test_a_world_writable_job_dir_the_gateway_sees_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "cluster" / "shared"
+    shared.mkdir(parents=True)
+    shared.chmod(0o1777)
+    message = refused(GATEWAY_JOB_DIR="/shared", GATEWAY_PATH_MAP=f"/={tmp_path}/cluster")
+    assert message.startswith("GATEWAY_JOB_DIR: /shared is writable by every user (mode 1777)")
+    shared.chmod(0o755)
+    assert load(GATEWAY_JOB_DIR="/shared", GATEWAY_PATH_MAP=f"/={tmp_path}/cluster").job_dir
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,7 @@ def test_prompt_answers_json_or_an_event_stream(document: dict[str, Any]) -> Non
         "404",
         "409",
         "422",
+        "429",
         "502",
         "503",
         "504",

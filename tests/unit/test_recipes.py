@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -8,6 +7,7 @@ import pytest
 from gateway.core import jobscript, metadata
 from gateway.core.errors import InvalidRequest, NotFound, RecipeError
 from gateway.core.recipes import RecipeCatalog, VariableSpec, check_variable, resolve_resources
+from tests.unit import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -101,25 +101,24 @@ def test_resources_from_seed_examples(catalog: RecipeCatalog) -> None:
 
 
 @pytest.mark.parametrize("payload", INJECTIONS)
-def test_rendered_script_keeps_values_inert(
-    catalog: RecipeCatalog, payload: str, tmp_path: Path
-) -> None:
+def test_rendered_script_keeps_values_inert(catalog: RecipeCatalog, payload: str) -> None:
     recipe = catalog.get("testing/http")
     env = recipe.environment({"MESSAGE": payload.replace("\n", " ")})
     meta = metadata.ServiceMeta(recipe=recipe.name, created=0, owner="u", environment=env)
-    encoded = metadata.MetaCodec(b"s" * 32).encode(meta)
+    encoded = metadata.MetaCodec(b"s" * 32).unbound(meta)
     script = jobscript.build(
         recipe, encoded, jobscript.render_context(recipe, env, recipe.default_resources.as_config())
     )
     # Run only the template's echo of the value with bash: it must print the
     # value back verbatim and create nothing.
     line = next(x for x in script.splitlines() if x.startswith('echo "message from template'))
-    out = subprocess.run(
-        ["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, check=True
-    ).stdout
+    with sandbox.folder() as box:  # as nobody under root
+        out = sandbox.run(
+            ["bash", "-c", line], capture_output=True, text=True, cwd=box, check=True
+        ).stdout
+        assert list(box.iterdir()) == []
     assert out == f"message from template: {payload.replace(chr(10), ' ')}\n"
     assert not Path("/tmp/pwned").exists()
-    assert list(tmp_path.iterdir()) == []
 
 
 def _write(folder: Path, name: str, toml: str, template: str = "echo hi\n") -> Path:

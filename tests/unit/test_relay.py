@@ -364,6 +364,11 @@ class AsgiClient:
         return int(self.start["status"])
 
     @property
+    def complete(self) -> bool:
+        """The answer ended as answers do (not cut off)."""
+        return self._done.is_set()
+
+    @property
     def headers(self) -> dict[bytes, bytes]:
         return dict(self.start["headers"])
 
@@ -389,17 +394,20 @@ def endless(status: int, sent: list[int]) -> Answer:
     return answer
 
 
-async def test_an_endless_answer_is_cut_off_with_a_502(
+async def test_an_endless_answer_is_cut_off(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """vLLM's answers may take 64 MiB (relay.LARGE_ANSWER); here 256 KiB, so
-    that the cut is quick: past it the gateway hangs up and answers 502."""
+    that the cut is quick. The answer is passed on as it comes, so past the
+    limit the gateway hangs up on both sides: the client's answer never ends."""
     monkeypatch.setattr(relay, "LARGE_ANSWER", 256 * 1024)
     sent = [0]
     async with http_stub(endless(200, sent)) as up, gateway(settings, *at(up.url)) as gw:
-        got = await gw.chat({"model": "m"})
-    error = openai_error(got, 502)
-    assert "more than 262144 bytes" in error["message"]
+        client = AsgiClient(gw.app, CHAT, b'{"model": "m"}')
+        await asyncio.wait_for(client.run(), 10)
+    assert client.status == 200
+    assert 0 < len(b"".join(client.bodies)) <= 256 * 1024
+    assert not client.complete
     assert sent[0] < 32 * 1024 * 1024  # it stopped reading; the stub never finished
 
 
@@ -410,13 +418,17 @@ async def test_an_oversized_error_answer_is_a_502(settings: Settings) -> None:
     openai_error(got, 502)
 
 
-async def test_a_cut_off_answer_does_not_tell_where_the_service_runs(
+async def test_an_answer_declared_over_the_limit_is_a_502_not_telling_where(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(relay, "LARGE_ANSWER", 1024)
-    async with http_stub(endless(200, [0])) as up, gateway(settings, *at(up.url)) as gw:
+    async with (
+        http_stub(answering(200, b"x" * 2048)) as up,
+        gateway(settings, *at(up.url)) as gw,
+    ):
         got = await gw.chat({"model": "m"})
     error = openai_error(got, 502)
+    assert "more than 1024 bytes" in error["message"]
     assert f":{up.port}" not in error["message"]
 
 

@@ -16,7 +16,7 @@ import pytest
 from litestar.types import Message, ReceiveMessage
 from pytest_httpx import HTTPXMock
 
-from gateway.api.relay import FrontDoor, UpstreamAnswer
+from gateway.api.relay import FrontDoor, RequestBody, UpstreamAnswer
 from gateway.auth.principal import Method, Principal, Role, anonymous
 from gateway.core.errors import UpstreamFailed
 from gateway.core.routing import ModelNotFound, ModelNotReady, ModelRouter
@@ -192,7 +192,11 @@ class Client:
 
 async def relay(door: FrontDoor, body: bytes, path: str = "/v1/chat/completions") -> Client:
     client = Client()
-    await door.forward(CALLER, "m", path, body, client.receive, client.send)
+    lease = door.vllm.limits.lease()
+    try:
+        await door.forward(CALLER, "m", path, RequestBody(body), lease, client.receive, client.send)
+    finally:
+        lease.close()
     return client
 
 
@@ -286,7 +290,13 @@ async def test_a_stream_is_relayed_chunk_by_chunk() -> None:
         client = Client()
         task = asyncio.create_task(
             d.forward(
-                CALLER, "m", "/v1/chat/completions", b'{"model":"m"}', client.receive, client.send
+                CALLER,
+                "m",
+                "/v1/chat/completions",
+                RequestBody(b'{"model":"m"}'),
+                d.vllm.limits.lease(),
+                client.receive,
+                client.send,
             )
         )
         await poll(lambda: _value(len(client.messages)), lambda n: n >= 2, interval=0.01)

@@ -22,7 +22,7 @@ from gateway.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, Q
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import CreateRequest, ServiceManager, served_model
 from gateway.core.status import ServiceStatus
-from gateway.slurm import MintedTokens, SlurmClient
+from gateway.slurm import MintedTokens, SlurmClient, SlurmError
 from gateway.slurm.adapters import adapter_for
 from gateway.upstream.probe import HealthProber
 from tests.unit.http_stub import Answer, Seen, Stub, http_stub, response
@@ -35,6 +35,11 @@ PING = {"pings": [{"hostname": "c", "responding": True}], "meta": {"slurm": {"re
 
 
 def job(job_id: int, comment: str, state: str = "RUNNING") -> dict[str, Any]:
+    """A listed job; a comment whose metadata is unbound (the helpers below
+    make them so) is bound to ``job_id``, as the gateway's create does."""
+    head, sep, tail = comment.partition("|")
+    if head.startswith(metadata.PREFIX) and "." not in head:
+        comment = CODEC.bind(head, job_id) + sep + tail
     return {
         "job_id": job_id,
         "name": f"gw-testing-http-{CODEC.job_tag}",
@@ -64,7 +69,7 @@ def blob(owner: str = "gwuser", **environment: str) -> str:
         environment=dict(environment),
         resources={},
     )
-    return CODEC.encode(meta)
+    return CODEC.unbound(meta)
 
 
 def service_comment(port: int, host: str = "node1") -> str:
@@ -244,20 +249,62 @@ async def test_one_bad_job_never_fails_a_listing(
     await services.slurm.aclose()
 
 
-async def test_create_is_one_submit_and_survives_a_failing_read(httpx_mock: HTTPXMock) -> None:
+def mock_bind(httpx_mock: HTTPXMock, job_id: int) -> None:
+    """slurmrestd's answer to the update that binds a new job's metadata."""
+    httpx_mock.add_response(
+        url=f"{URL}/slurm/v0.0.42/job/{job_id}", method="POST", json={"errors": []}
+    )
+
+
+def bound_comments(httpx_mock: HTTPXMock) -> dict[int, str]:
+    """Job id -> the comment the gateway bound to it (the update after the submit)."""
+    return {
+        int(r.url.path.rsplit("/", 1)[1]): json.loads(r.content)["comment"]
+        for r in httpx_mock.get_requests(method="POST")
+        if r.url.path.rsplit("/", 1)[1].isdigit()
+    }
+
+
+async def test_create_is_a_submit_and_one_update_binding_the_metadata_to_the_job(
+    httpx_mock: HTTPXMock,
+) -> None:
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 41})
+    mock_bind(httpx_mock, 41)
     services = manager()
     created, _ = await services.create(CreateRequest(recipe_name="testing/http"), ADMIN)
     assert (created.id, created.status) == ("41", ServiceStatus.PENDING)
     sent = [r for r in httpx_mock.get_requests() if not r.url.path.endswith("/ping")]
-    assert [r.url.path for r in sent] == ["/slurm/v0.0.42/job/submit"]
+    assert [r.url.path for r in sent] == ["/slurm/v0.0.42/job/submit", "/slurm/v0.0.42/job/41"]
     body = json.loads(sent[0].content)["job"]
+    # Submitted unbound: a comment nobody takes for a service, on any job.
     assert len(body["comment"]) <= metadata.META_BUDGET
+    assert CODEC.decode(body["comment"], 41) is None
+    bound = json.loads(sent[1].content)["comment"]
+    assert bound.startswith(body["comment"] + ".")
+    assert CODEC.decode(bound, 41) is not None
+    assert CODEC.decode(bound, 42) is None  # copied onto another job: nothing
     key = next(e for e in body["environment"] if e.startswith("GW_SERVICE_KEY="))
     assert len(key) > len("GW_SERVICE_KEY=") + 30
     assert key.split("=", 1)[1] not in body["comment"]
     assert key.split("=", 1)[1] not in body["script"]
+    # The view holds the bound comment until a listing brings Slurm's own.
+    known = services.view.peek(41)
+    assert known is not None and known.comment == bound
+    await services.prober.aclose()
+    await services.slurm.aclose()
+
+
+async def test_a_refused_bind_cancels_the_job_and_fails_the_create(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 41})
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/41", method="POST", status_code=503)
+    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/41", method="DELETE", json={})
+    services = manager()
+    with pytest.raises(SlurmError):
+        await services.create(CreateRequest(recipe_name="testing/http"), ADMIN)
+    deleted = httpx_mock.get_requests(method="DELETE")
+    assert [r.url.path for r in deleted] == ["/slurm/v0.0.42/job/41"]
     await services.prober.aclose()
     await services.slurm.aclose()
 
@@ -380,7 +427,7 @@ def tenant_blob(owner: str, tenant: str, idempotency: str = "") -> str:
         tenant=tenant,
         idempotency=idempotency,
     )
-    return CODEC.encode(meta)
+    return CODEC.unbound(meta)
 
 
 async def test_each_tenant_sees_its_own_and_twins_are_no_service(httpx_mock: HTTPXMock) -> None:
@@ -473,7 +520,7 @@ def vllm_blob(owner: str, tenant: str, model: str, *, shared: bool = False, alia
         tenant=tenant,
         shared=shared,
     )
-    return CODEC.encode(meta)
+    return CODEC.unbound(meta)
 
 
 async def test_serving_finds_the_model_among_what_the_caller_may_use(
@@ -516,6 +563,7 @@ async def test_serving_finds_the_model_among_what_the_caller_may_use(
 async def test_only_an_admin_shares_a_service(httpx_mock: HTTPXMock) -> None:
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING, is_optional=True)
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 42})
+    mock_bind(httpx_mock, 42)
     services = manager()
     user = Principal(tenant="gwuser", slurm_user="gwuser", role=Role.USER, method=Method.KEY)
     with pytest.raises(Forbidden, match="shared"):
@@ -524,9 +572,8 @@ async def test_only_an_admin_shares_a_service(httpx_mock: HTTPXMock) -> None:
         CreateRequest(recipe_name="testing/http", shared=True), ADMIN
     )
     assert created.shared is True
-    submitted = next(r for r in httpx_mock.get_requests() if r.url.path.endswith("/submit"))
-    decoded = CODEC.decode(json.loads(submitted.content)["job"]["comment"])
-    assert decoded is not None and decoded[0].shared is True
+    decoded = CODEC.decode(bound_comments(httpx_mock)[42], 42)
+    assert decoded is not None and decoded.meta.shared is True
     await services.prober.aclose()
     await services.slurm.aclose()
 
@@ -553,6 +600,8 @@ async def test_a_shared_service_says_so_wherever_it_is_read(httpx_mock: HTTPXMoc
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING, is_optional=True)
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 42})
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/job/submit", json={"job_id": 43})
+    mock_bind(httpx_mock, 42)
+    mock_bind(httpx_mock, 43)
     services = manager()
     user = Principal(tenant="team-a", slurm_user="gwuser", role=Role.USER, method=Method.KEY)
     with pytest.raises(Forbidden) as refused:
@@ -565,13 +614,9 @@ async def test_a_shared_service_says_so_wherever_it_is_read(httpx_mock: HTTPXMoc
     assert ServiceResponse.of(shared).shared is True
     assert ServiceResponse.of(plain).shared is False
     # Read back from the jobs' comments, as Slurm lists them.
-    submitted = [
-        json.loads(r.content)["job"]["comment"]
-        for r in httpx_mock.get_requests()
-        if r.url.path.endswith("/submit")
-    ]
+    bound = bound_comments(httpx_mock)
     httpx_mock.add_response(
-        url=JOBS, json={"jobs": [job(42 + i, c, "PENDING") for i, c in enumerate(submitted)]}
+        url=JOBS, json={"jobs": [job(i, c, "PENDING") for i, c in sorted(bound.items())]}
     )
     assert {s.id: s.shared for s in await services.list(ADMIN)} == {"42": True, "43": False}
     body = msgspec.json.decode(msgspec.json.encode(ServiceResponse.of(shared)))
@@ -632,7 +677,7 @@ async def test_serving_leaves_out_cancelled_twins_and_keeps_a_live_one(
             tenant="ops",
             idempotency="k1",
         )
-        return job(job_id, CODEC.encode(meta), state)
+        return job(job_id, CODEC.unbound(meta), state)
 
     httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/ping", json=PING)
     # Two creates with one Idempotency-Key: the later one, cancelled, is a twin;

@@ -153,7 +153,7 @@ def test_the_secret_is_checked_and_hidden(tmp_path: Path) -> None:
     codec = metadata_codec(load_settings({**BASE, "GATEWAY_SECRET_FILE": str(tmp_path / "secret")}))
     same = metadata_codec(load_settings({**BASE, "GATEWAY_SECRET": "q" * 40}))
     meta = codec.new_meta(recipe="a/b", created=1.0, owner="u", environment={}, resources={})
-    assert same.decode(codec.encode(meta)) is not None  # every replica reads every other's
+    assert same.decode(codec.encode(meta, 7), 7) is not None  # every replica reads every other's
 
 
 def test_a_misspelled_variable_is_named_with_the_setting_it_resembles() -> None:
@@ -170,3 +170,14 @@ def test_a_misspelled_variable_is_named_with_the_setting_it_resembles() -> None:
         ("GATEWAY_NOTHING_LIKE_IT", None),
         ("GATEWAY_SHUTDOWN_DRAIN_SECOND", "GATEWAY_SHUTDOWN_DRAIN_SECONDS"),
     ]
+
+
+def test_slurm_token_check_budgets() -> None:
+    s = load_settings(BASE)
+    assert (s.slurm_token_checks_per_second, s.slurm_token_checks_per_client) == (5.0, 1.0)
+    s = load_settings({**BASE, "GATEWAY_SLURM_TOKEN_CHECKS_PER_CLIENT": "0.5"})
+    assert s.slurm_token_checks_per_client == 0.5
+    for variable in ("PER_SECOND", "PER_CLIENT"):
+        with pytest.raises(SettingsError) as info:
+            load_settings({**BASE, f"GATEWAY_SLURM_TOKEN_CHECKS_{variable}": "0"})
+        assert str(info.value).startswith(f"GATEWAY_SLURM_TOKEN_CHECKS_{variable}: Expected")

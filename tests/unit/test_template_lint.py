@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from subprocess import DEVNULL
 
 import jinja2
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from gateway.core.errors import RecipeError
 from gateway.core.shell import environment
 from gateway.core.template_lint import lint_template
+from tests.unit import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = Path("recipe/job.sh.j2")
@@ -18,6 +21,13 @@ PATH = Path("recipe/job.sh.j2")
 @pytest.fixture(scope="module")
 def env() -> jinja2.Environment:
     return environment()
+
+
+@pytest.fixture
+def box() -> Iterator[Path]:
+    """Where the scripts below run: as nobody under root (tests/unit/sandbox.py)."""
+    with sandbox.folder() as path:
+        yield path
 
 
 REFUSED = [
@@ -303,7 +313,12 @@ def test_allowed(env: jinja2.Environment, source: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "template", ["recipes/inference/vllm/job.sh.j2", "tests/recipes/testing/http/job.sh.j2"]
+    "template",
+    [
+        "recipes/inference/vllm/job.sh.j2",
+        "tests/recipes/testing/http/job.sh.j2",
+        "tests/recipes/testing/openai-stub/job.sh.j2",
+    ],
 )
 def test_shipped_templates_pass(env: jinja2.Environment, template: str) -> None:
     path = ROOT / template
@@ -328,16 +343,14 @@ RUNS_THE_VALUE = [
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("source", RUNS_THE_VALUE)
 def test_refused_templates_do_run_the_value(
-    env: jinja2.Environment, tmp_path: Path, source: str
+    env: jinja2.Environment, box: Path, source: str
 ) -> None:
     with pytest.raises(RecipeError):
         lint_template(source, PATH, env)
     for value in ["a[$(touch ran)]", "$(touch ran)", "touch ran", "([0]=$(touch ran))"]:
         script = env.from_string(source).render(a=True, x=value)
-        subprocess.run(
-            ["bash", "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True
-        )
-    assert (tmp_path / "ran").exists()
+        sandbox.run(["bash", "-c", script], cwd=box, stdin=DEVNULL, capture_output=True)
+    assert (box / "ran").exists()
 
 
 HOSTILE = ["a[$(touch ran)]", "$(touch ran)", "'; touch ran; '", '"; touch ran; "', "`touch ran`"]
@@ -346,7 +359,7 @@ HOSTILE = ["a[$(touch ran)]", "$(touch ran)", "'; touch ran; '", '"; touch ran; 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("source", ALLOWED)
 def test_allowed_templates_keep_hostile_values_inert(
-    env: jinja2.Environment, tmp_path: Path, source: str
+    env: jinja2.Environment, box: Path, source: str
 ) -> None:
     template = env.from_string(source)
     names = ["x", "y", "z", "a", "tp", "f", "d", "m", "n"]
@@ -356,15 +369,25 @@ def test_allowed_templates_keep_hostile_values_inert(
         values.update(port=1, n=2, xs=[values["x"], values["y"]])
         for truth in (True, False):
             script = template.render({**values, "a": truth, "tp": values["x"] if truth else ""})
-            subprocess.run(
+            sandbox.run(
                 # Python is not what's under test here, and it is slow to start.
                 ["bash", "-c", "python3() { cat >/dev/null; }\n" + script],
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
+                cwd=box,
+                stdin=DEVNULL,
                 capture_output=True,
                 timeout=30,
             )
-            assert not (tmp_path / "ran").exists(), script
+            assert not (box / "ran").exists(), script
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_scripts_run_cannot_change_the_machine(env: jinja2.Environment, box: Path) -> None:
+    """The case that renamed the machine once, as the tests above run it."""
+    before = socket.gethostname()
+    script = env.from_string('echo "$(hostname "a")" {{ x }}\nid -u\n').render(x="b")
+    done = sandbox.run(["bash", "-c", script], cwd=box, capture_output=True, text=True)
+    assert socket.gethostname() == before
+    assert done.stdout.split()[-1] != "0"  # not root
 
 
 @pytest.mark.parametrize(

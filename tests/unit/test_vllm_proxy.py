@@ -11,11 +11,13 @@ import msgspec
 import pytest
 
 from gateway.accesslog import REQUEST_ID
+from gateway.api.usage import SseUsage
 from gateway.api.vllm import _stream
 from gateway.core.errors import UpstreamFailed
 from gateway.core.services import Upstream
+from gateway.upstream.answers import UpstreamError
 from gateway.upstream.probe import HealthProber
-from gateway.upstream.vllm import Prompt, UpstreamError, VllmClient
+from gateway.upstream.vllm import Prompt, VllmClient
 from tests.unit.http_stub import Seen, http_stub, response
 
 PROMPT = Prompt(prompt="hi", model="m", max_tokens=8)
@@ -182,8 +184,6 @@ def _completion_tokens() -> float:
 
 @pytest.mark.parametrize("cut", [5, 40, 70, 100])
 def test_usage_is_counted_when_a_read_ends_inside_its_event(cut: int) -> None:
-    from gateway.api.prompting import _UsageReader
-
     last = (
         b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7,'
         b'"total_tokens":10}}\n\ndata: [DONE]\n\n'
@@ -191,16 +191,15 @@ def test_usage_is_counted_when_a_read_ends_inside_its_event(cut: int) -> None:
     stream = b'data: {"choices":[{"text":" tok"}]}\n\n' + last
     split = len(stream) - len(last) + cut
     before = _completion_tokens()
-    reader = _UsageReader()
+    reader = SseUsage()
     for read in (stream[:split], stream[split:]):
         reader.feed(read)
     assert _completion_tokens() == before + 7
 
 
 def test_a_stream_with_no_event_end_holds_a_bounded_remainder() -> None:
-    from gateway.api.prompting import _UsageReader
-
-    reader = _UsageReader()
+    reader = SseUsage()
     for _ in range(100):
         reader.feed(b"x" * 4096)  # a hostile upstream that never ends an event
-    assert len(reader._partial) <= _UsageReader.LIMIT
+    assert len(reader._held) <= SseUsage.LIMIT
+    assert reader.copied <= SseUsage.LIMIT
