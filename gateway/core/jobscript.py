@@ -78,6 +78,9 @@ gw_endpoint() {
   gw_publish
 }
 gw_fail() {
+  # The server's processes first: once the job says failed it ends at once,
+  # so that a stop right after the failure finds it ended, not cancelled.
+  gw_stop_server
   gw_phase failed "$@"
   exit 1
 }

@@ -55,7 +55,8 @@ JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KEY_VARIABLE = "GW_SERVICE_KEY"
 _SERVICE_ID = re.compile(r"[0-9]{1,12}")
 # Pending reasons about nodes that cannot take jobs (not about busy ones).
-_WAITS_ON_NODES = re.compile(r"ReqNodeNotAvail|NodeDown")
+# (24.11 may say "Resources" with "Nodes required for job are DOWN, DRAINED..." instead.)
+_WAITS_ON_NODES = re.compile(r"ReqNodeNotAvail|NodeDown|are DOWN, DRAINED")
 _UNAVAILABLE_NODES = re.compile(r"UnavailableNodes:([A-Za-z0-9._,-]+)(?![\[\w])")
 # A create with an Idempotency-Key may not start before this many seconds: the
 # time to find a concurrent twin (another replica's) and cancel the later one.
@@ -754,7 +755,9 @@ class ServiceManager:
         self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
     ) -> Service:
         service = await self._service_of(job, meta, reported)
-        if job.state is JobState.PENDING and _WAITS_ON_NODES.search(job.state_reason):
+        if job.state is JobState.PENDING and _WAITS_ON_NODES.search(
+            f"{job.state_reason} {job.state_description}"
+        ):
             # Slurm says "ReqNodeNotAvail"; which nodes, and why, is the news.
             unavailable = self.node_states.unavailable(_unavailable_nodes(job))
             if unavailable:

@@ -10,6 +10,7 @@ request: a timer, and a context around every read.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncGenerator
 from typing import Any, NamedTuple
@@ -90,6 +91,7 @@ async def iter_answer(
                 raise TimeoutError
             size += len(chunk)
             if size > limit:
+                # Not the URL: a tenant of a shared service is not told where it runs.
                 raise UpstreamError(502, f"vLLM answered more than {limit} bytes")
             yield chunk
         whole = True
@@ -118,16 +120,10 @@ async def read_all(
     """``response`` read whole and released, refused past ``limit`` bytes.
     Its bytes are taken from the memory budget on ``lease`` twice over (the
     answer, then what is decoded from it)."""
-    loop = asyncio.get_running_loop()
     content: bytes | bytearray = b""
-    whole = False
-    try:
-        async for chunk in response.content.iter_any():
-            if loop.time() > deadline:
-                raise TimeoutError
-            if len(content) + len(chunk) > limit:
-                # Not the URL: a tenant of a shared service is not told where it runs.
-                raise UpstreamError(502, f"vLLM answered more than {limit} bytes")
+    # Closed here, not when collected: a refused lease must end the request.
+    async with contextlib.aclosing(iter_answer(response, limit, deadline)) as chunks:
+        async for chunk in chunks:
             if lease is not None:
                 lease.take(2 * len(chunk))
             if not content:
@@ -137,16 +133,6 @@ async def read_all(
                 if isinstance(content, bytes):
                     content = bytearray(content)
                 content += chunk
-        whole = True
-    except TimeoutError:
-        raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
-    finally:
-        if whole:
-            response.release()
-        else:
-            response.close()  # the rest is never read: the connection cannot be reused
     return Answer(response.status, content)
 
 
