@@ -546,19 +546,23 @@ class ServiceManager:
 
     def _parse(self, job: JobInfo) -> tuple[metadata.ServiceMeta, metadata.Reported] | None:
         """The job's metadata when the job is a service of this gateway's users."""
-        # The state too: what an overwritten comment means depends on it.
-        key = (job.comment, job.user_name, job.state)
-        cached = self._parsed.get(job.job_id)
-        if cached is not None and cached[0] == key:
-            parsed = cached[1]
-        else:
-            parsed = self._parse_comment(job)
-            self._parsed[job.job_id] = (key, parsed)
+        parsed = self._decoded(job)
         if parsed is None:
             return None
         if parsed.legacy and not self._legacy_believed(job, parsed.meta):
             return None
         return parsed.meta, parsed.reported
+
+    def _decoded(self, job: JobInfo) -> metadata.Decoded | None:
+        """What the job's comment holds, checked once per comment (MAC, owner)."""
+        # The state too: what an overwritten comment means depends on it.
+        key = (job.comment, job.user_name, job.state)
+        cached = self._parsed.get(job.job_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        parsed = self._parse_comment(job)
+        self._parsed[job.job_id] = (key, parsed)
+        return parsed
 
     def _legacy_believed(self, job: JobInfo, meta: metadata.ServiceMeta) -> bool:
         """A comment of the previous format (its MAC does not name the job) is
@@ -576,8 +580,8 @@ class ServiceManager:
             for job in self.view.snapshot():
                 if not job.comment.startswith(metadata.LEGACY_PREFIX) or job.submit_time is None:
                     continue
-                decoded = self.codec.decode(job.comment, job.job_id)
-                if decoded is None:
+                decoded = self._decoded(job)  # the owner checked too
+                if decoded is None or not decoded.legacy:
                     continue
                 # The gateway took the time just before it submitted; Slurm
                 # records whole seconds, on a clock that may differ a little.
