@@ -42,13 +42,13 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.auth.principal import anonymous  # noqa: E402
+from gateway.core.principal import anonymous  # noqa: E402
 from gateway.core.services import CreateRequest, ServiceManager  # noqa: E402
 from gateway.slurm import JobSubmission, SubmitResult  # noqa: E402
 from gateway.slurm.adapters import adapter_for  # noqa: E402
 from gateway.testing.clusters import LocalCluster, discover  # noqa: E402
 from gateway.wiring import metadata_codec  # noqa: E402
-from tests.integration.gateway_process import GatewayProcess  # noqa: E402
+from tests.support.gateway_process import GatewayProcess  # noqa: E402
 
 RECIPE = "testing/http"
 

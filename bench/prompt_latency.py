@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.testing.clusters import LocalCluster, discover, upstream_key  # noqa: E402
-from tests.integration.gateway_process import GatewayProcess  # noqa: E402
+from tests.support.gateway_process import GatewayProcess  # noqa: E402
 
 
 async def wait_running(api: httpx.AsyncClient, sid: str, limit: float) -> dict[str, Any]:

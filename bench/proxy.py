@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.testing.clusters import LocalCluster, discover  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.integration.gateway_process import GatewayProcess  # noqa: E402
+from tests.support.gateway_process import GatewayProcess  # noqa: E402
+from tests.support.polling import free_port  # noqa: E402
 
 PROMPT = "Say something"
 TOKENS = 16

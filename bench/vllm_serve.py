@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.testing.clusters import LocalCluster, discover, upstream_key  # noqa: E402
-from tests.integration.gateway_process import GatewayProcess  # noqa: E402
+from tests.support.gateway_process import GatewayProcess  # noqa: E402
 
 TEAM_A = "sgw_local-team-a-key"  # deploy/local/tenants.toml
 SERVED = "tiny-chat"

@@ -23,7 +23,6 @@ import re
 import secrets
 import sys
 import time
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -32,9 +31,9 @@ import structlog
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.requestid import REQUEST_ID
+
 HEADER = b"x-request-id"
-# The current request's id, for outbound calls (gateway/upstream/vllm.py).
-REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 # The caller's part: what no log or header reader can mistake, bounded.
 _TOKEN = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 _encode = msgspec.json.Encoder().encode

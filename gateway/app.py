@@ -16,7 +16,7 @@ from litestar.types import ASGIApp
 
 from gateway import __version__, wiring
 from gateway.accesslog import AccessLog
-from gateway.api import audit, auth, errors, reference
+from gateway.api import audit, errors, reference, security
 from gateway.api.health import HealthController, drain_on_sigterm
 from gateway.api.loopback import LoopbackOnly
 from gateway.api.metrics import HttpMetrics, MetricsController, ServiceCounts
@@ -60,8 +60,8 @@ def openapi_config() -> OpenAPIConfig:
         path="/api/v1/schema",
         # Swagger UI from the gateway's own files: no CDN on a cluster's network.
         render_plugins=reference.render_plugins("/api/v1/schema"),
-        components=auth.components(),
-        security=auth.requirements(),
+        components=security.components(),
+        security=security.requirements(),
     )
 
 
@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             "recipes": Provide(provide_recipes, sync_to_thread=False),
             "prompting": Provide(provide_prompting, sync_to_thread=False),
             "front_door": Provide(provide_front_door, sync_to_thread=False),
-            "principal": Provide(auth.provide_principal, sync_to_thread=False),
+            "principal": Provide(security.provide_principal, sync_to_thread=False),
         },
         lifespan=[adapters, drain_on_sigterm],
         plugins=[_logging(), errors.plugin(), StrictStructSchemaPlugin()],
@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         middleware=[
             HttpMetrics,
             audit.audit_middleware,
-            auth.middleware(public_schema=settings.public_schema),
+            security.middleware(public_schema=settings.public_schema),
         ],
         state=State(
             {

@@ -19,7 +19,7 @@ import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import errors
-from gateway.auth.principal import Principal
+from gateway.core.principal import Principal
 from gateway.slurm import SlurmError
 
 log = structlog.get_logger("gateway.audit")

@@ -35,8 +35,8 @@ from gateway.api.openai_schemas import (
     OpenAIModelList,
 )
 from gateway.api.relay import FrontDoor, UpstreamAnswer, relay_to
-from gateway.auth.principal import Principal
 from gateway.core.errors import GatewayError
+from gateway.core.principal import Principal
 from gateway.core.routing import ModelNotFound
 from gateway.core.services import Service
 from gateway.slurm import SlurmError

@@ -41,8 +41,8 @@ from gateway.api.fastpath import SSE_HEADERS, read_body, send_stream
 from gateway.api.openai_schemas import MODEL_MAX_LENGTH
 from gateway.api.prompting import relay, upstream_failure
 from gateway.api.usage import AnswerUsage, count_usage
-from gateway.auth.principal import Principal
 from gateway.core.errors import GatewayError
+from gateway.core.principal import Principal
 from gateway.core.routing import ModelRouter
 from gateway.core.services import Service
 from gateway.metrics import PROMPT_FIRST_BYTE, PROMPTS, series

@@ -24,7 +24,7 @@ from gateway.api.schemas import (
     ServiceStatusResponse,
     StopResponse,
 )
-from gateway.auth.principal import Principal
+from gateway.core.principal import Principal
 from gateway.core.services import CreateRequest, ServiceManager
 
 ServiceId = Annotated[

@@ -32,7 +32,7 @@ from gateway.api.schemas import (
 )
 from gateway.api.services import ServiceId
 from gateway.api.streaming import ClosingStream
-from gateway.auth.principal import Principal
+from gateway.core.principal import Principal
 from gateway.core.services import ServiceManager, Upstream
 from gateway.core.status import ServiceStatus
 from gateway.upstream.answers import UpstreamError, UpstreamUnavailable

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from gateway.auth.authfile import new_key
-from gateway.auth.principal import SLURM_USER, TENANT, Role
+from gateway.core.principal import SLURM_USER, TENANT, Role
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,12 +34,12 @@ import structlog
 
 from gateway.auth.authfile import KEY_PREFIX, AuthFile, Directory, empty
 from gateway.auth.budget import CheckBudget
-from gateway.auth.principal import SLURM_USER, TENANT, Method, Principal, Role, anonymous
 from gateway.core.errors import Forbidden, Unauthenticated
+from gateway.core.principal import SLURM_USER, TENANT, Method, Principal, Role, anonymous
 from gateway.settings import Settings
 from gateway.slurm import SlurmClient, SlurmError
-from gateway.slurm.auth import Credentials
 from gateway.slurm.errors import SlurmUnavailable
+from gateway.slurm.tokens import Credentials
 
 log = structlog.get_logger(__name__)
 

@@ -41,7 +41,7 @@ from typing import Annotated
 import msgspec
 import structlog
 
-from gateway.auth.principal import SLURM_USER, TENANT, Limits, Method, Principal, Role
+from gateway.core.principal import SLURM_USER, TENANT, Limits, Method, Principal, Role
 
 log = structlog.get_logger(__name__)
 

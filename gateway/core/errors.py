@@ -59,7 +59,7 @@ class Forbidden(GatewayError):
 
     status_code = 403
     title = "Forbidden"
-    # The caller, when known (gateway.auth.principal.Principal), for the audit line.
+    # The caller, when known (gateway.core.principal.Principal), for the audit line.
     principal: object = None
 
 

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from gateway.auth.principal import Principal
 from gateway.core.errors import GatewayError, NotFound
+from gateway.core.principal import Principal
 from gateway.core.services import Service, ServiceManager, Upstream, served_model
 from gateway.core.status import ServiceStatus
 

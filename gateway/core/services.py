@@ -27,13 +27,13 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
-from gateway.auth.principal import Principal
 from gateway.core import jobscript, metadata
 from gateway.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
 from gateway.core.joblogs import LogFile, read_tail
 from gateway.core.jobview import JobView
 from gateway.core.metadata import MetaCodec
 from gateway.core.nodes import NodeAddresses, NodeStates
+from gateway.core.principal import Principal
 from gateway.core.recipes import Recipe, RecipeCatalog, resolve_resources
 from gateway.core.status import ServiceStatus, derive
 from gateway.slurm import (

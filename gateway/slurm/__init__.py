@@ -1,14 +1,6 @@
 """slurmrestd adapter: version negotiation, per-version translation, JWT auth."""
 
 from gateway.slurm.adapters import SUPPORTED_VERSIONS, JobList
-from gateway.slurm.auth import (
-    Credentials,
-    FixedCredentials,
-    MintedTokens,
-    Minter,
-    StaticToken,
-    TokenProvider,
-)
 from gateway.slurm.client import SlurmClient
 from gateway.slurm.errors import (
     SlurmAuthError,
@@ -30,6 +22,14 @@ from gateway.slurm.models import (
     NodeInfo,
     PingResult,
     SubmitResult,
+)
+from gateway.slurm.tokens import (
+    Credentials,
+    FixedCredentials,
+    MintedTokens,
+    Minter,
+    StaticToken,
+    TokenProvider,
 )
 
 __all__ = [

@@ -15,7 +15,6 @@ import structlog
 
 from gateway.metrics import SLURM_CALLS
 from gateway.slurm.adapters import SUPPORTED_VERSIONS, Adapter, JobList, Request, adapter_for
-from gateway.slurm.auth import Credentials, FixedCredentials, TokenProvider
 from gateway.slurm.errors import (
     SlurmAuthError,
     SlurmBusy,
@@ -33,6 +32,7 @@ from gateway.slurm.models import (
     SubmitResult,
     check_node_name,
 )
+from gateway.slurm.tokens import Credentials, FixedCredentials, TokenProvider
 from gateway.transport import Outbound
 
 log = structlog.get_logger(__name__)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from gateway.auth.principal import Method, Principal
 from gateway.core.errors import GatewayError
+from gateway.core.principal import Method, Principal
 
 RETRY_AFTER_SECONDS = 1
 

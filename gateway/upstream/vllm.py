@@ -20,7 +20,7 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 
-from gateway.accesslog import REQUEST_ID
+from gateway.requestid import REQUEST_ID
 from gateway.upstream.answers import (
     SMALL_ANSWER,
     Answer,

@@ -1,27 +1,12 @@
 from __future__ import annotations
 
-import asyncio
-import subprocess
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from gateway.slurm import SlurmClient
-from gateway.testing.clusters import LocalCluster, discover, local_root
-
-CLUSTERS = discover()
-# (cluster, Slurm release, API version) as negotiated by the tests, for the summary.
-NEGOTIATED: list[tuple[str, str, str]] = []
-# Lines about how long things took, for the summary.
-TIMINGS: list[str] = []
-
-
-def fault_line(cluster: LocalCluster, fault: str, during: str, after: str, lost: int) -> None:
-    """One row of the fault table (tests/integration/test_faults.py), for the summary."""
-    TIMINGS.append(
-        f"fault | {cluster.name} | {fault} | during: {during} | after: {after} | lost: {lost}"
-    )
+from gateway.testing.clusters import LocalCluster, local_root
+from tests.support.clusters import CLUSTERS, NEGOTIATED, TIMINGS
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -54,13 +39,3 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 async def client(cluster: LocalCluster) -> AsyncIterator[SlurmClient]:
     async with cluster.client() as c:
         yield c
-
-
-async def cluster_up(cluster: LocalCluster) -> None:
-    """Start whatever daemons of ``cluster`` a test stopped (cluster.sh up)."""
-    script = Path(__file__).resolve().parents[2] / "deploy" / "local" / "cluster.sh"
-    await asyncio.to_thread(
-        subprocess.run,
-        [str(script), "up", cluster.name],
-        check=True, timeout=300, capture_output=True,
-    )  # fmt: skip

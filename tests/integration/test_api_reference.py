@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster, discover
-from tests.integration.conftest import TIMINGS
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.clusters import TIMINGS
+from tests.support.gateway_process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = "c2205"

@@ -10,9 +10,9 @@ import json
 import httpx
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import TIMINGS
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.clusters import TIMINGS
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 CREATE = b'{"recipe_name": "testing/http"}'
 PAGE = "https://attacker.example"

@@ -32,9 +32,8 @@ from gateway.core.services import LEGACY_SUBMIT_WINDOW
 from gateway.settings import load_settings
 from gateway.testing.clusters import upstream_key
 from gateway.wiring import metadata_codec
-from tests.conftest import free_port, poll
-from tests.integration.conftest import CLUSTERS, TIMINGS
-from tests.integration.copied_jobs import (
+from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.copied_jobs import (
     Attacker,
     Deployment,
     Services,
@@ -42,6 +41,7 @@ from tests.integration.copied_jobs import (
     deployed,
     endpoint_host,
 )
+from tests.support.polling import free_port, poll
 
 # The clusters the issue names: Slurm 22.05 and 24.11.
 CLUSTER_NAMES = ("c2205", "c2411")

@@ -24,10 +24,10 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import CLUSTERS, cluster_up, fault_line
-from tests.integration.gateway_process import GatewayProcess
 from tests.integration.test_prompt_path import prompt, running_stub
+from tests.support.clusters import CLUSTERS, cluster_up, fault_line
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 # Faults that need one cluster only run on this one (every version is covered
 # by the slurmctld fault, where the daemons differ most).

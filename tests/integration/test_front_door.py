@@ -30,9 +30,9 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import CLUSTERS, TIMINGS
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = "c2411"

@@ -34,9 +34,9 @@ import attrs
 import httpx
 import pytest
 
-from tests.conftest import poll
-from tests.integration.conftest import CLUSTERS, TIMINGS
-from tests.integration.gateway_process import ROOT, GatewayProcess
+from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.gateway_process import ROOT, GatewayProcess
+from tests.support.polling import poll
 
 CLUSTER = "c2411"
 PACKAGE = "gateway_generated_client"

@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster, discover
-from tests.conftest import poll
-from tests.integration.conftest import TIMINGS
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.clusters import TIMINGS
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 CLUSTER = "c2205"
 TOKEN_MS = 150  # STUB_CHUNK_DELAY_MS: a stream of n tokens lasts n x 150 ms

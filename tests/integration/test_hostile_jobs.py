@@ -28,8 +28,6 @@ from gateway.settings import load_settings
 from gateway.slurm import JobInfo
 from gateway.testing.clusters import LocalCluster
 from gateway.wiring import metadata_codec
-from tests.conftest import free_port, poll
-from tests.integration.gateway_process import GatewayProcess
 from tests.integration.test_services_api import (  # noqa: F401 - fixtures
     Services,
     api,
@@ -38,6 +36,8 @@ from tests.integration.test_services_api import (  # noqa: F401 - fixtures
     pytest_generate_tests,
     services,
 )
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import free_port, poll
 
 KEY_IN_CLUSTER = "/etc/slurm/jwt_hs256.key"
 

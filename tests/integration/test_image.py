@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 
 from gateway.testing.clusters import discover
-from tests.conftest import free_port
-from tests.integration.conftest import TIMINGS
+from tests.support.clusters import TIMINGS
+from tests.support.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

@@ -16,9 +16,6 @@ from typing import Any
 import httpx
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import TIMINGS, cluster_up
-from tests.integration.gateway_process import GatewayProcess
 from tests.integration.test_services_api import (  # noqa: F401 - fixtures
     Services,
     api,
@@ -27,6 +24,9 @@ from tests.integration.test_services_api import (  # noqa: F401 - fixtures
     pytest_generate_tests,
     services,
 )
+from tests.support.clusters import TIMINGS, cluster_up
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 # The documented bound (refresh interval 1 s, plus a listing) with room for

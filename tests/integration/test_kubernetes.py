@@ -37,10 +37,10 @@ from typing import Any
 import httpx
 import yaml
 
-from gateway.slurm.auth import MintedTokens
+from gateway.slurm.tokens import MintedTokens
 from gateway.testing.clusters import LocalCluster, discover
-from tests.conftest import free_port
-from tests.integration.conftest import TIMINGS
+from tests.support.clusters import TIMINGS
+from tests.support.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = Path(sys.executable).parent / "kubectl"

@@ -30,10 +30,10 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import TIMINGS
-from tests.integration.gateway_process import GatewayProcess
 from tests.integration.test_prompt_path import running_stub
+from tests.support.clusters import TIMINGS
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 
 def active_jobs(cluster: LocalCluster) -> set[str]:

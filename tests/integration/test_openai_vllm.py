@@ -20,9 +20,9 @@ import openai
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import CLUSTERS, TIMINGS
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_CLUSTERS = [c for c in CLUSTERS if (Path(c.chroot) / "opt/vllm/bin/python").exists()]

@@ -25,10 +25,10 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import free_port, poll
-from tests.integration.conftest import TIMINGS
-from tests.integration.gateway_process import GatewayProcess
 from tests.integration.test_vllm import VLLM_CLUSTERS
+from tests.support.clusters import TIMINGS
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import free_port, poll
 
 SQUATTER = """import http.server, sys
 class Record(http.server.BaseHTTPRequestHandler):

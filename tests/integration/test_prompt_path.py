@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import TIMINGS, cluster_up, fault_line
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.clusters import TIMINGS, cluster_up, fault_line
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 STALE = 6.0  # GATEWAY_VIEW_MAX_STALE_SECONDS for these gateways

@@ -36,9 +36,9 @@ import httpx
 import pytest
 
 from gateway.core.status import ServiceStatus
-from tests.conftest import poll
-from tests.integration.conftest import CLUSTERS, TIMINGS
-from tests.integration.gateway_process import ROOT, GatewayProcess
+from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.gateway_process import ROOT, GatewayProcess
+from tests.support.polling import poll
 
 # Not c2411, whose daemons the fault tests kill and restart; c2205 runs vLLM's
 # own tests. Slurm 26.05's slurmrestd is the newest the gateway speaks to.

@@ -15,9 +15,9 @@ import pytest
 from gateway.slurm import JobSubmission
 from gateway.slurm.adapters import SUPPORTED_VERSIONS
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import TIMINGS
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.clusters import TIMINGS
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 TERMINAL = {"completed", "failed", "cancelled", "timeout"}
 
@@ -30,7 +30,7 @@ def gateway(request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    from tests.integration.conftest import CLUSTERS
+    from tests.support.clusters import CLUSTERS
 
     if "gateway" in metafunc.fixturenames:
         metafunc.parametrize(

@@ -24,8 +24,8 @@ from gateway.slurm import (
     SlurmRequestRejected,
 )
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.conftest import NEGOTIATED
+from tests.support.clusters import NEGOTIATED
+from tests.support.polling import poll
 
 
 def job(cluster: LocalCluster, script: str, **overrides: object) -> JobSubmission:

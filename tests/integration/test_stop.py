@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 
 from gateway.testing.clusters import LocalCluster
-from tests.integration.conftest import CLUSTERS, TIMINGS, fault_line
-from tests.integration.gateway_process import GatewayProcess
 from tests.integration.test_services_api import Services
+from tests.support.clusters import CLUSTERS, TIMINGS, fault_line
+from tests.support.gateway_process import GatewayProcess
 
 TIME_LIMIT_WAIT = 180.0  # a one-minute limit, slurmctld's check interval and KillWait
 

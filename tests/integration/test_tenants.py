@@ -6,7 +6,7 @@ Every test runs against live gateway processes on c2205 (Slurm 22.05, API
 v0.0.38) and c2411 (Slurm 24.11). The main gateway of each cluster takes the
 keys of deploy/local/tenants.toml (team-a -> gwuser, team-b -> gwteam, an
 admin), OIDC tokens of a small real issuer on 127.0.0.1
-(tests/integration/oidc_issuer.py) mapped by the rule ``gw<name>@example.org``
+(tests/support/oidc_issuer.py) mapped by the rule ``gw<name>@example.org``
 -> Slurm user ``gw<name>``, and callers' own Slurm tokens. A second gateway of
 each cluster takes a temporary auth file with quota-limited tenants and an
 OIDC allow-list entry.
@@ -37,10 +37,10 @@ from gateway.settings import load_settings
 from gateway.slurm import JobState
 from gateway.testing.clusters import LocalCluster
 from gateway.wiring import metadata_codec
-from tests.conftest import poll
-from tests.integration.conftest import CLUSTERS, TIMINGS
-from tests.integration.gateway_process import GatewayProcess
-from tests.integration.oidc_issuer import AUDIENCE, Issuer
+from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.gateway_process import GatewayProcess
+from tests.support.oidc_issuer import AUDIENCE, Issuer
+from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 TENANTS_FILE = ROOT / "deploy" / "local" / "tenants.toml"

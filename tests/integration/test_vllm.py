@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster, upstream_key
-from tests.conftest import poll
-from tests.integration.conftest import CLUSTERS, TIMINGS, fault_line
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.clusters import CLUSTERS, TIMINGS, fault_line
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 VLLM_CLUSTERS = [c for c in CLUSTERS if (Path(c.chroot) / "opt/vllm/bin/python").exists()]
 STARTUP = 420.0  # seconds; two vLLMs starting at once on two cores

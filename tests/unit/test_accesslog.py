@@ -17,7 +17,7 @@ from litestar.types import Receive, Scope, Send
 from gateway.accesslog import AccessLog
 from gateway.app import create_app, served
 from gateway.settings import load_settings
-from tests.conftest import free_port, poll
+from tests.support.polling import free_port, poll
 
 
 async def test_one_line_per_request_without_query_or_body() -> None:

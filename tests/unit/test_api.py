@@ -19,9 +19,9 @@ from litestar.testing import AsyncTestClient
 from gateway.api.health import Readiness
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.conftest import free_port
-from tests.unit.http_stub import Seen, http_stub
-from tests.unit.http_stub import response as http_response
+from tests.support.http_stub import Seen, http_stub
+from tests.support.http_stub import response as http_response
+from tests.support.polling import free_port
 from tests.unit.test_client import PING_42
 
 ROOT = Path(__file__).resolve().parents[2]

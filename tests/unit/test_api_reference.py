@@ -15,7 +15,7 @@ from litestar.testing import AsyncTestClient
 from gateway.api import reference
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.conftest import free_port
+from tests.support.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "/api/v1/schema"

@@ -28,10 +28,10 @@ from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
 from gateway.auth.authenticate import Authenticator
-from gateway.auth.principal import Limits, Method, Role
 from gateway.core.errors import Forbidden, Unauthenticated
+from gateway.core.principal import Limits, Method, Role
 from gateway.settings import Settings, load_settings
-from tests.conftest import free_port
+from tests.support.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 AUDIENCE = "slurm-ai-gateway"

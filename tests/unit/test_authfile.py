@@ -12,7 +12,7 @@ import structlog.testing
 
 from gateway.auth.__main__ import main as auth_main
 from gateway.auth.authfile import AuthFile, AuthFileError, new_key, parse
-from gateway.auth.principal import Limits, Method, Role
+from gateway.core.principal import Limits, Method, Role
 
 
 def sha(key: str) -> str:

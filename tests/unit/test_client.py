@@ -27,8 +27,8 @@ from gateway.slurm import (
     SlurmVersionUnsupported,
 )
 from gateway.slurm.adapters import adapter_for
-from tests.conftest import free_port
-from tests.unit.http_stub import Seen, http_stub, response
+from tests.support.http_stub import Seen, http_stub, response
+from tests.support.polling import free_port
 
 URL = "http://slurmrestd.test:6820"
 # The newest version the gateway speaks, and the one after it.

@@ -9,9 +9,9 @@ from typing import Any
 
 from pytest_httpx import HTTPXMock
 
-from gateway.auth.principal import Limits, Method, Principal, Role
 from gateway.core import metadata
 from gateway.core.errors import NotFound
+from gateway.core.principal import Limits, Method, Principal, Role
 from gateway.slurm import SlurmError
 from tests.unit.test_services import ADMIN, CODEC, JOBS, NODE, PING, URL, job, manager
 

@@ -1,5 +1,5 @@
 """The preamble's process and port helpers (gateway/core/jobscript.py), run by
-bash as a job would (as nobody under root: tests/unit/sandbox.py)."""
+bash as a job would (as nobody under root: tests/support/sandbox.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from gateway.core import jobscript, metadata
 from gateway.core.recipes import RecipeCatalog
-from tests.conftest import free_port
-from tests.unit import sandbox
+from tests.support import sandbox
+from tests.support.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CODEC = metadata.MetaCodec(b"h" * 32)

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.core.jobview import JobView
 from gateway.slurm import JobInfo, JobList, JobState, SlurmUnavailable
-from tests.conftest import poll
+from tests.support.polling import poll
 
 STAMP = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 

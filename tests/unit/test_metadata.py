@@ -14,7 +14,7 @@ import pytest
 from gateway.core import jobscript, metadata
 from gateway.core.metadata import Endpoint, MetaCodec, Reported
 from gateway.core.recipes import RecipeCatalog
-from tests.unit import sandbox
+from tests.support import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 CODEC = MetaCodec(b"a shared secret of 32 bytes....!")

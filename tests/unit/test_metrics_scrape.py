@@ -22,7 +22,7 @@ from litestar import Litestar
 
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.unit.http_stub import Seen, http_stub, response
+from tests.support.http_stub import Seen, http_stub, response
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "slurmrestd" / "24.11.5" / "v0.0.42"

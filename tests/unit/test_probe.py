@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.upstream.probe import HealthProber
-from tests.unit.http_stub import Seen, http_stub, response
+from tests.support.http_stub import Seen, http_stub, response
 
 
 async def test_many_probes_queue_for_slots_and_all_pass() -> None:

@@ -7,7 +7,7 @@ import pytest
 from gateway.core import jobscript, metadata
 from gateway.core.errors import InvalidRequest, NotFound, RecipeError
 from gateway.core.recipes import RecipeCatalog, VariableSpec, check_variable, resolve_resources
-from tests.unit import sandbox
+from tests.support import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"

@@ -28,8 +28,8 @@ from gateway.core.services import Service
 from gateway.core.status import ServiceStatus
 from gateway.settings import Settings, load_settings
 from gateway.upstream.vllm import VllmClient
-from tests.conftest import free_port, poll
-from tests.unit.http_stub import Seen, http_stub, response
+from tests.support.http_stub import Seen, http_stub, response
+from tests.support.polling import free_port, poll
 from tests.unit.test_routing import closed_port, router, service
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,17 +17,17 @@ from litestar.types import Message, ReceiveMessage
 from pytest_httpx import HTTPXMock
 
 from gateway.api.relay import FrontDoor, RequestBody, UpstreamAnswer
-from gateway.auth.principal import Method, Principal, Role, anonymous
 from gateway.core.errors import UpstreamFailed
+from gateway.core.principal import Method, Principal, Role, anonymous
 from gateway.core.routing import ModelNotFound, ModelNotReady, ModelRouter
 from gateway.core.services import Service, ServiceConfig, ServiceManager, Upstream
 from gateway.core.status import ServiceStatus
 from gateway.metrics import PROMPT_TOKENS, series
 from gateway.slurm import SlurmError
 from gateway.upstream.vllm import VllmClient
-from tests.conftest import poll
+from tests.support.http_stub import Seen, http_stub, response
+from tests.support.polling import poll
 from tests.unit import test_services as tests
-from tests.unit.http_stub import Seen, http_stub, response
 
 CALLER = anonymous("gwuser")
 

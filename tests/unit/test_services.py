@@ -16,16 +16,16 @@ from pytest_httpx import HTTPXMock
 from structlog.testing import capture_logs
 
 from gateway.api.schemas import ServiceResponse
-from gateway.auth.principal import Limits, Method, Principal, Role, anonymous
 from gateway.core import metadata
 from gateway.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
+from gateway.core.principal import Limits, Method, Principal, Role, anonymous
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.services import CreateRequest, ServiceManager, served_model
 from gateway.core.status import ServiceStatus
 from gateway.slurm import MintedTokens, SlurmClient, SlurmError
 from gateway.slurm.adapters import adapter_for
 from gateway.upstream.probe import HealthProber
-from tests.unit.http_stub import Answer, Seen, Stub, http_stub, response
+from tests.support.http_stub import Answer, Seen, Stub, http_stub, response
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "http://slurmrestd.test"
@@ -56,7 +56,7 @@ def job(job_id: int, comment: str, state: str = "RUNNING") -> dict[str, Any]:
 CODEC = metadata.MetaCodec(b"the gateway's shared secret....!")
 ADMIN = anonymous("gwuser")
 # The node's address is a loopback one of its own, where the tests' health
-# stubs listen (tests/unit/http_stub.py); 127.0.0.1 is then off the node.
+# stubs listen (tests/support/http_stub.py); 127.0.0.1 is then off the node.
 NODE_ADDRESS = "127.0.0.2"
 NODE = {"nodes": [{"name": "node1", "hostname": "node1.cluster", "address": NODE_ADDRESS}]}
 

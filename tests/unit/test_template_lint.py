@@ -12,7 +12,7 @@ import pytest
 from gateway.core.errors import RecipeError
 from gateway.core.shell import environment
 from gateway.core.template_lint import lint_template
-from tests.unit import sandbox
+from tests.support import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = Path("recipe/job.sh.j2")
@@ -25,7 +25,7 @@ def env() -> jinja2.Environment:
 
 @pytest.fixture
 def box() -> Iterator[Path]:
-    """Where the scripts below run: as nobody under root (tests/unit/sandbox.py)."""
+    """Where the scripts below run: as nobody under root (tests/support/sandbox.py)."""
     with sandbox.folder() as path:
         yield path
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.slurm import SlurmClient, SlurmUnavailable
-from gateway.slurm.auth import MintedTokens
+from gateway.slurm.tokens import MintedTokens
 from gateway.transport import Outbound
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import TIMINGS
+from tests.support.clusters import TIMINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "tests" / "clients" / "typescript"

@@ -4,7 +4,7 @@ hold, in front of real upstream servers on 127.0.0.1.
 
 The app is the one ``create_app`` builds, with its settings (deploy/local/
 tenants.toml's keys: team-a and team-b are two tenants); only its running
-services are given (tests/unit/relay_server.py), so no Slurm is involved.
+services are given (tests/support/relay_server.py), so no Slurm is involved.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from litestar import Litestar
 from gateway.app import create_app
 from gateway.core.services import Service
 from gateway.settings import Settings, SettingsError, load_settings
-from tests.conftest import free_port, poll
-from tests.unit.http_stub import Seen, Stub, http_stub, response
-from tests.unit.relay_server import given
+from tests.support.http_stub import Seen, Stub, http_stub, response
+from tests.support.polling import free_port, poll
+from tests.support.relay_server import given
 from tests.unit.test_relay import COMPLETION, AsgiClient, openai_error
 from tests.unit.test_routing import service
 

@@ -2,7 +2,7 @@
 model names, bodies, answers (gateway/upstream/limits.py, vllm.py, relay.py).
 
 The first tests run the real app in this loop; the last runs the attacks as
-found against a gateway process (tests/unit/relay_server.py: uvicorn as in
+found against a gateway process (tests/support/relay_server.py: uvicorn as in
 production) in front of real upstream servers on 127.0.0.1, and reads the
 process's memory from /proc.
 """
@@ -25,8 +25,8 @@ import pytest
 
 from gateway.api.openai_schemas import MODEL_MAX_LENGTH
 from gateway.upstream import vllm as vllm_module
-from tests.conftest import free_port, poll
-from tests.unit.http_stub import Seen, http_stub, response
+from tests.support.http_stub import Seen, http_stub, response
+from tests.support.polling import free_port, poll
 from tests.unit.test_relay import openai_error
 from tests.unit.test_routing import service
 from tests.unit.test_upstream_limits import (
@@ -232,7 +232,7 @@ def gateway_process(tmp_path: Path, services: list[list[str]], **env: str) -> It
     )
     log = (tmp_path / "gateway.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.unit.relay_server", str(port)],
+        [sys.executable, "-m", "tests.support.relay_server", str(port)],
         cwd=ROOT,
         env=environ,
         stdout=log,

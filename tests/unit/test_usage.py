@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway.api.usage import AnswerUsage, SseUsage, count_usage
-from tests.conftest import poll
-from tests.unit.http_stub import Seen, http_stub
+from tests.support.http_stub import Seen, http_stub
+from tests.support.polling import poll
 from tests.unit.test_relay import CHAT, COMPLETION, AsgiClient
 from tests.unit.test_routing import service
 from tests.unit.test_upstream_limits import gateway, settings_with

@@ -1,5 +1,5 @@
 """The vLLM proxy against failures a real vLLM cannot be made to produce on
-demand, served by a real socket that misbehaves (tests/unit/http_stub.py)."""
+demand, served by a real socket that misbehaves (tests/support/http_stub.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import time
 import msgspec
 import pytest
 
-from gateway.accesslog import REQUEST_ID
 from gateway.api.usage import SseUsage
 from gateway.api.vllm import _stream
 from gateway.core.errors import UpstreamFailed
 from gateway.core.services import Upstream
+from gateway.requestid import REQUEST_ID
 from gateway.upstream.answers import UpstreamError
 from gateway.upstream.probe import HealthProber
 from gateway.upstream.vllm import Prompt, VllmClient
-from tests.unit.http_stub import Seen, http_stub, response
+from tests.support.http_stub import Seen, http_stub, response
 
 PROMPT = Prompt(prompt="hi", model="m", max_tokens=8)
 

@@ -1,5 +1,5 @@
 """The vLLM recipe's batch script, run by bash with stand-ins for vLLM and
-scontrol (as nobody under root: tests/unit/sandbox.py).
+scontrol (as nobody under root: tests/support/sandbox.py).
 
 The real vLLM runs in the integration tests; here the script's own logic is
 checked for inputs and faults those tests do not start a vLLM for. The
@@ -21,8 +21,8 @@ import pytest
 
 from gateway.core import jobscript, metadata
 from gateway.core.recipes import RecipeCatalog
-from tests.conftest import free_port
-from tests.unit import sandbox
+from tests.support import sandbox
+from tests.support.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CODEC = metadata.MetaCodec(b"k" * 32)

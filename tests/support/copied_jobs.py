@@ -20,8 +20,8 @@ import httpx
 from gateway.auth.authfile import new_key
 from gateway.slurm import SlurmJobNotFound
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import poll
-from tests.integration.gateway_process import GatewayProcess
+from tests.support.gateway_process import GatewayProcess
+from tests.support.polling import poll
 
 # A vLLM look-alike the attacker runs in its job: answers /health, lists the
 # model and completes chats, and writes down every request it gets.

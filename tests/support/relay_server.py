@@ -3,7 +3,7 @@ running services given instead of asked of Slurm: for tests that watch a
 gateway process (its memory) in front of real upstream servers on 127.0.0.1.
 
     RELAY_SERVICES='[["1", "m", "http://127.0.0.1:9000"]]' GATEWAY_...=... \\
-        python -m tests.unit.relay_server PORT
+        python -m tests.support.relay_server PORT
 
 Each service is ``[id, model, url]``; the settings are the GATEWAY_ variables.
 """
@@ -21,8 +21,8 @@ from litestar import Litestar
 from gateway.api.prompting import Prompting
 from gateway.api.relay import FrontDoor
 from gateway.app import create_app, served
-from gateway.auth.principal import Principal
 from gateway.core.errors import NotFound
+from gateway.core.principal import Principal
 from gateway.core.services import Service, ServiceManager
 from gateway.settings import load_settings
 from tests.unit.test_routing import router, service

@@ -20,7 +20,7 @@ from litestar.middleware.authentication import (
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
 
 from gateway.auth.authenticate import Authenticator
-from gateway.auth.principal import Principal
+from gateway.core.principal import Principal
 
 BEARER = "bearer"
 SLURM_TOKEN = "slurmToken"  # noqa: S105 - a scheme name

@@ -6,7 +6,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from gateway.slurm.auth import Credentials
+from gateway.slurm.tokens import Credentials
 
 # Portable user names, as Slurm and useradd take them.
 SLURM_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")

@@ -1,3 +1,5 @@
+"""Polling with a deadline, and free loopback ports."""
+
 from __future__ import annotations
 
 import asyncio

@@ -12,7 +12,7 @@ from types import TracebackType
 import httpx
 
 from gateway.testing.clusters import LocalCluster
-from tests.conftest import free_port
+from tests.support.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

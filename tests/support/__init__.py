@@ -1,0 +1,1 @@
+"""Helpers the tests share: stub servers, gateway processes, polling, clusters."""
