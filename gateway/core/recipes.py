@@ -82,6 +82,12 @@ class ServiceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     kind: Literal["vllm", "http"] = "http"
     health_path: str = "/health"
     port_variable: str | None = None
+    # Which request variables name the model: the one loaded, the name it is
+    # served under (else the loaded one), its context length. Code outside the
+    # recipe reads them through these, never by a server's own variable names.
+    model_variable: str | None = None
+    served_name_variable: str | None = None
+    max_model_len_variable: str | None = None
 
 
 class RecipeSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
