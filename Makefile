@@ -7,7 +7,7 @@ export GATEWAY_LOCAL_ROOT ?= /var/lib/slurm-gateway-local
 # runtime), c2411 (Slurm 24.11) or c2605 (Slurm 26.05 from Debian sid).
 CLUSTER ?= c2205
 
-.PHONY: run test venv node browser image cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi bench clean
+.PHONY: run test venv node browser image cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi docs bench clean
 
 run: venv cluster vllm-runtime
 	GATEWAY_SLURM_CLUSTER_FILE=$(GATEWAY_LOCAL_ROOT)/$(CLUSTER)/cluster.json \
@@ -52,17 +52,23 @@ cluster-down:
 cluster-status:
 	deploy/local/cluster.sh status
 
+# Each recipe's job script as the gateway renders it, through shellcheck
+# (scripts/venv.sh installs it): the checker sees bash, not Jinja.
 lint: venv
 	$(VENV)/bin/ruff check gateway tests scripts bench deploy
 	$(VENV)/bin/ruff format --check gateway tests scripts bench deploy
 	$(VENV)/bin/mypy gateway
+	@set -o pipefail; for meta in recipes/*/*/recipe.toml; do \
+	  echo "shellcheck $${meta%/*}"; \
+	  $(PY) scripts/render_recipe.py "$${meta%/*}" | shellcheck -s bash - || exit 1; \
+	done
 
 format: venv
 	$(VENV)/bin/ruff check --fix gateway tests scripts bench deploy
 	$(VENV)/bin/ruff format gateway tests scripts bench deploy
 
 unit: venv node
-	$(PY) -m pytest -ra tests/unit
+	$(PY) -m pytest -ra tests/unit tests/tools
 
 integration: venv browser image cluster vllm-runtime
 	$(PY) -m pytest -ra tests/integration
@@ -85,6 +91,10 @@ fixtures: venv cluster
 # Regenerate openapi/openapi.json from the app (a unit test fails when it is stale).
 openapi: venv
 	$(PY) scripts/openapi.py
+
+# Regenerate docs/configuration.md from gateway/settings.py (a unit test fails when it is stale).
+docs: venv
+	$(PY) scripts/settings_doc.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -83,7 +83,9 @@ def _say_who_may_call(settings: Settings, app: Litestar) -> None:
     log = structlog.get_logger("gateway")
     host = settings.listen_host
     if settings.authenticates:
-        log.info("clients authenticate", host=host, methods=app.state.authenticator.methods())
+        log.info(
+            "clients authenticate", host=host, methods=app.state.provided.authenticator.methods()
+        )
     elif is_loopback(host):
         log.warning(
             "no client authentication configured: serving loopback only",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -16,24 +18,27 @@ from litestar.types import ASGIApp
 
 from gateway import __version__, wiring
 from gateway.accesslog import AccessLog
-from gateway.api import audit, errors, reference, security
+from gateway.api import audit, litestar_fixes, problems, reference, security
 from gateway.api.health import HealthController, drain_on_sigterm
 from gateway.api.loopback import LoopbackOnly
 from gateway.api.metrics import HttpMetrics, MetricsController, ServiceCounts
 from gateway.api.openai import OpenAIController
-from gateway.api.prompting import Prompting
+from gateway.api.openai_errors import openai_error
 from gateway.api.recipes import RecipesController
-from gateway.api.relay import FrontDoor
-from gateway.api.schemas import StrictStructSchemaPlugin
 from gateway.api.services import ServicesController
 from gateway.api.vllm import VllmController
+from gateway.auth.authenticate import Authenticator
 from gateway.core.jobview import JobView
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.routing import ModelRouter
 from gateway.core.services import ServiceManager
+from gateway.proxy.frontdoor import FrontDoor
+from gateway.proxy.middleware import data_path
+from gateway.proxy.prompts import Prompting
 from gateway.settings import Settings, is_loopback, load_settings
 from gateway.slurm import SlurmClient
 from gateway.upstream.probe import HealthProber
+from gateway.upstream.vllm import VllmClient
 from gateway.wiring import metadata_codec, slurm_client, token_provider
 
 
@@ -65,6 +70,32 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
+@dataclass(slots=True)
+class Provided:
+    """What the app hands out: to handlers as dependencies, one per field and
+    by its name; to the raw middlewares when they are built. One per app, in
+    its state as ``provided``; the adapters are made by its lifespan (unset
+    until it starts)."""
+
+    recipes: RecipeCatalog
+    authenticator: Authenticator
+    service_counts: ServiceCounts
+    slurm: SlurmClient = field(init=False)
+    vllm: VllmClient = field(init=False)
+    services: ServiceManager = field(init=False)
+    prompting: Prompting = field(init=False)
+    front_door: FrontDoor = field(init=False)
+
+    def dependencies(self) -> dict[str, Provide]:
+        return {f.name: Provide(self._getter(f.name), sync_to_thread=False) for f in fields(self)}
+
+    def _getter(self, name: str) -> Callable[[], Any]:
+        def provide() -> Any:
+            return getattr(self, name)
+
+        return provide
+
+
 def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None = None) -> Litestar:
     settings = settings or load_settings()
     # Recipes are checked before anything is served: a broken one stops start-up.
@@ -73,16 +104,17 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
     codec = metadata_codec(settings)  # and a secret that cannot be read
     minter = wiring.minter(settings)
     authenticate = wiring.authenticator(settings)  # and an auth file that cannot be used
+    provided = Provided(recipes=catalog, authenticator=authenticate, service_counts=ServiceCounts())
 
     @asynccontextmanager
     async def adapters(app: Litestar) -> AsyncIterator[None]:
         client = slurm_client(settings, tokens)
         prober = HealthProber(timeout=settings.health_timeout, ttl=settings.health_cache_seconds)
         vllm = wiring.vllm_client(settings)
-        app.state.slurm = client
-        app.state.vllm = vllm
+        provided.slurm = client
+        provided.vllm = vllm
         authenticate.bind(client)
-        app.state.services = ServiceManager(
+        services = provided.services = ServiceManager(
             slurm=client,
             recipes=catalog,
             prober=prober,
@@ -102,35 +134,16 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
                 max_stale=settings.view_max_stale_seconds,
             ),
         )
-        app.state.prompting = Prompting(services=app.state.services, vllm=vllm)
-        app.state.front_door = FrontDoor(router=ModelRouter(app.state.services), vllm=vllm)
-        app.state.services.view.start()
+        provided.prompting = Prompting(services=services, vllm=vllm)
+        provided.front_door = FrontDoor(router=ModelRouter(services), vllm=vllm)
+        services.view.start()
         try:
             yield
         finally:
-            await app.state.services.view.close()
+            await services.view.close()
             await prober.aclose()
             await vllm.aclose()
             await client.aclose()
-
-    def provide_services(state: State) -> ServiceManager:
-        services: ServiceManager = state.services
-        return services
-
-    def provide_slurm(state: State) -> SlurmClient:
-        slurm: SlurmClient = state.slurm
-        return slurm
-
-    def provide_prompting(state: State) -> Prompting:
-        prompting: Prompting = state.prompting
-        return prompting
-
-    def provide_front_door(state: State) -> FrontDoor:
-        front_door: FrontDoor = state.front_door
-        return front_door
-
-    def provide_recipes() -> RecipeCatalog:
-        return catalog
 
     return Litestar(
         route_handlers=[
@@ -142,30 +155,27 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             MetricsController,
         ],
         dependencies={
-            "services": Provide(provide_services, sync_to_thread=False),
-            "slurm": Provide(provide_slurm, sync_to_thread=False),
-            "recipes": Provide(provide_recipes, sync_to_thread=False),
-            "prompting": Provide(provide_prompting, sync_to_thread=False),
-            "front_door": Provide(provide_front_door, sync_to_thread=False),
+            **provided.dependencies(),
             "principal": Provide(security.provide_principal, sync_to_thread=False),
         },
         lifespan=[adapters, drain_on_sigterm],
-        plugins=[_logging(), errors.plugin(), StrictStructSchemaPlugin()],
+        # No route under /v1: OpenAI's clients still expect its error shape there.
+        plugins=[
+            _logging(),
+            problems.plugin({"/v1/": openai_error}),
+            litestar_fixes.StrictStructSchemaPlugin(),
+        ],
         openapi_config=openapi_config(),
-        before_request=errors.before_request,
-        # Outermost first: audit lines are written for refused requests too.
+        before_request=litestar_fixes.before_request,
+        # Outermost first: audit lines are written for refused requests too;
+        # the data path answers its routes (marked in their opt) last.
         middleware=[
             HttpMetrics,
             audit.audit_middleware,
-            security.middleware(public_schema=settings.public_schema),
+            security.middleware(authenticate, public_schema=settings.public_schema),
+            data_path(provided),
         ],
-        state=State(
-            {
-                "settings": settings,
-                "authenticator": authenticate,
-                "service_counts": ServiceCounts(),
-            }
-        ),
+        state=State({"settings": settings, "provided": provided}),
     )
 
 

@@ -1,7 +1,8 @@
 """One typed settings object, read from ``GATEWAY_*`` environment variables.
 
 Validation happens once, at start-up; a bad value stops the process with a
-message naming the variable. Every variable is listed in README.md.
+message naming the variable. docs/configuration.md lists every variable; it is
+generated from this file (``make docs``), each field's ``#:`` comment its description.
 """
 
 from __future__ import annotations
@@ -32,97 +33,147 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    # Unset: all interfaces when clients authenticate, else loopback only.
+    #: listen address; unset: `0.0.0.0` with client authentication, else `127.0.0.1` (a
+    #: non-loopback one needs authentication: [auth](auth.md))
     host: str | None = None
+    #: listen port
     port: Port = 8001
+    #: uvicorn log level
     log_level: str = "info"
-    # Server processes on one port; each is a replica with its own job view.
+    #: server processes sharing the port; each is a replica with its own job view, so the
+    #: slurmctld RPC bound of `GATEWAY_VIEW_MIN_GAP_SECONDS` is per worker
     workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    #: one JSON line per request on stdout, written straight to the stream (uvicorn's own
+    #: access log cost 0.15-0.2 ms of a proxied prompt's 0.5): [logs](operations.md#logs)
     access_log: bool = True
-    # On SIGTERM: answer not-ready (still serving) for the drain, then close the
-    # listener and give open requests and streams up to the grace to finish.
+    #: after SIGTERM, seconds the gateway keeps serving while `/api/v1/ready` answers 503,
+    #: so Kubernetes takes the pod out of its Service first ([stopping](operations.md#stopping))
     shutdown_drain_seconds: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 0
+    #: then, once the listener is closed, seconds open requests and streams get to finish;
+    #: what is left is cut and the gateway exits 0
     shutdown_grace_seconds: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 30
 
-    # A cluster.json written by deploy/local/cluster.sh fills the slurm_* values
-    # below that are not set explicitly.
+    #: a `cluster.json` of `deploy/local/cluster.sh`: the URL, user, key, partition, job folder
+    #: (`/home/{user}`) and path map (`/` to the chroot) for those not set
     slurm_cluster_file: str | None = None
+    #: slurmrestd base URL, e.g. `http://127.0.0.1:6820`; required
     slurm_url: str = ""
+    #: pin a REST API version (`v0.0.38` … `v0.0.45`); unset: the newest one the daemon serves
     slurm_api_version: str | None = None
+    #: Slurm user the gateway acts as (required for `mint`; `static`: the token's if unset)
     slurm_user: str = ""
+    #: `mint`: sign tokens with the cluster's JWT key; `static`: use a token made elsewhere
     slurm_auth: SlurmAuthMode = SlurmAuthMode.MINT
+    #: the cluster's HS256 key (`AuthAltParameters=jwt_key=`), for `mint`
     slurm_jwt_key_file: str | None = None
+    #: seconds a minted token lives; renewed in its last fifth (at most 60 s)
     slurm_jwt_lifespan: Annotated[int, msgspec.Meta(ge=30)] = 1800
+    #: a token, for `static` (`SLURM_JWT=` prefix accepted)
     slurm_token: str | None = None
+    #: a file holding the token, for `static`; re-read when it changes (a mounted Secret)
     slurm_token_file: str | None = None
+    #: seconds for a slurmrestd answer
     slurm_timeout: Seconds = 10.0
+    #: seconds to connect to slurmrestd
     slurm_connect_timeout: Seconds = 3.0
+    #: partition used when the recipe names none
     slurm_partition: str | None = None
+    #: account used when the recipe and overlay name none
     slurm_account: str | None = None
-    # At most this many slurmrestd calls in flight per replica; a call that
-    # waits longer than the queue timeout for a slot is answered 503.
+    #: most slurmrestd calls in flight per replica (per worker), job listings included
     slurm_max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    #: how long a call waits for one of those slots; then it is answered 503 with
+    #: `Retry-After` ("slurmrestd is busy") instead of piling up on a slow slurmrestd
     slurm_queue_timeout_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 2.0
-    # The shared job view: one job listing per interval while in use, and
-    # never two listings closer than the minimum gap (the slurmctld RPC bound).
+    #: how often the shared job view lists Slurm's jobs while the gateway is in use; what
+    #: another replica or `scancel` did shows within this plus one listing
     view_refresh_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 1.0
+    #: no two job listings start closer than this: the most slurmctld RPCs reads can cause
+    #: is one per this many seconds
     view_min_gap_seconds: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.25
-    # While listings fail, reads (prompts included) answer from the view this long.
+    #: while slurmrestd or slurmctld fails, reads (and the prompt path's lookup of running
+    #: services) answer from the view this long, then 503
     view_max_stale_seconds: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
 
-    # Authenticates what the gateway writes into job comments and derives each
-    # service's upstream key; every replica needs the same one. Defaults to one
-    # derived from the Slurm JWT key (mint mode).
+    #: the secret of `GATEWAY_SECRET_FILE` given directly (set one of the two)
     secret: str | None = None
+    #: a file holding the secret that signs the job comments' metadata and derives each
+    #: service's key (16 bytes or more; the same on every replica). Required with `static`
+    #: auth; with `mint` it defaults to one derived from the JWT key, so rotating that key
+    #: hides the services started before
     secret_file: str | None = None
 
-    # Client authentication (README "Authentication"). Any of the three turns it on.
-    # API keys, tenants, quotas and the OIDC allow-list; re-read when it changes.
+    # Client authentication (docs/auth.md): any of the next two or an issuer turns it on.
+    #: the auth file (TOML): tenants, their quotas and account, API keys (as SHA-256
+    #: hashes), the OIDC allow-list; re-read when it changes
     auth_file: str | None = None
-    # Callers may present their own Slurm JWT (X-SLURM-USER-TOKEN) and act as themselves.
+    #: callers may send their own Slurm JWT in `X-SLURM-USER-TOKEN` and act as themselves
     auth_slurm_tokens: bool = False
-    # Without the cluster's key each new Slurm token costs slurmctld a ping: per
-    # replica, new tokens a second of users not verified lately (and as many of
-    # users verified), and per client address (gateway/auth/budget.py).
+    #: without the cluster's key, new Slurm tokens a replica asks slurmrestd about a second,
+    #: as many again of users whose token checked out in the last day; then 503 + `Retry-After`
     slurm_token_checks_per_second: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 5.0
+    #: of those, per client address a second (5 at once); then 429 with `Retry-After`
     slurm_token_checks_per_client: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
+    #: accept OIDC bearer tokens of this issuer (`https://`; `http://` on loopback only)
     oidc_issuer: str | None = None
+    #: the audience tokens must carry (the gateway's client id); required with an issuer
     oidc_audience: str | None = None
-    oidc_jwks_url: str | None = None  # default: from the issuer's discovery document
+    #: where the issuer's signing keys are (unset: from its discovery document); cached 5
+    #: minutes, refetched (at most every 30 s) for a key id it does not know
+    oidc_jwks_url: str | None = None
+    #: accepted signature algorithms; asymmetric ones only (`HS*` and `none` are refused at
+    #: start-up)
     oidc_algorithms: str = "RS256,ES256"
+    #: the claim that names the caller
     oidc_user_claim: str = "preferred_username"
-    # A rule for callers not in the allow-list: the claim must match it whole;
-    # its group `user` (else the whole value) is the Slurm user.
+    #: a rule for callers not in the allow-list: the claim must match this regex whole; its
+    #: group `user` (else the whole value) is the Slurm user and the tenant
     oidc_user_pattern: str | None = None
-    # Serve a non-loopback address with no authentication (logged at start).
+    #: serve a non-loopback `GATEWAY_HOST` with no authentication (warned at every start)
     allow_unauthenticated: bool = False
-    # The API document and its viewer without authentication.
+    #: serve the API document and its viewer (`/api/v1/schema`) without authentication
     public_schema: bool = False
-    # Slurm users no caller may act as, whatever a key, token or rule says:
-    # root, and the cluster's SlurmUser (who can read its JWT key).
+    #: Slurm users no caller may act as, whatever its credentials say (403); add the site's
+    #: `SlurmUser` if it is not `slurm`: it can read the cluster's JWT key
     denied_slurm_users: str = "root,slurm"
 
-    # Services
+    #: recipe folders, `:`-separated; a later one overrides an earlier one
     recipes_dirs: str = "recipes"
+    #: site overlay (TOML) applied over the recipes
     site_file: str | None = None
-    # A folder on the cluster for job output; `{user}` stands for the job's Slurm user.
-    # Private to that user: see _check_job_dir.
+    #: working directory of jobs on the cluster, where their stdout/stderr go; `{user}` is
+    #: the job's Slurm user. Private to that user: one under `/tmp`, `/var/tmp`, `/dev/shm`,
+    #: or that the gateway sees writable by all, is refused ([why](security.md#job-folder))
     job_dir: str = "/home/{user}"
+    #: where the gateway sees cluster paths: `cluster_prefix=local_prefix`, comma-separated
+    #: (for logs)
     path_map: str = ""
+    #: most bytes of a log returned at once (logs are read only from `GATEWAY_JOB_DIR`:
+    #: changing it hides the logs of services started before)
     log_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    #: seconds for a health probe of a service
     health_timeout: Seconds = 2.0
+    #: how long a probe result is reused
     health_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0
-    # A non-streamed answer whole, and a stream's first chunk and each gap;
-    # a whole stream at most vllm_stream_timeout.
+    #: seconds for vLLM's whole answer to a prompt (streams: for the first chunk and between
+    #: chunks); past it, 504 (an answer already started is cut off)
     vllm_timeout: Seconds = 300.0
+    #: seconds a stream may last in all, however steadily it trickles; past it the stream
+    #: ends with `event: error`
     vllm_stream_timeout: Seconds = 3600.0
-    # The data path's share-out per replica (gateway/upstream/limits.py):
-    # requests in flight in all, at one service and for one tenant; how long
-    # one waits for a slot before 503/429; bytes of bodies and buffered answers.
+    #: prompts and `/v1` requests in flight per replica (per worker), streams included: the
+    #: connection pool to services; past it, 503 + `Retry-After`
     vllm_max_connections: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 4096
+    #: of those, at most this many at one service (connections to it included): one that
+    #: never answers holds no more; past it, 503 + `Retry-After`
     vllm_max_per_service: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 1024
+    #: of those, at most this many for one tenant (all its services and the shared ones);
+    #: past it, 429 + `Retry-After`. No limit without authentication (one anonymous caller)
     vllm_max_per_tenant: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 1024
+    #: how long a request waits for one of those slots before it is refused
     vllm_queue_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.5
+    #: bytes of request bodies and of answers held whole, per replica (256 MiB); a request
+    #: past it is refused 503 + `Retry-After` ([sharing a replica](openai.md#sharing-a-replica))
     vllm_max_buffered_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
 
     @property
@@ -156,11 +207,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def __repr__(self) -> str:
         # Never print the token, even in a debugger or a crash report.
-        fields = {
-            f: ("<hidden>" if f in _HIDDEN and getattr(self, f) else getattr(self, f))
+        shown = (
+            f"{f}=" + ("<hidden>" if f in _HIDDEN and getattr(self, f) else repr(getattr(self, f)))
             for f in self.__struct_fields__
-        }
-        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+        )
+        return "Settings(" + ", ".join(shown) + ")"
 
 
 _HIDDEN = frozenset({"slurm_token", "secret"})
@@ -177,20 +228,15 @@ def env_name(field: str) -> str:
 _FIELD_IN_PATH = re.compile(r"at `\$\.([a-z_]+)")
 
 
-# GATEWAY_ variables of the project's scripts and tests, not of the gateway.
+# GATEWAY_ variables of the project's scripts, not of the gateway (not warned about;
+# scripts/settings_doc.py describes them).
 _TOOLING = frozenset(
-    {
-        "GATEWAY_LOCAL_ROOT",
-        "GATEWAY_LOCAL_START_TIMEOUT",
-        "GATEWAY_DEBIAN_MIRROR",
-        "GATEWAY_DEBIAN_SECURITY_MIRROR",
-        "GATEWAY_IMAGE_SOURCE",
-        "GATEWAY_IMAGE_GLIBC",
-        "GATEWAY_IMAGE_BASE_MAX_AGE_DAYS",
-        "GATEWAY_VLLM_VERSION",
-        "GATEWAY_VLLM_CLUSTER",
-        "GATEWAY_TORCH_WHEELS",
-    }
+    """
+    GATEWAY_LOCAL_ROOT GATEWAY_LOCAL_START_TIMEOUT GATEWAY_DEBIAN_MIRROR
+    GATEWAY_DEBIAN_SECURITY_MIRROR GATEWAY_IMAGE_SOURCE GATEWAY_IMAGE_GLIBC
+    GATEWAY_IMAGE_BASE_MAX_AGE_DAYS GATEWAY_VLLM_VERSION GATEWAY_VLLM_CLUSTER
+    GATEWAY_TORCH_WHEELS
+    """.split()  # noqa: SIM905 (one name a word keeps the list short)
 )
 
 
@@ -259,8 +305,7 @@ def _check_auth(s: Settings) -> None:
                 raise SettingsError(f"{env_name(field)}: needs {env_name('oidc_issuer')}")
         return
     for field in ("oidc_issuer", "oidc_jwks_url"):
-        url = getattr(s, field)
-        if url is None:
+        if (url := getattr(s, field)) is None:
             continue
         parsed = urllib.parse.urlsplit(url)
         local = parsed.scheme == "http" and is_loopback(parsed.hostname or "")
@@ -315,10 +360,8 @@ _SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/shm")  # noqa: S108
 
 
 def _check_job_dir(s: Settings) -> None:
-    """A job's output files have predictable names (the job name and id), and
-    slurmd opens them as the job's user, following links: in a folder other
-    users can write, any of them can create or link the next job's files
-    first, to read its logs or make it write over the user's own files."""
+    # Job output files have predictable names and slurmd follows links: in a folder
+    # others can write, they could plant the next job's files to read or overwrite.
     why = "use a folder only the job's Slurm user can write, such as /home/{user}"
     for shared in _SHARED_DIRS:
         if s.job_dir == shared or s.job_dir.startswith(shared + "/"):
@@ -326,8 +369,7 @@ def _check_job_dir(s: Settings) -> None:
                 f"{env_name('job_dir')}: {s.job_dir} is under {shared}, which every user of "
                 f"the cluster can write; {why}"
             )
-    # Where the gateway sees the folder (the same file system, or through the
-    # path map), it checks the mode too.
+    # Where the gateway sees the folder (directly or through the path map), the mode too.
     cluster_path = s.job_dir.replace("{user}", s.slurm_user or "")
     local = cluster_path
     for remote, mapped in s.path_mapping():

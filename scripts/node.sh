@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Node.js and npm for tests/unit/test_typescript_client.py: Debian's packages
+# Node.js and npm for tests/tools/test_typescript_client.py: Debian's packages
 # when the machine has no npm yet (nothing to do otherwise).
 set -euo pipefail
 if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then

@@ -6,6 +6,8 @@ stores each answer untouched under
 ``tests/fixtures/slurmrestd/<release>/<version>/<scenario>.json``:
 ``{"scenario", "request", "status", "body", "meta"}``. ``meta`` holds what the
 tests need to know about the scenario (the job id, the expected exit code).
+A version with no adapter is skipped: a new one's adapter comes first (see
+gateway/slurm/adapters/__init__.py).
 
 Usage: ``make fixtures`` (the clusters must be up: ``make cluster``);
 ``make fixtures ONLY=c2605`` records one cluster's answers and leaves the

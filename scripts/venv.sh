@@ -13,6 +13,13 @@ if ! command -v "$python" >/dev/null 2>&1 || ! "$python" -c 'import ensurepip, v
   apt-get install -y -qq python3 python3-venv python3-pip >/dev/null
   python=python3
 fi
+# make lint runs shellcheck over the recipes' rendered job scripts.
+if ! command -v shellcheck >/dev/null 2>&1; then
+  echo "venv: installing shellcheck with apt" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq shellcheck >/dev/null
+fi
 "$python" - <<'PY'
 import sys
 if sys.version_info < (3, 11):

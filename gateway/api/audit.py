@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.api import errors
+from gateway.api import problems
 from gateway.core.principal import Principal
 from gateway.slurm import SlurmError
 
@@ -62,7 +62,7 @@ def audit_middleware(app: ASGIApp) -> ASGIApp:
 def _status_of(exc: Exception) -> int:
     """The status the exception handlers answer it with."""
     if isinstance(exc, SlurmError):
-        return errors.from_slurm_error(exc).status_code
+        return problems.from_slurm_error(exc).status_code
     status = getattr(exc, "status_code", 500)
     return status if isinstance(status, int) else 500
 

@@ -21,7 +21,7 @@ from litestar.params import QueryParameter
 from litestar.response import Response
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
-from gateway.api.errors import problem_responses
+from gateway.api.openapi import problem_responses
 from gateway.api.security import PUBLIC
 from gateway.slurm import PingResult, SlurmClient, SlurmError
 

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from litestar import Controller, Request, get
-from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.enums import ScopeType
 from litestar.response import Response
@@ -95,19 +94,19 @@ class MetricsController(Controller):
     async def metrics(
         self,
         request: Request[Any, Any, Any],
-        state: State,
+        authenticator: NamedDependency[Authenticator],
+        service_counts: NamedDependency[ServiceCounts],
         services: NamedDependency[ServiceManager],
         slurm: NamedDependency[SlurmClient],
     ) -> Response[bytes]:
-        tenants = await _admin(request, state.authenticator)
+        tenants = await _admin(request, authenticator)
         registry = REGISTRY
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        counted: ServiceCounts = state.service_counts
         # What is true now, not counted: made at each scrape, never stored.
         now = CollectorRegistry(auto_describe=False)
-        now.register(_Now(counted.of(services), slurm, tenants=tenants))
+        now.register(_Now(service_counts.of(services), slurm, tenants=tenants))
         body = generate_latest(registry) + generate_latest(now)
         return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

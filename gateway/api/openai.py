@@ -10,10 +10,9 @@ Errors come in OpenAI's shape, which its SDKs turn into their exceptions.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated
 
-import structlog
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
@@ -22,7 +21,7 @@ from litestar.params import Body, PathParameter
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.types import ExceptionHandlersMap
 
-from gateway.api.errors import EventStreamOperation, from_slurm_error
+from gateway.api.openai_errors import openai_error
 from gateway.api.openai_schemas import (
     MODEL_MAX_LENGTH,
     ChatCompletionRequest,
@@ -30,31 +29,18 @@ from gateway.api.openai_schemas import (
     EmbeddingRequest,
     OpenAIAnswer,
     OpenAIError,
-    OpenAIErrorDetail,
     OpenAIModel,
     OpenAIModelList,
 )
-from gateway.api.relay import FrontDoor, UpstreamAnswer, relay_to
+from gateway.api.openapi import EventStreamOperation
 from gateway.core.errors import GatewayError
 from gateway.core.principal import Principal
 from gateway.core.routing import ModelNotFound
 from gateway.core.services import Service
+from gateway.proxy.frontdoor import FrontDoor
+from gateway.proxy.middleware import RELAY
 from gateway.slurm import SlurmError
 
-log = structlog.get_logger(__name__)
-
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable_error",
-}
 _MEANINGS = {
     400: "The body is not JSON or has no `model`, or one over "
     f"{MODEL_MAX_LENGTH} characters (`param`: model), a parameter cannot be read, or vLLM "
@@ -87,41 +73,7 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
     }
 
 
-def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[OpenAIError]:
-    """Any failure on /v1, as ``{"error": {message, type, param, code}}``."""
-    headers: dict[str, str] | None = None
-    param: str | None = None
-    code: str | None = None
-    kind: str | None = None
-    if isinstance(exc, GatewayError):
-        status, message, headers = exc.status_code, exc.detail, exc.headers
-        if exc.errors:
-            param = exc.errors[0].field
-        param = getattr(exc, "param", param)
-        code = getattr(exc, "code", None)
-        if isinstance(exc, UpstreamAnswer):
-            kind = exc.kind
-    elif isinstance(exc, SlurmError):
-        problem = from_slurm_error(exc)
-        status, message, headers = problem.status_code, problem.detail, problem.headers
-    elif isinstance(exc, ValidationException):
-        status, message = 400, exc.detail
-    elif isinstance(exc, HTTPException):
-        status, message = exc.status_code, exc.detail
-        headers = dict(exc.headers) if exc.headers else None
-    else:
-        log.exception("unhandled exception", path=request.url.path, exc_info=exc)
-        status, message = 500, "The gateway failed unexpectedly; the error was logged"
-    detail = OpenAIErrorDetail(
-        message=message,
-        type=kind or _TYPES.get(status, "server_error"),
-        param=param,
-        code=code,
-    )
-    return Response(OpenAIError(error=detail), status_code=status, headers=headers)
-
-
-# Each type the app maps to problem details (errors.plugin()) is mapped here
+# Each type the app maps to problem details (problems.plugin()) is mapped here
 # too: the most specific class in an exception's MRO wins, at any layer.
 _HANDLERS: ExceptionHandlersMap = {
     cls: openai_error
@@ -137,7 +89,8 @@ _HANDLERS: ExceptionHandlersMap = {
 
 
 def _relayed_route(path: str, operation_id: str, summary: str, *, stream: bool) -> post:
-    """A POST the relay middleware answers, documented as vLLM's answer."""
+    """A POST the data path answers (gateway/proxy/middleware.py), documented
+    as vLLM's answer."""
     return post(
         path,
         operation_id=operation_id,
@@ -149,7 +102,7 @@ def _relayed_route(path: str, operation_id: str, summary: str, *, stream: bool) 
         },
         # The JSON answer or a text/event-stream one.
         operation_class=EventStreamOperation if stream else Operation,
-        middleware=[relay_to(f"/v1{path}")],
+        opt={RELAY: f"/v1{path}"},
     )
 
 
@@ -219,7 +172,7 @@ class OpenAIController(Controller):
 
 
 def _relayed() -> Exception:
-    # The route's middleware (relay.py) answers every request: these handlers
+    # The data path (gateway/proxy/frontdoor.py) answers every request: these handlers
     # exist for the OpenAPI document only.
     return RuntimeError("answered by the relay middleware, which did not run")
 
@@ -230,7 +183,7 @@ async def _card(front_door: FrontDoor, name: str, services: list[Service]) -> Op
         id=name,
         created=int(first.created_at.timestamp()),
         owned_by=first.tenant or first.owner,
-        root=first.config.environment.get("VLLM_MODEL"),
+        root=first.model,
         max_model_len=await front_door.max_model_len(first, name),
         services=len(services),
     )

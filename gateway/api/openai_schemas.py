@@ -1,6 +1,6 @@
 """Wire types of the OpenAI front door (/v1), in OpenAI's own shapes.
 
-The request types document the operations; the relay (relay.py) reads only
+The request types document the operations; the relay (gateway/proxy/frontdoor.py) reads only
 ``model`` and passes every body on as it came, so fields vLLM adds (and ones
 OpenAI adds later) work without a change here.
 """
@@ -14,7 +14,7 @@ from msgspec import Meta
 
 # The longest model name a request may send (the prompt route's too): a name
 # is a key the gateway remembers things under, so it is bounded.
-MODEL_MAX_LENGTH = 512
+from gateway.proxy.wire import MODEL_MAX_LENGTH as MODEL_MAX_LENGTH
 
 ModelName = Annotated[
     str,

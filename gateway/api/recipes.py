@@ -8,7 +8,7 @@ from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import Parameter
 
-from gateway.api.errors import problem_responses
+from gateway.api.openapi import problem_responses
 from gateway.api.schemas import RecipeResponse
 from gateway.core.errors import NotFound
 from gateway.core.recipes import Recipe, RecipeCatalog

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
-from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
-from litestar.openapi.spec import Schema
 from msgspec import UNSET, Meta, UnsetType
 
-from gateway.api.openai_schemas import MODEL_MAX_LENGTH
 from gateway.core.recipes import Recipe, VariableSpec
 from gateway.core.resources import MAX_TIME_LIMIT
 from gateway.core.services import Logs, Service
 from gateway.core.status import ServiceStatus
+
+# The prompt route's wire types, shared with the data path that reads and writes them.
+from gateway.proxy.wire import PromptRequest as PromptRequest
+from gateway.proxy.wire import PromptResponse as PromptResponse
+from gateway.proxy.wire import UsageResponse as UsageResponse
 
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 EnvValue = Annotated[str, Meta(max_length=4096)]
@@ -22,55 +24,6 @@ GpuCount = Annotated[str, Meta(description="GPUs per node; null for a CPU-only s
 
 
 W = TypeVar("W", bound=msgspec.Struct)
-
-if TYPE_CHECKING:
-    from litestar._openapi.schema_generation import SchemaCreator
-    from litestar.typing import FieldDefinition
-
-
-# Litestar copies a field's bounds into the document only when they are truthy.
-_BOUNDS = {"ge": "minimum", "gt": "exclusive_minimum", "le": "maximum", "lt": "exclusive_maximum"}
-
-
-class StrictStructSchemaPlugin(StructSchemaPlugin):
-    """Litestar's schemas of msgspec Structs, made to say what msgspec enforces:
-    ``additionalProperties: false`` for a Struct that forbids unknown fields (the
-    request bodies), and the bounds of 0 Litestar leaves out (``gt=0``).
-
-    Listed in the app's plugins, it comes before Litestar's own Struct plugin,
-    which it extends.
-    """
-
-    def to_openapi_schema(
-        self, field_definition: FieldDefinition, schema_creator: SchemaCreator
-    ) -> Schema:
-        schema = super().to_openapi_schema(field_definition, schema_creator)
-        struct: type[msgspec.Struct] = field_definition.type_
-        if struct.__struct_config__.forbid_unknown_fields:
-            schema.additional_properties = False
-        info = msgspec.inspect.type_info(struct)
-        assert isinstance(info, msgspec.inspect.StructType)
-        for field in info.fields:
-            prop = (schema.properties or {}).get(field.encode_name)
-            bounded = _bounded(field.type)
-            if not isinstance(prop, Schema) or bounded is None:
-                continue
-            for bound, keyword in _BOUNDS.items():
-                if getattr(bounded, bound, None) == 0 and getattr(prop, keyword) is None:
-                    setattr(prop, keyword, 0)
-        return schema
-
-
-def _bounded(kind: msgspec.inspect.Type) -> msgspec.inspect.Type | None:
-    """The number type of a field, or of its non-null arm when it is optional."""
-    if isinstance(kind, msgspec.inspect.UnionType):
-        arms = [t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType)]
-        if len(arms) != 1:
-            return None
-        kind = arms[0]
-    if isinstance(kind, msgspec.inspect.Metadata):
-        kind = kind.type
-    return kind if isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType) else None
 
 
 def _copy(wire: type[W], service: Service, **overrides: object) -> W:
@@ -296,37 +249,3 @@ class ModelsResponse(msgspec.Struct, kw_only=True):
     service_id: str
     endpoint: str
     models: list[str]
-
-
-class PromptRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    prompt: Annotated[str, Meta(min_length=1, max_length=1_000_000)]
-    model: (
-        Annotated[
-            str, Meta(max_length=MODEL_MAX_LENGTH, description="defaults to the service's model")
-        ]
-        | None
-    ) = None
-    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 150
-    temperature: Annotated[float, Meta(ge=0, le=2)] = 0.7
-    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    stop: list[str] | None = None
-    stream: Annotated[
-        bool, Meta(description="answer with Server-Sent Events as vLLM produces them")
-    ] = False
-
-
-class UsageResponse(msgspec.Struct, kw_only=True):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class PromptResponse(msgspec.Struct, kw_only=True):
-    success: bool
-    response: Annotated[str, Meta(description="the generated text")]
-    model: str
-    finish_reason: str | None
-    usage: UsageResponse
-    service_id: str
-    endpoint: str
-    endpoint_used: Annotated[str, Meta(description="chat or completions")]

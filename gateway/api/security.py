@@ -18,6 +18,7 @@ from litestar.middleware.authentication import (
     AuthenticationResult,
 )
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
+from litestar.types import ASGIApp
 
 from gateway.auth.authenticate import Authenticator
 from gateway.core.principal import Principal
@@ -29,21 +30,27 @@ PUBLIC: list[SecurityRequirement] = [{}]
 
 
 class AuthenticationMiddleware(AbstractAuthenticationMiddleware):
+    def __init__(self, app: ASGIApp, *, authenticator: Authenticator, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.authenticator = authenticator
+
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
-        authenticator: Authenticator = connection.app.state.authenticator
         client = connection.client.host if connection.client else None
-        principal = await authenticator.authenticate(connection.headers, client=client)
+        principal = await self.authenticator.authenticate(connection.headers, client=client)
         return AuthenticationResult(user=principal, auth=principal.method)
 
 
-def middleware(*, public_schema: bool) -> DefineMiddleware:
+def middleware(authenticator: Authenticator, *, public_schema: bool) -> DefineMiddleware:
     exclude = ["^/metrics$"]
     if public_schema:
         exclude.append("^/api/v1/schema(/|$)")
     # Handlers marked exclude_from_auth=True (health, readiness) pass too. Only
     # OPTIONS is exempt by method (no route answers HEAD: Litestar says 405).
     return DefineMiddleware(
-        AuthenticationMiddleware, exclude=exclude, exclude_http_methods=[HttpMethod.OPTIONS]
+        AuthenticationMiddleware,
+        authenticator=authenticator,
+        exclude=exclude,
+        exclude_http_methods=[HttpMethod.OPTIONS],
     )
 
 

@@ -16,7 +16,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from msgspec import UNSET
 
 from gateway.api import audit
-from gateway.api.errors import JsonExample, problem_responses
+from gateway.api.openapi import JsonExample, problem_responses
 from gateway.api.schemas import (
     CreateServiceRequest,
     LogsResponse,

@@ -11,17 +11,7 @@ from litestar.openapi.spec import Example
 from litestar.params import Body
 from litestar.response import Response, Stream
 
-from gateway.api.errors import EventStreamOperation, problem_responses
-from gateway.api.fastpath import prompt_fast_path
-from gateway.api.prompting import (
-    Prompting,
-    complete,
-    open_stream,
-    prompt_of,
-    relay,
-    upstream_failure,
-    upstream_of,
-)
+from gateway.api.openapi import EventStreamOperation, problem_responses
 from gateway.api.schemas import (
     ModelsResponse,
     ProblemResponse,
@@ -31,13 +21,11 @@ from gateway.api.schemas import (
     VllmServicesResponse,
 )
 from gateway.api.services import ServiceId
-from gateway.api.streaming import ClosingStream
 from gateway.core.principal import Principal
-from gateway.core.services import ServiceManager, Upstream
+from gateway.core.services import ServiceManager
 from gateway.core.status import ServiceStatus
-from gateway.upstream.answers import UpstreamError, UpstreamUnavailable
-from gateway.upstream.limits import tenant_of
-from gateway.upstream.vllm import Prompt, VllmClient
+from gateway.proxy.middleware import PROMPT
+from gateway.proxy.prompts import Prompting
 
 _PROMPT_EXAMPLES = [
     Example(
@@ -101,7 +89,7 @@ class VllmController(Controller):
                     recipe_name=s.recipe_name,
                     status=s.status,
                     endpoint=s.endpoint,
-                    model=s.config.environment.get("VLLM_MODEL"),
+                    model=s.model,
                     node=s.node,
                 )
                 for s in running
@@ -120,14 +108,7 @@ class VllmController(Controller):
         principal: NamedDependency[Principal],
         service_id: ServiceId,
     ) -> ModelsResponse:
-        vllm = prompting.vllm
-        service = await prompting.services.running(service_id, principal, kind="vllm")
-        upstream = upstream_of(service)
-        endpoint = upstream.url
-        try:
-            models = await vllm.models(endpoint, upstream.key)
-        except (UpstreamError, UpstreamUnavailable) as exc:
-            raise upstream_failure(service_id, exc) from None
+        endpoint, models = await prompting.models(service_id, principal)
         return ModelsResponse(service_id=service_id, endpoint=endpoint, models=models)
 
     @post(
@@ -148,7 +129,7 @@ class VllmController(Controller):
             ),
         },
         operation_class=EventStreamOperation,  # adds the text/event-stream 200 answer
-        middleware=[prompt_fast_path],
+        opt={PROMPT: True},  # answered by the data path's fast path first
     )
     async def prompt(
         self,
@@ -157,36 +138,6 @@ class VllmController(Controller):
         service_id: ServiceId,
         data: Annotated[PromptRequest, Body(examples=_PROMPT_EXAMPLES)],
     ) -> Response[PromptResponse] | Stream:
-        # What the fast path (fastpath.py) passed on: mostly requests it refuses.
-        service = await prompting.services.running(service_id, principal, kind="vllm")
-        tenant = tenant_of(principal)
-        if data.stream:
-            upstream = upstream_of(service)
-            request = prompt_of(service, data)
-            return await _stream(prompting.vllm, service_id, upstream, request, tenant)
-        lease = prompting.vllm.limits.lease()
-        try:
-            done = await complete(prompting.vllm, service_id, service, data, lease, tenant)
-            return Response(done)
-        finally:
-            lease.close()
-
-
-async def _stream(
-    vllm: VllmClient,
-    service_id: str,
-    upstream: Upstream,
-    request: Prompt,
-    tenant: str | None = None,
-) -> ClosingStream:
-    lease = vllm.limits.lease()
-    try:
-        first, chunks = await open_stream(vllm, service_id, upstream, request, lease, tenant)
-    except BaseException:
-        lease.close()
-        raise
-    return ClosingStream(
-        relay(first, chunks, lease),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+        # What the fast path (gateway/proxy/prompts.py) passed on: mostly requests it refuses.
+        answer = await prompting.answer(service_id, principal, data)
+        return answer if isinstance(answer, Stream) else Response(answer)

@@ -7,16 +7,25 @@ the file the gateway itself named at submission, in the job directory it was
 given, opened without following a symbolic link and without blocking (a FIFO
 would hang a worker thread), and only when it is a regular file owned by the
 job's user. Anything else answers with a reason and no content.
+
+The files may be read through another path on the gateway's host than on the
+cluster (``path_map``: a mount of the cluster's file systems).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import stat
 from pathlib import Path
 
 import msgspec
+
+from gateway.core import metadata
+from gateway.core.errors import Conflict, NotFound
+from gateway.core.model import Logs, job_dir_for, job_name_of
+from gateway.slurm import JobInfo, JobState
 
 
 class LogFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,3 +85,78 @@ def read_tail(
             truncated = True
             text = "".join(parts[-lines:]) if lines else ""
     return LogFile(text=text, truncated=truncated)
+
+
+class LogReader:
+    """A service's logs: the job's output and error files, as the gateway named them."""
+
+    def __init__(
+        self,
+        *,
+        job_tag: str,
+        job_dir: str,
+        path_map: list[tuple[str, str]],
+        max_bytes: int,
+    ) -> None:
+        self.job_tag = job_tag
+        self.job_dir = job_dir
+        self.path_map = path_map
+        self.max_bytes = max_bytes
+
+    async def logs(
+        self, service_id: str, job: JobInfo, meta: metadata.ServiceMeta, *, tail: int | None
+    ) -> Logs:
+        if job.state is JobState.PENDING:
+            raise Conflict(f"service {service_id} is pending: it has not started, so no logs yet")
+        stdout = await self._log_file(job, meta, "out", job.standard_output, tail)
+        stderr: LogFile | None = None
+        if job.standard_error and job.standard_error != job.standard_output:
+            stderr = await self._log_file(job, meta, "err", job.standard_error, tail)
+        files = [f for f in (stdout, stderr) if f is not None]
+        if all(f.missing for f in files):
+            job_dir = job_dir_for(self.job_dir, job.user_name)
+            raise NotFound(
+                f"no log file of service {service_id} at {job_dir} yet "
+                f"(looked at {self.local_path(job_dir)} on the gateway host)"
+            )
+        refused = "; ".join(f.refused for f in files if f.refused)
+        return Logs(
+            stdout=stdout.text,
+            stderr=stderr.text if stderr is not None and not stderr.missing else None,
+            truncated=any(f.truncated for f in files),
+            reason=refused or None,
+        )
+
+    async def _log_file(
+        self,
+        job: JobInfo,
+        meta: metadata.ServiceMeta,
+        suffix: str,
+        reported: str,
+        tail: int | None,
+    ) -> LogFile:
+        name = f"{job_name_of(meta.recipe, self.job_tag)}-{job.job_id}.{suffix}"
+        job_dir = job_dir_for(self.job_dir, job.user_name).rstrip("/")
+        expected = f"{job_dir}/{name}"
+        if reported != expected:
+            shown = reported[:200].encode("unicode_escape").decode("ascii")
+            return LogFile(
+                refused=f"Slurm reports the job's output at '{shown}', not in the file "
+                f"the gateway chose ({expected}); not read"
+            )
+        return await asyncio.to_thread(
+            read_tail,
+            self.local_path(job_dir or "/"),
+            name,
+            uid=job.user_id,
+            lines=tail,
+            max_bytes=self.max_bytes,
+        )
+
+    def local_path(self, cluster_path: str) -> Path:
+        """Where ``cluster_path`` is on the gateway's host."""
+        for remote, local in self.path_map:
+            if cluster_path == remote or cluster_path.startswith(remote.rstrip("/") + "/"):
+                rest = cluster_path[len(remote.rstrip("/")) :].lstrip("/")
+                return Path(local) / rest
+        return Path(cluster_path)

@@ -40,9 +40,15 @@ from typing import Any
 
 from gateway.core import metadata
 from gateway.core.recipes import Recipe
+from gateway.core.resources import Resources
 from gateway.core.shell import quote
+from gateway.slurm import JobSubmission
 
 _PLACEHOLDER = re.compile(r"__(?:META|LIMIT|REASON|RECIPE|BIND_WAIT)__")
+# The job's PATH: the system's, not the gateway's.
+JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The job's copy of its upstream key; the recipe hands it to the server.
+KEY_VARIABLE = "GW_SERVICE_KEY"
 # How long a job waits for the gateway to bind its metadata to its job id
 # (one update right after the submit) before it gives up and ends.
 BIND_WAIT_SECONDS = 120
@@ -227,17 +233,46 @@ def build(recipe: Recipe, unbound_meta: str, context: Mapping[str, Any]) -> str:
     return preamble + recipe.render(context)
 
 
+def submission(
+    recipe: Recipe,
+    resources: Resources,
+    *,
+    unbound_meta: str,
+    environment: Mapping[str, str],
+    key: str,
+    job_name: str,
+    job_dir: str,
+    partition: str | None,
+    account: str | None,
+    begin_time: int | None,
+) -> JobSubmission:
+    """The batch job of a service: its script, and the request's variables
+    and the upstream key as its environment (never as script text).
+    ``partition``: the site's, unless the recipe names one for these resources."""
+    context = render_context(recipe, environment, resources.as_config())
+    return JobSubmission(
+        script=build(recipe, unbound_meta, context),
+        name=job_name,
+        working_directory=job_dir,
+        environment={"PATH": JOB_PATH, **environment, KEY_VARIABLE: key},
+        partition=recipe.partition(resources) or partition,
+        account=account,
+        standard_output=f"{job_dir}/{job_name}-%j.out",
+        standard_error=f"{job_dir}/{job_name}-%j.err",
+        nodes=resources.nodes,
+        cpus_per_task=resources.cpus,
+        memory_per_node_mb=resources.memory_mb,
+        time_limit_minutes=resources.time_limit_minutes,
+        gpus_per_node=resources.gpus or None,
+        comment=unbound_meta,
+        begin_time=begin_time,
+    )
+
+
 def render_context(
     recipe: Recipe, environment: Mapping[str, str], resources: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """What a recipe template may use. Values are shell-quoted on output."""
-    return {
-        "recipe": {"name": recipe.name, "description": recipe.spec.description},
-        "env": dict(environment),
-        "resources": dict(resources),
-        "runtime": dict(recipe.spec.runtime),
-        "service": {
-            "kind": recipe.spec.service.kind,
-            "health_path": recipe.spec.service.health_path,
-        },
-    }
+    """What a recipe template may use: operator values, shell-quoted on output.
+    ``environment`` (the request's variables) is not among them: it reaches the
+    job as environment variables only."""
+    return recipe.template_values(resources)

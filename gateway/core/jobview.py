@@ -39,7 +39,8 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from gateway.slurm import JobInfo, SlurmClient, SlurmError
+from gateway.core.scheduler import Scheduler
+from gateway.slurm import JobInfo, SlurmError
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +63,7 @@ class _Entry:
 class JobView:
     def __init__(
         self,
-        slurm: SlurmClient,
+        slurm: Scheduler,
         *,
         interval: float = 1.0,
         min_gap: float = 0.25,

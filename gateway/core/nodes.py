@@ -22,7 +22,8 @@ import time
 import msgspec
 import structlog
 
-from gateway.slurm import NodeInfo, SlurmClient
+from gateway.core.scheduler import Scheduler
+from gateway.slurm import NodeInfo
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +52,7 @@ def _is_ip(text: str) -> bool:
 
 
 class NodeAddresses:
-    def __init__(self, slurm: SlurmClient, *, ttl: float = 300.0) -> None:
+    def __init__(self, slurm: Scheduler, *, ttl: float = 300.0) -> None:
         self._slurm = slurm
         self._ttl = ttl
         self._known: dict[str, tuple[float, Node]] = {}
@@ -86,7 +87,7 @@ class NodeStates:
     listing older than ``ttl`` is renewed in the background, one at a time,
     only while jobs wait on nodes."""
 
-    def __init__(self, slurm: SlurmClient, *, ttl: float = 30.0, named: int = 3) -> None:
+    def __init__(self, slurm: Scheduler, *, ttl: float = 30.0, named: int = 3) -> None:
         self._slurm = slurm
         self._ttl = ttl
         self._named = named

@@ -4,7 +4,7 @@ batch-script template beside it.
 A site overlay (TOML) can change a recipe's defaults (model, partitions,
 account, runtime paths) without editing the recipe. Everything is loaded and
 validated at start-up; a broken file stops start-up with a message naming the
-file and the field.
+file and the field (a template: its line, see recipe_check.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import jinja2
 import msgspec
 
-from gateway.core import shell
+from gateway.core import recipe_check, shell
 from gateway.core.errors import InvalidRequest, NotFound, RecipeError
 from gateway.core.resources import (
     MAX_CPUS,
@@ -31,7 +31,6 @@ from gateway.core.resources import (
     parse_count,
     parse_memory,
 )
-from gateway.core.template_lint import lint_template
 
 RECIPE_FILE = "recipe.toml"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*/[a-z0-9][a-z0-9_.-]*$")
@@ -133,6 +132,20 @@ class Recipe:
 
     def partition(self, resources: Resources) -> str | None:
         return self.spec.partitions.gpu if resources.gpus else self.spec.partitions.cpu
+
+    def template_values(self, resources: Mapping[str, Any]) -> dict[str, Any]:
+        """What the template may name: operator values only (recipe_check.ROOTS).
+        A request's variables are not among them: they reach the job as
+        environment variables."""
+        return {
+            "recipe": {"name": self.name, "description": self.spec.description},
+            "resources": dict(resources),
+            "runtime": dict(self.spec.runtime),
+            "service": {
+                "kind": self.spec.service.kind,
+                "health_path": self.spec.service.health_path,
+            },
+        }
 
     def render(self, context: Mapping[str, Any]) -> str:
         try:
@@ -316,9 +329,15 @@ def _load_recipe(name: str, meta: Path, overlay: SiteOverlay) -> Recipe:
         raise RecipeError(f"{meta}: template: {template_path} does not exist") from None
     except jinja2.TemplateSyntaxError as exc:
         raise RecipeError(f"{template_path}:{exc.lineno}: template: {exc.message}") from None
-    # Quoting every value is safe only where the shell reads it as a word.
-    lint_template(template_path.read_text(encoding="utf-8"), template_path, env)
     try:
-        return Recipe(name, meta.parent, spec, template)
+        recipe = Recipe(name, meta.parent, spec, template)
     except InvalidRequest as exc:
         raise RecipeError(f"{meta}: {exc.detail}") from None
+    # Rendered as a job on the recipe's defaults would have it, and on the
+    # other kind of node (GPU or not), so that both branches are checked.
+    defaults = recipe.default_resources.as_config()
+    other = {**defaults, "gpu": None if recipe.default_resources.gpus else "1"}
+    source = template_path.read_text(encoding="utf-8")
+    values = [recipe.template_values(defaults), recipe.template_values(other)]
+    recipe_check.check_template(template, source, template_path, env, values)
+    return recipe

@@ -1,9 +1,10 @@
 """Which service answers a request for a model (the OpenAI front door, /v1).
 
-A model is the name vLLM serves it under (``served_model``); several services
-may serve one. A request goes to a running one the caller may use, the one
-with the fewest requests outstanding on this replica; ties take turns, so that
-one client's requests in a row spread too.
+A model is the name a service serves it under (``Service.served_model``, as
+its recipe declares it); several services may serve one. A request goes to a
+running one the caller may use, the one with the fewest requests outstanding
+on this replica; ties take turns, so that one client's requests in a row
+spread too.
 
 A service stops receiving requests when it leaves:
 - stopped through this replica: at once, before Slurm is even asked;
@@ -24,8 +25,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from gateway.core.errors import GatewayError, NotFound
+from gateway.core.model import Service, Upstream
 from gateway.core.principal import Principal
-from gateway.core.services import Service, ServiceManager, Upstream, served_model
+from gateway.core.services import ServiceManager
 from gateway.core.status import ServiceStatus
 
 RETRY_AFTER_SECONDS = 5
@@ -82,7 +84,7 @@ class ModelRouter:
         models: dict[str, list[Service]] = {}
         for service in await self.services.serving(principal):
             if service.status is ServiceStatus.RUNNING and service.upstream is not None:
-                models.setdefault(served_model(service.config.environment), []).append(service)
+                models.setdefault(service.served_model, []).append(service)
         return models
 
     async def pick(self, principal: Principal, model: str, *, avoid: str | None = None) -> Service:
@@ -152,7 +154,7 @@ class ModelRouter:
             states = ", ".join(f"service {s.id} is {s.status.value}" for s in candidates[:5])
             return ModelNotReady(f"the model {model!r} has no working service: {states}")
         serving = await self.services.serving(principal)
-        return ModelNotFound(model, sorted({served_model(s.config.environment) for s in serving}))
+        return ModelNotFound(model, sorted({s.served_model for s in serving}))
 
 
 def _url(service: Service) -> str:

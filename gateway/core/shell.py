@@ -1,9 +1,11 @@
 """Batch-script rendering where every interpolated value is shell-quoted.
 
-Templates are Jinja2, rendered in a sandbox with StrictUndefined. The
+Templates are Jinja2, rendered in a sandbox with StrictUndefined. They see
+operator values only (recipe_check.py refuses a template that names anything
+else; a request's values reach the job as environment variables). The
 ``finalize`` hook quotes the result of every ``{{ ... }}`` expression, so a
-value can never become shell syntax; only :class:`RawShell` strings, which
-the gateway itself builds, pass through unquoted.
+value is one shell word; only :class:`RawShell` strings, which the gateway
+itself builds (``raw_int``), pass through unquoted.
 """
 
 from __future__ import annotations

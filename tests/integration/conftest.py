@@ -5,8 +5,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.slurm import SlurmClient
-from gateway.testing.clusters import LocalCluster, local_root
-from tests.support.clusters import CLUSTERS, NEGOTIATED, TIMINGS
+from gateway.testing.clusters import LocalCluster
+from tests.support.clusters import CLUSTERS, NEGOTIATED, TIMINGS, parametrize
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -26,13 +26,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "cluster" in metafunc.fixturenames:
-        if not CLUSTERS:
-            # A missing cluster is a failure, never a silent skip.
-            raise pytest.UsageError(
-                f"no local Slurm clusters under {local_root()}; run `make cluster` first"
-            )
-        metafunc.parametrize("cluster", CLUSTERS, ids=[c.name for c in CLUSTERS])
+    parametrize(metafunc, "cluster", CLUSTERS)
 
 
 @pytest.fixture

@@ -22,17 +22,18 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from gateway.core.services import LEGACY_SUBMIT_WINDOW
+from gateway.core.recognition import LEGACY_SUBMIT_WINDOW
 from gateway.settings import load_settings
 from gateway.testing.clusters import upstream_key
 from gateway.wiring import metadata_codec
-from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.clusters import TIMINGS, named, parametrize
 from tests.support.copied_jobs import (
     Attacker,
     Deployment,
@@ -50,17 +51,7 @@ PROMPT = "a prompt only the genuine service may read"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "deployment" in metafunc.fixturenames:
-        found = {c.name: c for c in CLUSTERS}
-        missing = [name for name in CLUSTER_NAMES if name not in found]
-        if missing:
-            # A missing cluster is a failure, never a silent skip.
-            raise pytest.UsageError(
-                f"clusters {missing} are not up; run `bash deploy/local/cluster.sh up`"
-            )
-        clusters = [found[name] for name in CLUSTER_NAMES]
-        ids = [c.name for c in clusters]
-        metafunc.parametrize("deployment", clusters, ids=ids, indirect=True, scope="module")
+    parametrize(metafunc, "deployment", named(*CLUSTER_NAMES), per_module=True)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +64,8 @@ def deployment(
 
 @pytest.fixture
 async def services(deployment: Deployment) -> AsyncIterator[Services]:
-    made = Services(deployment)
-    try:
+    async with aclosing(Services(deployment)) as made:
         yield made
-    finally:
-        await made.close()
 
 
 @pytest.fixture

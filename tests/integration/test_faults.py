@@ -24,14 +24,15 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.integration.test_prompt_path import prompt, running_stub
 from tests.support.clusters import CLUSTERS, cluster_up, fault_line
-from tests.support.gateway_process import GatewayProcess
+from tests.support.gateway_process import GatewayProcess, serving
+from tests.support.live_services import prompt, running_stub
 from tests.support.polling import poll
 
 # Faults that need one cluster only run on this one (every version is covered
 # by the slurmctld fault, where the daemons differ most).
 ONE = next((c for c in CLUSTERS if c.name == "c2411"), CLUSTERS[0] if CLUSTERS else None)
+One = tuple[LocalCluster, httpx.AsyncClient]  # ONE and a client of a gateway of it
 
 
 @pytest.fixture
@@ -110,13 +111,16 @@ async def intact(api: httpx.AsyncClient, before: dict[str, Any]) -> list[str]:
     return problems
 
 
+INTACT = "status running, listed, prompt 200, stop 200"  # after most faults
+
+
 async def closed(
     api: httpx.AsyncClient,
     cluster: LocalCluster,
     before: dict[str, Any],
     fault: str,
     during: str,
-    after: str,
+    after: str = INTACT,
 ) -> None:
     """The fault is over: the service must be intact; its row goes in the
     table; then it is stopped."""  # fmt: skip
@@ -191,7 +195,6 @@ async def test_slurmctld_killed(
     await closed(
         api, cluster, before, "slurmctld killed (SIGKILL), then restarted",
         f"{table(early)}; after {STALE:g} s: {table(late)}",
-        "status running, listed, prompt 200, stop 200",
     )  # fmt: skip
 
 
@@ -199,20 +202,20 @@ async def test_slurmctld_killed(
 
 
 @pytest.fixture
-async def one() -> AsyncIterator[tuple[LocalCluster, httpx.AsyncClient]]:
+async def one() -> AsyncIterator[One]:
     assert ONE is not None
-    gateway = GatewayProcess(ONE, GATEWAY_VIEW_MAX_STALE_SECONDS=str(STALE))
-    await asyncio.to_thread(gateway.start)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as api, cleaned(api):
-            yield ONE, api
-    finally:
-        await asyncio.to_thread(gateway.stop)
+    async with serving(ONE, GATEWAY_VIEW_MAX_STALE_SECONDS=str(STALE)) as api, cleaned(api):
+        yield ONE, api
 
 
-async def test_slurmd_killed(one: tuple[LocalCluster, httpx.AsyncClient]) -> None:
+@pytest.fixture
+async def before(one: One) -> dict[str, Any]:
+    """A running service on ONE, as the API describes it before the fault."""
+    return await running_service(one[1])
+
+
+async def test_slurmd_killed(one: One, before: dict[str, Any]) -> None:
     cluster, api = one
-    before = await running_service(api)
     sid = before["id"]
     for pid in cluster.daemon_pids("slurmd"):
         os.kill(pid, signal.SIGKILL)
@@ -235,13 +238,11 @@ async def test_slurmd_killed(one: tuple[LocalCluster, httpx.AsyncClient]) -> Non
     await closed(
         api, cluster, before, "slurmd killed (SIGKILL), then restarted",
         f"{table(during)}, status `{state}`",
-        "status running, listed, prompt 200, stop 200",
     )  # fmt: skip
 
 
-async def test_node_drained(one: tuple[LocalCluster, httpx.AsyncClient]) -> None:
+async def test_node_drained(one: One, before: dict[str, Any]) -> None:
     cluster, api = one
-    before = await running_service(api)
     sid = before["id"]
     node = before["node"]
     scontrol(cluster, "update", f"nodename={node}", "state=drain", "reason=gw-fault-test")
@@ -277,7 +278,7 @@ async def test_node_drained(one: tuple[LocalCluster, httpx.AsyncClient]) -> None
     )  # fmt: skip
 
 
-async def test_gateway_killed_mid_stream(one: tuple[LocalCluster, httpx.AsyncClient]) -> None:
+async def test_gateway_killed_mid_stream(one: One) -> None:
     cluster, api = one
     created = await api.post(
         "/api/v1/services",
@@ -324,15 +325,11 @@ async def test_gateway_killed_mid_stream(one: tuple[LocalCluster, httpx.AsyncCli
         api, cluster, before, "a replica killed (SIGKILL) mid-stream, another replica serving",
         f"client of the killed replica: {type(cut.value).__name__} after {received} lines; "
         f"other replica: {table(during)}, stream 200 to [DONE]",
-        "status running, listed, prompt 200, stop 200",
     )  # fmt: skip
 
 
-async def test_comment_overwritten_by_its_owner(
-    one: tuple[LocalCluster, httpx.AsyncClient],
-) -> None:
+async def test_comment_overwritten_by_its_owner(one: One, before: dict[str, Any]) -> None:
     cluster, api = one
-    before = await running_service(api)
     sid = before["id"]
     await asyncio.to_thread(
         cluster.run_as, cluster.user, "scontrol", "update", f"jobid={sid}",

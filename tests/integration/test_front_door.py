@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ class Services:
                 )
             )
 
-    async def stop_all(self) -> None:
+    async def aclose(self) -> None:
         async with httpx.AsyncClient(base_url=self.gateway.url, timeout=30, headers=ADMIN) as c:
             for sid in self.ids:
                 await c.delete(f"/api/v1/services/{sid}")
@@ -152,11 +153,8 @@ class Services:
 
 @pytest.fixture
 async def services(gateway: GatewayProcess) -> AsyncIterator[Services]:
-    started = Services(gateway)
-    try:
+    async with aclosing(Services(gateway)) as started:
         yield started
-    finally:
-        await started.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +170,7 @@ def pair(gateway: GatewayProcess) -> Iterator[list[str]]:
     try:
         yield asyncio.run(up())
     finally:
-        asyncio.run(started.stop_all())
+        asyncio.run(started.aclose())
 
 
 async def slurm(cluster: LocalCluster, *command: str) -> None:
@@ -517,29 +515,39 @@ async def _now(value: int) -> int:
     return value
 
 
-async def test_a_service_stopped_under_load_costs_no_request(
-    api: httpx.AsyncClient, services: Services
-) -> None:
-    first = await services.start("fd-stop")
-    second = await services.start("fd-stop")
+@asynccontextmanager
+async def two_under_load(
+    api: httpx.AsyncClient, services: Services, model: str
+) -> AsyncIterator[tuple[str, str, Load]]:
+    """Two running services of ``model``, and a load on it that has had 200
+    answers; the load stops at the end."""
+    first = await services.start(model)
+    second = await services.start(model)
     await services.running(first, second)
     await poll(
-        lambda: api.get("/v1/models/fd-stop"),
+        lambda: api.get(f"/v1/models/{model}"),
         lambda r: r.status_code == 200 and r.json()["services"] == 2,
         what="both services routable",
     )
-    load = Load(api, "fd-stop")
+    load = Load(api, model)
     load.start()
     try:
         await load.until(200)
+        yield first, second, load
+    finally:
+        await load.finish()
+
+
+async def test_a_service_stopped_under_load_costs_no_request(
+    api: httpx.AsyncClient, services: Services
+) -> None:
+    async with two_under_load(api, services, "fd-stop") as (first, second, load):
         asked = time.monotonic()
         stopped = await api.delete(f"/api/v1/services/{first}")
         stop_answered = time.monotonic()
         assert stopped.status_code == 200, stopped.text
         assert stopped.json()["status"] == "cancelled", stopped.text
         await load.until(200)
-    finally:
-        await load.finish()
     before = Counter(sid for sid, _, end, _ in load.done if sid and end < asked)
     after = Counter(sid for sid, start, _, _ in load.done if sid and start > stop_answered)
     line = (
@@ -558,18 +566,7 @@ async def test_a_service_stopped_under_load_costs_no_request(
 async def test_a_service_killed_behind_the_gateways_back_costs_at_most_those_in_flight(
     api: httpx.AsyncClient, services: Services, stub_cluster: LocalCluster
 ) -> None:
-    first = await services.start("fd-kill")
-    second = await services.start("fd-kill")
-    await services.running(first, second)
-    await poll(
-        lambda: api.get("/v1/models/fd-kill"),
-        lambda r: r.status_code == 200 and r.json()["services"] == 2,
-        what="both services routable",
-    )
-    load = Load(api, "fd-kill")
-    load.start()
-    try:
-        await load.until(200)
+    async with two_under_load(api, services, "fd-kill") as (first, second, load):
         # As another replica or the job's owner might: the stub dies at once
         # (its port refuses), the job ends, this gateway is not told.
         await slurm(stub_cluster, "scancel", "--batch", "--signal=KILL", first)
@@ -583,8 +580,6 @@ async def test_a_service_killed_behind_the_gateways_back_costs_at_most_those_in_
         )
         known = time.monotonic()
         await load.until(100)
-    finally:
-        await load.finish()
     last = max((end for sid, _, end, _ in load.done if sid == first), default=killed)
     before = Counter(sid for sid, _, end, _ in load.done if sid and end < killed)
     since = Counter(sid for sid, start, _, _ in load.done if sid and start > killed)

@@ -17,6 +17,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,9 @@ from gateway.settings import load_settings
 from gateway.slurm import JobInfo
 from gateway.testing.clusters import LocalCluster
 from gateway.wiring import metadata_codec
-from tests.integration.test_services_api import (  # noqa: F401 - fixtures
-    Services,
-    api,
-    cluster_of,
-    gateway,
-    pytest_generate_tests,
-    services,
-)
+from tests.support.gateway_per_cluster import *  # noqa: F403 - its fixtures
 from tests.support.gateway_process import GatewayProcess
+from tests.support.live_services import Services
 from tests.support.polling import free_port, poll
 
 KEY_IN_CLUSTER = "/etc/slurm/jwt_hs256.key"
@@ -60,6 +55,11 @@ async def ended(cluster: LocalCluster, job_id: int) -> JobInfo:
     )
 
 
+async def status_of(api: httpx.AsyncClient, job_id: int) -> dict[str, Any]:
+    body: dict[str, Any] = (await api.get(f"/api/v1/services/{job_id}/status")).json()
+    return body
+
+
 async def real_service(services: Services, cluster: LocalCluster) -> tuple[dict[str, Any], str]:
     """A running service and the metadata part of its job's comment (what
     ``squeue -o %k`` shows every cluster user)."""
@@ -76,6 +76,7 @@ class Misbehaving:
 
     def __init__(self, gateway: GatewayProcess, running: dict[str, Any], meta: str) -> None:
         self.cluster = gateway.cluster
+        self.running, self.meta = running, meta
         self.codec: MetaCodec = metadata_codec(load_settings(gateway.env))
         decoded = self.codec.decode(meta, int(running["id"]))
         assert decoded is not None, meta
@@ -92,6 +93,13 @@ class Misbehaving:
         self.cluster.run_as(user, "scontrol", "update", f"jobid={job_id}", f"comment={comment}")
         self.cluster.run_as(user, "scontrol", "release", str(job_id))
         return job_id
+
+
+@pytest.fixture
+async def misbehaving(services: Services, gateway: GatewayProcess) -> Misbehaving:
+    """Misbehaving jobs beside a real, running service, whose comment they copy."""
+    running, meta = await real_service(services, gateway.cluster)
+    return Misbehaving(gateway, running, meta)
 
 
 @pytest.fixture
@@ -131,15 +139,9 @@ async def test_another_users_job_with_a_copied_comment_is_not_a_service(
 
 
 async def test_logs_are_read_only_from_the_file_the_gateway_chose(
-    services: Services,
-    cluster_of: LocalCluster,
-    gateway: GatewayProcess,
-    api: httpx.AsyncClient,
-    cleanup: list[Any],
+    misbehaving: Misbehaving, api: httpx.AsyncClient, cleanup: list[Any]
 ) -> None:
-    cluster = cluster_of
-    running, meta = await real_service(services, cluster)
-    misbehaving = Misbehaving(gateway, running, meta)
+    cluster, running = misbehaving.cluster, misbehaving.running
     user = cluster.user
     secret = Path(cluster.jwt_key).read_bytes()
     home = f"/home/{user}"
@@ -170,13 +172,8 @@ async def test_logs_are_read_only_from_the_file_the_gateway_chose(
     reasons = {}
     for what, job_id in jobs.items():
         await ended(cluster, job_id)
-
-        async def status_of(j: int = job_id) -> dict[str, Any]:
-            body: dict[str, Any] = (await api.get(f"/api/v1/services/{j}/status")).json()
-            return body
-
         # The gateway's view follows Slurm within its refresh interval.
-        await poll(status_of, lambda s: s["slurm_state"] == "CANCELLED")
+        await poll(partial(status_of, api, job_id), lambda s: s["slurm_state"] == "CANCELLED")
         started = time.monotonic()
         response = await api.get(f"/api/v1/services/{job_id}/logs", timeout=10)
         took = time.monotonic() - started
@@ -218,15 +215,9 @@ class Listener:
 
 
 async def test_forged_endpoints_are_never_shown_nor_probed(
-    services: Services,
-    cluster_of: LocalCluster,
-    gateway: GatewayProcess,
-    api: httpx.AsyncClient,
-    cleanup: list[Any],
+    misbehaving: Misbehaving, api: httpx.AsyncClient, cleanup: list[Any]
 ) -> None:
-    cluster = cluster_of
-    running, meta = await real_service(services, cluster)
-    misbehaving = Misbehaving(gateway, running, meta)
+    cluster, running = misbehaving.cluster, misbehaving.running
     user = cluster.user
     async with Listener() as listener:
         forged = [
@@ -243,15 +234,10 @@ async def test_forged_endpoints_are_never_shown_nor_probed(
             cleanup.append((user, job_id))
             ids.append(job_id)
         for job_id in ids:
-
-            async def status_of(j: int = job_id) -> dict[str, Any]:
-                body: dict[str, Any] = (await api.get(f"/api/v1/services/{j}/status")).json()
-                return body
-
             # As the gateway's view has it (at most its refresh interval behind Slurm).
-            await poll(status_of, lambda s: s["slurm_state"] == "RUNNING")
+            await poll(partial(status_of, api, job_id), lambda s: s["slurm_state"] == "RUNNING")
             for _ in range(3):  # more than one read, past the probe cache
-                status = await status_of()
+                status = await status_of(api, job_id)
                 assert status["endpoint"] is None, status
                 assert status["status"] == "starting", status
                 assert "not on its node" in status["status_reason"], status
@@ -266,15 +252,9 @@ async def test_forged_endpoints_are_never_shown_nor_probed(
 
 
 async def test_garbage_in_comments_never_breaks_a_listing(
-    services: Services,
-    cluster_of: LocalCluster,
-    gateway: GatewayProcess,
-    api: httpx.AsyncClient,
-    cleanup: list[Any],
+    misbehaving: Misbehaving, api: httpx.AsyncClient, cleanup: list[Any]
 ) -> None:
-    cluster = cluster_of
-    running, meta = await real_service(services, cluster)
-    misbehaving = Misbehaving(gateway, running, meta)
+    cluster, meta = misbehaving.cluster, misbehaving.meta
     old_style = base64.urlsafe_b64encode(json.dumps({"recipe": "x", "created": 1e20}).encode())
     comments = {
         cluster.other_user: [

@@ -16,16 +16,10 @@ from typing import Any
 import httpx
 
 from gateway.testing.clusters import LocalCluster
-from tests.integration.test_services_api import (  # noqa: F401 - fixtures
-    Services,
-    api,
-    cluster_of,
-    gateway,
-    pytest_generate_tests,
-    services,
-)
 from tests.support.clusters import TIMINGS, cluster_up
+from tests.support.gateway_per_cluster import *  # noqa: F403 - its fixtures
 from tests.support.gateway_process import GatewayProcess
+from tests.support.live_services import Services
 from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -30,9 +30,9 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.integration.test_prompt_path import running_stub
 from tests.support.clusters import TIMINGS
-from tests.support.gateway_process import GatewayProcess
+from tests.support.gateway_process import serving
+from tests.support.live_services import running_stub
 from tests.support.polling import poll
 
 
@@ -116,13 +116,8 @@ def kill_all(found: list[Process]) -> None:
 
 @pytest.fixture
 async def api(cluster: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
-    gateway = GatewayProcess(cluster)
-    await asyncio.to_thread(gateway.start)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
-            yield client
-    finally:
-        await asyncio.to_thread(gateway.stop)
+    async with serving(cluster) as client:
+        yield client
 
 
 async def test_a_killed_server_leaves_nothing_behind(

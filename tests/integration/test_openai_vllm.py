@@ -20,12 +20,11 @@ import openai
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.clusters import NO_VLLM, TIMINGS, VLLM_CLUSTERS, parametrize
 from tests.support.gateway_process import GatewayProcess
 from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_CLUSTERS = [c for c in CLUSTERS if (Path(c.chroot) / "opt/vllm/bin/python").exists()]
 KEY = "sgw_local-team-a-key"  # deploy/local/tenants.toml: tenant team-a
 ALIAS = "tiny-chat"
 ROOT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"  # the recipe's default, a tiny local stand-in
@@ -33,15 +32,7 @@ STARTUP = 420.0  # seconds; two vLLMs starting at once on two cores
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "gateway" in metafunc.fixturenames:
-        if not VLLM_CLUSTERS:
-            raise pytest.UsageError(
-                "no local cluster has the vLLM runtime; run deploy/local/vllm-runtime.sh"
-            )
-        metafunc.parametrize(
-            "gateway", VLLM_CLUSTERS, ids=[c.name for c in VLLM_CLUSTERS], indirect=True,
-            scope="module",
-        )  # fmt: skip
+    parametrize(metafunc, "gateway", VLLM_CLUSTERS, per_module=True, missing=NO_VLLM)
 
 
 @pytest.fixture(scope="module")

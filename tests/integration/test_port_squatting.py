@@ -25,9 +25,8 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.integration.test_vllm import VLLM_CLUSTERS
-from tests.support.clusters import TIMINGS
-from tests.support.gateway_process import GatewayProcess
+from tests.support.clusters import TIMINGS, VLLM_CLUSTERS
+from tests.support.gateway_process import serving
 from tests.support.polling import free_port, poll
 
 SQUATTER = """import http.server, sys
@@ -51,13 +50,8 @@ WINDOW = 10  # START_SECONDS: how long the job waits between its check and its b
 
 @pytest.fixture
 async def api(cluster: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
-    gateway = GatewayProcess(cluster)
-    await asyncio.to_thread(gateway.start)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
-            yield client
-    finally:
-        await asyncio.to_thread(gateway.stop)
+    async with serving(cluster) as client:
+        yield client
 
 
 def squat(cluster: LocalCluster, who: str, port: int) -> subprocess.Popen[str]:
@@ -89,15 +83,10 @@ async def test_a_port_taken_after_the_check_gets_no_key(
 
 @pytest.mark.parametrize("vllm_cluster", VLLM_CLUSTERS, ids=[c.name for c in VLLM_CLUSTERS])
 async def test_a_port_taken_before_vllm_binds_gets_no_key(vllm_cluster: LocalCluster) -> None:
-    gateway = GatewayProcess(vllm_cluster)
-    await asyncio.to_thread(gateway.start)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as api:
-            port = free_port()
-            environment = {"VLLM_MODEL": "gpt2", "VLLM_PORT": str(port)}
-            await squatted(vllm_cluster, api, "inference/vllm", environment, "root", "root", port)
-    finally:
-        await asyncio.to_thread(gateway.stop)
+    async with serving(vllm_cluster) as api:
+        port = free_port()
+        environment = {"VLLM_MODEL": "gpt2", "VLLM_PORT": str(port)}
+        await squatted(vllm_cluster, api, "inference/vllm", environment, "root", "root", port)
 
 
 async def squatted(

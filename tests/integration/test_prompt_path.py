@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +22,7 @@ import pytest
 from gateway.testing.clusters import LocalCluster
 from tests.support.clusters import TIMINGS, cluster_up, fault_line
 from tests.support.gateway_process import GatewayProcess
+from tests.support.live_services import prompt, running_stub
 from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,31 +40,6 @@ def gateway(cluster: LocalCluster) -> Iterator[GatewayProcess]:
 async def api(gateway: GatewayProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
         yield client
-
-
-async def running_stub(api: httpx.AsyncClient) -> str:
-    created = await api.post(
-        "/api/v1/services", json={"recipe_name": "testing/openai-stub"}
-    )  # fmt: skip
-    assert created.status_code == 201, created.text
-    sid: str = created.json()["id"]
-    await poll(
-        lambda: api.get(f"/api/v1/services/{sid}/status"),
-        lambda r: r.json()["status"] == "running",
-        timeout=60,
-    )
-    return sid
-
-
-async def prompt(api: httpx.AsyncClient, sid: str, stream: bool = False) -> httpx.Response:
-    body: dict[str, Any] = {"prompt": "hi", "max_tokens": 4, "stream": stream}
-    response = await api.post(f"/api/v1/vllm/{sid}/prompt", json=body)
-    if response.status_code == 200:
-        if stream:
-            assert response.text.rstrip().endswith("data: [DONE]"), response.text
-        else:
-            assert response.json()["response"] == " tok" * 4
-    return response
 
 
 async def test_prompts_go_on_while_slurmrestd_is_down_and_stop_with_the_service(

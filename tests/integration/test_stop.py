@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 
 from gateway.testing.clusters import LocalCluster
-from tests.integration.test_services_api import Services
 from tests.support.clusters import CLUSTERS, TIMINGS, fault_line
-from tests.support.gateway_process import GatewayProcess
+from tests.support.gateway_process import serving
+from tests.support.live_services import Services
 
 TIME_LIMIT_WAIT = 180.0  # a one-minute limit, slurmctld's check interval and KillWait
 
@@ -34,17 +34,12 @@ async def delete_twice(api: httpx.AsyncClient, sid: str, final: str) -> list[dic
 
 
 async def walk(cluster: LocalCluster) -> str:
-    gateway = GatewayProcess(cluster)
-    await asyncio.to_thread(gateway.start)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as api:
-            services = Services(api)
-            try:
-                return await stop_each_kind(cluster, api, services)
-            finally:
-                await services.cleanup()
-    finally:
-        await asyncio.to_thread(gateway.stop)
+    async with serving(cluster) as api:
+        services = Services(api)
+        try:
+            return await stop_each_kind(cluster, api, services)
+        finally:
+            await services.cleanup()
 
 
 async def stop_each_kind(cluster: LocalCluster, api: httpx.AsyncClient, services: Services) -> str:

@@ -37,7 +37,7 @@ from gateway.settings import load_settings
 from gateway.slurm import JobState
 from gateway.testing.clusters import LocalCluster
 from gateway.wiring import metadata_codec
-from tests.support.clusters import CLUSTERS, TIMINGS
+from tests.support.clusters import TIMINGS, named, parametrize
 from tests.support.gateway_process import GatewayProcess
 from tests.support.oidc_issuer import AUDIENCE, Issuer
 from tests.support.polling import poll
@@ -66,24 +66,10 @@ def bearer(credential: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {credential}"}
 
 
-def selected_clusters() -> list[LocalCluster]:
-    found = {c.name: c for c in CLUSTERS}
-    missing = [name for name in CLUSTER_NAMES if name not in found]
-    if missing:
-        # A missing cluster is a failure, never a silent skip.
-        raise pytest.UsageError(
-            f"clusters {missing} are not up; run `bash deploy/local/cluster.sh up`"
-        )
-    return [found[name] for name in CLUSTER_NAMES]
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    clusters = selected_clusters()
-    ids = [c.name for c in clusters]
-    if "deployment" in metafunc.fixturenames:
-        metafunc.parametrize("deployment", clusters, ids=ids, indirect=True, scope="module")
-    elif "local" in metafunc.fixturenames:
-        metafunc.parametrize("local", clusters, ids=ids)
+    clusters = named(*CLUSTER_NAMES)
+    if not parametrize(metafunc, "deployment", clusters, per_module=True):
+        parametrize(metafunc, "local", clusters)
 
 
 # -- fixtures --------------------------------------------------------------------
@@ -459,9 +445,25 @@ class Attack:
     names: str = ""
 
 
+def _oidc(
+    subject: str = "gwteam@example.org", **claims: Any
+) -> Callable[[Deployment], dict[str, str]]:
+    """An OIDC token of ``subject`` (gwteam), with these claims changed."""
+    return lambda d: bearer(d.issuer.token(subject, **claims))
+
+
+def _forged(how: str) -> Callable[[Deployment], dict[str, str]]:
+    """gwteam's OIDC token, forged ``how`` (tests/support/oidc_issuer.py)."""
+    return lambda d: bearer(d.issuer.forged(how, "gwteam@example.org"))
+
+
+def _team_a(d: Deployment) -> dict[str, str]:
+    return bearer(TEAM_A)
+
+
 def _expired(d: Deployment) -> dict[str, str]:
     now = int(time.time())
-    return bearer(d.issuer.token("gwteam@example.org", iat=now - 900, exp=now - 120))
+    return _oidc(iat=now - 900, exp=now - 120)(d)
 
 
 def _slurm_expired(d: Deployment) -> dict[str, str]:
@@ -481,65 +483,25 @@ ATTACKS = [
         names="Bearer",
     ),
     Attack("OIDC expired", 401, _expired, names="expired"),
-    Attack(
-        "OIDC signature changed",
-        401,
-        lambda d: bearer(d.issuer.forged("signature-changed", "gwteam@example.org")),
-        names="Signature",
+    *(
+        Attack(f"OIDC {what}", 401, _forged(how), names=names)
+        for what, how, names in [
+            ("signature changed", "signature-changed", "Signature"),
+            ("payload swapped (gwuser's signature)", "payload-changed", "Signature"),
+            ("alg none", "alg-none", "'none' is not accepted"),
+            ("HS256 keyed with the JWKS public key", "hs256-public-key", "'HS256' is not accepted"),
+            ("signed by a foreign key (real kid)", "foreign-key", "Signature"),
+        ]
     ),
-    Attack(
-        "OIDC payload swapped (gwuser's signature)",
-        401,
-        lambda d: bearer(d.issuer.forged("payload-changed", "gwteam@example.org")),
-        names="Signature",
-    ),
-    Attack(
-        "OIDC alg none",
-        401,
-        lambda d: bearer(d.issuer.forged("alg-none", "gwteam@example.org")),
-        names="'none' is not accepted",
-    ),
-    Attack(
-        "OIDC HS256 keyed with the JWKS public key",
-        401,
-        lambda d: bearer(d.issuer.forged("hs256-public-key", "gwteam@example.org")),
-        names="'HS256' is not accepted",
-    ),
-    Attack(
-        "OIDC signed by a foreign key (real kid)",
-        401,
-        lambda d: bearer(d.issuer.forged("foreign-key", "gwteam@example.org")),
-        names="Signature",
-    ),
-    Attack(
-        "OIDC wrong issuer",
-        401,
-        lambda d: bearer(d.issuer.token("gwteam@example.org", iss="https://evil.example")),
-        names="issuer",
-    ),
-    Attack(
-        "OIDC wrong audience",
-        401,
-        lambda d: bearer(d.issuer.token("gwteam@example.org", aud="another-client")),
-        names="audience",
-    ),
-    Attack(
-        "OIDC without exp",
-        401,
-        lambda d: bearer(d.issuer.token("gwteam@example.org", exp=None)),
-        names="exp",
-    ),
-    Attack(
-        "OIDC user outside allow-list and rule",
-        403,
-        lambda d: bearer(d.issuer.token("mallory@evil.example")),
-        names="not allowed",
-    ),
-    Attack(
-        "OIDC user almost matching the rule",
-        403,
-        lambda d: bearer(d.issuer.token("gwteam@example.org.evil.example")),
-        names="not allowed",
+    Attack("OIDC wrong issuer", 401, _oidc(iss="https://evil.example"), names="issuer"),
+    Attack("OIDC wrong audience", 401, _oidc(aud="another-client"), names="audience"),
+    Attack("OIDC without exp", 401, _oidc(exp=None), names="exp"),
+    *(
+        Attack(f"OIDC user {what}", 403, _oidc(subject), names="not allowed")
+        for what, subject in [
+            ("outside allow-list and rule", "mallory@evil.example"),
+            ("almost matching the rule", "gwteam@example.org.evil.example"),
+        ]
     ),
     Attack(
         "OIDC token + X-SLURM-USER-NAME of another user",
@@ -575,19 +537,19 @@ ATTACKS = [
         lambda d: {**bearer(TEAM_A), "X-SLURM-USER-TOKEN": d.slurm_token("gwteam")},
         names="not both",
     ),
-    Attack("body: user", 422, lambda d: bearer(TEAM_A), {**HTTP, "user": "gwteam"}, "user"),
-    Attack("body: account", 422, lambda d: bearer(TEAM_A), {**HTTP, "account": "x"}, "account"),
+    Attack("body: user", 422, _team_a, {**HTTP, "user": "gwteam"}, "user"),
+    Attack("body: account", 422, _team_a, {**HTTP, "account": "x"}, "account"),
     Attack(
         "body: config.user",
         422,
-        lambda d: bearer(TEAM_A),
+        _team_a,
         {**HTTP, "config": {"user": "gwteam"}},
         "config.user",
     ),
     Attack(
         "body: config.resources.account",
         422,
-        lambda d: bearer(TEAM_A),
+        _team_a,
         {**HTTP, "config": {"resources": {"account": "other-project"}}},
         "config.resources.account",
     ),
@@ -595,7 +557,7 @@ ATTACKS = [
         Attack(
             f"body: config.environment.{variable}",
             422,
-            lambda d: bearer(TEAM_A),
+            _team_a,
             {**HTTP, "config": {"environment": {variable: value}}},
             f"config.environment.{variable}",
         )
@@ -631,19 +593,34 @@ async def test_attack_is_refused(deployment: Deployment, tracker: Tracker, attac
         assert [e["field"] for e in response.json()["errors"]] == [attack.names], response.text
 
 
+async def running_as_gwteam(
+    cluster: LocalCluster,
+    api: httpx.AsyncClient,
+    tracker: Tracker,
+    credential: dict[str, str],
+    what: str,
+) -> dict[str, Any]:
+    """A service created with ``credential`` (``what`` in the table), running
+    as the Slurm user gwteam."""
+    created = await tracker.create(cluster, api, credential, HTTP)
+    row(cluster, what, "POST /api/v1/services", created)
+    assert created.status_code == 201, created.text
+    service: dict[str, Any] = created.json()
+    assert service["owner"] == "gwteam", service
+    await wait_status(api, credential, service["id"], "running")
+    assert (await squeue(cluster))[service["id"]] == ("gwteam", "RUNNING")
+    return service
+
+
 async def test_oidc_token_runs_its_service_as_the_mapped_slurm_user(
     deployment: Deployment, tracker: Tracker
 ) -> None:
     cluster, issuer = deployment.cluster, deployment.issuer
     token = bearer(issuer.token("gwteam@example.org"))
     async with client(deployment.url) as api:
-        created = await tracker.create(cluster, api, token, HTTP)
-        row(cluster, "(valid) OIDC token gwteam@example.org", "POST /api/v1/services", created)
-        assert created.status_code == 201, created.text
-        service = created.json()
-        assert (service["owner"], service["tenant"]) == ("gwteam", "gwteam"), service
-        await wait_status(api, token, service["id"], "running")
-        assert (await squeue(cluster))[service["id"]] == ("gwteam", "RUNNING")
+        what = "(valid) OIDC token gwteam@example.org"
+        service = await running_as_gwteam(cluster, api, tracker, token, what)
+        assert service["tenant"] == "gwteam", service
         # Same Slurm user, another tenant: team-b does not see it.
         theirs = await api.get(f"/api/v1/services/{service['id']}", headers=bearer(TEAM_B))
         row(cluster, "team-b key (gwteam) on OIDC tenant's id", "GET /api/v1/services/{id}", theirs)
@@ -661,13 +638,9 @@ async def test_slurm_token_pass_through_runs_as_its_user(
     cluster = deployment.cluster
     token = {"X-SLURM-USER-TOKEN": deployment.slurm_token("gwteam")}
     async with client(deployment.url) as api:
-        created = await tracker.create(cluster, api, token, HTTP)
-        row(cluster, "(valid) Slurm token of gwteam", "POST /api/v1/services", created)
-        assert created.status_code == 201, created.text
-        service = created.json()
-        assert service["owner"] == "gwteam", service
-        await wait_status(api, token, service["id"], "running")
-        assert (await squeue(cluster))[service["id"]] == ("gwteam", "RUNNING")
+        service = await running_as_gwteam(
+            cluster, api, tracker, token, "(valid) Slurm token of gwteam"
+        )
         # A token of gwuser (another caller) does not see it.
         other = {"X-SLURM-USER-TOKEN": deployment.slurm_token("gwuser")}
         theirs = await api.get(f"/api/v1/services/{service['id']}/status", headers=other)

@@ -20,27 +20,15 @@ import httpx
 import pytest
 
 from gateway.testing.clusters import LocalCluster, upstream_key
-from tests.support.clusters import CLUSTERS, TIMINGS, fault_line
+from tests.support.clusters import NO_VLLM, TIMINGS, VLLM_CLUSTERS, fault_line, parametrize
 from tests.support.gateway_process import GatewayProcess
 from tests.support.polling import poll
 
-VLLM_CLUSTERS = [c for c in CLUSTERS if (Path(c.chroot) / "opt/vllm/bin/python").exists()]
 STARTUP = 420.0  # seconds; two vLLMs starting at once on two cores
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "gateway" in metafunc.fixturenames:
-        if not VLLM_CLUSTERS:
-            raise pytest.UsageError(
-                "no local cluster has the vLLM runtime; run deploy/local/vllm-runtime.sh"
-            )
-        metafunc.parametrize(
-            "gateway",
-            VLLM_CLUSTERS,
-            ids=[c.name for c in VLLM_CLUSTERS],
-            indirect=True,
-            scope="module",
-        )
+    parametrize(metafunc, "gateway", VLLM_CLUSTERS, per_module=True, missing=NO_VLLM)
 
 
 @pytest.fixture(scope="module")

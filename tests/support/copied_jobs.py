@@ -144,7 +144,7 @@ class Services:
 
         await poll(status, lambda s: s.get("status") == "running", timeout=90, what=f"{sid} up")
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for sid, who in self.made:
             with contextlib.suppress(httpx.HTTPError):
                 await self.api.delete(f"/api/v1/services/{sid}", headers=who)

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import httpx
 
 from gateway.testing.clusters import LocalCluster
+from tests.support.lifecycle import Running
 from tests.support.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class GatewayProcess:
+class GatewayProcess(Running):
     def __init__(self, cluster: LocalCluster, **env: str) -> None:
         self.cluster = cluster
         self.port = free_port()
@@ -35,7 +39,7 @@ class GatewayProcess:
         }
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> GatewayProcess:
+    def start(self) -> Self:
         log = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway"], env=self.env, stdout=log, stderr=log, cwd=ROOT
@@ -60,13 +64,15 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
 
-    def __enter__(self) -> GatewayProcess:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+@asynccontextmanager
+async def serving(cluster: LocalCluster, **env: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a gateway that runs for the block (started and stopped in a
+    thread: the start waits for its health, which would block the loop)."""
+    gateway = GatewayProcess(cluster, **env)
+    await asyncio.to_thread(gateway.start)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            yield client
+    finally:
+        await asyncio.to_thread(gateway.stop)

@@ -13,14 +13,13 @@ import json
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
+
+from tests.support.jwks import JsonServer, new_key, public_jwk, public_pem
+from tests.support.lifecycle import Running
 
 AUDIENCE = "slurm-ai-gateway-tests"
 
@@ -33,11 +32,7 @@ def _json_b64(value: dict[str, Any]) -> str:
     return _b64(json.dumps(value, separators=(",", ":")).encode())
 
 
-def new_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-class Issuer:
+class Issuer(Running):
     """``with Issuer() as issuer: issuer.token("gwteam@example.org")``."""
 
     def __init__(self, audience: str = AUDIENCE) -> None:
@@ -46,37 +41,21 @@ class Issuer:
         self.keys: dict[str, rsa.RSAPrivateKey] = {}
         self.current = self.add_key()
         self.jwks_fetches = 0
-        issuer = self
+        self.http = JsonServer(self._answer)
+        self.url = self.http.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/.well-known/openid-configuration":
-                    body = {
-                        "issuer": issuer.url,
-                        "jwks_uri": f"{issuer.url}/jwks",
-                        "id_token_signing_alg_values_supported": ["RS256"],
-                    }
-                elif self.path == "/jwks":
-                    with issuer._lock:
-                        issuer.jwks_fetches += 1
-                    body = issuer.jwks()
-                else:
-                    self.send_error(404)
-                    return
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # quiet: the test output is the gateway's
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def _answer(self, path: str) -> Any:
+        if path == "/.well-known/openid-configuration":
+            return {
+                "issuer": self.url,
+                "jwks_uri": f"{self.url}/jwks",
+                "id_token_signing_alg_values_supported": ["RS256"],
+            }
+        if path == "/jwks":
+            with self._lock:
+                self.jwks_fetches += 1
+            return self.jwks()
+        return 404
 
     # -- keys ---------------------------------------------------------------
 
@@ -91,17 +70,10 @@ class Issuer:
     def jwks(self) -> dict[str, Any]:
         with self._lock:
             keys = list(self.keys.items())
-        found = []
-        for kid, key in keys:
-            jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-            found.append({**jwk, "kid": kid, "use": "sig", "alg": "RS256"})
-        return {"keys": found}
+        return {"keys": [public_jwk(key, kid) for kid, key in keys]}
 
     def public_pem(self, kid: str | None = None) -> bytes:
-        key = self.keys[kid or self.current]
-        return key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return public_pem(self.keys[kid or self.current])
 
     # -- tokens -------------------------------------------------------------
 
@@ -163,21 +135,9 @@ class Issuer:
 
     # -- running ------------------------------------------------------------
 
-    def start(self) -> Issuer:
-        self._thread.start()
+    def start(self) -> Self:
+        self.http.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> Issuer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self.http.stop()

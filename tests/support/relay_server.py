@@ -18,14 +18,14 @@ from typing import cast
 import uvicorn
 from litestar import Litestar
 
-from gateway.api.prompting import Prompting
-from gateway.api.relay import FrontDoor
 from gateway.app import create_app, served
 from gateway.core.errors import NotFound
 from gateway.core.principal import Principal
 from gateway.core.services import Service, ServiceManager
+from gateway.proxy.frontdoor import FrontDoor
+from gateway.proxy.prompts import Prompting
 from gateway.settings import load_settings
-from tests.unit.test_routing import router, service
+from tests.support.services import router, service
 
 
 class RunningServices:
@@ -46,9 +46,10 @@ def given(app: Litestar, services: list[Service]) -> None:
     """``services`` as the front door's and the prompt route's, once started."""
 
     async def swap(app: Litestar) -> None:
-        vllm = app.state.vllm
-        app.state.front_door = FrontDoor(router=router(*services), vllm=vllm)
-        app.state.prompting = Prompting(
+        provided = app.state.provided
+        vllm = provided.vllm
+        provided.front_door = FrontDoor(router=router(*services), vllm=vllm)
+        provided.prompting = Prompting(
             services=cast(ServiceManager, RunningServices(*services)), vllm=vllm
         )
 

@@ -1,7 +1,20 @@
 """One adapter per slurmrestd API version, newest first.
 
-Each module documents how its version differs from the next newer one; the
-classes inherit in that order, so a difference lives in exactly one place.
+The full implementation, in the newest shapes and named by no version, is
+``current.py``; ``base.py`` holds what no version changes (paths, error
+mapping). Each version module documents how its version differs from the next
+newer one; the classes inherit in that order (``V0045`` from
+``CurrentAdapter``, ``V0044`` from ``V0045``, ...), so a difference lives in
+exactly one place.
+
+Adding a version (say v0.0.46): write ``v0_0_46.py`` with ``class
+V0046(CurrentAdapter)`` naming its version, make ``V0045`` inherit from it,
+and put it first in ``ADAPTERS`` below. Record a cluster that serves it
+(``make fixtures ONLY=<cluster>``, scripts/record_fixtures.py): its answers land
+in ``tests/fixtures/slurmrestd/<release>/v0.0.46/`` and every recorded-answer
+test in tests/unit/slurm/adapters/ then runs against them. Where a test
+fails, the new version changed a shape: change it in ``current.py`` and give
+``v0_0_45.py`` the old one back, saying so in its docstring.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from gateway.slurm.adapters import v0_0_45 as newer
+from gateway.slurm.adapters import current
 from gateway.slurm.adapters.base import FALLBACK_ENVIRONMENT, JobList
 from gateway.slurm.adapters.v0_0_39 import V0039
 from gateway.slurm.errors import SlurmAuthError, SlurmError, SlurmErrorDetail
@@ -51,7 +51,7 @@ class Ping(msgspec.Struct, frozen=True):
 
 
 class SlurmMeta(msgspec.Struct, frozen=True, rename={"slurm": "Slurm"}):
-    slurm: newer.SlurmMeta = newer.SlurmMeta()
+    slurm: current.SlurmMeta = current.SlurmMeta()
 
 
 class PingResponse(msgspec.Struct, frozen=True):
@@ -70,11 +70,7 @@ class V0038(V0039):
             "nodes": str(job.nodes),
         }
         optional: dict[str, Any] = {
-            "partition": job.partition,
-            "account": job.account,
-            "standard_output": job.standard_output,
-            "standard_error": job.standard_error,
-            "cpus_per_task": job.cpus_per_task,
+            **self.plain_fields(job),
             "memory_per_node": job.memory_per_node_mb,
             "time_limit": job.time_limit_minutes,
             "comment": job.comment,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from gateway.slurm.adapters import v0_0_45 as newer
+from gateway.slurm.adapters import current
 from gateway.slurm.adapters.base import NoVal, number
 from gateway.slurm.adapters.v0_0_40 import V0040
 from gateway.slurm.models import JobExit, JobState, JobSubmission
@@ -35,13 +35,13 @@ from gateway.slurm.models import JobExit, JobState, JobSubmission
 _CANCEL_SIGNALS = frozenset({9, 15})
 
 
-class Job(newer.Job, frozen=True):
+class Job(current.Job, frozen=True):
     exit_code: NoVal | int | None = None  # type: ignore[assignment]
 
 
 class V0039(V0040):
     version: ClassVar[str] = "v0.0.39"
-    job_model: ClassVar[type[newer.Job]] = Job
+    job_model: ClassVar[type[current.Job]] = Job
 
     def update_time_param(self, since: datetime) -> dict[str, str]:
         return {"update_time": str(int(since.timestamp()))}
@@ -49,14 +49,14 @@ class V0039(V0040):
     def submit_body(self, job: JobSubmission) -> dict[str, Any]:
         return {"script": job.script, "job": self.job_description(job)}
 
-    def job_state(self, job: newer.Job) -> tuple[JobState, tuple[str, ...]]:
+    def job_state(self, job: current.Job) -> tuple[JobState, tuple[str, ...]]:
         state, flags = super().job_state(job)
         words = [job.job_state] if isinstance(job.job_state, str) else job.job_state
         if [w.upper() for w in words] == ["COMPLETING"]:
             state = self.completing_base_state(job)
         return state, flags
 
-    def completing_base_state(self, job: newer.Job) -> JobState:
+    def completing_base_state(self, job: current.Job) -> JobState:
         """How a job reported as bare "COMPLETING" ended, from its exit code."""
         status = number(job.exit_code) if isinstance(job, Job) else None
         ended = JobExit.from_wait_status(status) if status is not None else None
@@ -70,7 +70,7 @@ class V0039(V0040):
             return JobState.CANCELLED
         return JobState.FAILED
 
-    def job_exit(self, job: newer.Job, state: JobState) -> JobExit | None:
+    def job_exit(self, job: current.Job, state: JobState) -> JobExit | None:
         status = number(job.exit_code) if isinstance(job, Job) else None
         if not state.is_terminal or status is None:
             return None

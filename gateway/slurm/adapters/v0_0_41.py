@@ -21,23 +21,23 @@ from typing import ClassVar
 
 import msgspec
 
-from gateway.slurm.adapters import v0_0_45 as newer
+from gateway.slurm.adapters import current
 from gateway.slurm.adapters.v0_0_42 import V0042
 
 
-class Ping(newer.Ping, frozen=True):
+class Ping(current.Ping, frozen=True):
     pinged: str = ""
 
 
-class PingResponse(newer.PingResponse, frozen=True):
+class PingResponse(current.PingResponse, frozen=True):
     pings: list[Ping] = msgspec.field(default_factory=list)  # type: ignore[assignment]
 
 
 class V0041(V0042):
     version: ClassVar[str] = "v0.0.41"
-    ping_model: ClassVar[type[newer.PingResponse]] = PingResponse
+    ping_model: ClassVar[type[current.PingResponse]] = PingResponse
 
-    def responding(self, ping: newer.Ping) -> bool:
+    def responding(self, ping: current.Ping) -> bool:
         if isinstance(ping, Ping) and ping.responding is None:
             return ping.pinged == "UP"
         return super().responding(ping)

@@ -1,6 +1,6 @@
 // A service's life through a client typed from openapi/openapi.json: the
 // generated `paths` (openapi-typescript) checked at every call by openapi-fetch.
-// It is type-checked (tests/unit/test_typescript_client.py), not run: a field,
+// It is type-checked (tests/tools/test_typescript_client.py), not run: a field,
 // path or status the document does not have fails the compile.
 import createClient from "openapi-fetch";
 import type { components, paths } from "./generated/api";

@@ -1,4 +1,4 @@
-// Must NOT compile (tests/unit/test_typescript_client.py): misspelled fields
+// Must NOT compile (tests/tools/test_typescript_client.py): misspelled fields
 // against the generated types show that the type-check can fail.
 import createClient from "openapi-fetch";
 import type { paths } from "../generated/api";

@@ -1,0 +1,366 @@
+"""The OpenAI front door's data path: a request for a model, relayed as it came.
+
+``relay_request`` answers ``POST /v1/chat/completions``, ``/v1/completions``
+and ``/v1/embeddings`` in front of their (documenting) handlers (middleware.py),
+for the reason the prompt route has a fast path (prompts.py): Litestar's handler machinery
+was a quarter of a proxied request's CPU. Only ``model`` (and ``stream``) is
+read from the body; the body goes to the chosen service byte for byte, and its
+answer comes back byte for byte as it arrives, never held whole (streams
+chunk by chunk). Failures are raised for the route's exception handlers,
+which answer in OpenAI's error shape; one after the answer has started
+(vLLM breaking off) cuts the connection, which the client sees as an
+incomplete answer.
+
+Each request holds a lease (gateway/upstream/limits.py): its body on the
+memory budget until the service has it, and a slot at the service for its
+tenant until the answer ends.
+
+Authentication is app middleware and has run by now: ``scope["user"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import aiohttp
+import msgspec
+import structlog
+from litestar.types import Receive, Scope, Send
+
+from gateway.core.errors import GatewayError
+from gateway.core.principal import Principal
+from gateway.core.routing import ModelRouter
+from gateway.core.services import Service
+from gateway.metrics import PROMPT_FIRST_BYTE, PROMPTS, series
+from gateway.proxy.asgi import JSON, SSE_HEADERS, read_body, send_stream, send_whole
+from gateway.proxy.prompts import upstream_failure
+from gateway.proxy.sse import AnswerUsage, count_usage, relay
+from gateway.proxy.wire import MODEL_MAX_LENGTH
+from gateway.upstream.answers import (
+    UpstreamError,
+    UpstreamUnavailable,
+    iter_answer,
+    iter_chunks,
+    message_of,
+    read_all,
+)
+from gateway.upstream.limits import Lease, tenant_of
+from gateway.upstream.vllm import LARGE_ANSWER, VllmClient
+
+log = structlog.get_logger(__name__)
+
+# Longer contexts and embedding batches than the prompt route's 1 MiB.
+MAX_BODY = 32 * 1024 * 1024
+SERVICE_HEADER = b"x-gateway-service-id"
+# vLLM's error statuses the client gets as they are.
+PASSED_ON = frozenset({400, 404, 422, 429, 500, 503})
+
+
+class BadRequest(GatewayError):
+    """A /v1 body the relay cannot route (OpenAI answers these 400)."""
+
+    status_code = 400
+    title = "Bad request"
+
+    def __init__(self, detail: str, *, param: str | None = None, status: int = 400) -> None:
+        super().__init__(detail)
+        self.param = param
+        self.status_code = status
+
+
+class UpstreamAnswer(GatewayError):
+    """vLLM's own error answer, passed on with its status and message."""
+
+    title = "The service answered with an error"
+
+    def __init__(self, status: int, detail: str, kind: str | None) -> None:
+        super().__init__(detail)
+        # Passed on where they are the request's (or vLLM's load's) business; a
+        # 401 or 403 is about the key, which is the gateway's: those, and
+        # anything else undocumented, are a bad gateway.
+        self.status_code = status if status in PASSED_ON else 502
+        self.kind = kind if self.status_code == status else None
+
+
+class _Head(msgspec.Struct):
+    """What routing reads of a body; the rest is skipped, never built."""
+
+    model: Annotated[str, msgspec.Meta(max_length=MODEL_MAX_LENGTH)] | None = None
+    # Raw: whatever it is, never decoded (vLLM says if it is not a boolean).
+    stream: msgspec.Raw = msgspec.Raw(b"false")
+
+
+class RequestBody:
+    """The body, until the service has it: then dropped and its bytes given
+    back to the budget, as a stream may last long after."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def drop(self, lease: Lease) -> None:
+        lease.give(len(self.data))
+        self.data = b""
+
+
+_read_head = msgspec.json.Decoder(_Head).decode
+
+
+class _UpstreamError(msgspec.Struct):
+    type: str | None = None
+
+
+class _UpstreamErrorBody(msgspec.Struct):
+    error: _UpstreamError | str | None = None
+    type: str | None = None  # vLLM before 0.6 put it at the top
+
+
+_read_error = msgspec.json.Decoder(_UpstreamErrorBody).decode
+
+
+@dataclass(slots=True)
+class FrontDoor:
+    """What the /v1 routes and their data path need, as one object."""
+
+    router: ModelRouter
+    vllm: VllmClient
+    # Service id -> the longest context vLLM reports for its model.
+    _context: dict[str, int | None] = field(default_factory=dict)
+
+    async def max_model_len(self, service: Service, model: str) -> int | None:
+        """From the request (the recipe's ``max_model_len_variable``), else
+        vLLM's own model list (asked once per service)."""
+        configured = service.max_model_len
+        if configured and configured.isdigit():
+            return int(configured)
+        upstream = service.upstream
+        if upstream is None:
+            return None
+        if service.id in self._context:
+            return self._context[service.id]
+        try:
+            cards = await self.vllm.model_cards(upstream.url, upstream.key)
+        except (UpstreamError, UpstreamUnavailable):
+            return None  # asked again next time
+        found = next((c.max_model_len for c in cards if c.id == model), None)
+        if len(self._context) > 4096:
+            self._context.clear()
+        self._context[service.id] = found
+        return found
+
+    async def forward(
+        self,
+        principal: Principal,
+        model: str,
+        path: str,
+        body: RequestBody,
+        lease: Lease,
+        receive: Receive,
+        send: Send,
+        *,
+        stream: bool = False,
+    ) -> None:
+        """``body`` to a service of ``model`` and its answer to the client, on
+        ``lease`` (whose bytes hold the body, given back once it is sent)."""
+        tenant = tenant_of(principal)
+        service = await self.router.pick(principal, model)
+        try:
+            await self._once(service, tenant, path, body, lease, stream, receive, send)
+        except UpstreamUnavailable as exc:
+            if not exc.unsent:
+                raise upstream_failure(service.id, exc) from None
+            # Nothing reached it: another service of the model may take it, once.
+            assert service.upstream is not None
+            self.router.eject(service.upstream)
+            try:
+                other = await self.router.pick(principal, model, avoid=service.upstream.url)
+            except GatewayError:
+                raise upstream_failure(service.id, exc) from None
+            try:
+                await self._once(other, tenant, path, body, lease, stream, receive, send)
+            except UpstreamUnavailable as again:
+                if again.unsent:
+                    assert other.upstream is not None
+                    self.router.eject(other.upstream)
+                raise upstream_failure(other.id, again) from None
+
+    async def _once(
+        self,
+        service: Service,
+        tenant: str | None,
+        path: str,
+        body: RequestBody,
+        lease: Lease,
+        stream: bool,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        upstream = service.upstream
+        assert upstream is not None  # the router picks running services only
+        await lease.admit(upstream.url, tenant)
+        try:
+            with self.router.outstanding(upstream):
+                started = time.perf_counter()
+                response, deadline = await self.vllm.forward(
+                    upstream.url, path, body.data, upstream.key, stream=stream
+                )
+                body.drop(lease)  # it has reached the service: never sent again
+                headers = [(SERVICE_HEADER, service.id.encode())]
+                if response.status >= 400:
+                    series(PROMPTS, "false", "upstream_error").inc()
+                    try:
+                        answer = await read_all(response, lease=lease, deadline=deadline)
+                    except UpstreamError:
+                        raise UpstreamAnswer(
+                            502, "vLLM's error answer is over 1 MiB", None
+                        ) from None
+                    raise UpstreamAnswer(
+                        answer.status,
+                        message_of(answer.content, answer.status),
+                        _kind(answer.content),
+                    )
+                if response.content_type == "text/event-stream":
+                    await self._stream(response, deadline, started, headers, receive, send)
+                else:
+                    await self._pass(response, deadline, started, headers, receive, send)
+        finally:
+            lease.leave()
+
+    @staticmethod
+    async def _pass(
+        response: aiohttp.ClientResponse,
+        deadline: float,
+        started: float,
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """A whole answer, passed on as it arrives: never held whole."""
+        length = response.content_length
+        if length is not None and length > LARGE_ANSWER:
+            response.close()
+            series(PROMPTS, "false", "upstream_error").inc()
+            raise UpstreamAnswer(502, f"vLLM answered more than {LARGE_ANSWER} bytes", None)
+        chunks = iter_answer(response, LARGE_ANSWER, deadline)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = b""
+        except UpstreamError as exc:
+            series(PROMPTS, "false", "upstream_error").inc()
+            raise UpstreamAnswer(502, exc.message, None) from None
+        except UpstreamUnavailable as exc:
+            series(PROMPTS, "false", "timeout" if exc.timeout else "unreachable").inc()
+            raise
+        series(PROMPT_FIRST_BYTE, "false").observe(time.perf_counter() - started)
+        if length is not None:
+            headers.append((b"content-length", b"%d" % length))
+            if len(first) == length:
+                # The usual answer, whole in one read: sent as it is, without
+                # the machinery of a stream (two tasks a request).
+                async for _ in chunks:
+                    pass  # its end: the connection goes back to the pool
+                count_usage(first)
+                series(PROMPTS, "false", "ok").inc()
+                await send_whole(send, response.status, [JSON, *headers], first)
+                return
+        try:
+            await send_stream(
+                _passed(first, chunks), chunks, receive, send, [JSON, *headers], response.status
+            )
+        except (UpstreamError, UpstreamUnavailable) as exc:
+            # Too late for an error answer: returning without its end makes
+            # the server close the connection, so the client sees it cut short.
+            log.warning("upstream_answer_cut_off", reason=str(exc))
+
+    @staticmethod
+    async def _stream(
+        response: aiohttp.ClientResponse,
+        deadline: float,
+        started: float,
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        chunks = iter_chunks(response, deadline)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = b""
+        except UpstreamUnavailable as exc:
+            await chunks.aclose()
+            series(PROMPTS, "true", "timeout" if exc.timeout else "unreachable").inc()
+            raise
+        series(PROMPT_FIRST_BYTE, "true").observe(time.perf_counter() - started)
+        await send_stream(relay(first, chunks), chunks, receive, send, [*SSE_HEADERS, *headers])
+
+
+async def _passed(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    """A whole answer's pieces as they come, its usage read on the way."""
+    outcome = "client_gone"  # unless it ends
+    usage = AnswerUsage()
+    try:
+        usage.feed(first)
+        yield first
+        async for chunk in chunks:
+            usage.feed(chunk)
+            yield chunk
+        outcome = "ok"
+        usage.finish()
+    except UpstreamError:
+        outcome = "upstream_error"
+        raise
+    except UpstreamUnavailable as exc:
+        outcome = "timeout" if exc.timeout else "unreachable"
+        raise
+    finally:
+        series(PROMPTS, "false", outcome).inc()
+
+
+def _kind(content: bytes | bytearray) -> str | None:
+    try:
+        body = _read_error(content)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(body.error, _UpstreamError):
+        return body.error.type
+    return body.type
+
+
+async def relay_request(
+    door: FrontDoor, path: str, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """A /v1 request relayed to ``path`` of a service of its model, on a lease
+    of its own."""
+    lease = door.vllm.limits.lease()
+    try:
+        await _relay(door, path, lease, scope, receive, send)
+    finally:
+        lease.close()
+
+
+async def _relay(
+    door: FrontDoor, path: str, lease: Lease, scope: Scope, receive: Receive, send: Send
+) -> None:
+    data, whole = await read_body(receive, scope, MAX_BODY, lease)
+    if not whole:
+        if len(data) <= MAX_BODY:
+            return  # the client left before sending it all
+        raise BadRequest(f"the body is over {MAX_BODY // (1024 * 1024)} MiB", status=413)
+    try:
+        head = _read_head(data)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"the body is not an OpenAI request: {exc}", param="model") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    model, stream = head.model, len(head.stream) == 4 and bytes(head.stream) == b"true"
+    del head  # its Raw holds the body
+    if not model:
+        raise BadRequest("model: required; GET /v1/models lists them", param="model")
+    body = RequestBody(data)
+    del data  # only ``body`` holds it now, and drops it once the service has it
+    await door.forward(scope["user"], model, path, body, lease, receive, send, stream=stream)

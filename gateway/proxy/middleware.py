@@ -1,0 +1,54 @@
+"""The data path in front of the routes it answers, handed what it needs when built.
+
+The API marks its routes in their ``opt``: ``PROMPT`` for the prompt route
+(prompts.py's fast path), ``RELAY`` with the service's path for the /v1 routes
+(frontdoor.py). This middleware, the innermost of the app's, answers them
+before their handlers; Litestar's routing, exception handlers and
+authentication have run by then, so failures raised here get the route's
+error shape, and ``scope["user"]`` is the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from gateway.proxy.frontdoor import FrontDoor, relay_request
+from gateway.proxy.prompts import Prompting, fast_path
+
+PROMPT = "proxy.prompt"
+RELAY = "proxy.relay"
+
+
+class DataPath(Protocol):
+    """Where the data path finds the objects the app makes at start-up."""
+
+    @property
+    def prompting(self) -> Prompting: ...
+
+    @property
+    def front_door(self) -> FrontDoor: ...
+
+
+def data_path(wiring: DataPath) -> Callable[[ASGIApp], ASGIApp]:
+    """The app middleware that answers the routes marked ``PROMPT`` or ``RELAY``."""
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+            handler = scope.get("route_handler")
+            opt = handler.opt if handler is not None else {}
+            if PROMPT in opt:
+                prompting: Prompting | None = getattr(wiring, "prompting", None)
+                if prompting is not None:  # not before the app has started
+                    await fast_path(prompting, app, scope, receive, send)
+                    return
+            elif RELAY in opt:
+                await relay_request(wiring.front_door, opt[RELAY], scope, receive, send)
+                return
+            await app(scope, receive, send)
+
+        return answer
+
+    return middleware
