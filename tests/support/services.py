@@ -1,18 +1,14 @@
-"""Helpers for tests of services: metadata blobs, jobs as Slurm lists them,
-and a ServiceManager over the in-memory scheduler (``fake_manager``) or over a
-slurmrestd mocked with pytest-httpx (``manager``, for tests of the HTTP path)."""
+"""Helpers for tests of services: metadata blobs, jobs as the scheduler hands
+them to the core, a ServiceManager over the in-memory scheduler
+(``fake_manager``), and services given whole (the router's and the relay's)."""
 
 from __future__ import annotations
 
-import json
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-import httpx
 import msgspec
-from pytest_httpx import HTTPXMock
 
 from gateway.core import metadata
 from gateway.core.model import Service, ServiceConfig, Upstream
@@ -21,22 +17,17 @@ from gateway.core.recipes import RecipeCatalog
 from gateway.core.routing import ModelRouter
 from gateway.core.services import ServiceManager
 from gateway.core.status import ServiceStatus
-from gateway.slurm import JobInfo, JobState, MintedTokens, NodeInfo, SlurmClient
+from gateway.slurm import JobInfo, JobState, NodeInfo
 from gateway.testing.scheduler import FakeScheduler
 from gateway.upstream.probe import HealthProber
+from tests.support.clock import Clock
 
 ROOT = Path(__file__).resolve().parents[2]
-URL = "http://slurmrestd.test"
-# The job listing, with or without update_time.
-JOBS = re.compile(re.escape(f"{URL}/slurm/v0.0.42/jobs") + r"(\?.*)?$")
-PING = {"pings": [{"hostname": "c", "responding": True}], "meta": {"slurm": {"release": "x"}}}
-
 CODEC = metadata.MetaCodec(b"the gateway's shared secret....!")
 ADMIN = anonymous("gwuser")
 # The node's address is a loopback one of its own, where the tests' health
 # stubs listen (tests/support/http_stub.py); 127.0.0.1 is then off the node.
 NODE_ADDRESS = "127.0.0.2"
-NODE = {"nodes": [{"name": "node1", "hostname": "node1.cluster", "address": NODE_ADDRESS}]}
 CREATED = 1_800_000_000.0
 RECIPES = [ROOT / "recipes", ROOT / "tests" / "recipes"]
 
@@ -50,21 +41,6 @@ def bound(comment: str, job_id: int) -> str:
     return comment
 
 
-def job(job_id: int, comment: str, state: str = "RUNNING") -> dict[str, Any]:
-    """A job as slurmrestd v0.0.42 lists it, its comment ``bound``."""
-    return {
-        "job_id": job_id,
-        "name": f"gw-testing-http-{CODEC.job_tag}",
-        "user_name": "gwuser",
-        "job_state": [state],
-        "batch_host": "node1",
-        "nodes": "node1",
-        "comment": bound(comment, job_id),
-        "submit_time": {"set": True, "number": 1_800_000_000},
-        "start_time": {"set": True, "number": 1_800_000_010},
-    }
-
-
 def job_info(
     job_id: int,
     comment: str,
@@ -73,7 +49,8 @@ def job_info(
     submitted: float = CREATED,
     **fields: Any,
 ) -> JobInfo:
-    """The same job as the scheduler hands it to the core (``job``'s JobInfo)."""
+    """A running job of the gateway's user as the scheduler hands it to the
+    core, its comment ``bound``; ``fields`` change any other."""
     listed = JobInfo(
         job_id=job_id,
         name=f"gw-testing-http-{CODEC.job_tag}",
@@ -151,46 +128,6 @@ def fake_manager(*jobs: JobInfo, **options: Any) -> tuple[ServiceManager, FakeSc
     return services, fake
 
 
-# -- over slurmrestd mocked with pytest-httpx ---------------------------------------
-
-
-def manager() -> ServiceManager:
-    slurm = SlurmClient(
-        URL,
-        MintedTokens(b"k" * 32, "gwuser"),
-        api_version="v0.0.42",
-        transport=httpx.AsyncHTTPTransport(),  # the one pytest-httpx answers
-    )
-    return ServiceManager(
-        slurm=slurm,
-        recipes=RecipeCatalog.load(RECIPES),
-        prober=HealthProber(timeout=1, ttl=5),
-        codec=CODEC,
-        job_dir="/home/gwuser",
-        slurm_user="gwuser",
-    )
-
-
-def mock_node(httpx_mock: HTTPXMock) -> None:
-    httpx_mock.add_response(url=f"{URL}/slurm/v0.0.42/node/node1", json=NODE, is_optional=True)
-
-
-def mock_bind(httpx_mock: HTTPXMock, job_id: int) -> None:
-    """slurmrestd's answer to the update that binds a new job's metadata."""
-    httpx_mock.add_response(
-        url=f"{URL}/slurm/v0.0.42/job/{job_id}", method="POST", json={"errors": []}
-    )
-
-
-def bound_comments(httpx_mock: HTTPXMock) -> dict[int, str]:
-    """Job id -> the comment the gateway bound to it (the update after the submit)."""
-    return {
-        int(r.url.path.rsplit("/", 1)[1]): json.loads(r.content)["comment"]
-        for r in httpx_mock.get_requests(method="POST")
-        if r.url.path.rsplit("/", 1)[1].isdigit()
-    }
-
-
 # -- services given, not built from jobs (the router's and the relay's tests) ------
 
 
@@ -230,14 +167,6 @@ class Services:
 
     async def serving(self, principal: Principal, model: str | None = None) -> list[Service]:
         return [s for s in self.services if model is None or s.served_model == model]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def router(*services: Service, clock: Clock | None = None) -> ModelRouter:

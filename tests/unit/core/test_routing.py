@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
-from pytest_httpx import HTTPXMock
 
 from gateway.core.principal import Method, Principal, Role, anonymous
 from gateway.core.routing import ModelNotFound, ModelNotReady, ModelRouter
+from gateway.core.services import ServiceManager
 from gateway.core.status import ServiceStatus
-from gateway.slurm import SlurmError
+from gateway.slurm import JobInfo, SlurmAuthError, SlurmError
+from gateway.testing.scheduler import FakeScheduler
 from tests.support import services as tests
+from tests.support.clock import Clock
 from tests.support.http_stub import Seen, http_stub, response
-from tests.support.services import Clock, router, service
+from tests.support.services import router, service
 
 CALLER = anonymous("gwuser")
 
@@ -148,10 +150,10 @@ async def vllm_answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
         writer.write(response(200, {}))
 
 
-def running(job_id: int, user: str, tenant: str, port: int, **meta: Any) -> dict[str, Any]:
+def running(job_id: int, user: str, tenant: str, port: int, **meta: Any) -> JobInfo:
     """A running vLLM job of ``user``/``tenant`` with its endpoint published."""
     comment = f"{tests.vllm_blob(user, tenant, meta.pop('model', 'm'), **meta)}|phase=running"
-    return {**tests.job(job_id, f"{comment}|endpoint=node1:{port}"), "user_name": user}
+    return tests.job_info(job_id, f"{comment}|endpoint=node1:{port}", user_name=user)
 
 
 def tenant(name: str, user: str) -> Principal:
@@ -162,28 +164,20 @@ ALICE, BOB, CAROL = tenant("team-a", "alice"), tenant("team-b", "bob"), tenant("
 
 
 @contextlib.asynccontextmanager
-async def slurm_with(httpx_mock: HTTPXMock, *jobs: dict[str, Any]) -> Any:
-    """A ServiceManager whose Slurm lists ``jobs`` (tests/support/services.py's)."""
-    httpx_mock.add_response(
-        url=f"{tests.URL}/slurm/v0.0.42/ping", json=tests.PING, is_reusable=True
-    )
-    tests.mock_node(httpx_mock)
-    httpx_mock.add_response(url=tests.JOBS, json={"jobs": list(jobs)}, is_reusable=True)
-    services = tests.manager()
+async def slurm_with(*jobs: JobInfo) -> AsyncIterator[tuple[ServiceManager, FakeScheduler]]:
+    """A ServiceManager whose (in-memory) Slurm holds ``jobs``."""
+    services, fake = tests.fake_manager(*jobs)
     try:
-        yield services
+        yield services, fake
     finally:
         await services.prober.aclose()
-        await services.slurm.aclose()
 
 
 async def picked(r: ModelRouter, principal: Principal, model: str = "m", n: int = 6) -> set[str]:
     return {(await r.pick(principal, model)).id for _ in range(n)}
 
 
-async def test_a_shared_service_takes_every_tenants_requests_an_unshared_one_its_own(
-    httpx_mock: HTTPXMock,
-) -> None:
+async def test_a_shared_service_takes_every_tenants_requests_an_unshared_one_its_own() -> None:
     async with contextlib.AsyncExitStack() as stack:
         ports = [
             (await stack.enter_async_context(http_stub(vllm_answer, tests.NODE_ADDRESS))).port
@@ -195,7 +189,7 @@ async def test_a_shared_service_takes_every_tenants_requests_an_unshared_one_its
             running(3, "gwuser", "ops", ports[2], shared=True),  # an admin's, offered to all
             running(4, "alice", "team-a", ports[3], model="private"),
         ]
-        services = await stack.enter_async_context(slurm_with(httpx_mock, *jobs))
+        services, _ = await stack.enter_async_context(slurm_with(*jobs))
         r = ModelRouter(services)
         assert await picked(r, ALICE) == {"1", "3"}
         assert await picked(r, BOB) == {"2", "3"}
@@ -209,7 +203,9 @@ async def test_a_shared_service_takes_every_tenants_requests_an_unshared_one_its
         assert sorted(await r.models(CAROL)) == ["m"]
 
 
-async def test_a_service_being_stopped_takes_no_more_requests(httpx_mock: HTTPXMock) -> None:
+async def test_a_service_being_stopped_takes_no_more_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     during: list[set[str]] = []
 
     async with contextlib.AsyncExitStack() as stack:
@@ -218,27 +214,17 @@ async def test_a_service_being_stopped_takes_no_more_requests(httpx_mock: HTTPXM
             for _ in range(2)
         ]
         jobs = [running(1, "alice", "team-a", ports[0]), running(2, "alice", "team-a", ports[1])]
-        httpx_mock.add_response(url=f"{tests.URL}/slurm/v0.0.42/ping", json=tests.PING)
-        tests.mock_node(httpx_mock)
-        httpx_mock.add_response(url=tests.JOBS, json={"jobs": jobs})
-        services = tests.manager()
-        stack.push_async_callback(services.slurm.aclose)
-        stack.push_async_callback(services.prober.aclose)
+        services, fake = await stack.enter_async_context(slurm_with(*jobs))
         r = ModelRouter(services)
+        cancel = fake.cancel
 
-        async def cancel(request: httpx.Request) -> httpx.Response:
+        async def cancelling(job_id: int, signal: str | None = None) -> None:
             # While Slurm is being asked: the router already passes it over.
             during.append(await picked(r, ALICE))
-            return httpx.Response(200, json={})
+            # Slurm ends it; the view shows it cancelled from then on.
+            await cancel(job_id, signal)
 
-        httpx_mock.add_callback(cancel, url=f"{tests.URL}/slurm/v0.0.42/job/1", method="DELETE")
-        # Slurm ends it; the view shows it cancelled from then on.
-        ended = [{**jobs[0], "job_state": ["CANCELLED"]}, jobs[1]]
-        httpx_mock.add_response(
-            url=tests.JOBS,
-            json={"jobs": ended, "last_update": {"set": True, "number": 9}},
-            is_reusable=True,
-        )
+        monkeypatch.setattr(fake, "cancel", cancelling)
         assert await picked(r, ALICE) == {"1", "2"}
         stopped, _ = await services.stop("1", tests.ADMIN)
         assert stopped.status is ServiceStatus.CANCELLED
@@ -246,18 +232,11 @@ async def test_a_service_being_stopped_takes_no_more_requests(httpx_mock: HTTPXM
         assert await picked(r, ALICE) == {"2"}
 
 
-async def test_a_stop_slurm_refused_leaves_the_service_taking_requests(
-    httpx_mock: HTTPXMock,
-) -> None:
+async def test_a_stop_slurm_refused_leaves_the_service_taking_requests() -> None:
     async with http_stub(vllm_answer, tests.NODE_ADDRESS) as up:
         job = running(1, "alice", "team-a", up.port)
-        async with slurm_with(httpx_mock, job) as services:
-            httpx_mock.add_response(
-                url=f"{tests.URL}/slurm/v0.0.42/job/1",
-                method="DELETE",
-                status_code=403,
-                json={"errors": [{"error": "Access denied", "error_number": 1}]},
-            )
+        async with slurm_with(job) as (services, fake):
+            fake.fail("cancel", SlurmAuthError("Access denied (error 1)", status_code=403))
             r = ModelRouter(services)
             assert await picked(r, ALICE) == {"1"}
             with pytest.raises(SlurmError):
