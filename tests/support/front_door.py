@@ -19,9 +19,9 @@ from litestar.types import HTTPDisconnectEvent, HTTPRequestEvent, Message, Recei
 
 from gateway.app import create_app
 from gateway.core.services import Service
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings
+from tests.support.app import TENANTS, app_client, stub_settings
 from tests.support.http_stub import Seen, Stub, http_stub, response
-from tests.support.polling import free_port
 from tests.support.relay_server import given
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,18 +49,8 @@ def openai_error(answer: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def settings_with(tmp_path: Path, **env: str) -> Settings:
-    key = tmp_path / "key"
-    key.write_bytes(b"k" * 32)
-    return load_settings(
-        {
-            "GATEWAY_SLURM_URL": f"http://127.0.0.1:{free_port()}",  # never asked
-            "GATEWAY_SLURM_USER": "gwuser",
-            "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
-            "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",
-            "GATEWAY_AUTH_FILE": str(ROOT / "deploy" / "local" / "tenants.toml"),
-            **{f"GATEWAY_{k.upper()}": v for k, v in env.items()},
-        }
-    )
+    """Settings for the data path: Slurm never asked, deploy/local/tenants.toml's keys."""
+    return stub_settings(tmp_path, **{"auth_file": TENANTS, **env})
 
 
 class Gateway:
@@ -82,14 +72,8 @@ async def gateway(settings: Settings, *services: Service) -> AsyncIterator[Gatew
     """The app in this loop, its data path built from ``settings``."""
     app = create_app(settings)
     given(app, list(services))
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar's ASGI types
     limits = httpx.Limits(max_connections=None)
-    async with (
-        app.lifespan(),
-        httpx.AsyncClient(
-            transport=transport, base_url="http://gateway.test", timeout=60, limits=limits
-        ) as client,
-    ):
+    async with app_client(app, timeout=60, limits=limits) as client:
         yield Gateway(app, client)
 
 

@@ -72,3 +72,20 @@ async def http_stub(answer: Answer, host: str = "127.0.0.1") -> AsyncIterator[St
         yield stub
     finally:
         server.close()
+
+
+def chunked(pieces: list[bytes], go_on: list[asyncio.Event], content_type: str) -> Answer:
+    """An answer sent chunked, each piece once its event is set."""
+
+    async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n".encode()
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for piece, may in zip(pieces, go_on, strict=True):
+            await may.wait()
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    return answer

@@ -25,14 +25,20 @@ from gateway.core.services import Service
 from gateway.core.status import ServiceStatus
 from gateway.proxy import frontdoor
 from gateway.proxy.frontdoor import FrontDoor
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings
 from gateway.upstream.vllm import VllmClient
-from tests.support.front_door import COMPLETION, AsgiClient, closed_port, openai_error
-from tests.support.http_stub import Seen, http_stub, response
-from tests.support.polling import free_port, poll
+from tests.support.app import app_client
+from tests.support.front_door import (
+    COMPLETION,
+    AsgiClient,
+    closed_port,
+    openai_error,
+    settings_with,
+)
+from tests.support.http_stub import Seen, chunked, http_stub, response
+from tests.support.polling import poll
 from tests.support.services import router, service
 
-ROOT = Path(__file__).resolve().parents[3]
 TEAM_A = {"Authorization": "Bearer sgw_local-team-a-key"}  # deploy/local/tenants.toml
 CHAT = "/v1/chat/completions"
 Answer = Callable[[Seen, asyncio.StreamWriter], Awaitable[None]]
@@ -40,18 +46,8 @@ Answer = Callable[[Seen, asyncio.StreamWriter], Awaitable[None]]
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    key = tmp_path / "key"
-    key.write_bytes(b"k" * 32)
-    return load_settings(
-        {
-            # Nothing listens here: the front door's services are given below.
-            "GATEWAY_SLURM_URL": f"http://127.0.0.1:{free_port()}",
-            "GATEWAY_SLURM_USER": "gwuser",
-            "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
-            "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",
-            "GATEWAY_AUTH_FILE": str(ROOT / "deploy" / "local" / "tenants.toml"),
-        }
-    )
+    # Slurm is never asked: the front door's services are given below.
+    return settings_with(tmp_path)
 
 
 class Gateway:
@@ -73,13 +69,9 @@ class Gateway:
 async def gateway(settings: Settings, *services: Service) -> AsyncIterator[Gateway]:
     """The app, in this loop (with the upstream stubs), its router serving ``services``."""
     app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar's ASGI types
     vllm = VllmClient(timeout=5, connect_timeout=1)
     try:
-        async with (
-            app.lifespan(),
-            httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client,
-        ):
+        async with app_client(app) as client:
             app.state.provided.front_door = FrontDoor(router=router(*services), vllm=vllm)
             yield Gateway(app, client)
     finally:
@@ -257,18 +249,7 @@ async def test_a_stream_is_relayed_chunk_by_chunk(settings: Settings) -> None:
     as ASGI events: httpx's ASGI transport would wait for the whole answer)."""
     chunks = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"]
     go_on = [asyncio.Event() for _ in chunks]
-
-    async def stream(seen: Seen, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-        )
-        for chunk, may in zip(chunks, go_on, strict=True):
-            await may.wait()
-            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            await writer.drain()
-        writer.write(b"0\r\n\r\n")
-
+    stream = chunked(chunks, go_on, "text/event-stream; charset=utf-8")
     async with http_stub(stream) as up, gateway(settings, *at(up.url)) as gw:
         client = AsgiClient(gw.app, CHAT, b'{"model": "m", "stream": true}')
         task = asyncio.create_task(client.run())

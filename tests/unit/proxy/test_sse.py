@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from gateway.proxy.sse import AnswerUsage, SseUsage, count_usage
 from tests.support.front_door import CHAT, COMPLETION, AsgiClient, gateway, settings_with
-from tests.support.http_stub import Seen, http_stub
+from tests.support.http_stub import chunked, http_stub
 from tests.support.polling import poll
 from tests.support.services import service
 
@@ -174,20 +174,8 @@ async def test_an_answer_in_pieces_is_passed_on_as_it_comes_with_its_usage_count
     answer = json.dumps(COMPLETION).encode()
     pieces = [answer[:10], answer[10:-20], answer[-20:]]
     go_on = [asyncio.Event() for _ in pieces]
-
-    async def chunked(seen: Seen, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-        )
-        for piece, may in zip(pieces, go_on, strict=True):
-            await may.wait()
-            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-            await writer.drain()
-        writer.write(b"0\r\n\r\n")
-
     async with (
-        http_stub(chunked) as up,
+        http_stub(chunked(pieces, go_on, "application/json")) as up,
         gateway(settings_with(tmp_path), service("1", url=up.url)) as gw,
     ):
         before = tokens()[1]
