@@ -9,15 +9,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import structlog
 from litestar.types import Receive, Scope, Send
 
 from gateway.accesslog import AccessLog
 from gateway.app import create_app, served
-from gateway.settings import load_settings
-from tests.support.polling import free_port, poll
+from tests.support.app import app_client, stub_settings
+from tests.support.polling import poll
 
 
 async def test_one_line_per_request_without_query_or_body() -> None:
@@ -127,22 +126,9 @@ async def test_two_requests_sending_one_request_id_get_two(
     """A client choosing its X-Request-ID must not make two requests look like
     one in the log (nor pass its request off as another's): the real app as
     served, the same id sent twice."""
-    key = tmp_path / "key"
-    key.write_bytes(b"k" * 32)
-    settings = load_settings(
-        {
-            "GATEWAY_SLURM_URL": f"http://127.0.0.1:{free_port()}",
-            "GATEWAY_SLURM_USER": "gwuser",
-            "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
-            "GATEWAY_RECIPES_DIRS": str(Path(__file__).resolve().parents[2] / "recipes"),
-        }
-    )
+    settings = stub_settings(tmp_path)
     app = create_app(settings)
-    transport = httpx.ASGITransport(app=served(app, settings))  # type: ignore[arg-type]
-    async with (
-        app.lifespan(),
-        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8001") as api,
-    ):
+    async with app_client(app, served(app, settings), base_url="http://127.0.0.1:8001") as api:
         answers = [
             await api.get("/api/v1/recipes", headers={"X-Request-ID": "victims-id-1"})
             for _ in range(2)

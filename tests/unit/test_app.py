@@ -9,7 +9,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 import pytest
 import structlog.testing
@@ -18,12 +17,10 @@ from litestar.testing import AsyncTestClient
 
 from gateway.api.health import Readiness
 from gateway.app import create_app
-from gateway.settings import load_settings
+from tests.support.app import app_client, stub_settings
 from tests.support.http_stub import Seen, http_stub
 from tests.support.http_stub import response as http_response
-from tests.support.polling import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 # slurmrestd's ping as 24.11 (v0.0.42) answers it.
 PING_42 = {
     "pings": [{"hostname": "n1", "pinged": "UP", "responding": True, "latency": 10}],
@@ -35,18 +32,8 @@ PING_42 = {
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[AsyncTestClient[Any]]:
-    key = tmp_path / "key"
-    key.write_bytes(b"k" * 32)
-    settings = load_settings(
-        {
-            # Nothing listens here: every Slurm call fails as "unavailable".
-            "GATEWAY_SLURM_URL": f"http://127.0.0.1:{free_port()}",
-            "GATEWAY_SLURM_USER": "gwuser",
-            "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
-            "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",
-        }
-    )
-    async with AsyncTestClient(app=create_app(settings)) as client:
+    # Nothing listens at its slurmrestd: every Slurm call fails as "unavailable".
+    async with AsyncTestClient(app=create_app(stub_settings(tmp_path))) as client:
         yield client
 
 
@@ -321,27 +308,12 @@ async def test_busy_slurmrestd_is_503_with_retry_after(tmp_path: Path) -> None:
             await release.wait()
         writer.write(http_response(200, PING_42))
 
-    key = tmp_path / "key"
-    key.write_bytes(b"k" * 32)
     async with http_stub(slurmrestd) as stub:
-        settings = load_settings(
-            {
-                "GATEWAY_SLURM_URL": stub.url,
-                "GATEWAY_SLURM_API_VERSION": "v0.0.42",
-                "GATEWAY_SLURM_USER": "gwuser",
-                "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
-                "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",
-                "GATEWAY_SLURM_MAX_CONCURRENCY": "1",
-                "GATEWAY_SLURM_QUEUE_TIMEOUT_SECONDS": "0.2",
-            }
+        settings = stub_settings(
+            tmp_path, stub.url, slurm_max_concurrency="1", slurm_queue_timeout_seconds="0.2"
         )
         # In this loop, with the stub (AsyncTestClient runs the app in a thread of its own).
-        app = create_app(settings)
-        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar's ASGI types
-        async with (
-            app.lifespan(),
-            httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as api,
-        ):
+        async with app_client(create_app(settings)) as api:
             create = {"recipe_name": "testing/http"}
             # The first create's submission takes the one slot (after the probe).
             held = asyncio.create_task(api.post("/api/v1/services", json=create))

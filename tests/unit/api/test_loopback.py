@@ -9,7 +9,6 @@ a real slurmrestd stand-in on 127.0.0.1 that records what reaches it.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,53 +17,36 @@ import httpx
 import pytest
 
 from gateway.app import create_app, served
-from gateway.settings import load_settings
-from tests.support.http_stub import Seen, Stub, http_stub, response
+from tests.support.app import TENANTS, app_client, stub_settings
+from tests.support.http_stub import Seen, Stub, http_stub
+from tests.support.recorded import recorded_response
 
-ROOT = Path(__file__).resolve().parents[3]
-FIXTURES = ROOT / "tests" / "fixtures" / "slurmrestd" / "24.11.5" / "v0.0.42"
 PAGE = "https://attacker.example"
 CREATE = b'{"recipe_name": "inference/vllm"}'
 TEAM_A = {"Authorization": "Bearer sgw_local-team-a-key"}  # deploy/local/tenants.toml
 
 
-def recorded(name: str) -> bytes:
-    answer = json.loads((FIXTURES / f"{name}.json").read_text())
-    return response(answer["status"], answer["body"].encode())
-
-
 async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
     if seen.path.endswith("/job/submit"):
-        body = recorded("submit")
+        body = recorded_response("submit")
     elif "/jobs" in seen.path:
-        body = recorded("jobs_list")
+        body = recorded_response("jobs_list")
     else:
-        body = recorded("ping")
+        body = recorded_response("ping")
     writer.write(body)
 
 
 @asynccontextmanager
 async def gateway(tmp_path: Path, **env: str) -> AsyncIterator[tuple[httpx.AsyncClient, Stub]]:
-    key = tmp_path / "key"
-    key.write_bytes(b"k" * 32)
     async with http_stub(answer) as stub:
-        settings = load_settings(
-            {
-                "GATEWAY_SLURM_URL": stub.url,
-                "GATEWAY_SLURM_API_VERSION": "v0.0.42",
-                "GATEWAY_SLURM_USER": "gwuser",
-                "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
-                "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",
-                **env,
-            }
-        )
+        settings = stub_settings(tmp_path, stub.url, **env)
         app = create_app(settings)
-        asgi = served(app, settings)
-        transport = httpx.ASGITransport(app=asgi, client=("127.0.0.1", 50000))  # type: ignore[arg-type]
-        async with (
-            app.lifespan(),
-            httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8001") as client,
-        ):
+        async with app_client(
+            app,
+            served(app, settings),
+            base_url="http://127.0.0.1:8001",
+            client=("127.0.0.1", 50000),
+        ) as client:
             yield client, stub
 
 
@@ -163,8 +145,7 @@ async def test_loopback_names_are_answered(tmp_path: Path, host: str) -> None:
 
 
 async def test_with_authentication_nothing_of_this_applies(tmp_path: Path) -> None:
-    tenants = str(ROOT / "deploy" / "local" / "tenants.toml")
-    async with gateway(tmp_path, GATEWAY_AUTH_FILE=tenants, GATEWAY_HOST="127.0.0.1") as (api, _):
+    async with gateway(tmp_path, auth_file=TENANTS, host="127.0.0.1") as (api, _):
         foreign = await api.get(
             "/api/v1/recipes", headers={"Host": "gateway.example.org", "Origin": PAGE, **TEAM_A}
         )
@@ -180,7 +161,7 @@ async def test_with_authentication_nothing_of_this_applies(tmp_path: Path) -> No
 async def test_an_exposed_unauthenticated_gateway_keeps_the_origin_and_type_checks(
     tmp_path: Path,
 ) -> None:
-    exposed = {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_ALLOW_UNAUTHENTICATED": "true"}  # noqa: S104
+    exposed = {"host": "0.0.0.0", "allow_unauthenticated": "true"}  # noqa: S104
     async with gateway(tmp_path, **exposed) as (api, _):
         by_name = await api.get("/api/v1/recipes", headers={"Host": "gateway.example.org"})
         plain = await api.post(

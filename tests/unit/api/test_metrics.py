@@ -21,20 +21,14 @@ import httpx
 from litestar import Litestar
 
 from gateway.app import create_app
-from gateway.settings import load_settings
+from tests.support.app import TENANTS, app_client, stub_settings
 from tests.support.http_stub import Seen, http_stub, response
+from tests.support.recorded import recorded_body
 
-ROOT = Path(__file__).resolve().parents[3]
-FIXTURES = ROOT / "tests" / "fixtures" / "slurmrestd" / "24.11.5" / "v0.0.42"
 TEAM_A = {"Authorization": "Bearer sgw_local-team-a-key"}  # deploy/local/tenants.toml
 TEAM_B = {"Authorization": "Bearer sgw_local-team-b-key"}
 ADMIN = {"Authorization": "Bearer sgw_local-admin-key"}
 CREATE = {"recipe_name": "testing/http"}
-
-
-def recorded(name: str) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads(json.loads((FIXTURES / f"{name}.json").read_text())["body"])
-    return body
 
 
 class Slurmrestd:
@@ -42,7 +36,7 @@ class Slurmrestd:
 
     def __init__(self) -> None:
         self.jobs: dict[int, dict[str, Any]] = {}
-        self.listing = recorded("jobs_list")
+        self.listing = recorded_body("jobs_list")
         self.template = self.listing["jobs"][0]
 
     async def __call__(self, seen: Seen, writer: asyncio.StreamWriter) -> None:
@@ -58,40 +52,24 @@ class Slurmrestd:
                 job_state=["PENDING"],
             )
             self.jobs[job_id] = job
-            answer = recorded("submit")
+            answer = recorded_body("submit")
             answer["job_id"] = job_id
             writer.write(response(200, answer))
         elif path.rsplit("/", 1)[-1].isdigit() and seen.method == "POST":
             self.jobs[int(path.rsplit("/", 1)[-1])]["comment"] = json.loads(seen.body)["comment"]
-            writer.write(response(200, recorded("update_comment")))
+            writer.write(response(200, recorded_body("update_comment")))
         elif path.endswith("/jobs"):
             writer.write(response(200, {**self.listing, "jobs": list(self.jobs.values())}))
         else:
-            writer.write(response(200, recorded("ping")))
+            writer.write(response(200, recorded_body("ping")))
 
 
 @asynccontextmanager
 async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Litestar, httpx.AsyncClient]]:
-    key = tmp_path / "key"
-    key.write_bytes(b"k" * 32)
     async with http_stub(Slurmrestd()) as stub:
-        settings = load_settings(
-            {
-                "GATEWAY_SLURM_URL": stub.url,
-                "GATEWAY_SLURM_API_VERSION": "v0.0.42",
-                "GATEWAY_SLURM_USER": "gwuser",
-                "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
-                "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",
-                "GATEWAY_AUTH_FILE": str(ROOT / "deploy" / "local" / "tenants.toml"),
-                "GATEWAY_JOB_DIR": "/home/{user}",
-            }
-        )
+        settings = stub_settings(tmp_path, stub.url, auth_file=TENANTS, job_dir="/home/{user}")
         app = create_app(settings)
-        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar's ASGI types
-        async with (
-            app.lifespan(),
-            httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client,
-        ):
+        async with app_client(app) as client:
             yield app, client
 
 

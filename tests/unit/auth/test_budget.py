@@ -27,17 +27,14 @@ from litestar import Litestar
 from gateway.app import create_app
 from gateway.auth.budget import KNOWN_FOR, CheckBudget, ChecksBusy, TooManyChecks, client_key
 from gateway.settings import load_settings
+from tests.support.app import stub_settings
 from tests.support.clock import Clock
-from tests.support.http_stub import Seen, http_stub, response
-from tests.support.recorded import recorded_answer
+from tests.support.http_stub import Seen, http_stub
+from tests.support.recorded import recorded_response
 
 ROOT = Path(__file__).resolve().parents[3]
 CLUSTER_KEY = b"the cluster key, thirty-two bytes"
 FLOOD_PER_SECOND = 100
-
-
-def recorded(name: str) -> bytes:
-    return response(*recorded_answer(name))
 
 
 def token(user: str, key: bytes = CLUSTER_KEY) -> str:
@@ -49,9 +46,9 @@ def token(user: str, key: bytes = CLUSTER_KEY) -> str:
 async def slurmrestd(seen: Seen, writer: asyncio.StreamWriter) -> None:
     try:
         jwt.decode(seen.headers.get("x-slurm-user-token", ""), CLUSTER_KEY, algorithms=["HS256"])
-        writer.write(recorded("ping"))
+        writer.write(recorded_response("ping"))
     except jwt.PyJWTError:
-        writer.write(recorded("ping_forged_token"))
+        writer.write(recorded_response("ping_forged_token"))
 
 
 @dataclass
@@ -186,19 +183,8 @@ async def test_a_flood_from_many_addresses_leaves_known_users_their_own_lane() -
 async def test_with_the_cluster_key_no_token_is_sent_to_slurmrestd(tmp_path: Path) -> None:
     """mint mode holds the key: tokens are checked here, made-up ones cost no
     ping and no budget."""
-    key = tmp_path / "jwt.key"
-    key.write_bytes(CLUSTER_KEY)
     async with http_stub(slurmrestd) as stub:
-        settings = load_settings(
-            {
-                "GATEWAY_SLURM_URL": stub.url,
-                "GATEWAY_SLURM_API_VERSION": "v0.0.42",
-                "GATEWAY_SLURM_USER": "gwuser",
-                "GATEWAY_SLURM_JWT_KEY_FILE": str(key),
-                "GATEWAY_AUTH_SLURM_TOKENS": "true",
-                "GATEWAY_RECIPES_DIRS": str(ROOT / "recipes"),
-            }
-        )
+        settings = stub_settings(tmp_path, stub.url, CLUSTER_KEY, auth_slurm_tokens="true")
         app = create_app(settings)
         async with app.lifespan():
             gw = Gateway(app, stub.seen)
