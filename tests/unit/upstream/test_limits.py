@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.settings import SettingsError
+from gateway.settings import Settings, SettingsError
 from tests.support.front_door import (
     CHAT,
     COMPLETION,
@@ -33,7 +33,7 @@ from tests.support.front_door import (
     openai_error,
     settings_with,
 )
-from tests.support.http_stub import Seen, http_stub, response
+from tests.support.http_stub import Seen, Stub, http_stub, response
 from tests.support.polling import poll
 from tests.support.services import service
 
@@ -223,6 +223,26 @@ async def test_a_request_waits_a_moment_for_a_slot_that_frees(tmp_path: Path) ->
     assert [a.status_code for a in answers] == [200, 200]
 
 
+async def asked_while_held(
+    settings: Settings, held: list[tuple[dict[str, str], str]], who: dict[str, str], model: str
+) -> tuple[httpx.Response, Stub]:
+    """The answer to ``who``'s request for ``model`` once the ``held`` requests
+    (caller, model) have reached the services, service 1 of "m" and service 2
+    of "n", neither ever answering; and service 2's stub."""
+    async with (
+        hanging() as (one, _),
+        hanging() as (other, _),
+        gateway(settings, service("1", url=one.url), service("2", "n", url=other.url)) as gw,
+    ):
+        tasks = [asyncio.create_task(gw.chat(caller, name)) for caller, name in held]
+        await poll(lambda: _now(len(one.seen) + len(other.seen)), len(held).__eq__, interval=0.02)
+        answer = await gw.chat(who, model)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return answer, other
+
+
 async def test_no_authentication_gives_the_one_caller_the_whole_replica(tmp_path: Path) -> None:
     """Loopback without keys: one anonymous caller, no tenant share (the
     service cap still holds)."""
@@ -233,17 +253,8 @@ async def test_no_authentication_gives_the_one_caller_the_whole_replica(tmp_path
         vllm_max_per_tenant="2",
         vllm_queue_seconds="0.1",
     )
-    async with (
-        hanging() as (one, _),
-        hanging() as (other, _),
-        gateway(settings, service("1", url=one.url), service("2", "n", url=other.url)) as gw,
-    ):
-        held = [asyncio.create_task(gw.chat({}, model)) for model in ("m", "m", "n", "n")]
-        await poll(lambda: _now(len(one.seen) + len(other.seen)), (4).__eq__, interval=0.02)
-        full = await gw.chat({}, "m")
-        for task in held:
-            task.cancel()
-        await asyncio.gather(*held, return_exceptions=True)
+    held: list[tuple[dict[str, str], str]] = [({}, model) for model in ("m", "m", "n", "n")]
+    full, _ = await asked_while_held(settings, held, {}, "m")
     assert openai_error(full, 503)["code"] == "upstream_full"
 
 
@@ -255,17 +266,8 @@ async def test_a_full_replica_refuses_503_whoever_asks(tmp_path: Path) -> None:
         vllm_max_per_tenant="2",
         vllm_queue_seconds="0.1",
     )
-    async with (
-        hanging() as (one, _),
-        hanging() as (other, _),
-        gateway(settings, service("1", url=one.url), service("2", "n", url=other.url)) as gw,
-    ):
-        held = [asyncio.create_task(gw.chat(who, "m")) for who in (TEAM_A, TEAM_B)]
-        await poll(lambda: _now(len(one.seen)), (2).__eq__, interval=0.02)
-        full = await gw.chat(TEAM_B, "n")  # another service, a tenant under its share
-        for task in held:
-            task.cancel()
-        await asyncio.gather(*held, return_exceptions=True)
+    # Two on service 1, then another service, for a tenant under its share.
+    full, other = await asked_while_held(settings, [(TEAM_A, "m"), (TEAM_B, "m")], TEAM_B, "n")
     error = openai_error(full, 503)
     assert error["code"] == "overloaded"
     assert full.headers["retry-after"] == "1"
