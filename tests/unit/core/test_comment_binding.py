@@ -17,6 +17,17 @@ ALICE = Principal(tenant="team-a", slurm_user="gwuser", role=Role.USER, method=M
 OTHER = Principal(tenant="team-b", slurm_user="gwuser", role=Role.USER, method=Method.KEY)
 
 
+def team_a(max_services: int) -> Principal:
+    """Alice's tenant, allowed ``max_services`` services."""
+    return Principal(
+        tenant="team-a",
+        slurm_user="gwuser",
+        role=Role.USER,
+        method=Method.KEY,
+        limits=Limits(max_services=max_services),
+    )
+
+
 def meta(**fields: Any) -> metadata.ServiceMeta:
     return CODEC.new_meta(
         recipe="testing/openai-stub",
@@ -49,14 +60,7 @@ async def test_a_bound_comment_copied_onto_another_job_is_nothing() -> None:
     # The key's first job is the genuine one, not the older copy.
     assert services.recognizer.firsts()["k1"].job_id == 11
     # A copy does not count against the tenant's quota.
-    one = Principal(
-        tenant="team-a",
-        slurm_user="gwuser",
-        role=Role.USER,
-        method=Method.KEY,
-        limits=Limits(max_services=2),
-    )
-    services.creator.check_quota(one, 0, await services.view.jobs())
+    services.creator.check_quota(team_a(max_services=2), 0, await services.view.jobs())
     refused = await asyncio.gather(
         services.get("12", ADMIN), services.get("424242", ADMIN), return_exceptions=True
     )
@@ -104,13 +108,6 @@ async def test_while_listings_fail_another_tenants_id_answers_as_an_unknown_one(
 async def test_copies_do_not_use_up_a_tenants_quota() -> None:
     mine = CODEC.encode(meta(tenant="team-a"), 40)
     services, _ = fake_manager(*(listed(40 + i, mine) for i in range(1, 6)))
-    limited = Principal(
-        tenant="team-a",
-        slurm_user="gwuser",
-        role=Role.USER,
-        method=Method.KEY,
-        limits=Limits(max_services=1),
-    )
     # Five copies, no genuine service: the tenant may still create its one.
-    services.creator.check_quota(limited, 0, await services.view.jobs())
+    services.creator.check_quota(team_a(max_services=1), 0, await services.view.jobs())
     await services.prober.aclose()
