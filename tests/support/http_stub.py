@@ -89,3 +89,21 @@ def chunked(pieces: list[bytes], go_on: list[asyncio.Event], content_type: str) 
         writer.write(b"0\r\n\r\n")
 
     return answer
+
+
+class Overlap:
+    """Answers that take ``delay`` seconds, counting how many were in flight at most."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most = 0
+
+    def answer(self, delay: float, status: int = 200) -> Answer:
+        async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            await asyncio.sleep(delay)
+            self.in_flight -= 1
+            writer.write(response(status))
+
+        return answer

@@ -22,7 +22,7 @@ from gateway.core.services import ServiceManager
 from gateway.core.status import ServiceStatus
 from gateway.slurm import JobInfo, JobState, SlurmError, SlurmUnavailable
 from gateway.testing.scheduler import FakeScheduler
-from tests.support.http_stub import Answer, Seen, Stub, http_stub, response
+from tests.support.http_stub import Overlap, Seen, Stub, http_stub, response
 from tests.support.services import (
     ADMIN,
     CODEC,
@@ -55,27 +55,14 @@ def of(user: str, listed: JobInfo) -> JobInfo:
 
 
 async def test_listing_costs_one_slurm_call_and_probes_run_concurrently() -> None:
-    in_flight = 0
-    most = 0
-
-    def health(status: int) -> Answer:
-        async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
-            nonlocal in_flight, most
-            in_flight += 1
-            most = max(most, in_flight)
-            await asyncio.sleep(0.2)
-            in_flight -= 1
-            writer.write(response(status))
-
-        return answer
-
+    overlap = Overlap()
     async with contextlib.AsyncExitStack() as stack:
         stubs = [
-            await stack.enter_async_context(http_stub(health(status), NODE_ADDRESS))
+            await stack.enter_async_context(http_stub(overlap.answer(0.2, status), NODE_ADDRESS))
             for status in (200, 200, 200, 503)
         ]
         await _listing_costs_one_slurm_call(stubs)
-    assert most == len(stubs), "health probes ran one after another"
+    assert overlap.most == len(stubs), "health probes ran one after another"
     assert [len(stub.seen) for stub in stubs] == [1, 1, 1, 1]
 
 

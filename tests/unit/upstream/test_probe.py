@@ -6,22 +6,12 @@ from __future__ import annotations
 import asyncio
 
 from gateway.upstream.probe import HealthProber
-from tests.support.http_stub import Seen, http_stub, response
+from tests.support.http_stub import Overlap, Seen, http_stub, response
 
 
 async def test_many_probes_queue_for_slots_and_all_pass() -> None:
-    in_flight = 0
-    most = 0
-
-    async def slow(seen: Seen, writer: asyncio.StreamWriter) -> None:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        await asyncio.sleep(0.05)
-        in_flight -= 1
-        writer.write(response(200))
-
-    async with http_stub(slow) as stub:
+    overlap = Overlap()
+    async with http_stub(overlap.answer(0.05)) as stub:
         # Each probe may take 0.3 s; 100 of them, 8 at a time, take longer than
         # that in all: waiting for a slot must not count against a probe.
         prober = HealthProber(timeout=0.3, ttl=5, max_concurrent=8)
@@ -32,7 +22,7 @@ async def test_many_probes_queue_for_slots_and_all_pass() -> None:
         finally:
             await prober.aclose()
     assert all(results)
-    assert most == 8
+    assert overlap.most == 8
 
 
 async def test_an_expired_answer_is_given_at_once_while_a_new_probe_runs() -> None:
