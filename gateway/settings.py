@@ -208,7 +208,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def __repr__(self) -> str:
         # Never print the token, even in a debugger or a crash report.
         shown = (
-            f"{f}=" + ("<hidden>" if f in _HIDDEN and getattr(self, f) else repr(getattr(self, f)))
+            f"{f}=" + repr("<hidden>" if f in _HIDDEN and getattr(self, f) else getattr(self, f))
             for f in self.__struct_fields__
         )
         return "Settings(" + ", ".join(shown) + ")"

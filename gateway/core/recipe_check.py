@@ -5,16 +5,18 @@ A template renders operator values only: the recipe's own (``recipe.*``,
 the job's resources (``resources.*``), each shell-quoted on output
 (:mod:`gateway.core.shell`). A request's values never become shell text: they
 reach the job as environment variables, which the script reads as ``"$NAME"``.
-So what is checked here is what the template may name, not where the shell
-reads a value:
+So what is checked here is mostly what the template may name:
 
-* the parse tree (:func:`check_tree`): only those names, plain ``name.key``
-  look-ups, a few filters and tests, ``if``/``for``/``set``/``with``; no
+* the parse tree (:func:`check_tree`): only those names (Jinja's globals are
+  gone and may not be set), plain ``name.key`` look-ups into them or a loop
+  variable over them, a few filters and tests, ``if``/``for``/``set``/``with``; no
   ``include``/``import``/``from``/``extends`` (a recipe is one file), macros,
   calls, ``filter`` or ``autoescape`` blocks;
 * the shell text (:func:`check_shell_text`): no xtrace anywhere (it would write
   the job's secrets, such as its upstream key, into the log the API serves),
-  and no template value as the value of a variable the shell runs or obeys;
+  no template value as the value of a variable the shell runs or obeys, and
+  none where ``shlex.quote``'s quotes would be text: inside quotes, a heredoc's
+  body, a shell comment or after a backslash;
 * the rendered script (:func:`check_rendered`): rendered with the recipe's own
   values, it must pass the same xtrace check and ``bash -n``.
 
@@ -67,6 +69,8 @@ _REFUSED: dict[type[nodes.Node], str] = {
     nodes.EvalContextModifier: _AUTOESCAPE,
 }  # fmt: skip
 _ONLY = "a template may name only the operator values " + ", ".join(ROOTS)
+# Neither the roots nor Jinja's own globals (which the environment drops) may be set.
+_RESERVED = frozenset(ROOTS) | frozenset(jinja2.defaults.DEFAULT_NAMESPACE) | {"loop"}
 
 # Stands for one {{ }} in the shell text.
 _EXPR = "\x00"
@@ -115,6 +119,13 @@ def check_tree(tree: nodes.Template, path: Path) -> None:
     def fail(node: nodes.Node, reason: str) -> NoReturn:
         raise RecipeError(f"{path}:{node.lineno}: {reason}")
 
+    # Loop variables walk operator values, so a look-up into one is one too.
+    loop_targets = {
+        name.name
+        for loop in tree.find_all(nodes.For)
+        for name in [loop.target, *loop.target.find_all(nodes.Name)]
+        if isinstance(name, nodes.Name)
+    }
     for node in tree.find_all(nodes.Node):
         refused = _REFUSED.get(type(node))
         if refused is not None:
@@ -125,9 +136,13 @@ def check_tree(tree: nodes.Template, path: Path) -> None:
             fail(node, f"filter {node.name} is not allowed (only {', '.join(sorted(FILTERS))})")
         if isinstance(node, nodes.Test) and node.name not in TESTS:
             fail(node, f"test {node.name} is not allowed (only {', '.join(sorted(TESTS))})")
-        why = _lookup(node) if isinstance(node, nodes.Getattr | nodes.Getitem) else None
+        why = (
+            _lookup(node, loop_targets) if isinstance(node, nodes.Getattr | nodes.Getitem) else None
+        )
         if why is not None:
             fail(node, why)
+        if isinstance(node, nodes.Name) and node.ctx != "load" and node.name in _RESERVED:
+            fail(node, f"{node.name!r} is a name the template may only read ({_ONLY})")
     # A name the template does not set itself is looked up in the context:
     # only the operator values are there.
     undeclared = meta.find_undeclared_variables(tree)
@@ -139,8 +154,9 @@ def check_tree(tree: nodes.Template, path: Path) -> None:
             fail(name, f"{name.name!r} is not a value a template may use: {_ONLY}")
 
 
-def _lookup(node: nodes.Getattr | nodes.Getitem) -> str | None:
-    """Why a look-up is refused, if it is: only ``name.key`` or ``name['key']``."""
+def _lookup(node: nodes.Getattr | nodes.Getitem, loop_targets: set[str]) -> str | None:
+    """Why a look-up is refused, if it is: only ``name.key`` or ``name['key']``
+    into an operator value or a loop variable over one."""
     if isinstance(node, nodes.Getattr):
         key = node.attr
     elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str | int):
@@ -155,6 +171,8 @@ def _lookup(node: nodes.Getattr | nodes.Getitem) -> str | None:
         )
     if not isinstance(node.node, nodes.Name):
         return "only one look-up into a value is allowed (name.key)"
+    if node.node.name not in ROOTS and node.node.name not in loop_targets | {"loop"}:
+        return f"{node.node.name}.{key}: look-ups go into operator values only ({_ONLY})"
     if key.startswith("_"):
         return f"{key} is not a key a template may look up"
     return None
@@ -169,6 +187,13 @@ def check_shell_text(source: str, path: Path, env: jinja2.Environment) -> None:
         k = max(bisect_right(starts, at) - 1, 0)
         return lines[k] + text.count("\n", starts[k], at) if starts else 1
 
+    if (quoted := _quoted_value(text)) is not None:
+        at, where = quoted
+        raise RecipeError(
+            f"{path}:{line_at(at)}: a {{{{ }}}} value {where}: its shell quotes would be "
+            "literal characters there; assign it to a variable outside quotes "
+            '(NAME={{ value }}) and write "$NAME"'
+        )
     if found := _SPECIAL.search(text):
         raise RecipeError(
             f"{path}:{line_at(found.start())}: a template value as the value of "
@@ -177,6 +202,62 @@ def check_shell_text(source: str, path: Path, env: jinja2.Environment) -> None:
     if (xtrace := _xtrace(text)) is not None:
         at, what = xtrace
         raise RecipeError(f"{path}:{line_at(at)}: {_XTRACE.format(what=what)}")
+
+
+_HEREDOC = re.compile(r"<<(-?)[ \t]*(['\"]?)([A-Za-z0-9_]+)\2")
+
+
+def _quoted_value(text: str) -> tuple[int, str] | None:
+    """Where a value stands inside quotes, a heredoc, a shell comment or after
+    a backslash: there the quotes ``shlex.quote`` adds are text, not quoting."""
+    i, n = 0, len(text)
+    pending: list[tuple[str, bool]] = []  # heredocs opened on this line
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            if text.startswith(_EXPR, i + 1):
+                return i + 1, "after a backslash"
+            i += 2
+            continue
+        if c == "'" or (c == "$" and text.startswith("$'", i)):
+            i += 1 if c == "'" else 2
+            while i < n and text[i] != "'":
+                if text[i] == _EXPR:
+                    return i, "inside single quotes"
+                i += 2 if c == "$" and text[i] == "\\" else 1
+        elif c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                if text[i] == _EXPR:
+                    return i, "inside double quotes"
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#" and (i == 0 or text[i - 1] in " \t\n;&|("):
+            end = text.find("\n", i)
+            if _EXPR in text[i : end if end >= 0 else n]:
+                return text.index(_EXPR, i), "in a shell comment"
+            i = n if end < 0 else end
+            continue
+        elif c == "<" and text.startswith("<<", i) and not text.startswith("<<<", i):
+            if (found := _HEREDOC.match(text, i)) is not None:
+                pending.append((found[3], found[1] == "-"))
+                i = found.end()
+                continue
+        elif c == "\n" and pending:
+            i += 1
+            for word, tabs in pending:
+                while i < n:
+                    end = text.find("\n", i)
+                    end = n if end < 0 else end
+                    line = text[i:end]
+                    i = end + 1
+                    if (line.lstrip("\t") if tabs else line) == word:
+                        break
+                    if _EXPR in line:
+                        return text.index(_EXPR, i - len(line) - 1), "in a heredoc's body"
+            pending = []
+            continue
+        i += 1
+    return None
 
 
 def check_rendered(script: str, path: Path) -> None:

@@ -314,6 +314,7 @@ def _load_recipe(name: str, meta: Path, overlay: SiteOverlay) -> Recipe:
                 f"{meta}: environment variable {key} is reserved: a request could change "
                 "how the shell, the loader or Python run the job, or the gateway's own values"
             )
+    _check_service_variables(spec, meta)
     for key, value in spec.environment_defaults.items():
         var = spec.environment.get(key)
         if var is not None:
@@ -341,3 +342,23 @@ def _load_recipe(name: str, meta: Path, overlay: SiteOverlay) -> Recipe:
     values = [recipe.template_values(defaults), recipe.template_values(other)]
     recipe_check.check_template(template, source, template_path, env, values)
     return recipe
+
+
+def _check_service_variables(spec: RecipeSpec, meta: Path) -> None:
+    """The variables ``[service]`` names are the recipe's own, and a vLLM
+    service names its model: without it, /v1 could route it by no name."""
+    service = spec.service
+    if service.kind == "vllm" and service.model_variable is None:
+        raise RecipeError(
+            f'{meta}: service.model_variable: required when service.kind = "vllm" (the '
+            'variable that names the model, e.g. "VLLM_MODEL"): /v1 routes by it'
+        )
+    declared = spec.environment.keys() | spec.environment_defaults.keys()
+    for field in ("port_variable", "model_variable", "served_name_variable",
+                  "max_model_len_variable"):  # fmt: skip
+        name = getattr(service, field)
+        if name is not None and name not in declared:
+            raise RecipeError(
+                f"{meta}: service.{field}: {name} is not one of the recipe's variables "
+                "([environment] or [environment_defaults])"
+            )

@@ -44,6 +44,8 @@ def environment(loader: jinja2.BaseLoader | None = None) -> ImmutableSandboxedEn
         lstrip_blocks=True,
     )
     env.filters["raw_int"] = _raw_int
+    # range, lipsum, cycler...: nothing a job script needs, so nothing to reach.
+    env.globals.clear()
     return env
 
 

@@ -145,6 +145,13 @@ def _write(folder: Path, name: str, toml: str, template: str = "echo hi\n") -> P
         ("description = \n", "echo\n", "not valid TOML"),
         ('description = "x"\n', "echo hi\necho {{ env.X }}\n", "job.sh.j2:2: env.X is a request"),
         ('description = "x"\n', "echo hi\nif true; then\n", "job.sh.j2: rendered with the"),
+        # A vLLM recipe from before model_variable would route by no name (review).
+        ('description = "x"\n[service]\nkind = "vllm"\n', "echo\n", "service.model_variable"),
+        (
+            'description = "x"\n[service]\nport_variable = "PORTT"\n',
+            "echo\n",
+            "service.port_variable: PORTT is not one of the recipe's variables",
+        ),
     ],
 )
 def test_broken_recipe_names_file_and_field(
