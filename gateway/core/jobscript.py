@@ -249,7 +249,7 @@ def submission(
     """The batch job of a service: its script, and the request's variables
     and the upstream key as its environment (never as script text).
     ``partition``: the site's, unless the recipe names one for these resources."""
-    context = render_context(recipe, environment, resources.as_config())
+    context = recipe.template_values(resources.as_config())
     return JobSubmission(
         script=build(recipe, unbound_meta, context),
         name=job_name,
@@ -267,12 +267,3 @@ def submission(
         comment=unbound_meta,
         begin_time=begin_time,
     )
-
-
-def render_context(
-    recipe: Recipe, environment: Mapping[str, str], resources: Mapping[str, Any]
-) -> dict[str, Any]:
-    """What a recipe template may use: operator values, shell-quoted on output.
-    ``environment`` (the request's variables) is not among them: it reaches the
-    job as environment variables only."""
-    return recipe.template_values(resources)

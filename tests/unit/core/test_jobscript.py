@@ -39,7 +39,7 @@ def run_body(box: Path, body: str) -> str:
     """The preamble, then ``body``; what it printed."""
     recipe = RecipeCatalog.load([ROOT / "tests" / "recipes"]).get("testing/http")
     env = recipe.environment({})
-    context = jobscript.render_context(recipe, env, recipe.default_resources.as_config())
+    context = recipe.template_values(recipe.default_resources.as_config())
     meta = CODEC.new_meta(recipe=recipe.name, created=1.0, owner="u", environment=env, resources={})
     unbound = CODEC.unbound(meta)
     preamble = jobscript.build(recipe, unbound, context).split("# --- recipe", 1)[0]

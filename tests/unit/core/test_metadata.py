@@ -127,8 +127,7 @@ def test_the_seeds_full_example_fits_with_room_to_spare() -> None:
 def _preamble(unbound: str) -> str:
     catalog = RecipeCatalog.load([ROOT / "recipes", ROOT / "tests" / "recipes"])
     recipe = catalog.get("testing/http")
-    env = recipe.environment({})
-    context = jobscript.render_context(recipe, env, recipe.default_resources.as_config())
+    context = recipe.template_values(recipe.default_resources.as_config())
     return jobscript.build(recipe, unbound, context).split("# --- recipe", 1)[0]
 
 

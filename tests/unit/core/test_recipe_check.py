@@ -7,7 +7,7 @@ from typing import Any
 import jinja2
 import pytest
 
-from gateway.core import jobscript, recipe_check, shell
+from gateway.core import recipe_check, shell
 from gateway.core.errors import RecipeError
 from gateway.core.recipes import RecipeCatalog
 
@@ -229,7 +229,6 @@ def test_a_site_overlay_value_is_checked_too(tmp_path: Path) -> None:
 
 def test_the_template_gets_operator_values_only() -> None:
     recipe = RecipeCatalog.load([ROOT / "recipes"]).get("inference/vllm")
-    env = recipe.environment({"VLLM_MODEL": "gpt2"})
-    context = jobscript.render_context(recipe, env, recipe.default_resources.as_config())
+    context = recipe.template_values(recipe.default_resources.as_config())
     assert sorted(context) == sorted(recipe_check.ROOTS)
     assert "gpt2" not in repr(context)

@@ -109,7 +109,7 @@ def test_request_values_stay_out_of_the_script(catalog: RecipeCatalog, payload: 
     meta = metadata.ServiceMeta(recipe=recipe.name, created=0, owner="u", environment=env)
     encoded = metadata.MetaCodec(b"s" * 32).unbound(meta)
     script = jobscript.build(
-        recipe, encoded, jobscript.render_context(recipe, env, recipe.default_resources.as_config())
+        recipe, encoded, recipe.template_values(recipe.default_resources.as_config())
     )
     assert "pwned" not in script
     line = next(x for x in script.splitlines() if x.startswith('echo "message from environment'))

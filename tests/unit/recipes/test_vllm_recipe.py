@@ -133,7 +133,7 @@ def script_for(
     the request's variables (the job's environment)."""
     recipe = RecipeCatalog.load([ROOT / "recipes"]).get("inference/vllm")
     env = recipe.environment(environment)
-    context = jobscript.render_context(recipe, env, recipe.default_resources.as_config())
+    context = recipe.template_values(recipe.default_resources.as_config())
     files = {"python": FAKE_PYTHON, "scontrol": FAKE_SCONTROL, "fake_vllm.py": FAKE_VLLM}
     for name, text in {**files, "squatter.py": SQUATTER}.items():
         (box / name).write_text(text)
