@@ -19,6 +19,7 @@ from litestar.types import ASGIApp
 from gateway import __version__, wiring
 from gateway.accesslog import AccessLog
 from gateway.api import audit, litestar_fixes, problems, reference, security
+from gateway.api.deployments import DeploymentsController
 from gateway.api.health import HealthController, drain_on_sigterm
 from gateway.api.loopback import LoopbackOnly
 from gateway.api.metrics import HttpMetrics, MetricsController, ServiceCounts
@@ -28,6 +29,8 @@ from gateway.api.recipes import RecipesController
 from gateway.api.services import ServicesController
 from gateway.api.vllm import VllmController
 from gateway.auth.authenticate import Authenticator
+from gateway.core.deployments.plan import Timing
+from gateway.core.deployments.reconciler import Reconciler
 from gateway.core.jobview import JobView
 from gateway.core.recipes import RecipeCatalog
 from gateway.core.routing import ModelRouter
@@ -85,6 +88,7 @@ class Provided:
     services: ServiceManager = field(init=False)
     prompting: Prompting = field(init=False)
     front_door: FrontDoor = field(init=False)
+    deployments: Reconciler = field(init=False)
 
     def dependencies(self) -> dict[str, Provide]:
         return {f.name: Provide(self._getter(f.name), sync_to_thread=False) for f in fields(self)}
@@ -104,6 +108,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
     codec = metadata_codec(settings)  # and a secret that cannot be read
     minter = wiring.minter(settings)
     authenticate = wiring.authenticator(settings)  # and an auth file that cannot be used
+    declared = wiring.deployments_file(settings, catalog)  # and a deployments file
     provided = Provided(recipes=catalog, authenticator=authenticate, service_counts=ServiceCounts())
 
     @asynccontextmanager
@@ -136,10 +141,20 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         )
         provided.prompting = Prompting(services=services, vllm=vllm)
         provided.front_door = FrontDoor(router=ModelRouter(services), vllm=vllm)
+        reconciler = provided.deployments = Reconciler(
+            services=services,
+            declared=declared,
+            principal_for=wiring.deployment_principal(authenticate, lambda: services.slurm_user),
+            timing=Timing(
+                lead=settings.deployment_lead_seconds, drain=settings.deployment_drain_seconds
+            ),
+        )
         services.view.start()
+        reconciler.start()
         try:
             yield
         finally:
+            await reconciler.close()
             await services.view.close()
             await prober.aclose()
             await vllm.aclose()
@@ -149,6 +164,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         route_handlers=[
             HealthController,
             ServicesController,
+            DeploymentsController,
             RecipesController,
             VllmController,
             OpenAIController,

@@ -68,3 +68,14 @@ PROMPT_TOKENS = Counter(
     "Tokens passed through, as vLLM reported them (streams: only when vLLM sends usage)",
     ["kind"],
 )
+DEPLOYMENT_REPLICAS = Gauge(
+    f"{PREFIX}_deployment_replicas",
+    "Replicas of each declared deployment: wanted, running, starting, pending",
+    ["deployment", "state"],
+    multiprocess_mode="livemax",
+)
+DEPLOYMENT_ACTIONS = Counter(
+    f"{PREFIX}_deployment_actions_total",
+    "What the reconciler did, by deployment and kind (submit, stop, error)",
+    ["deployment", "action"],
+)

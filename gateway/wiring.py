@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.auth.authenticate import Authenticator
 from gateway.auth.authfile import AuthFileError
+from gateway.core.deployments.spec import Deployment, DeploymentsFile, DeploymentsFileError
+from gateway.core.errors import InvalidRequest
 from gateway.core.metadata import MetaCodec
+from gateway.core.principal import Method, Principal, Role
+from gateway.core.recipes import RecipeCatalog
 from gateway.settings import Settings, SettingsError, SlurmAuthMode, env_name
 from gateway.slurm import (
     MintedTokens,
@@ -127,3 +132,59 @@ def minter(settings: Settings) -> Minter | None:
     except OSError as exc:
         raise SettingsError(f"{env_name('slurm_jwt_key_file')}: cannot read: {exc}") from None
     return Minter(key, lifespan=float(settings.slurm_jwt_lifespan))
+
+
+def deployments_file(settings: Settings, recipes: RecipeCatalog) -> DeploymentsFile | None:
+    """The declared deployments; a file that cannot be read or parsed stops start-up."""
+    if settings.deployments_file is None:
+        return None
+    try:
+        return DeploymentsFile(Path(settings.deployments_file), recipes)
+    except DeploymentsFileError as exc:
+        raise SettingsError(f"{env_name('deployments_file')}: {exc}") from None
+
+
+def deployment_principal(
+    authenticate: Authenticator, gateway_user: Callable[[], str]
+) -> Callable[[Deployment], Principal]:
+    """Who a deployment's jobs are made as: its tenant (the auth file's limits
+    and account) and that tenant's Slurm user; a shared one, the gateway."""
+
+    def principal(deployment: Deployment) -> Principal:
+        tenant, user = deployment.spec.tenant, deployment.spec.slurm_user
+        label = f"deployment {deployment.name}"
+        if tenant is None:
+            return Principal(
+                tenant="",
+                slurm_user=user or gateway_user(),
+                role=Role.ADMIN,
+                method=Method.NONE,
+                label=label,
+            )
+        directory = authenticate.directory()
+        users = sorted(
+            {k.slurm_user for k in directory.spec.keys if k.tenant == tenant}
+            | {
+                u.slurm_user
+                for u in directory.spec.oidc_users
+                if (u.tenant or u.slurm_user) == tenant
+            }
+        )
+        if user is None:
+            if len(users) != 1:
+                found = ", ".join(users) or "none"
+                raise InvalidRequest.field(
+                    "slurm_user",
+                    f"tenant {tenant} has {len(users)} Slurm users in the auth file ({found}); "
+                    "name the one its jobs run as",
+                )
+            user = users[0]
+        elif user not in users:
+            raise InvalidRequest.field(
+                "slurm_user", f"{user} is not a Slurm user of tenant {tenant} in the auth file"
+            )
+        return directory.principal(
+            tenant=tenant, slurm_user=user, role=Role.USER, method=Method.KEY, label=label
+        )
+
+    return principal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -9,9 +10,18 @@ from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import ResponseHeader
 from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
-from litestar.openapi.spec import Example, Link, OpenAPIResponse, Operation
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import (
+    Example,
+    Link,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Schema,
+)
 from litestar.params import Body, HeaderParameter, Parameter
-from litestar.response import Response
+from litestar.response import Response, Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from msgspec import UNSET
 
@@ -20,12 +30,16 @@ from gateway.api.openapi import JsonExample, problem_responses
 from gateway.api.schemas import (
     CreateServiceRequest,
     LogsResponse,
+    ProblemResponse,
     ServiceResponse,
     ServiceStatusResponse,
     StopResponse,
 )
+from gateway.core.joblogs import FOLLOWERS_PER_TENANT, FOLLOWERS_TOTAL
+from gateway.core.logfollow import FOLLOW_POLL_SECONDS, HEARTBEAT_SECONDS, LogEvent
 from gateway.core.principal import Principal
 from gateway.core.services import CreateRequest, ServiceManager
+from gateway.proxy.asgi import ClosingStream
 
 ServiceId = Annotated[
     str,
@@ -138,6 +152,64 @@ class CreateServiceOperation(Operation):
             }
 
 
+FOLLOW_DESCRIPTION = (
+    "With `follow=true` the answer is a stream of Server-Sent Events: each line of the "
+    "job's output as it is written, `event: stdout` or `event: stderr` with the line as "
+    "`data` (without its line break; a line longer than 64 KiB comes in pieces), first all "
+    "lines written so far (at most the log byte cap, or the last `tail`). The files are "
+    f"polled every {FOLLOW_POLL_SECONDS} s. A pending service is waited for. The stream "
+    'ends with `event: end`, `data: {"status": ..., "reason": ...}`, once the service has '
+    "ended and its files are read to their end (or the gateway is stopping). "
+    '`event: error` (`{"stream", "reason"}`) says a file is not read (the same checks as '
+    'without follow); `event: reset` (`{"stream", "reason"}`) that a file was replaced or '
+    f"shrank and is read again from its start. A comment line every {HEARTBEAT_SECONDS:g} s "
+    f"keeps an idle connection open. Each gateway process serves at most "
+    f"{FOLLOWERS_PER_TENANT} follows per tenant (429) and {FOLLOWERS_TOTAL} in all (503)."
+)
+
+LOG_EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    description="Server-Sent Events: the service's log lines as they are written, ending "
+    "with an `end` event",
+    required=["event", "data"],
+    properties={
+        "event": Schema(
+            type=OpenAPIType.STRING,
+            enum=["stdout", "stderr", "reset", "error", "end"],
+            description="the file a line is of; `reset`, `error` or `end` (JSON data)",
+        ),
+        "data": Schema(
+            type=OpenAPIType.STRING,
+            description='one line; for `end`, `{"status": ..., "reason": ...}`; for `error` '
+            'and `reset`, `{"stream": ..., "reason": ...}`',
+        ),
+    },
+)
+
+
+@dataclass
+class LogStreamOperation(Operation):
+    """getServiceLogs: its 200 answer is JSON, or with follow=true a text/event-stream
+    (LOG_EVENT). A ResponseSpec documents one media type; the second is added here."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            ok.content = {**(ok.content or {}), "text/event-stream": OpenAPIMediaType(LOG_EVENT)}
+
+
+async def _event_stream(events: AsyncGenerator[LogEvent, None]) -> AsyncGenerator[bytes, None]:
+    """A follow's events as Server-Sent Events (their data holds no line break)."""
+    try:
+        async for event in events:
+            if event.event:
+                yield f"event: {event.event}\ndata: {event.data}\n\n".encode()
+            else:
+                yield f": {event.data}\n\n".encode()
+    finally:
+        await events.aclose()
+
+
 class ServicesController(Controller):
     path = "/api/v1/services"
     tags = ("services",)
@@ -233,8 +305,25 @@ class ServicesController(Controller):
     @get(
         "/{service_id:str}/logs",
         operation_id="getServiceLogs",
-        responses=problem_responses(400, 404, 409, 422, 502, 503),
-        summary="The service's stdout and stderr",
+        responses={
+            **problem_responses(400, 404, 409, 422, 429, 502, 503),
+            200: ResponseSpec(
+                LogsResponse,
+                generate_examples=False,
+                description="The logs, or with follow=true a text/event-stream of their "
+                "lines as they are written",
+            ),
+            503: ResponseSpec(
+                ProblemResponse,
+                description="Slurm is unreachable, or (follow=true) this gateway process "
+                "follows as many logs as it will at once; retry after Retry-After seconds",
+                media_type="application/problem+json",
+                generate_examples=False,
+            ),
+        },
+        operation_class=LogStreamOperation,  # adds the text/event-stream 200 answer
+        summary="The service's stdout and stderr; with follow=true, streamed as they are written",
+        description=FOLLOW_DESCRIPTION,
     )
     async def get_logs(
         self,
@@ -247,15 +336,36 @@ class ServicesController(Controller):
             Parameter(
                 ge=0,
                 le=100_000,
-                description="only the last N lines",
+                description="only the last N lines (with follow=true: of those already "
+                "written, then every new one)",
                 required=False,
                 # Litestar leaves a bound of 0 out of the document (it tests truth).
                 schema_extra={"minimum": 0},
             ),
         ] = None,
-    ) -> LogsResponse:
+        follow: Annotated[
+            bool,
+            Parameter(
+                description="stream the lines as Server-Sent Events as they are written, "
+                "until the service ends or the client leaves",
+                required=False,
+            ),
+        ] = False,
+    ) -> Response[LogsResponse] | Stream:
         _plain_count(request, "tail")
-        return LogsResponse.of(service_id, await services.logs(service_id, principal, tail=tail))
+        if follow:
+            state = request.app.state
+            events = await services.follow_logs(
+                service_id, principal, tail=tail, stopping=lambda: bool(state.get("draining"))
+            )
+            return ClosingStream(
+                _event_stream(events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return Response(
+            LogsResponse.of(service_id, await services.logs(service_id, principal, tail=tail))
+        )
 
     @delete(
         "/{service_id:str}",

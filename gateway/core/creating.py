@@ -68,7 +68,12 @@ class Creator:
         self._creating: dict[str, asyncio.Lock] = {}
 
     async def create(
-        self, request: CreateRequest, principal: Principal, *, idempotency_key: str | None = None
+        self,
+        request: CreateRequest,
+        principal: Principal,
+        *,
+        idempotency_key: str | None = None,
+        placement: metadata.Placement | None = None,
     ) -> Created:
         recipe = self._recipe_for_create(request.recipe_name)
         if request.shared and not principal.is_admin:
@@ -102,7 +107,15 @@ class Creator:
                     jobs = await self.view.jobs()
                     self.check_quota(principal, resources.gpus * resources.nodes, jobs)
                 return await self._submit(
-                    recipe, environment, resources, principal, user, marker, digest, request.shared
+                    recipe,
+                    environment,
+                    resources,
+                    principal,
+                    user,
+                    marker,
+                    digest,
+                    request.shared,
+                    placement,
                 )
         finally:
             # Once nobody holds it. A create that still waits on this lock
@@ -120,6 +133,7 @@ class Creator:
         marker: str,
         digest: str,
         shared: bool,
+        placement: metadata.Placement | None = None,
     ) -> Created:
         meta = self.codec.new_meta(
             recipe=recipe.name,
@@ -131,6 +145,7 @@ class Creator:
             idempotency=marker,
             request_digest=digest,
             shared=shared,
+            placement=placement,
         )
         unbound = self.codec.unbound(meta)
         check_comment_budget(unbound, environment)
@@ -219,7 +234,18 @@ class Creator:
         except QuotaExceeded:
             await self._cancel_twin(slurm, job_id, "over quota")
             raise
+        if marker:
+            await self._release(slurm, job_id)
         return Created(service, replayed=False)
+
+    async def _release(self, slurm: Scheduler, job_id: int) -> None:
+        """The job stands: its hold has served, so it need not wait for
+        Slurm's next scheduling pass (up to a minute) once the hold ends."""
+        try:
+            await slurm.release(job_id)
+        except SlurmError as exc:
+            # It starts at its begin time all the same.
+            log.warning("create_release_failed", job_id=job_id, error=str(exc)[:300])
 
     async def _cancel_twin(self, slurm: Scheduler, job_id: int, why: str) -> None:
         try:

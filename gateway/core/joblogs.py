@@ -10,6 +10,10 @@ job's user. Anything else answers with a reason and no content.
 
 The files may be read through another path on the gateway's host than on the
 cluster (``path_map``: a mount of the cluster's file systems).
+
+Following a log as it is written (logfollow.py) opens it with the same
+checks (``open_checked``); how many follows a process serves is bounded here
+(``Followers``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.core import metadata
-from gateway.core.errors import Conflict, NotFound
+from gateway.core.errors import Conflict, GatewayError, NotFound, QuotaExceeded
 from gateway.core.model import Logs, job_dir_for, job_name_of
 from gateway.slurm import JobInfo, JobState
 
@@ -36,11 +40,13 @@ class LogFile(msgspec.Struct, frozen=True, kw_only=True):
     refused: str | None = None
 
 
-def read_tail(
-    directory: Path, name: str, *, uid: int | None, lines: int | None, max_bytes: int
-) -> LogFile:
-    """The last ``lines`` lines (all if None) of ``directory/name``, at most
-    ``max_bytes``. ``name`` is a single path component the gateway chose."""
+def open_checked(
+    directory: Path, name: str, *, uid: int | None
+) -> tuple[int, os.stat_result] | LogFile:
+    """``directory/name`` opened for reading with its status, when it is a
+    regular file of the job's user with no other link; else why not (a
+    LogFile: missing or refused). ``name`` is a single path component the
+    gateway chose. The caller closes the descriptor."""
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"not a file name: {name!r}")
     try:
@@ -62,15 +68,31 @@ def read_tail(
             return LogFile(refused=f"{name} cannot be opened: {exc.strerror}")
     finally:
         os.close(dir_fd)
+    info = os.fstat(fd)
+    refused = None
+    if not stat.S_ISREG(info.st_mode):
+        refused = f"{name} is not a regular file"
+    elif uid is None or info.st_uid != uid:
+        refused = f"{name} is not owned by the job's user"
+    elif info.st_nlink != 1:
+        # A hard link to someone else's file of the same owner.
+        refused = f"{name} has other hard links; not read"
+    if refused is not None:
+        os.close(fd)
+        return LogFile(refused=refused)
+    return fd, info
+
+
+def read_tail(
+    directory: Path, name: str, *, uid: int | None, lines: int | None, max_bytes: int
+) -> LogFile:
+    """The last ``lines`` lines (all if None) of ``directory/name``, at most
+    ``max_bytes``. ``name`` is a single path component the gateway chose."""
+    opened = open_checked(directory, name, uid=uid)
+    if isinstance(opened, LogFile):
+        return opened
+    fd, info = opened
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return LogFile(refused=f"{name} is not a regular file")
-        if uid is None or info.st_uid != uid:
-            return LogFile(refused=f"{name} is not owned by the job's user")
-        if info.st_nlink != 1:
-            # A hard link to someone else's file of the same owner.
-            return LogFile(refused=f"{name} has other hard links; not read")
         start = max(0, info.st_size - max_bytes)
         f.seek(start)
         data = f.read(max_bytes)
@@ -85,6 +107,88 @@ def read_tail(
             truncated = True
             text = "".join(parts[-lines:]) if lines else ""
     return LogFile(text=text, truncated=truncated)
+
+
+# Log follows (logfollow.py) one gateway process serves at once: each holds a
+# connection and polls two files, so a tenant cannot take them all.
+FOLLOWERS_PER_TENANT = 8
+FOLLOWERS_TOTAL = 256
+FOLLOWERS_RETRY_AFTER_SECONDS = 30
+
+
+class TooManyFollowers(QuotaExceeded):
+    """The caller's tenant follows as many logs as it may at once (429)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, limit="log_followers")
+        self.headers = {"Retry-After": str(FOLLOWERS_RETRY_AFTER_SECONDS)}
+
+
+class FollowersFull(GatewayError):
+    """The gateway process follows as many logs as it will at once (503)."""
+
+    status_code = 503
+    title = "Too many log followers"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(FOLLOWERS_RETRY_AFTER_SECONDS)}
+
+
+class Followers:
+    """The log follows under way in this process, by tenant, within bounds."""
+
+    def __init__(
+        self, per_tenant: int = FOLLOWERS_PER_TENANT, total: int = FOLLOWERS_TOTAL
+    ) -> None:
+        self.per_tenant = per_tenant
+        self.total = total
+        self.by_tenant: dict[str, int] = {}
+
+    def admit(self, tenant: str) -> FollowSlot:
+        """A slot for one follow of ``tenant``'s, or 429 (the tenant's bound) or 503."""
+        held = self.by_tenant.get(tenant, 0)
+        if held >= self.per_tenant:
+            raise TooManyFollowers(
+                f"tenant {tenant} already follows {held} logs on this gateway process, "
+                f"the most it may at once ({self.per_tenant}); end one, or retry later"
+            )
+        if sum(self.by_tenant.values()) >= self.total:
+            raise FollowersFull(
+                f"this gateway process follows the most logs it will at once ({self.total}); "
+                "retry later"
+            )
+        self.by_tenant[tenant] = held + 1
+        return FollowSlot(self, tenant)
+
+    def held(self, tenant: str | None = None) -> int:
+        if tenant is None:
+            return sum(self.by_tenant.values())
+        return self.by_tenant.get(tenant, 0)
+
+
+class FollowSlot:
+    """One follow's place, given back once (by the follow's end, or when a
+    follow that never started is dropped)."""
+
+    __slots__ = ("followers", "tenant")
+
+    def __init__(self, followers: Followers | None, tenant: str) -> None:
+        self.followers = followers
+        self.tenant = tenant
+
+    def release(self) -> None:
+        followers, self.followers = self.followers, None
+        if followers is None:
+            return
+        left = followers.by_tenant.get(self.tenant, 0) - 1
+        if left > 0:
+            followers.by_tenant[self.tenant] = left
+        else:
+            followers.by_tenant.pop(self.tenant, None)
+
+    def __del__(self) -> None:
+        self.release()
 
 
 class LogReader:
@@ -102,6 +206,7 @@ class LogReader:
         self.job_dir = job_dir
         self.path_map = path_map
         self.max_bytes = max_bytes
+        self.followers = Followers()
 
     async def logs(
         self, service_id: str, job: JobInfo, meta: metadata.ServiceMeta, *, tail: int | None
@@ -135,23 +240,30 @@ class LogReader:
         reported: str,
         tail: int | None,
     ) -> LogFile:
+        directory, name, refused = self.located(job, meta, suffix, reported)
+        if refused is not None:
+            return LogFile(refused=refused)
+        return await asyncio.to_thread(
+            read_tail, directory, name, uid=job.user_id, lines=tail, max_bytes=self.max_bytes
+        )
+
+    def located(
+        self, job: JobInfo, meta: metadata.ServiceMeta, suffix: str, reported: str
+    ) -> tuple[Path, str, str | None]:
+        """The job's log file of ``suffix``: its folder on this host and the
+        name the gateway chose, and why it must not be read (Slurm reports
+        the job's output elsewhere) or None."""
         name = f"{job_name_of(meta.recipe, self.job_tag)}-{job.job_id}.{suffix}"
         job_dir = job_dir_for(self.job_dir, job.user_name).rstrip("/")
         expected = f"{job_dir}/{name}"
+        refused = None
         if reported != expected:
             shown = reported[:200].encode("unicode_escape").decode("ascii")
-            return LogFile(
-                refused=f"Slurm reports the job's output at '{shown}', not in the file "
+            refused = (
+                f"Slurm reports the job's output at '{shown}', not in the file "
                 f"the gateway chose ({expected}); not read"
             )
-        return await asyncio.to_thread(
-            read_tail,
-            self.local_path(job_dir or "/"),
-            name,
-            uid=job.user_id,
-            lines=tail,
-            max_bytes=self.max_bytes,
-        )
+        return self.local_path(job_dir or "/"), name, refused
 
     def local_path(self, cluster_path: str) -> Path:
         """Where ``cluster_path`` is on the gateway's host."""

@@ -75,6 +75,23 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LATEST = 253402300799.0
 
 
+class Placement(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Where a job stands in a deployment (core/deployments): written by the
+    reconciler so that any replica rebuilds every deployment from the jobs."""
+
+    deployment: str
+    # The digest of the spec it was made from: a changed spec is a new one.
+    generation: str
+    slot: int
+    # The newest job of the slot when this one was submitted (0: none): with
+    # the generation and slot, the submission's idempotency key.
+    after: int = 0
+    # Failures in a row in this slot before this job (its backoff).
+    attempt: int = 0
+    # Why it was submitted: "new", "replace", "walltime" or "roll".
+    why: str = "new"
+
+
 class ServiceMeta(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """Written once, at submission; encoded without field names to save space."""
 
@@ -93,6 +110,8 @@ class ServiceMeta(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     request_digest: str = ""
     # An admin offered it to every tenant (the OpenAI front door, /v1).
     shared: bool = False
+    # A replica of a deployment (None: an ad hoc service).
+    placement: Placement | None = None
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -152,6 +171,7 @@ class MetaCodec:
         idempotency: str = "",
         request_digest: str = "",
         shared: bool = False,
+        placement: Placement | None = None,
     ) -> ServiceMeta:
         return ServiceMeta(
             recipe=recipe,
@@ -164,6 +184,7 @@ class MetaCodec:
             idempotency=idempotency,
             request_digest=request_digest,
             shared=shared,
+            placement=placement,
         )
 
     def unbound(self, meta: ServiceMeta) -> str:

@@ -47,6 +47,9 @@ class Scheduler(Protocol):
 
     async def update_comment(self, job_id: int, comment: str) -> None: ...
 
+    async def release(self, job_id: int) -> None:
+        """Let a job held by its begin time start now."""
+
     async def cancel(self, job_id: int, signal: str | None = None) -> None:
         """Cancelling a job that already ended is not an error."""
         ...

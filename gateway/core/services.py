@@ -15,7 +15,7 @@ Service from its job), creating.py (create: quota, idempotency), joblogs.py
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from gateway.core.creating import Creator
 from gateway.core.errors import Conflict, NotFound
 from gateway.core.joblogs import LogReader
 from gateway.core.jobview import JobView
+from gateway.core.logfollow import LogEvent, follow
 from gateway.core.metadata import MetaCodec
 from gateway.core.model import (
     Created,
@@ -98,6 +99,9 @@ class ServiceManager:
         # Jobs this replica is stopping: /v1 sends them nothing more, before
         # Slurm is even asked (other replicas see them end with the view).
         self.leaving: set[int] = set()
+        # Deployment replicas handing over to a successor (core/deployments):
+        # /v1 sends them nothing new; every replica decides the same.
+        self.draining: frozenset[int] = frozenset()
         self.partition = partition
         self.account = account
         self.path_map = path_map or []
@@ -162,8 +166,11 @@ class ServiceManager:
         principal: Principal,
         *,
         idempotency_key: str | None = None,
+        placement: metadata.Placement | None = None,
     ) -> Created:
-        return await self.creator.create(request, principal, idempotency_key=idempotency_key)
+        return await self.creator.create(
+            request, principal, idempotency_key=idempotency_key, placement=placement
+        )
 
     # -- read -------------------------------------------------------------------
 
@@ -224,7 +231,9 @@ class ServiceManager:
         allowed = [
             entry
             for entry in entries
-            if entry[0].job_id not in self.leaving and usable(principal, entry[0], entry[1])
+            if entry[0].job_id not in self.leaving
+            and entry[0].job_id not in self.draining
+            and usable(principal, entry[0], entry[1])
         ]
         if not allowed:
             return []
@@ -290,6 +299,36 @@ class ServiceManager:
 
     def local_path(self, cluster_path: str) -> Path:
         return self.log_reader.local_path(cluster_path)
+
+    async def follow_logs(
+        self,
+        service_id: str,
+        principal: Principal,
+        *,
+        tail: int | None,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> AsyncGenerator[LogEvent, None]:
+        """The service's log lines as they are written, until its job ends or
+        ``stopping()`` (gateway/core/logfollow.py). 404 as ``logs``; a pending
+        service is waited for; 429 or 503 past the bounds of followers."""
+        job, meta, reported = await self._job(service_id, principal)
+        slot = self.log_reader.followers.admit(principal.tenant)
+
+        async def status(now: JobInfo) -> tuple[str, str]:
+            parsed = self.recognizer.parse(now) or (meta, reported)
+            service = await self.builder.service(now, *parsed)
+            return service.status.value, service.status_reason
+
+        return follow(
+            self.log_reader,
+            job,
+            meta,
+            view=self.view,
+            status=status,
+            slot=slot,
+            tail=tail,
+            stopping=stopping,
+        )
 
     # -- stop -------------------------------------------------------------------
 

@@ -301,6 +301,17 @@ class SlurmClient:
             partial(adapter.parse_cancel, job_id=job_id),
         )
 
+    async def release(self, job_id: int) -> None:
+        """Lets a job held by its begin time start now (slurmctld schedules it at
+        once; after a hold it would wait for the scheduler's next pass)."""
+        adapter = await self.adapter()
+        await self._run(
+            "release",
+            adapter,
+            adapter.release_request(job_id, int(time.time())),
+            partial(adapter.parse_update, job_id=job_id),
+        )
+
     async def update_comment(self, job_id: int, comment: str) -> None:
         adapter = await self.adapter()
         await self._run(

@@ -169,6 +169,10 @@ class FakeScheduler:
         job = self._job(job_id)
         self._state.jobs[job_id] = msgspec.structs.replace(job, comment=comment)
 
+    async def release(self, job_id: int) -> None:
+        await self._call("release", job_id)
+        self._job(job_id)
+
     async def cancel(self, job_id: int, signal: str | None = None) -> None:
         await self._call("cancel", job_id)
         job = self._job(job_id)

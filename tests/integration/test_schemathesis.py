@@ -95,6 +95,20 @@ parameters = { "body.model" = { dictionary = "served", probability = 0.5 } }
 [[operations]]
 include-operation-id = "getOpenAIModel"
 parameters = { "path.model" = { dictionary = "served", probability = 0.5 } }
+
+[dictionaries.deployments]
+values = ["docs"]
+
+[[operations]]
+include-operation-id = "getDeployment"
+parameters = { "path.name" = { dictionary = "deployments", probability = 0.5 } }
+
+# A follow (follow=true) streams until its service ends: an answer that never
+# completes, which Schemathesis cannot check. The document's JSON answer is
+# checked with follow=false; tests/integration/test_log_follow.py checks the stream.
+[[operations]]
+include-operation-id = "getServiceLogs"
+parameters = { "query.follow" = "false" }
 """
 # The operations that route by model: each must have had positive cases answered
 # 2xx (by the stub, through the relay), not only 404s for fuzzed names.
@@ -124,8 +138,18 @@ def schemathesis_command(url: str, config: Path, report: Path) -> list[str]:
     ]  # fmt: skip
 
 
+# One deployment of no replicas: the deployment routes answer 200 for it
+# (getDeployment's name comes from the dictionary half of the time), and no job
+# is made for it.
+DEPLOYMENTS = """\
+[deployments.docs]
+recipe_name = "inference/vllm"
+replicas = 0
+"""
+
+
 @pytest.fixture
-def gateway() -> Iterator[GatewayProcess]:
+def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
     cluster = next((c for c in CLUSTERS if c.name == CLUSTER), None)
     if cluster is None:
         pytest.fail(f"no local cluster {CLUSTER}; run `make cluster`")
@@ -135,7 +159,9 @@ def gateway() -> Iterator[GatewayProcess]:
         "GATEWAY_SITE_FILE": "",  # the local site overlay would size inference/vllm for vLLM
         "GATEWAY_AUTH_FILE": str(ROOT / "deploy" / "local" / "tenants.toml"),
         "GATEWAY_PUBLIC_SCHEMA": "true",  # where Schemathesis reads the document
+        "GATEWAY_DEPLOYMENTS_FILE": str(tmp_path / "deployments.toml"),
     }
+    (tmp_path / "deployments.toml").write_text(DEPLOYMENTS, encoding="utf-8")
     with GatewayProcess(cluster, **env) as process:
         yield process
 

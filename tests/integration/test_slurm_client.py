@@ -86,6 +86,26 @@ async def test_every_served_version_submits_reads_and_cancels(cluster: LocalClus
             assert done.state is JobState.CANCELLED, version
 
 
+async def test_every_served_version_releases_a_held_job_at_once(cluster: LocalCluster) -> None:
+    """A job held by its begin time starts when released, not at Slurm's next
+    scheduling pass (the idempotent create's hold ends this way)."""
+    versions = [v for v in cluster.api_versions if v in SUPPORTED_VERSIONS]
+    for version in versions:
+        async with cluster.client(api_version=version) as pinned:
+            held = job(cluster, "#!/bin/sh\nsleep 120\n", begin_time=int(time.time()) + 600)
+            submitted = await pinned.submit(held)
+            try:
+                info = await pinned.get_job(submitted.job_id)
+                assert info.state is JobState.PENDING  # for 10 minutes, unless released
+                began = time.monotonic()
+                await pinned.release(submitted.job_id)
+                await wait_state(pinned, submitted.job_id, JobState.RUNNING)
+                print(f"{cluster.name} {version}: released job ran after "
+                      f"{time.monotonic() - began:.1f} s")  # fmt: skip
+            finally:
+                await pinned.cancel(submitted.job_id)
+
+
 async def test_job_runs_with_environment_and_completes_with_exit_code(
     cluster: LocalCluster, client: SlurmClient
 ) -> None:

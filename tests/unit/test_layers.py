@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gateway.auth",),
     # The core takes plain values, never the settings; the settings check a pinned
     # slurmrestd version against the adapters.
-    ("gateway.settings",),
+    ("gateway.settings", "gateway.settings_checks"),
     ("gateway.core",),
     ("gateway.slurm",),
     (

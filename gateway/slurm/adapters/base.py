@@ -167,6 +167,14 @@ class Adapter(abc.ABC):
     def update_comment_request(self, job_id: int, comment: str) -> Request:
         return Request(method="POST", path=self.path(f"job/{job_id}"), body={"comment": comment})
 
+    def release_request(self, job_id: int, begin: int) -> Request:
+        """A held job may start at ``begin`` (now): slurmctld schedules at once."""
+        body = {"begin_time": self.begin_value(begin)}
+        return Request(method="POST", path=self.path(f"job/{job_id}"), body=body)
+
+    def begin_value(self, begin: int) -> Any:
+        return begin
+
     def submit_request(self, job: JobSubmission) -> Request:
         return Request(method="POST", path=self.path("job/submit"), body=self.submit_body(job))
 

@@ -239,6 +239,9 @@ class CurrentAdapter(Adapter):
     def environment(self, env: dict[str, str]) -> Any:
         return [f"{k}={v}" for k, v in (env or FALLBACK_ENVIRONMENT).items()]
 
+    def begin_value(self, begin: int) -> Any:
+        return self.integer(begin)
+
     def integer(self, value: int) -> Any:
         return {"set": True, "infinite": False, "number": value}
 

@@ -76,10 +76,13 @@ class V0038(V0039):
             "comment": job.comment,
             "gpus_per_node": str(job.gpus_per_node) if job.gpus_per_node else None,
             # 22.05 parses it as a time string only; "uts<epoch>" is epoch seconds.
-            "begin_time": f"uts{job.begin_time}" if job.begin_time is not None else None,
+            "begin_time": self.begin_value(job.begin_time) if job.begin_time is not None else None,
         }
         desc.update({k: v for k, v in optional.items() if v is not None})
         return {"script": job.script, "job": desc}
+
+    def begin_value(self, begin: int) -> Any:
+        return f"uts{begin}"
 
     def parse_jobs(self, status: int, content: bytes) -> JobList:
         if status == 304:

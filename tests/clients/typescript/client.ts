@@ -83,8 +83,12 @@ export async function walk(baseUrl: string): Promise<string[]> {
       params: { path: { service_id: id }, query: { tail: 50 } },
     });
     if (logs.error) throw problem(logs.error);
-    const reason: string | null = logs.data.reason;
-    seen.push(`logs ${logs.data.stdout.length} bytes, truncated ${logs.data.truncated}, ${reason ?? "read"}`);
+    // 200 is JSON, or Server-Sent Events with follow: true.
+    const read = logs.data;
+    if ("stdout" in read) {
+      const reason: string | null = read.reason;
+      seen.push(`logs ${read.stdout.length} bytes, truncated ${read.truncated}, ${reason ?? "read"}`);
+    }
 
     // The OpenAI front door routes by model: the stub's, then an unknown one.
     const models = await api.GET("/v1/models");

@@ -1,0 +1,318 @@
+"""Keeps every declared deployment at its count: one loop per gateway replica.
+
+Each round reads the declared file and the shared job view (no listing of its
+own: the view lists for every reader at once), builds each deployment's jobs
+with the same health probes as /v1, plans (plan.py) and acts: submissions go
+through the ordinary create with an idempotency key the plan derives from the
+jobs, so replicas that decide the same thing at once leave one job; stops go
+through the ordinary stop. What the status shows is rebuilt from the jobs too,
+so every replica answers alike; only this replica's failed calls to Slurm and
+the moments it first saw a job answer or become unneeded are its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+
+from gateway import metrics
+from gateway.core import metadata
+from gateway.core.deployments import view as views
+from gateway.core.deployments.plan import Plan, Replica, Submit, Timing, lead_time, plan
+from gateway.core.deployments.spec import Declared, Deployment, DeploymentsFile
+from gateway.core.errors import GatewayError, NotFound
+from gateway.core.model import Service
+from gateway.core.principal import Method, Principal, Role
+from gateway.core.services import ServiceManager
+from gateway.core.status import ServiceStatus
+from gateway.slurm import JobInfo, JobState, SlurmError
+
+log = structlog.get_logger(__name__)
+audit = structlog.get_logger("gateway.audit")
+
+Jobs = list[tuple[JobInfo, metadata.ServiceMeta, metadata.Reported]]
+# Errors of this replica's own calls, kept per deployment for its status.
+_ERRORS_KEPT = 5
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        services: ServiceManager,
+        declared: DeploymentsFile | None,
+        principal_for: Callable[[Deployment], Principal],
+        timing: Timing | None = None,
+        interval: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.services = services
+        self.file = declared
+        self.principal_for = principal_for
+        self.timing = timing or Timing()
+        self.interval = interval
+        self.clock = clock
+        # When this replica first saw a job unneeded (its drain counts from then).
+        self._marks: dict[int, float] = {}
+        # When it first saw a job answer: the deployment's start-up time.
+        self._answered: dict[int, float] = {}
+        self._startup: dict[str, float] = {}
+        self._errors: dict[str, list[views.Action]] = {}
+        # Calls to Slurm that failed: the deployment waits before the next.
+        self._retry_at: dict[str, tuple[float, float]] = {}
+        self.statuses: dict[str, views.DeploymentStatus] = {}
+        self._round = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._loop is None and self.file is not None:
+            self._loop = asyncio.create_task(self._run(), name="deployments")
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop
+            self._loop = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except SlurmError as exc:
+                log.warning("deployments_round_failed", error=str(exc)[:300])
+            except Exception:  # never let the loop die
+                log.exception("deployments_round_failed")
+            await asyncio.sleep(self.interval)
+
+    # -- reads ------------------------------------------------------------------
+
+    async def all(self, principal: Principal) -> list[views.DeploymentStatus]:
+        await self._first_round()
+        return [s for name, s in sorted(self.statuses.items()) if _visible(principal, s)]
+
+    async def get(self, name: str, principal: Principal) -> views.DeploymentStatus:
+        await self._first_round()
+        status = self.statuses.get(name)
+        if status is None or not _visible(principal, status):
+            raise NotFound(f"deployment {name[:64]!r} does not exist (or is not yours)")
+        return status
+
+    async def _first_round(self) -> None:
+        if self.file is not None and not self._round.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._round.wait(), timeout=10)
+
+    # -- one round --------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        if self.file is None:
+            return
+        declared = self.file.current()
+        jobs = await self.services.view.jobs()
+        groups = self._groups(jobs)
+        now = self.clock()
+        draining: set[int] = set()
+        work = []
+        statuses: dict[str, views.DeploymentStatus] = {}
+        for name in sorted(declared.names | groups.keys()):
+            deployment = declared.deployments.get(name)
+            built = await self._build(groups.get(name, []))
+            replicas = [replica for replica, _ in built]
+            if name not in declared.names and not any(r.alive for r in replicas):
+                continue  # removed, and gone: Slurm only remembers its jobs a while
+            self._observe(name, built, now)
+            error = declared.errors.get(name)
+            blocked = self._blocked(deployment)
+            if name in declared.names and (deployment is None or blocked):
+                # Declared but not usable: its jobs are left as they are.
+                statuses[name] = self._status(
+                    name, declared, None, built, Plan(), blocked or error, now
+                )
+                continue
+            done = plan(
+                deployment,
+                replicas,
+                now,
+                self.timing,
+                marks=self._marks,
+                lead=self._lead(name, deployment),
+            )
+            draining |= done.draining
+            statuses[name] = self._status(name, declared, deployment, built, done, error, now)
+            work.append(self._act(name, deployment, done, now))
+        self.services.draining = frozenset(draining)
+        self.statuses = statuses
+        self._gauge(statuses)
+        self._round.set()
+        self._forget(jobs)
+        await asyncio.gather(*work)
+
+    def _groups(self, jobs: list[JobInfo]) -> dict[str, Jobs]:
+        groups: dict[str, Jobs] = {}
+        for job, (meta, reported) in self.services.recognizer.services(jobs):
+            if meta.placement is not None:
+                groups.setdefault(meta.placement.deployment, []).append((job, meta, reported))
+        return groups
+
+    async def _build(self, jobs: Jobs) -> list[tuple[Replica, Service]]:
+        built = await asyncio.gather(
+            *(self.services.builder.service(job, meta, reported) for job, meta, reported in jobs),
+            return_exceptions=True,
+        )
+        out = []
+        for (job, meta, _), service in zip(jobs, built, strict=True):
+            if isinstance(service, BaseException):
+                continue  # logged by the listing of services already
+            assert meta.placement is not None
+            out.append((_replica(job, meta.placement, service), service))
+        return sorted(out, key=lambda pair: pair[0].job_id)
+
+    def _observe(self, name: str, built: list[tuple[Replica, Service]], now: float) -> None:
+        """The deployment's start-up time, from submission to answering, as seen here."""
+        for replica, _ in built:
+            if replica.status is ServiceStatus.RUNNING and replica.job_id not in self._answered:
+                self._answered[replica.job_id] = now
+                if replica.submitted is not None:
+                    self._startup[name] = max(0.0, now - replica.submitted)
+
+    def _lead(self, name: str, deployment: Deployment | None) -> float:
+        if deployment is not None and deployment.spec.lead_seconds is not None:
+            return deployment.spec.lead_seconds
+        limit = deployment.resources.time_limit_minutes * 60 if deployment else None
+        return lead_time(self.timing, self._startup.get(name), limit)
+
+    def _blocked(self, deployment: Deployment | None) -> str | None:
+        if deployment is None:
+            return None
+        try:
+            principal = self.principal_for(deployment)
+        except GatewayError as exc:
+            return f"{deployment.where}: deployments.{deployment.name}.{exc.detail}"
+        most = principal.limits.max_services
+        if most is not None and deployment.replicas > most:
+            return (
+                f"{deployment.where}: deployments.{deployment.name}.replicas: "
+                f"{deployment.replicas} is over tenant {principal.tenant}'s max_services ({most})"
+            )
+        return None
+
+    # -- acting -----------------------------------------------------------------
+
+    async def _act(self, name: str, deployment: Deployment | None, done: Plan, now: float) -> None:
+        retry = self._retry_at.get(name)
+        if retry is not None and now < retry[0]:
+            return
+        try:
+            for stop in done.stops:
+                await self.services.stop(str(stop.job_id), self._reconciler_principal())
+                self._note(name, "stop", str(stop.job_id), stop.reason)
+            if deployment is not None:
+                for submit in done.submits:
+                    await self._submit(deployment, submit)
+        except (GatewayError, SlurmError) as exc:
+            reason = getattr(exc, "detail", None) or str(exc)
+            wait = min(2 * retry[1], 300.0) if retry else 10.0
+            self._retry_at[name] = (now + wait, wait)
+            self._note(name, "error", None, f"{reason[:300]} (next try in {wait:.0f} s)")
+            kept = self._errors.setdefault(name, [])
+            kept.append(views.Action(at=_utc(now), action="error", reason=reason[:300]))
+            del kept[:-_ERRORS_KEPT]
+        else:
+            self._retry_at.pop(name, None)
+
+    async def _submit(self, deployment: Deployment, submit: Submit) -> None:
+        created = await self.services.create(
+            deployment.request(),
+            self.principal_for(deployment),
+            idempotency_key=submit.key(deployment),
+            placement=submit.placement(deployment),
+        )
+        if not created.replayed:
+            self._note(deployment.name, f"submit.{submit.why}", created.service.id, submit.reason)
+
+    def _note(self, name: str, action: str, service_id: str | None, reason: str) -> None:
+        metrics.series(metrics.DEPLOYMENT_ACTIONS, name, action.split(".")[0]).inc()
+        audit.info(
+            f"deployment.{action}", deployment=name, service_id=service_id, reason=reason[:300]
+        )
+
+    def _reconciler_principal(self) -> Principal:
+        return Principal(
+            tenant="",
+            slurm_user=self.services.slurm_user,
+            role=Role.ADMIN,
+            method=Method.NONE,
+            label="deployments",
+        )
+
+    # -- status -----------------------------------------------------------------
+
+    def _status(
+        self,
+        name: str,
+        declared: Declared,
+        deployment: Deployment | None,
+        built: list[tuple[Replica, Service]],
+        done: Plan,
+        error: str | None,
+        now: float,
+    ) -> views.DeploymentStatus:
+        return views.status(
+            name,
+            declared=declared.deployments.get(name),
+            in_force=deployment,
+            built=built,
+            done=done,
+            error=error,
+            errors=self._errors.get(name, []),
+            now=now,
+        )
+
+    def _gauge(self, statuses: dict[str, views.DeploymentStatus]) -> None:
+        for name, status in statuses.items():
+            counts = status.replicas
+            for state, value in (
+                ("wanted", counts.wanted),
+                ("running", counts.running),
+                ("starting", counts.starting),
+                ("pending", counts.pending),
+            ):
+                metrics.series(metrics.DEPLOYMENT_REPLICAS, name, state).set(value)
+
+    def _forget(self, jobs: list[JobInfo]) -> None:
+        if len(self._marks) + len(self._answered) > 4 * len(jobs) + 256:
+            current = {job.job_id for job in jobs}
+            self._marks = {k: v for k, v in self._marks.items() if k in current}
+            self._answered = {k: v for k, v in self._answered.items() if k in current}
+
+
+def _replica(job: JobInfo, placement: metadata.Placement, service: Service) -> Replica:
+    ends = None
+    # A pending job's start_time is Slurm's guess: the limit counts once it runs.
+    if job.start_time is not None and job.time_limit_minutes and job.state is JobState.RUNNING:
+        ends = job.start_time.timestamp() + 60 * job.time_limit_minutes
+    return Replica(
+        job_id=job.job_id,
+        placement=placement,
+        status=service.status,
+        reason=service.status_reason,
+        submitted=job.submit_time.timestamp() if job.submit_time else None,
+        ends=ends,
+        ended=job.end_time.timestamp() if job.end_time and job.state.is_terminal else None,
+    )
+
+
+def _visible(principal: Principal, status: views.DeploymentStatus) -> bool:
+    return principal.is_admin or status.tenant is None or status.tenant == principal.tenant
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC)

@@ -1,0 +1,264 @@
+"""Deployments as declared: a TOML file, re-read when it changes.
+
+Nothing else stores a deployment. The file (``GATEWAY_DEPLOYMENTS_FILE``, a
+ConfigMap on Kubernetes) says what should run; the jobs say what runs (each
+replica's comment names its deployment, generation and slot). ::
+
+    [deployments.qwen]
+    recipe_name = "inference/vllm"
+    replicas = 2
+    tenant = "team-a"              # omitted: shared with every tenant
+    [deployments.qwen.config.environment]
+    VLLM_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+    [deployments.qwen.config.resources]
+    time_limit = 120
+
+A file that does not parse keeps the previous version in force (at start-up
+it stops the gateway); a deployment that does not check out keeps its
+previous version too, and says why in its status. Either is logged once per
+change, with the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import structlog
+
+from gateway.core.errors import GatewayError
+from gateway.core.model import CreateRequest
+from gateway.core.principal import SLURM_USER, TENANT
+from gateway.core.recipes import Recipe, RecipeCatalog, resolve_resources
+from gateway.core.resources import Resources
+
+log = structlog.get_logger(__name__)
+
+# Short: it is written into every replica's job comment (1,024 bytes in all).
+NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+MAX_REPLICAS = 64
+_RESOURCES = ("nodes", "cpu", "memory", "time_limit", "gpu")
+_TOML_LINE = re.compile(r"at line (\d+)")
+
+
+class ConfigSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    environment: dict[str, str | int | float] = msgspec.field(default_factory=dict)
+    resources: dict[str, str | int | None] = msgspec.field(default_factory=dict)
+
+
+class DeploymentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One table of the file: the body of a create, and how many to keep."""
+
+    recipe_name: str
+    config: ConfigSpec = ConfigSpec()
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)] = 1
+    # Who owns it (its quota, its Slurm user); None: every tenant may use it.
+    tenant: str | None = None
+    # The Slurm user its jobs run as; default: the tenant's only one.
+    slurm_user: str | None = None
+    # Seconds before a replica's time limit its successor is submitted, for a
+    # model slower to start than the gateway's rule guesses.
+    lead_seconds: Annotated[float, msgspec.Meta(ge=0, le=86400)] | None = None
+
+
+class Deployment(msgspec.Struct, frozen=True, kw_only=True):
+    """A declared deployment, checked against its recipe."""
+
+    name: str
+    spec: DeploymentSpec
+    environment: dict[str, str]
+    resources: Resources
+    # Digest of what its jobs get: a change of any of it is a new generation.
+    generation: str
+    # Where it is declared, for messages: "deployments.toml:12".
+    where: str
+
+    @property
+    def shared(self) -> bool:
+        return self.spec.tenant is None
+
+    @property
+    def replicas(self) -> int:
+        return self.spec.replicas
+
+    def request(self) -> CreateRequest:
+        return CreateRequest(
+            recipe_name=self.spec.recipe_name,
+            environment=self.environment,
+            resources=self.resources.as_config(),
+            shared=self.shared,
+        )
+
+
+class Declared(msgspec.Struct, frozen=True, kw_only=True):
+    """One version of the file: the deployments in force, and for each one
+    that does not check out, why (it keeps its previous version if it had
+    one, else it is absent from ``deployments``)."""
+
+    deployments: dict[str, Deployment] = msgspec.field(default_factory=dict)
+    errors: dict[str, str] = msgspec.field(default_factory=dict)
+    # Every name the file declares, good or bad: the jobs of others are removed.
+    names: frozenset[str] = frozenset()
+
+
+class DeploymentsFileError(ValueError):
+    """The file as a whole is unusable (unreadable, not TOML, wrong shape)."""
+
+
+def parse(
+    text: str, source: str, recipes: RecipeCatalog, previous: Declared | None = None
+) -> Declared:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _TOML_LINE.search(str(exc))
+        raise DeploymentsFileError(
+            f"{source}:{line.group(1) if line else 1}: not TOML: {exc}"
+        ) from None
+    unknown = sorted(set(raw) - {"deployments"})
+    if unknown:
+        raise DeploymentsFileError(f"{source}:1: {unknown[0]}: only [deployments.<name>] tables")
+    tables = raw.get("deployments", {})
+    if not isinstance(tables, dict):
+        raise DeploymentsFileError(f"{source}:1: deployments: expected tables")
+    lines = text.splitlines()
+    deployments: dict[str, Deployment] = {}
+    errors: dict[str, str] = {}
+    for name, table in tables.items():
+        where = f"{source}:{_line_of(lines, name)}"
+        try:
+            deployments[name] = check(name, table, recipes, where)
+        except GatewayError as exc:
+            errors[name] = f"{where}: deployments.{name}.{exc.detail}"
+            kept = previous.deployments.get(name) if previous else None
+            if kept is not None:
+                deployments[name] = kept
+    return Declared(deployments=deployments, errors=errors, names=frozenset(tables))
+
+
+def check(name: str, table: Any, recipes: RecipeCatalog, where: str) -> Deployment:
+    """One deployment checked: each error names its field."""
+    if not NAME.fullmatch(name):
+        raise _Invalid(
+            "name", f"{name[:40]!r} is not a deployment name (a-z, 0-9, '-', 1 to 32 characters)"
+        )
+    if not isinstance(table, dict):
+        raise _Invalid("name", "expected a table")
+    try:
+        spec = msgspec.convert(table, DeploymentSpec)
+    except msgspec.ValidationError as exc:
+        message, _, path = str(exc).partition(" - at `$")
+        raise _Invalid(path.rstrip("`").lstrip(".") or "name", message) from None
+    if spec.tenant is not None and not TENANT.fullmatch(spec.tenant):
+        raise _Invalid("tenant", f"{spec.tenant[:70]!r} is not a tenant name")
+    if spec.slurm_user is not None and not SLURM_USER.fullmatch(spec.slurm_user):
+        raise _Invalid("slurm_user", f"{spec.slurm_user[:70]!r} is not a user name")
+    try:
+        recipe = recipes.get(spec.recipe_name)
+    except GatewayError as exc:
+        raise _Invalid("recipe_name", exc.detail) from None
+    extra = sorted(set(spec.config.resources) - set(_RESOURCES))
+    if extra:
+        raise _Invalid(f"config.resources.{extra[0]}", f"not a resource ({', '.join(_RESOURCES)})")
+    environment = _environment(recipe, spec)
+    resources = resolve_resources(
+        recipe.spec.resources, spec.config.resources, field="config.resources"
+    )
+    return Deployment(
+        name=name,
+        spec=spec,
+        environment=environment,
+        resources=resources,
+        generation=generation(recipe.name, environment, resources, spec.tenant),
+        where=where,
+    )
+
+
+def generation(
+    recipe: str, environment: dict[str, str], resources: Resources, tenant: str | None
+) -> str:
+    """Same jobs, same generation, whichever replica computes it."""
+    what = (recipe, sorted(environment.items()), resources, tenant)
+    return hashlib.sha256(msgspec.json.encode(what)).hexdigest()[:10]
+
+
+def _environment(recipe: Recipe, spec: DeploymentSpec) -> dict[str, str]:
+    # TOML numbers are accepted as the API takes them: as their text.
+    given = {k: v if isinstance(v, str) else str(v) for k, v in spec.config.environment.items()}
+    return recipe.environment(given)
+
+
+class _Invalid(GatewayError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+
+
+def _line_of(lines: list[str], name: str) -> int:
+    header = re.compile(rf"""^\s*\[\s*deployments\s*\.\s*["']?{re.escape(name)}["']?\s*[\].]""")
+    return next((i for i, line in enumerate(lines, 1) if header.match(line)), 1)
+
+
+class DeploymentsFile:
+    """The file, checked for a change at most every ``check_every`` seconds."""
+
+    def __init__(
+        self,
+        path: Path,
+        recipes: RecipeCatalog,
+        *,
+        check_every: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.recipes = recipes
+        self._check_every = check_every
+        self._clock = clock
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = float("-inf")
+        self.declared = self._load(None)  # a file that does not parse stops start-up
+        self._log_errors()
+
+    def _load(self, previous: Declared | None) -> Declared:
+        try:
+            st = self.path.stat()
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DeploymentsFileError(f"{self.path}: cannot read: {exc}") from None
+        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return parse(text, str(self.path), self.recipes, previous)
+
+    def current(self) -> Declared:
+        now = self._clock()
+        if now - self._checked < self._check_every:
+            return self.declared
+        self._checked = now
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            if self._stamp is not None:
+                log.error("deployments_file_unreadable", path=str(self.path), error=str(exc))
+                self._stamp = None  # said once
+            return self.declared
+        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:
+            return self.declared
+        try:
+            self.declared = self._load(self.declared)
+        except DeploymentsFileError as exc:
+            self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # said once per change
+            log.error("deployments_file_rejected", error=str(exc)[:500])
+            return self.declared
+        log.info(
+            "deployments_file_loaded", path=str(self.path), deployments=len(self.declared.names)
+        )
+        self._log_errors()
+        return self.declared
+
+    def _log_errors(self) -> None:
+        for name, error in sorted(self.declared.errors.items()):
+            log.error("deployment_rejected", deployment=name, error=error[:500])
