@@ -144,9 +144,13 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         reconciler = provided.deployments = Reconciler(
             services=services,
             declared=declared,
-            principal_for=wiring.deployment_principal(authenticate, lambda: services.slurm_user),
+            principal_for=wiring.deployment_principal(
+                authenticate, lambda: services.slurm_user, settings.denied_slurm_user_set()
+            ),
             timing=Timing(
-                lead=settings.deployment_lead_seconds, drain=settings.deployment_drain_seconds
+                lead=settings.deployment_lead_seconds,
+                drain=settings.deployment_drain_seconds,
+                grace=settings.deployment_change_grace_seconds,
             ),
         )
         services.view.start()

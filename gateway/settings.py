@@ -143,6 +143,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: seconds a replica handing over keeps its requests and streams once its successor
     #: answers (and no later than 15 s before its time limit); then it is stopped
     deployment_drain_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
+    #: seconds a replica waits, after it reads a removal, a lower count or a new generation in
+    #: the deployments file, before it acts on it: longer than a ConfigMap takes to reach every
+    #: replica, so that none undoes what another does
+    deployment_change_grace_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 120.0
 
     #: recipe folders, `:`-separated; a later one overrides an earlier one
     recipes_dirs: str = "recipes"

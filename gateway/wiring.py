@@ -145,18 +145,28 @@ def deployments_file(settings: Settings, recipes: RecipeCatalog) -> DeploymentsF
 
 
 def deployment_principal(
-    authenticate: Authenticator, gateway_user: Callable[[], str]
+    authenticate: Authenticator, gateway_user: Callable[[], str], denied: frozenset[str]
 ) -> Callable[[Deployment], Principal]:
     """Who a deployment's jobs are made as: its tenant (the auth file's limits
-    and account) and that tenant's Slurm user; a shared one, the gateway."""
+    and account) and that tenant's Slurm user; a shared one, the gateway's own
+    user only (a job's user can rewrite what the job publishes, and a shared
+    replica takes every tenant's prompts)."""
 
     def principal(deployment: Deployment) -> Principal:
         tenant, user = deployment.spec.tenant, deployment.spec.slurm_user
         label = f"deployment {deployment.name}"
+        if user is not None and user in denied:
+            raise InvalidRequest.field("slurm_user", f"{user} is in GATEWAY_DENIED_SLURM_USERS")
         if tenant is None:
+            if user is not None and user != gateway_user():
+                raise InvalidRequest.field(
+                    "slurm_user",
+                    f"a shared deployment runs as the gateway's own Slurm user "
+                    f"({gateway_user()}), not {user}",
+                )
             return Principal(
                 tenant="",
-                slurm_user=user or gateway_user(),
+                slurm_user=gateway_user(),
                 role=Role.ADMIN,
                 method=Method.NONE,
                 label=label,
@@ -183,6 +193,8 @@ def deployment_principal(
             raise InvalidRequest.field(
                 "slurm_user", f"{user} is not a Slurm user of tenant {tenant} in the auth file"
             )
+        if user in denied:
+            raise InvalidRequest.field("slurm_user", f"{user} is in GATEWAY_DENIED_SLURM_USERS")
         return directory.principal(
             tenant=tenant, slurm_user=user, role=Role.USER, method=Method.KEY, label=label
         )

@@ -30,6 +30,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +44,10 @@ from gateway.core.status import derive
 from gateway.slurm import JobInfo, JobState, SlurmError
 
 FOLLOW_POLL_SECONDS = 0.5
+# Polls of followed files run here, not in the loop's default executor: a slow
+# or hung file system then holds these threads, not those Slurm answers are
+# parsed in (the job view would stall with it).
+_POLLS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="log-follow")
 HEARTBEAT_SECONDS = 15.0
 # A longer line goes out in pieces of this size (no event holds more).
 MAX_LINE_BYTES = 64 * 1024
@@ -156,7 +161,9 @@ async def follow(
             if current.state is not JobState.PENDING:
                 if files is None:
                     files = _files(reader, current, meta)
-                reads = await asyncio.to_thread(_read_all, files, current.user_id, reader.max_bytes)
+                reads = await asyncio.get_running_loop().run_in_executor(
+                    _POLLS, _read_all, files, current.user_id, reader.max_bytes
+                )
                 for file, read in zip(files, reads, strict=True):
                     for event in _events(file, read, tail, flush=ended and not read.full):
                         yield event

@@ -129,8 +129,8 @@ def test_chromium_renders_every_operation_offline(gateway: GatewayProcess, tmp_p
 
     drawn = rendered(dom)
     assert drawn == documented()
-    # /api/v1's 13 operations and the OpenAI front door's 5 (/v1).
-    assert len(drawn) == 18, sorted(drawn)
+    # /api/v1's 15 operations and the OpenAI front door's 5 (/v1).
+    assert len(drawn) == 20, sorted(drawn)
     assert {d[2] for d in drawn if d[1].startswith("/v1/")} == {
         "listOpenAIModels", "getOpenAIModel", "createChatCompletion",
         "createCompletion", "createEmbedding",

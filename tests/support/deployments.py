@@ -70,6 +70,8 @@ class Fleet:
             "GATEWAY_AUTH_FILE": str(ROOT / "deploy" / "local" / "tenants.toml"),
             "GATEWAY_DEPLOYMENTS_FILE": str(self.file),
             "GATEWAY_DEPLOYMENT_DRAIN_SECONDS": "8",
+            # One file for every process here: no replica reads it late.
+            "GATEWAY_DEPLOYMENT_CHANGE_GRACE_SECONDS": "3",
             **env,
         }
         self.gateways = [GatewayProcess(cluster, **self.env) for _ in range(count)]

@@ -37,8 +37,14 @@ class Timing:
     # A job whose successor answers is stopped at least this long before its limit.
     margin: float = 15.0
     backoff: float = 10.0
-    backoff_max: float = 600.0
+    # Below Slurm's default MinJobAge (300 s): the failed job that the wait
+    # counts from must still be listed when it ends.
+    backoff_max: float = 240.0
     per_minute: int = 6
+    # A change of the file (a removal, fewer replicas, a new generation) takes
+    # effect once this replica has read it this long: other replicas read a
+    # ConfigMap's new version up to a minute or so later, and must not undo it.
+    grace: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,24 +128,34 @@ def plan(
     *,
     marks: dict[int, float],
     lead: float,
+    read_for: float = float("inf"),
 ) -> Plan:
     """``deployment`` None: it was removed from the file, its jobs leave.
     ``marks`` holds when this replica first saw a job become unneeded (it is
-    updated here): the drain counts from then. ``lead`` is the successor lead
-    time in seconds."""
+    updated here, and forgets the jobs that no longer are): the drain counts
+    from then. ``lead`` is the successor lead time in seconds; ``read_for``
+    how long this replica has read the declaration as it is now."""
     out = Plan()
     jobs = sorted(replicas, key=lambda r: r.job_id)
     alive = [r for r in jobs if r.alive]
+    change_due = now + timing.grace - read_for
     if deployment is None:
-        for job in alive:
-            _drain(out, job, now, timing, marks, "the deployment was removed")
+        if alive and now < change_due:
+            out.waiting.append(Planned("stop", "removed from the file: drains then", change_due))
+        else:
+            for job in alive:
+                _drain(out, job, now, timing, marks, "the deployment was removed")
+        _forget_marks(marks, jobs, out)
         return out
     want = deployment.replicas
     slots: dict[int, list[Replica]] = {}
     for job in jobs:
         slots.setdefault(job.placement.slot, []).append(job)
     for slot, held in slots.items():
-        if slot >= want:
+        if slot >= want and any(job.alive for job in held):
+            if now < change_due:
+                out.waiting.append(Planned("stop", f"slot {slot} over replicas={want}", change_due))
+                continue
             for job in held:
                 if job.alive:
                     _drain(out, job, now, timing, marks, f"slot {slot} is over replicas={want}")
@@ -147,14 +163,15 @@ def plan(
     # A rolling update takes one slot at a time, once every slot runs one job.
     settled = all(_settled(slots.get(slot, [])) for slot in range(want))
     old = [s for s in range(want) if _old(slots.get(s, []), deployment.generation)]
-    rolling = old[0] if settled and old else None
+    rolling = old[0] if settled and old and now >= change_due else None
     for slot in range(want):
         held = slots.get(slot, [])
         submit = _slot(out, deployment, slot, held, now, timing, marks, lead, slot == rolling)
         if submit is None:
             continue
         if budget <= 0:
-            first = min((r.submitted for r in jobs if r.submitted), default=now)
+            recent = [r.submitted for r in jobs if r.submitted and now - r.submitted < 60]
+            first = min(recent, default=now)
             out.waiting.append(
                 Planned(
                     "submit",
@@ -165,6 +182,7 @@ def plan(
             continue
         budget -= 1
         out.submits.append(submit)
+    _forget_marks(marks, jobs, out)
     return out
 
 
@@ -207,19 +225,22 @@ def _slot(
     attempt = (
         failed.placement.attempt + 1 if failed and failed.status is ServiceStatus.FAILED else 0
     )
-    if newest.placement.generation != deployment.generation:
-        if not may_roll:
-            out.waiting.append(
-                Planned("roll", f"slot {slot}: waits its turn (one slot at a time, all running)")
-            )
-            return None
+    old = newest.placement.generation != deployment.generation
+    if old and may_roll:
         reason = f"slot {slot}: rolling {newest.job_id} to generation {deployment.generation}"
         if failed is not None and failed.status is ServiceStatus.FAILED:
             reason += f"; generation's last try {failed.job_id} failed ({failed.reason})"
         return _after_backoff(out, slot, failed, attempt, "roll", reason, latest, now, timing)
     if newest.ends is None:
+        if old:
+            out.waiting.append(Planned("roll", f"slot {slot}: waits its turn (one at a time)"))
         return None
+    # Its limit comes first whatever the roll's turn: the successor is of the
+    # declared generation.
     due = newest.ends - lead
+    if now < due and old:
+        out.waiting.append(Planned("roll", f"slot {slot}: waits its turn (one at a time)"))
+        return None
     if now < due:
         out.waiting.append(
             Planned("walltime", f"slot {slot}: successor of {newest.job_id} before its limit", due)
@@ -267,6 +288,13 @@ def _drain(
         out.waiting.append(Planned("stop", f"replica {job.job_id}: {why}; draining", at))
 
 
+def _forget_marks(marks: dict[int, float], jobs: list[Replica], out: Plan) -> None:
+    """A job of the deployment no longer unneeded: its next drain counts anew."""
+    for job in jobs:
+        if job.job_id not in out.draining:
+            marks.pop(job.job_id, None)
+
+
 def _settled(held: list[Replica]) -> bool:
     live = [r for r in held if r.alive]
     return len(live) == 1 and live[0].status is ServiceStatus.RUNNING
@@ -291,6 +319,9 @@ def _recent_submissions(jobs: list[Replica], now: float) -> int:
 def lead_time(timing: Timing, startup: float | None, limit_seconds: float | None) -> float:
     """How long before a job's limit its successor is submitted."""
     if timing.lead is not None:
+        # Never so long that a successor is due as soon as its predecessor runs.
+        if limit_seconds:
+            return min(timing.lead, max(limit_seconds - 4 * timing.margin, limit_seconds / 2))
         return timing.lead
     # A minute at least: a start-up seen once says little of a busy node's next.
     guess = max(2 * (startup if startup is not None else 60.0) + timing.margin, 60.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -61,6 +62,9 @@ class Reconciler:
         self._marks: dict[int, float] = {}
         # When it first saw a job answer: the deployment's start-up time.
         self._answered: dict[int, float] = {}
+        self._starting: set[int] = set()
+        # What this replica read of each deployment, and since when.
+        self._readings: dict[str, tuple[object, float]] = {}
         self._startup: dict[str, float] = {}
         self._errors: dict[str, list[views.Action]] = {}
         # Calls to Slurm that failed: the deployment waits before the next.
@@ -144,6 +148,7 @@ class Reconciler:
                 self.timing,
                 marks=self._marks,
                 lead=self._lead(name, deployment),
+                read_for=self._read_for(name, deployment, now),
             )
             draining |= done.draining
             statuses[name] = self._status(name, declared, deployment, built, done, error, now)
@@ -176,18 +181,38 @@ class Reconciler:
         return sorted(out, key=lambda pair: pair[0].job_id)
 
     def _observe(self, name: str, built: list[tuple[Replica, Service]], now: float) -> None:
-        """The deployment's start-up time, from submission to answering, as seen here."""
+        """The deployment's start-up time, from submission to answering, as seen
+        here: only of jobs this replica saw before they answered (one found
+        answering, after a restart, says nothing of how long it took)."""
         for replica, _ in built:
-            if replica.status is ServiceStatus.RUNNING and replica.job_id not in self._answered:
+            if replica.job_id in self._answered:
+                continue
+            if replica.status is not ServiceStatus.RUNNING:
+                self._starting.add(replica.job_id)
+            elif replica.job_id in self._starting:
                 self._answered[replica.job_id] = now
+                self._starting.discard(replica.job_id)
                 if replica.submitted is not None:
                     self._startup[name] = max(0.0, now - replica.submitted)
+            else:
+                self._answered[replica.job_id] = now
+
+    def _read_for(self, name: str, deployment: Deployment | None, now: float) -> float:
+        """How long this replica has read the deployment as it is declared now
+        (a removal, another count, another generation is a new reading)."""
+        reading = (deployment.generation, deployment.replicas) if deployment else None
+        known = self._readings.get(name)
+        if known is None or known[0] != reading:
+            self._readings[name] = (reading, now)
+            return 0.0
+        return now - known[1]
 
     def _lead(self, name: str, deployment: Deployment | None) -> float:
-        if deployment is not None and deployment.spec.lead_seconds is not None:
-            return deployment.spec.lead_seconds
         limit = deployment.resources.time_limit_minutes * 60 if deployment else None
-        return lead_time(self.timing, self._startup.get(name), limit)
+        timing = self.timing
+        if deployment is not None and deployment.spec.lead_seconds is not None:
+            timing = dataclasses.replace(timing, lead=deployment.spec.lead_seconds)
+        return lead_time(timing, self._startup.get(name), limit)
 
     def _blocked(self, deployment: Deployment | None) -> str | None:
         if deployment is None:
@@ -197,10 +222,12 @@ class Reconciler:
         except GatewayError as exc:
             return f"{deployment.where}: deployments.{deployment.name}.{exc.detail}"
         most = principal.limits.max_services
-        if most is not None and deployment.replicas > most:
+        # One more than the replicas: a successor runs beside its predecessor.
+        if most is not None and deployment.replicas and deployment.replicas + 1 > most:
             return (
                 f"{deployment.where}: deployments.{deployment.name}.replicas: "
-                f"{deployment.replicas} is over tenant {principal.tenant}'s max_services ({most})"
+                f"{deployment.replicas} and a successor are over tenant {principal.tenant}'s "
+                f"max_services ({most})"
             )
         return None
 
@@ -208,12 +235,14 @@ class Reconciler:
 
     async def _act(self, name: str, deployment: Deployment | None, done: Plan, now: float) -> None:
         retry = self._retry_at.get(name)
-        if retry is not None and now < retry[0]:
-            return
         try:
+            # Stops are due whatever the submissions' trouble: a job past its
+            # drain would be killed by Slurm mid-request.
             for stop in done.stops:
                 await self.services.stop(str(stop.job_id), self._reconciler_principal())
                 self._note(name, "stop", str(stop.job_id), stop.reason)
+            if retry is not None and now < retry[0]:
+                return
             if deployment is not None:
                 for submit in done.submits:
                     await self._submit(deployment, submit)
@@ -267,6 +296,8 @@ class Reconciler:
     ) -> views.DeploymentStatus:
         return views.status(
             name,
+            listed=name in declared.names,
+            owner=declared.owners.get(name),
             declared=declared.deployments.get(name),
             in_force=deployment,
             built=built,
@@ -292,6 +323,7 @@ class Reconciler:
             current = {job.job_id for job in jobs}
             self._marks = {k: v for k, v in self._marks.items() if k in current}
             self._answered = {k: v for k, v in self._answered.items() if k in current}
+            self._starting &= current
 
 
 def _replica(job: JobInfo, placement: metadata.Placement, service: Service) -> Replica:

@@ -105,6 +105,8 @@ class Declared(msgspec.Struct, frozen=True, kw_only=True):
     errors: dict[str, str] = msgspec.field(default_factory=dict)
     # Every name the file declares, good or bad: the jobs of others are removed.
     names: frozenset[str] = frozenset()
+    # The tenant each table names, checked or not: who may see its errors.
+    owners: dict[str, str | None] = msgspec.field(default_factory=dict)
 
 
 class DeploymentsFileError(ValueError):
@@ -139,7 +141,16 @@ def parse(
             kept = previous.deployments.get(name) if previous else None
             if kept is not None:
                 deployments[name] = kept
-    return Declared(deployments=deployments, errors=errors, names=frozenset(tables))
+    owners = {
+        name: table.get("tenant") if isinstance(table, dict) else ""
+        for name, table in tables.items()
+    }
+    return Declared(
+        deployments=deployments,
+        errors=errors,
+        names=frozenset(tables),
+        owners={k: v if isinstance(v, str) or v is None else "" for k, v in owners.items()},
+    )
 
 
 def check(name: str, table: Any, recipes: RecipeCatalog, where: str) -> Deployment:

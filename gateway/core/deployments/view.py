@@ -68,6 +68,8 @@ class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
 def status(
     name: str,
     *,
+    listed: bool,
+    owner: str | None,
     declared: Deployment | None,
     in_force: Deployment | None,
     built: list[tuple[Replica, Service]],
@@ -87,7 +89,7 @@ def status(
         ),
         pending=sum(1 for r, _ in live if r.status is ServiceStatus.PENDING),
     )
-    state, reason = _state(shown, in_force, live, counts, done, error)
+    state, reason = _state(listed, shown, in_force, live, counts, done, error)
     planned = done.next
     return DeploymentStatus(
         name=name,
@@ -96,7 +98,8 @@ def status(
         recipe_name=shown.spec.recipe_name if shown else None,
         environment=dict(shown.environment) if shown else {},
         resources=shown.resources.as_config() if shown else {},
-        tenant=shown.spec.tenant if shown else _tenant_of(built),
+        # A deployment that never checked out is its declared owner's to see.
+        tenant=shown.spec.tenant if shown else (owner if listed else _tenant_of(built)),
         shared=shown.shared if shown else False,
         generation=generation,
         replicas=counts,
@@ -114,6 +117,7 @@ def status(
 
 
 def _state(
+    listed: bool,
     shown: Deployment | None,
     in_force: Deployment | None,
     live: list[tuple[Replica, Service]],
@@ -121,6 +125,8 @@ def _state(
     done: Plan,
     error: str | None,
 ) -> tuple[str, str]:
+    if shown is None and listed:
+        return "invalid", error or "the declaration does not check out"
     if shown is None:
         return "removing", "not in the deployments file: its replicas drain and stop"
     if in_force is None:

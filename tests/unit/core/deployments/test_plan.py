@@ -57,9 +57,11 @@ def decide(
     now: float = NOW,
     marks: dict[int, float] | None = None,
     removed: bool = False,
+    read_for: float = 3600.0,
 ) -> Plan:
     target = None if removed else (d or deployment())
-    return plan(target, jobs, now, TIMING, marks=marks if marks is not None else {}, lead=60)
+    kept = marks if marks is not None else {}
+    return plan(target, jobs, now, TIMING, marks=kept, lead=60, read_for=read_for)
 
 
 def test_an_empty_deployment_gets_one_job_per_slot_with_keys_of_its_own() -> None:
@@ -200,3 +202,57 @@ def test_lead_time_follows_the_observed_start_up_and_the_limit() -> None:
     assert lead_time(Timing(margin=15), 5.0, 7200) == 60  # a minute at least
     assert lead_time(Timing(margin=15), None, 7200) == 135  # unobserved: 60 s assumed
     assert lead_time(Timing(margin=15), 600.0, 600) == 300  # at most half the job's life
+
+
+def test_a_change_of_the_file_waits_for_every_replica_to_read_it() -> None:
+    """A replica that has just read a removal, a lower count or a new generation
+    waits: another may still read the previous file, and they must not undo
+    each other's work (a ConfigMap reaches pods a minute or so apart)."""
+    jobs = [job(10, 0), job(11, 1), job(12, 2)]
+    assert not decide(jobs, removed=True, read_for=5).draining
+    assert not decide(jobs, d=deployment(2), read_for=5).draining
+    assert decide(jobs, d=deployment(2), read_for=TIMING.grace).draining == {12}
+    rolled = deployment(3, model="m2")
+    assert not decide(jobs, d=rolled, read_for=5).submits
+    assert [s.why for s in decide(jobs, d=rolled, read_for=TIMING.grace).submits] == ["roll"]
+    # What only adds (a new deployment, more replicas) is done at once.
+    assert decide(jobs, d=deployment(4), read_for=0).submits
+
+
+def test_a_slot_waiting_its_turn_to_roll_still_gets_its_walltime_successor() -> None:
+    new = deployment(2, model="m2")
+    jobs = [
+        job(10, 0, gen="oldgen0000", ends=NOW + 500),
+        job(12, 0, ServiceStatus.STARTING, gen=new.generation),
+        job(11, 1, gen="oldgen0000", ends=NOW + 30),
+    ]
+    done = decide(jobs, d=new)
+    assert [(s.slot, s.why) for s in done.submits] == [(1, "walltime")]
+
+
+def test_a_job_no_longer_unneeded_drains_anew_next_time() -> None:
+    marks: dict[int, float] = {}
+    handing = [job(10, 0, ends=NOW + 400), job(11, 1), job(12, 0)]
+    assert decide(handing, marks=marks).draining == {10}
+    # The successor failed: 10 serves on, and forgets it was draining.
+    failed = [job(10, 0, ends=NOW + 400), job(11, 1), job(12, 0, FAILED, ended=NOW + 5)]
+    assert not decide(failed, now=NOW + 10, marks=marks).draining
+    assert 10 not in marks
+    # A later successor answers: 10 gets its whole drain, not none.
+    later = [job(10, 0, ends=NOW + 400), job(11, 1), job(13, 0)]
+    done = decide(later, now=NOW + 100, marks=marks)
+    assert done.draining == {10} and not done.stops
+
+
+def test_the_cap_says_when_the_oldest_recent_submission_leaves_the_minute() -> None:
+    d = deployment(10)
+    old = [job(i, i, ServiceStatus.TIMEOUT, ended=NOW - 1, submitted=NOW - 3600) for i in (0, 1)]
+    recent = [job(i, i, FAILED, ended=NOW - 700, submitted=NOW - 20 + i) for i in range(2, 8)]
+    done = decide(old + recent, d=d)
+    capped = [p for p in done.waiting if "submissions a minute" in p.reason]
+    assert capped and capped[0].at == NOW - 20 + 2 + 60
+
+
+def test_a_lead_longer_than_the_job_is_cut_to_leave_it_a_life() -> None:
+    assert lead_time(Timing(lead=900, margin=15), 30.0, 600) == 540
+    assert lead_time(Timing(lead=900, margin=15), 30.0, 120) == 60
