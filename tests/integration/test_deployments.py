@@ -54,6 +54,7 @@ async def _rollovers(cluster: LocalCluster, folder: Path, gateways: int, vllm: b
     try:
         fleet.declare(declared)
         first = await fleet.until("roll", "2 replicas answer", _ready(2), timeout=150)
+        await fleet.everywhere("roll", "2 replicas answer", _ready(2), timeout=30)
         loads[0].start()
         seen: set[str] = {m["service_id"] for m in first["members"]}
         vllm_seen: set[str] = set()

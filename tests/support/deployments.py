@@ -104,6 +104,12 @@ class Fleet:
         body: dict[str, Any] = answer.json()
         return body
 
+    async def everywhere(self, name: str, what: str, check: Any, timeout: float = 240) -> None:
+        """Until every gateway process says so (each sees Slurm through its own view)."""
+        for index in range(len(self.clients)):
+            probe = lambda i=index: self.deployment(name, gateway=i)  # noqa: E731
+            await poll(probe, check, timeout=timeout, interval=1, what=f"{name} {index}: {what}")
+
     async def until(self, name: str, what: str, check: Any, timeout: float = 240) -> dict[str, Any]:
         return await poll(
             lambda: self.deployment(name),
