@@ -24,9 +24,9 @@ from gateway.core.status import ServiceStatus
 
 DeploymentName = Annotated[
     str,
+    # No length bound here: any name that is none of the caller's is one 404.
     Parameter(
         description="the deployment's name in the deployments file",
-        max_length=64,
         examples=[Example(value="qwen")],
     ),
 ]
