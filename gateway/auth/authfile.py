@@ -41,6 +41,7 @@ from typing import Annotated
 import msgspec
 import structlog
 
+from gateway.core.filewatch import FileWatch
 from gateway.core.principal import SLURM_USER, TENANT, Limits, Method, Principal, Role
 
 log = structlog.get_logger(__name__)
@@ -192,47 +193,35 @@ class AuthFile:
         self, path: Path, *, check_every: float = 1.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.path = path
-        self._check_every = check_every
-        self._clock = clock
-        self._stamp: tuple[int, int, int] | None = None
-        self._checked = float("-inf")
+        self._watch = FileWatch(path, every=check_every, clock=clock)
         self.directory = self._load()  # a broken file stops start-up
 
     def _load(self) -> Directory:
         try:
-            st = self.path.stat()
-            text = self.path.read_text(encoding="utf-8")
+            text = self._watch.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise AuthFileError(f"cannot read {self.path}: {exc}") from None
-        directory = parse(text)
-        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        return directory
+        return parse(text)
 
     def current(self) -> Directory:
-        now = self._clock()
-        if now - self._checked < self._check_every:
-            return self.directory
-        self._checked = now
         try:
-            st = self.path.stat()
+            if not self._watch.changed():
+                return self.directory
         except OSError as exc:
             log.error("auth_file_unreadable", path=str(self.path), error=str(exc))
             return self.directory
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
-            try:
-                self.directory = self._load()
-            except AuthFileError as exc:
-                self._stamp = stamp  # said once per change, not every second
-                # Keys in force stay in force: a typo must not lock everyone out.
-                log.error("auth_file_rejected", path=str(self.path), error=str(exc)[:500])
-            else:
-                log.info(
-                    "auth_file_loaded",
-                    path=str(self.path),
-                    keys=len(self.directory.keys),
-                    oidc_users=len(self.directory.oidc_users),
-                )
+        try:
+            self.directory = self._load()
+        except AuthFileError as exc:
+            # Keys in force stay in force: a typo must not lock everyone out.
+            log.error("auth_file_rejected", path=str(self.path), error=str(exc)[:500])
+        else:
+            log.info(
+                "auth_file_loaded",
+                path=str(self.path),
+                keys=len(self.directory.keys),
+                oidc_users=len(self.directory.oidc_users),
+            )
         return self.directory
 
 

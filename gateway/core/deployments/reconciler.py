@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import structlog
 
@@ -252,7 +251,7 @@ class Reconciler:
             self._retry_at[name] = (now + wait, wait)
             self._note(name, "error", None, f"{reason[:300]} (next try in {wait:.0f} s)")
             kept = self._errors.setdefault(name, [])
-            kept.append(views.Action(at=_utc(now), action="error", reason=reason[:300]))
+            kept.append(views.Action(at=views.utc(now), action="error", reason=reason[:300]))
             del kept[:-_ERRORS_KEPT]
         else:
             self._retry_at.pop(name, None)
@@ -344,7 +343,3 @@ def _replica(job: JobInfo, placement: metadata.Placement, service: Service) -> R
 
 def _visible(principal: Principal, status: views.DeploymentStatus) -> bool:
     return principal.is_admin or status.tenant is None or status.tenant == principal.tenant
-
-
-def _utc(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=UTC)

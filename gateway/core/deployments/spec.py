@@ -33,6 +33,7 @@ import msgspec
 import structlog
 
 from gateway.core.errors import GatewayError
+from gateway.core.filewatch import FileWatch
 from gateway.core.model import CreateRequest
 from gateway.core.principal import SLURM_USER, TENANT
 from gateway.core.recipes import Recipe, RecipeCatalog, resolve_resources
@@ -228,41 +229,33 @@ class DeploymentsFile:
     ) -> None:
         self.path = path
         self.recipes = recipes
-        self._check_every = check_every
-        self._clock = clock
-        self._stamp: tuple[int, int, int] | None = None
-        self._checked = float("-inf")
+        self._watch = FileWatch(path, every=check_every, clock=clock)
+        self._unreadable = False
         self.declared = self._load(None)  # a file that does not parse stops start-up
         self._log_errors()
 
     def _load(self, previous: Declared | None) -> Declared:
         try:
-            st = self.path.stat()
-            text = self.path.read_text(encoding="utf-8")
+            text = self._watch.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise DeploymentsFileError(f"{self.path}: cannot read: {exc}") from None
-        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         return parse(text, str(self.path), self.recipes, previous)
 
     def current(self) -> Declared:
-        now = self._clock()
-        if now - self._checked < self._check_every:
-            return self.declared
-        self._checked = now
         try:
-            st = self.path.stat()
+            changed = self._watch.changed()
         except OSError as exc:
-            if self._stamp is not None:
+            if not self._unreadable:
                 log.error("deployments_file_unreadable", path=str(self.path), error=str(exc))
-                self._stamp = None  # said once
+                self._unreadable = True  # said once
             return self.declared
-        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:
+        self._unreadable = False
+        if not changed:
             return self.declared
         try:
             self.declared = self._load(self.declared)
         except DeploymentsFileError as exc:
-            self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # said once per change
-            log.error("deployments_file_rejected", error=str(exc)[:500])
+            log.error("deployments_file_rejected", error=str(exc)[:500])  # once per change
             return self.declared
         log.info(
             "deployments_file_loaded", path=str(self.path), deployments=len(self.declared.names)

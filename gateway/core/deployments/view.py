@@ -105,7 +105,7 @@ def status(
         replicas=counts,
         members=[_member(r, s, done, now) for r, s in live],
         next_action=Action(
-            at=_utc(planned.at) if planned.at is not None else None,
+            at=utc(planned.at) if planned.at is not None else None,
             action=planned.action,
             reason=planned.reason,
         )
@@ -167,7 +167,7 @@ def _recent(built: list[tuple[Replica, Service]], errors: list[Action]) -> list[
         placement = replica.placement
         actions.append(
             Action(
-                at=_utc(replica.submitted) if replica.submitted else None,
+                at=utc(replica.submitted) if replica.submitted else None,
                 action=f"submit.{placement.why}",
                 reason=f"slot {placement.slot}, generation {placement.generation}"
                 + (f", attempt {placement.attempt + 1}" if placement.attempt else ""),
@@ -177,7 +177,7 @@ def _recent(built: list[tuple[Replica, Service]], errors: list[Action]) -> list[
         if replica.ended is not None:
             actions.append(
                 Action(
-                    at=_utc(replica.ended),
+                    at=utc(replica.ended),
                     action=f"end.{replica.status.value}",
                     reason=replica.reason,
                     service_id=service.id,
@@ -191,5 +191,5 @@ def _tenant_of(built: list[tuple[Replica, Service]]) -> str | None:
     return next((s.tenant for _, s in built if s.tenant), None)
 
 
-def _utc(epoch: float) -> datetime:
+def utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, tz=UTC)
