@@ -76,7 +76,8 @@ integration: venv browser image cluster vllm-runtime
 # Latency of /prompt through the gateway against the same request straight to
 # vLLM; then the control plane (creates, listing, polling with slurmctld's RPC
 # counts, 10,000 queued services) against slurmrestd itself, on 22.05 and 24.11;
-# then /v1 load through a deployment's walltime rollover against one without (24.11).
+# then /v1 load through a deployment's walltime rollover against one without (24.11);
+# then /v1 chat sessions with prefix affinity on against off (local stub processes).
 bench: venv cluster vllm-runtime
 	$(PY) bench/transport.py
 	$(PY) bench/proxy.py
@@ -84,6 +85,7 @@ bench: venv cluster vllm-runtime
 	$(PY) bench/control_plane.py --cluster c2205
 	$(PY) bench/control_plane.py --cluster c2411
 	$(PY) bench/rollover.py --cluster c2411
+	$(PY) bench/prefix.py
 
 # Re-record the adapter fixtures from the live daemons (tests/fixtures/slurmrestd);
 # ONLY="c2605" limits it to the clusters named.

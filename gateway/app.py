@@ -140,8 +140,10 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             ),
         )
         provided.prompting = Prompting(services=services, vllm=vllm)
-        provided.front_door = FrontDoor(router=ModelRouter(services), vllm=vllm)
+        # Its own small pool: a deployment's load is read whatever the data path holds.
+        meter = VllmClient(timeout=settings.health_timeout, connect_timeout=settings.health_timeout)
         reconciler = provided.deployments = Reconciler(
+            read_load=wiring.load_reader(meter),
             services=services,
             declared=declared,
             principal_for=wiring.deployment_principal(
@@ -153,6 +155,11 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
                 grace=settings.deployment_change_grace_seconds,
             ),
         )
+        provided.front_door = FrontDoor(
+            router=ModelRouter(services, on_demand=reconciler.elastic),
+            vllm=vllm,
+            prefix_affinity=settings.routing_prefix_affinity,
+        )
         services.view.start()
         reconciler.start()
         try:
@@ -161,6 +168,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             await reconciler.close()
             await services.view.close()
             await prober.aclose()
+            await meter.aclose()
             await vllm.aclose()
             await client.aclose()
 

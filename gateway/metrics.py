@@ -74,8 +74,15 @@ DEPLOYMENT_REPLICAS = Gauge(
     ["deployment", "state"],
     multiprocess_mode="livemax",
 )
+DEPLOYMENT_LOAD = Gauge(
+    f"{PREFIX}_deployment_load_per_replica",
+    "Requests running and waiting per running replica of an elastic deployment, "
+    "as its model servers report them",
+    ["deployment"],
+    multiprocess_mode="livemax",
+)
 DEPLOYMENT_ACTIONS = Counter(
     f"{PREFIX}_deployment_actions_total",
-    "What the reconciler did, by deployment and kind (submit, stop, error)",
+    "What the reconciler did, by deployment and kind (submit, leave, stop, scale, error)",
     ["deployment", "action"],
 )

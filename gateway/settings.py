@@ -172,6 +172,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: seconds a stream may last in all, however steadily it trickles; past it the stream
     #: ends with `event: error`
     vllm_stream_timeout: Seconds = 3600.0
+    #: seconds to connect to a service; past it the request goes to another service of the
+    #: model, or 504 (nothing was sent)
+    vllm_connect_timeout: Seconds = 3.0
     #: prompts and `/v1` requests in flight per replica (per worker), streams included: the
     #: connection pool to services; past it, 503 + `Retry-After`
     vllm_max_connections: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 4096
@@ -186,6 +189,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: bytes of request bodies and of answers held whole, per replica (256 MiB); a request
     #: past it is refused 503 + `Retry-After` ([sharing a replica](openai.md#sharing-a-replica))
     vllm_max_buffered_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
+    #: `/v1` requests whose `messages` (or `prompt`) share their first KiB go to the same
+    #: service of the model, unless it has twice the requests of the least busy one (and 4
+    #: more), so that vLLM's prefix cache spares them the shared part; off: the least busy one
+    routing_prefix_affinity: bool = True
 
     @property
     def authenticates(self) -> bool:

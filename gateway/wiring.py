@@ -9,9 +9,11 @@ from pathlib import Path
 
 from gateway.auth.authenticate import Authenticator
 from gateway.auth.authfile import AuthFileError
+from gateway.core.deployments.elastic import LoadReader
 from gateway.core.deployments.spec import Deployment, DeploymentsFile, DeploymentsFileError
 from gateway.core.errors import InvalidRequest
 from gateway.core.metadata import MetaCodec
+from gateway.core.model import Service
 from gateway.core.principal import Method, Principal, Role
 from gateway.core.recipes import RecipeCatalog
 from gateway.settings import Settings, SettingsError, SlurmAuthMode, env_name
@@ -73,6 +75,7 @@ def vllm_client(settings: Settings) -> VllmClient:
     """The data path's client of services, with its deadlines and share-out."""
     return VllmClient(
         timeout=settings.vllm_timeout,
+        connect_timeout=settings.vllm_connect_timeout,
         stream_timeout=settings.vllm_stream_timeout,
         limits=Limits(
             total=settings.vllm_max_connections,
@@ -82,6 +85,20 @@ def vllm_client(settings: Settings) -> VllmClient:
             budget=settings.vllm_max_buffered_bytes,
         ),
     )
+
+
+def load_reader(client: VllmClient) -> LoadReader:
+    """A running replica's requests running and waiting, and its count of
+    finished ones, from its model server's /metrics (through its key)."""
+
+    async def read(service: Service) -> tuple[float, float]:
+        upstream = service.upstream
+        if upstream is None:
+            raise LookupError(f"service {service.id} has no endpoint")
+        load = await client.load(upstream.url, upstream.key)
+        return load.load, load.succeeded
+
+    return read
 
 
 def metadata_codec(settings: Settings) -> MetaCodec:

@@ -37,8 +37,9 @@ class ActionResponse(msgspec.Struct, kw_only=True):
     action: Annotated[
         str,
         Meta(
-            description="submit.new, submit.replace, submit.walltime, submit.roll, stop, "
-            "end.<status>, error; planned: submit, walltime, handover, roll, stop",
+            description="submit.new, submit.replace, submit.walltime, submit.roll, "
+            "submit.scale, submit.demand, stop, end.<status>, error; planned: submit, walltime, "
+            "handover, roll, stop; scaling decisions: scale.up, scale.down",
             examples=["submit.walltime"],
         ),
     ]
@@ -47,7 +48,9 @@ class ActionResponse(msgspec.Struct, kw_only=True):
 
 
 class ReplicaCountsResponse(msgspec.Struct, kw_only=True):
-    wanted: Annotated[int, Meta(description="replicas the file declares")]
+    wanted: Annotated[
+        int, Meta(description="replicas the file declares, or the count the load sets now")
+    ]
     running: Annotated[int, Meta(description="answering their health check")]
     starting: Annotated[int, Meta(description="building or starting on a node")]
     pending: Annotated[int, Meta(description="queued in Slurm (see each one's slurm_reason)")]
@@ -68,7 +71,36 @@ class MemberResponse(msgspec.Struct, kw_only=True):
         bool,
         Meta(description="takes no new requests: its successor answers, or it is unneeded"),
     ]
-    submitted_for: Annotated[str, Meta(examples=["walltime"])]
+    submitted_for: Annotated[
+        str, Meta(description="new, replace, walltime, roll, scale or demand", examples=["scale"])
+    ]
+    submitted_at: datetime | None = None
+    load: Annotated[
+        float | None,
+        Meta(description="requests running and waiting at its server, as last read"),
+    ] = None
+    leaving: Annotated[
+        bool, Meta(description="scaled down: its time limit was lowered; it drains and stops")
+    ] = False
+
+
+class ScalingResponse(msgspec.Struct, kw_only=True):
+    min_replicas: int
+    max_replicas: int
+    target_load: Annotated[
+        float, Meta(description="requests running and waiting per replica aimed at")
+    ]
+    load_per_replica: Annotated[
+        float | None, Meta(description="now, mean of the running replicas that reported")
+    ]
+    reason: Annotated[str, Meta(description="why the count is what it is, as of the last round")]
+    idle_seconds: Annotated[
+        float | None, Meta(description="with min_replicas 0: idle this long, to zero")
+    ]
+    decisions: Annotated[
+        list[ActionResponse],
+        Meta(description="this gateway replica's recent scaling decisions, oldest first"),
+    ]
 
 
 class DeploymentResponse(msgspec.Struct, kw_only=True):
@@ -90,6 +122,13 @@ class DeploymentResponse(msgspec.Struct, kw_only=True):
     error: Annotated[
         str | None,
         Meta(description="why the declared version is not in force: file:line, field, reason"),
+    ] = None
+    scaling: Annotated[
+        ScalingResponse | None,
+        Meta(description="with min_replicas and max_replicas: the load and the decisions"),
+    ] = None
+    model: Annotated[
+        str | None, Meta(description="the name /v1 requests use for it (its served model)")
     ] = None
 
     @classmethod

@@ -33,6 +33,7 @@ from gateway.api.openai_schemas import (
     OpenAIModelList,
 )
 from gateway.api.openapi import EventStreamOperation
+from gateway.core.deployments.spec import Deployment
 from gateway.core.errors import GatewayError
 from gateway.core.principal import Principal
 from gateway.core.routing import ModelNotFound
@@ -124,6 +125,8 @@ class OpenAIController(Controller):
         cards = await asyncio.gather(
             *(_card(front_door, name, services) for name, services in sorted(models.items()))
         )
+        asleep = front_door.router.asleep(principal)
+        cards.extend(_asleep(name, d) for name, d in sorted(asleep.items()) if name not in models)
         return OpenAIModelList(data=list(cards))
 
     @get(
@@ -141,7 +144,10 @@ class OpenAIController(Controller):
         name = model.lstrip("/")
         models = await front_door.router.models(principal)
         if name not in models:
-            raise ModelNotFound(name, sorted(models))
+            asleep = front_door.router.asleep(principal)
+            if name in asleep:
+                return _asleep(name, asleep[name])
+            raise ModelNotFound(name, sorted({*models, *asleep}))
         return await _card(front_door, name, models[name])
 
     @_relayed_route(
@@ -175,6 +181,18 @@ def _relayed() -> Exception:
     # The data path (gateway/proxy/frontdoor.py) answers every request: these handlers
     # exist for the OpenAPI document only.
     return RuntimeError("answered by the relay middleware, which did not run")
+
+
+def _asleep(name: str, deployment: Deployment) -> OpenAIModel:
+    return OpenAIModel(
+        id=name,
+        created=0,
+        owned_by=deployment.spec.tenant or "shared",
+        root=deployment.loaded,
+        max_model_len=None,
+        services=0,
+        scaled_to_zero=True,
+    )
 
 
 async def _card(front_door: FrontDoor, name: str, services: list[Service]) -> OpenAIModel:

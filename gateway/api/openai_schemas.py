@@ -46,6 +46,13 @@ class OpenAIModel(msgspec.Struct, kw_only=True):
         int | None, Meta(description="the longest context, where vLLM reports it")
     ]
     services: Annotated[int, Meta(description="how many running services serve it")] = 1
+    scaled_to_zero: Annotated[
+        bool,
+        Meta(
+            description="a deployment of it runs no replica now: the first request starts one "
+            "(503 model_not_ready with Retry-After, or send `Prefer: wait=<seconds>`)"
+        ),
+    ] = False
 
 
 class OpenAIModelList(msgspec.Struct, kw_only=True):

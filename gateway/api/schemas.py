@@ -8,6 +8,7 @@ from typing import Annotated, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from gateway.core.creating import MAX_IDLE_STOP_MINUTES
 from gateway.core.recipes import Recipe, VariableSpec
 from gateway.core.resources import MAX_TIME_LIMIT
 from gateway.core.services import Logs, Service
@@ -21,6 +22,18 @@ from gateway.proxy.wire import UsageResponse as UsageResponse
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 EnvValue = Annotated[str, Meta(max_length=4096)]
 GpuCount = Annotated[str, Meta(description="GPUs per node; null for a CPU-only service")]
+IdleStopMinutes = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=MAX_IDLE_STOP_MINUTES,
+        description="the service stops itself after this many minutes without a request; "
+        "it ends `completed`, its status_reason saying so. Only for recipes whose "
+        "service kind reports its load (`vllm`); absent: it runs until stopped or its "
+        "time limit",
+        examples=[30],
+    ),
+]
 
 
 W = TypeVar("W", bound=msgspec.Struct)
@@ -64,6 +77,7 @@ class CreateServiceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=T
             "admins only"
         ),
     ] = False
+    idle_stop_minutes: IdleStopMinutes | None = None
 
 
 class ServiceConfigResponse(msgspec.Struct, kw_only=True):
@@ -91,6 +105,10 @@ class ServiceResponse(msgspec.Struct, kw_only=True):
         Meta(description="the tenant that created it (null: not recorded)"),
     ]
     shared: Annotated[bool, Meta(description="every tenant may use it on /v1")] = False
+    idle_stop_minutes: Annotated[
+        int | None,
+        Meta(description="it stops itself after this many minutes without a request (null: never)"),
+    ] = None
     slurm_state: str
     slurm_reason: str
 

@@ -252,6 +252,7 @@ class ServicesController(Controller):
                 environment=dict(data.config.environment),
                 resources=resources,
                 shared=data.shared,
+                idle_stop_minutes=data.idle_stop_minutes,
             ),
             principal,
             idempotency_key=idempotency_key,

@@ -229,6 +229,7 @@ def build(
         model=names.model,
         served_model=names.served,
         max_model_len=names.max_model_len,
+        idle_stop_minutes=meta.idle_stop_minutes,
     )
 
 
@@ -256,6 +257,7 @@ def submitted(job_id: int, recipe: Recipe, meta: metadata.ServiceMeta) -> Servic
         model=names.model,
         served_model=names.served,
         max_model_len=names.max_model_len,
+        idle_stop_minutes=meta.idle_stop_minutes,
     )
 
 

@@ -37,6 +37,9 @@ log = structlog.get_logger(__name__)
 # A create with an Idempotency-Key may not start before this many seconds: the
 # time to find a concurrent twin (another replica's) and cancel the later one.
 IDEMPOTENT_HOLD_SECONDS = 3
+# idle_stop_minutes: up to a week; only servers with vLLM's metrics report idleness.
+MAX_IDLE_STOP_MINUTES = 10080
+IDLE_STOP_KINDS = ("vllm",)
 
 
 class Creator:
@@ -76,6 +79,7 @@ class Creator:
         placement: metadata.Placement | None = None,
     ) -> Created:
         recipe = self._recipe_for_create(request.recipe_name)
+        check_idle_stop(recipe, request.idle_stop_minutes)
         if request.shared and not principal.is_admin:
             raise Forbidden(
                 "shared: only an admin may offer a service to every tenant",
@@ -116,6 +120,7 @@ class Creator:
                     digest,
                     request.shared,
                     placement,
+                    request.idle_stop_minutes,
                 )
         finally:
             # Once nobody holds it. A create that still waits on this lock
@@ -134,6 +139,7 @@ class Creator:
         digest: str,
         shared: bool,
         placement: metadata.Placement | None = None,
+        idle_stop_minutes: int | None = None,
     ) -> Created:
         meta = self.codec.new_meta(
             recipe=recipe.name,
@@ -146,6 +152,7 @@ class Creator:
             request_digest=digest,
             shared=shared,
             placement=placement,
+            idle_stop_minutes=idle_stop_minutes,
         )
         unbound = self.codec.unbound(meta)
         check_comment_budget(unbound, environment)
@@ -162,6 +169,7 @@ class Creator:
             partition=self.partition,
             account=principal.account or recipe.spec.account or self.account,
             begin_time=int(time.time()) + IDEMPOTENT_HOLD_SECONDS if marker else None,
+            idle_stop_seconds=idle_stop_minutes * 60 if idle_stop_minutes else None,
         )
         slurm = self.acting_as(user, principal)
         submitted = await slurm.submit(submission)
@@ -317,6 +325,24 @@ class Creator:
             return self.recipes.get(name)
         except NotFound as exc:
             raise InvalidRequest.field("recipe_name", exc.detail) from None
+
+
+def check_idle_stop(recipe: Recipe, minutes: int | None) -> None:
+    """The job tells idleness from its server's vLLM metrics (jobscript.py):
+    a recipe whose server reports none cannot stop itself."""
+    if minutes is None:
+        return
+    if not 1 <= minutes <= MAX_IDLE_STOP_MINUTES:
+        raise InvalidRequest.field(
+            "idle_stop_minutes", f"must be from 1 to {MAX_IDLE_STOP_MINUTES} minutes"
+        )
+    kind = recipe.spec.service.kind
+    if kind not in IDLE_STOP_KINDS:
+        raise InvalidRequest.field(
+            "idle_stop_minutes",
+            f"the recipe's service kind ({kind}) cannot report idleness; only "
+            f"{', '.join(IDLE_STOP_KINDS)} services can stop themselves when idle",
+        )
 
 
 def check_same_request(meta: metadata.ServiceMeta, digest: str, job_id: int) -> None:

@@ -4,7 +4,8 @@ The preamble first waits until the gateway has bound the job's metadata to
 its job id (see metadata.py), then gives every recipe these shell helpers:
 
 * ``gw_phase PHASE [REASON...]`` publishes the phase (building, starting,
-  running, failed) through the job's own comment, which slurmrestd returns;
+  running, completed, failed) through the job's own comment, which slurmrestd
+  returns;
 * ``gw_endpoint HOST PORT`` publishes where the service listens;
 * ``gw_free_port [PORT]`` prints a free TCP port on this node (random, tested
   by binding), or checks that PORT is free and fails the service if not;
@@ -21,7 +22,13 @@ its job id (see metadata.py), then gives every recipe these shell helpers:
   none listens; ``gw_wait_listener PORT [SECONDS]`` waits for 0 and fails the
   service otherwise (``gw_port_held PORT`` says why). An endpoint is published
   only after that, so that another user who binds the port first (between
-  ``gw_free_port`` and the server's bind, say) never gets the service's key.
+  ``gw_free_port`` and the server's bind, say) never gets the service's key;
+* with ``$GW_IDLE_STOP_SECONDS`` (a create's ``idle_stop_minutes``), the first
+  publish of an endpoint starts ``gw_idle_watch``: it reads the server's vLLM
+  metrics every ``$GW_IDLE_POLL_SECONDS`` (10) and, after that long with no
+  request running, waiting or finished, signals the script (USR1), which
+  publishes ``completed`` with the reason, stops the server and exits 0. The
+  watcher ends in ``gw_stop_server``, so with the job.
 
 No shared filesystem is involved: ``scontrol update`` from inside a job needs
 no token, and the gateway reads the comment with the job. Slurm refuses a
@@ -49,6 +56,8 @@ _PLACEHOLDER = re.compile(r"__(?:META|LIMIT|REASON|RECIPE|BIND_WAIT)__")
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The job's copy of its upstream key; the recipe hands it to the server.
 KEY_VARIABLE = "GW_SERVICE_KEY"
+# Seconds without a request after which the job stops itself (idle stop).
+IDLE_VARIABLE = "GW_IDLE_STOP_SECONDS"
 # How long a job waits for the gateway to bind its metadata to its job id
 # (one update right after the submit) before it gives up and ends.
 BIND_WAIT_SECONDS = 120
@@ -70,6 +79,7 @@ gw_publish() {
   fi
   out=$(scontrol update jobid="$SLURM_JOB_ID" comment="$comment" 2>&1) \
     || echo "gateway: Slurm refused to publish the service state ($GW_PHASE): $out" >&2
+  gw_idle_start
 }
 gw_phase() {
   GW_PHASE=$1
@@ -150,6 +160,7 @@ gw_start() {
   GW_SERVER=$!
 }
 gw_stop_server() {
+  gw_idle_unwatch
   [ -n "$GW_SERVER" ] || return 0
   trap '' TERM INT
   gw_stop_session "$GW_SERVER" "${1:-10}"
@@ -193,6 +204,98 @@ gw_wait_listener() {
     [ "$SECONDS" -lt "$end" ] || gw_fail "the server did not listen on port $port within ${limit}s"
     sleep 0.2
   done
+}
+# Idle stop ($GW_IDLE_STOP_SECONDS: the create's idle_stop_minutes). Once an
+# endpoint is out, a watcher reads the server's /metrics (vLLM's names, behind
+# the key) every $GW_IDLE_POLL_SECONDS; after that long with nothing running,
+# waiting or finished it signals this script (USR1): completed, exit 0. A poll
+# that fails changes nothing. bash's /dev/tcp: no curl or python needed.
+GW_IDLE_WATCHER=
+[[ ${GW_IDLE_STOP_SECONDS:-} =~ ^[0-9]{1,9}$ ]] || GW_IDLE_STOP_SECONDS=0
+GW_IDLE_STOP_SECONDS=$(( 10#$GW_IDLE_STOP_SECONDS ))
+[ "$GW_IDLE_STOP_SECONDS" -gt 0 ] || GW_IDLE_STOP_SECONDS=
+[ -z "$GW_IDLE_STOP_SECONDS" ] || trap 'gw_idle_stopped' USR1
+# "<running + waiting> <finished>" summed over vLLM's label sets at $1:$2.
+gw_idle_poll() {
+  local fd status line len=-1 rc=0 reader
+  { exec {fd}<>"/dev/tcp/$1/$2"; } 2>/dev/null || return 1
+  printf 'GET /metrics HTTP/1.0\r\nHost: %s:%s\r\nAuthorization: Bearer %s\r\n\r\n' \
+    "$1" "$2" "$GW_SERVICE_KEY" >&"$fd" || rc=1
+  [ "$rc" -eq 0 ] && IFS= read -r -t 5 -u "$fd" status || rc=1
+  case "${status:-}" in "HTTP/1."[01]" 200"*) ;; *) rc=1 ;; esac
+  while [ "$rc" -eq 0 ]; do
+    IFS= read -r -t 5 -u "$fd" line || { rc=1; break; }
+    line=${line%$'\r'}
+    [ -n "$line" ] || break
+    case "${line,,}" in content-length:*) len=${line#*:} len=${len//[!0-9]/} len=${len:--1} ;; esac
+  done
+  if [ "$rc" -eq 0 ]; then
+    # Content-Length bytes (a server may keep the connection open), else to the end.
+    reader=(head -c "$len")
+    [ "$len" -ge 0 ] || reader=(cat)
+    timeout 5 "${reader[@]}" <&"$fd" | LC_ALL=C awk -v len="$len" '
+      { got += length($0) + 1 }
+      /^vllm:(num_requests_running|num_requests_waiting|request_success_total)[{ ]/ {
+        value = $0; sub(/^[^{ ]*([{].*[}])?[ \t]+/, "", value); split(value, v, /[ \t]+/)
+        if ($0 ~ /^vllm:request_success_total/) done += v[1]; else busy += v[1]
+        seen = 1 }
+      END { if (!seen || got < len) exit 1; printf "%.0f %.0f\n", busy, done }'
+    [ "${PIPESTATUS[0]}${PIPESTATUS[1]}" = 00 ] || rc=1
+  fi
+  exec {fd}>&-
+  return "$rc"
+}
+gw_idle_watch() {
+  local port=$1 host=${2:-127.0.0.1} limit=$GW_IDLE_STOP_SECONDS
+  local period=${GW_IDLE_POLL_SECONDS:-10} nap now busy finished last='' since='' failed=''
+  trap - EXIT TERM INT USR1
+  [[ $period =~ ^[0-9]*\.?[0-9]+$ && $period =~ [1-9] ]] || period=10
+  exec {nap}<> <(:)  # read -t on it is a sleep with no process to outlive us
+  while kill -0 $$ 2>/dev/null; do
+    # The key goes only where every listener on the port is the server's own.
+    if gw_own_listener "$port" && now=$(gw_idle_poll "$host" "$port"); then
+      read -r busy finished <<< "$now"
+      if [ -z "$since" ] || [ "$busy" != 0 ] || [ "$finished" != "$last" ]; then
+        since=$SECONDS last=$finished
+      elif [ $(( SECONDS - since )) -ge "$limit" ]; then
+        kill -USR1 $$
+        return 0
+      fi
+    elif [ -z "$failed" ]; then
+      failed=1
+      echo "gateway: idle stop: cannot read the server's metrics on $host:$port;" \
+        "it keeps trying, and the service runs on (said once)" >&2
+    fi
+    read -r -t "$period" -u "$nap" _ || :
+  done
+}
+# Started once, by the first publish of an endpoint (gw_endpoint, or a recipe
+# that sets GW_ENDPOINT and publishes starting or running itself).
+gw_idle_start() {
+  [ -n "$GW_IDLE_STOP_SECONDS" ] && [ -z "$GW_IDLE_WATCHER" ] && [ -n "$GW_ENDPOINT" ] || return 0
+  case "$GW_PHASE" in starting | running) ;; *) return 0 ;; esac
+  local host=${GW_ENDPOINT%:*}
+  host=${host#\[} host=${host%\]}
+  # A name (the node's): the server listens on every address; ask on loopback.
+  case "$host" in *:*) ;; *[!0-9.]*) host=127.0.0.1 ;; esac
+  gw_idle_watch "${GW_ENDPOINT##*:}" "$host" &
+  GW_IDLE_WATCHER=$!
+}
+gw_idle_unwatch() {
+  local pids
+  trap '' USR1
+  [ -n "$GW_IDLE_WATCHER" ] || return 0
+  # The watcher and what it runs (a poll), so that nothing of it outlives the job.
+  pids=$(gw_session_pids "$GW_IDLE_WATCHER")
+  [ -z "$pids" ] || kill $pids 2>/dev/null || :
+  GW_IDLE_WATCHER=
+}
+gw_idle_stopped() {
+  local n=$GW_IDLE_STOP_SECONDS unit=" s"
+  if [ $(( n % 60 )) -eq 0 ]; then n=$(( n / 60 )) unit=" min"; fi
+  gw_phase completed "stopped itself after $n$unit without a request"
+  gw_stop_server
+  exit 0
 }
 # The gateway binds the metadata to this job's id with one update right after
 # the submit; nothing is published before that, so that the job never writes
@@ -245,16 +348,21 @@ def submission(
     partition: str | None,
     account: str | None,
     begin_time: int | None,
+    idle_stop_seconds: int | None = None,
 ) -> JobSubmission:
     """The batch job of a service: its script, and the request's variables
     and the upstream key as its environment (never as script text).
-    ``partition``: the site's, unless the recipe names one for these resources."""
+    ``partition``: the site's, unless the recipe names one for these resources.
+    ``idle_stop_seconds``: the job stops itself after so long without a request."""
     context = recipe.template_values(resources.as_config())
+    own = {KEY_VARIABLE: key}
+    if idle_stop_seconds:
+        own[IDLE_VARIABLE] = str(idle_stop_seconds)
     return JobSubmission(
         script=build(recipe, unbound_meta, context),
         name=job_name,
         working_directory=job_dir,
-        environment={"PATH": JOB_PATH, **environment, KEY_VARIABLE: key},
+        environment={"PATH": JOB_PATH, **environment, **own},
         partition=recipe.partition(resources) or partition,
         account=account,
         standard_output=f"{job_dir}/{job_name}-%j.out",

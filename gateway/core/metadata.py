@@ -48,7 +48,8 @@ import msgspec
 
 PREFIX = "gw3:"
 LEGACY_PREFIX = "gw2:"
-PHASES = ("building", "starting", "running", "failed")
+# "completed": the job stopped itself (idle; see jobscript.py) and is ending.
+PHASES = ("building", "starting", "running", "completed", "failed")
 # slurmctld refuses a longer comment, at submit and at update.
 COMMENT_LIMIT = 1024
 # What the job appends after the blob must fit too: the longest phase and an
@@ -61,7 +62,7 @@ _MAC_BYTES = 16
 BIND_CHARS = 1 + -(-_MAC_BYTES * 4 // 3)
 META_BUDGET = (
     COMMENT_LIMIT
-    - len("|phase=building|endpoint=|reason=")
+    - len("|phase=completed|endpoint=|reason=")
     - ENDPOINT_MAX
     - REASON_MIN
     - BIND_CHARS
@@ -88,8 +89,11 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     after: int = 0
     # Failures in a row in this slot before this job (its backoff).
     attempt: int = 0
-    # Why it was submitted: "new", "replace", "walltime" or "roll".
+    # Why it was submitted: "new", "replace", "walltime", "roll", "scale" or "demand".
     why: str = "new"
+    # The time limit it was submitted with: one lower now is a scale-down
+    # (plan.py), which every replica sees in the job (0: not recorded).
+    minutes: int = 0
 
 
 class ServiceMeta(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -112,6 +116,9 @@ class ServiceMeta(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     shared: bool = False
     # A replica of a deployment (None: an ad hoc service).
     placement: Placement | None = None
+    # The create's idle_stop_minutes (None: it does not stop itself). Last, so
+    # that gateways without the field read the rest (msgspec ignores the extra).
+    idle_stop_minutes: int | None = None
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -172,6 +179,7 @@ class MetaCodec:
         request_digest: str = "",
         shared: bool = False,
         placement: Placement | None = None,
+        idle_stop_minutes: int | None = None,
     ) -> ServiceMeta:
         return ServiceMeta(
             recipe=recipe,
@@ -185,6 +193,7 @@ class MetaCodec:
             request_digest=request_digest,
             shared=shared,
             placement=placement,
+            idle_stop_minutes=idle_stop_minutes,
         )
 
     def unbound(self, meta: ServiceMeta) -> str:

@@ -70,6 +70,8 @@ class Service(msgspec.Struct, frozen=True, kw_only=True):
     model: str | None = None
     served_model: str = ""
     max_model_len: str | None = None
+    # It stops itself after this many minutes without a request (None: never).
+    idle_stop_minutes: int | None = None
 
 
 class ModelNames(NamedTuple):
@@ -117,10 +119,17 @@ class CreateRequest(msgspec.Struct, frozen=True, kw_only=True):
     resources: dict[str, Any] = msgspec.field(default_factory=dict)
     # Usable by every tenant through /v1 (admins only may say so).
     shared: bool = False
+    # The job stops itself after this many minutes without a request.
+    idle_stop_minutes: int | None = None
 
     def digest(self) -> str:
-        """Same request, same digest: what an Idempotency-Key is bound to."""
-        return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()[:18]
+        """Same request, same digest: what an Idempotency-Key is bound to.
+        A field left unset is left out, so that a request without it keeps the
+        digest gateways without the field gave it (replicas mid-upgrade agree)."""
+        fields = msgspec.structs.asdict(self)
+        if self.idle_stop_minutes is None:
+            del fields["idle_stop_minutes"]
+        return hashlib.sha256(msgspec.json.encode(fields, order="sorted")).hexdigest()[:18]
 
 
 class Created(NamedTuple):

@@ -2,9 +2,11 @@
 
 A model is the name a service serves it under (``Service.served_model``, as
 its recipe declares it); several services may serve one. A request goes to a
-running one the caller may use, the one with the fewest requests outstanding
-on this replica; ties take turns, so that one client's requests in a row
-spread too.
+running one the caller may use: with a prefix key, the key's first choice
+that is not overloaded (affinity.py); without, the one with the fewest
+requests outstanding on this replica, ties taking turns. A request for a deployment at
+zero replicas starts one (elastic.py) and is answered 503 ``model_not_ready``
+with ``Retry-After``, or waits up to ``Prefer: wait=N`` (``_started``).
 
 A service stops receiving requests when it leaves:
 - stopped through this replica: at once, before Slurm is even asked;
@@ -20,10 +22,15 @@ as vLLM's router and SkyServe's load balancers do.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
+from gateway.core.affinity import CHOOSER
+from gateway.core.deployments.spec import Deployment
 from gateway.core.errors import GatewayError, NotFound
 from gateway.core.model import Service, Upstream
 from gateway.core.principal import Principal
@@ -31,6 +38,10 @@ from gateway.core.services import ServiceManager
 from gateway.core.status import ServiceStatus
 
 RETRY_AFTER_SECONDS = 5
+# Requests of one tenant that may wait here for a deployment to start; more
+# are answered 503 at once (each holds a connection and its body).
+WAITERS_PER_TENANT = 64
+_WAIT_POLL = 0.5
 _COMING = frozenset({ServiceStatus.PENDING, ServiceStatus.BUILDING, ServiceStatus.STARTING})
 
 
@@ -57,9 +68,22 @@ class ModelNotReady(GatewayError):
     title = "Model not ready"
     code = "model_not_ready"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, retry_after: float = RETRY_AFTER_SECONDS) -> None:
         super().__init__(detail)
-        self.headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+
+
+class OnDemand(Protocol):
+    """Deployments that may run no replica until a request asks for one
+    (gateway/core/deployments/elastic.py)."""
+
+    def serving(self, principal: Principal, model: str) -> Deployment | None: ...
+
+    def sleeping(self, principal: Principal) -> list[Deployment]: ...
+
+    def wake(self, name: str) -> None: ...
+
+    def ready_in(self, name: str) -> float: ...
 
 
 class ModelRouter:
@@ -69,8 +93,12 @@ class ModelRouter:
         *,
         eject_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        on_demand: OnDemand | None = None,
     ) -> None:
         self.services = services
+        self.on_demand = on_demand
+        # Tenant -> its requests waiting here for a deployment to start.
+        self._waiters: dict[str, int] = {}
         self.eject_seconds = eject_seconds
         self._clock = clock
         # Upstream URL -> requests this replica has in flight there.
@@ -87,9 +115,29 @@ class ModelRouter:
                 models.setdefault(service.served_model, []).append(service)
         return models
 
-    async def pick(self, principal: Principal, model: str, *, avoid: str | None = None) -> Service:
+    def asleep(self, principal: Principal) -> dict[str, Deployment]:
+        """Served model -> a deployment of it the caller may use that runs no
+        replica now (the first request starts one)."""
+        if self.on_demand is None:
+            return {}
+        found: dict[str, Deployment] = {}
+        for deployment in self.on_demand.sleeping(principal):
+            if deployment.served:
+                found.setdefault(deployment.served, deployment)
+        return found
+
+    async def pick(
+        self,
+        principal: Principal,
+        model: str,
+        *,
+        avoid: str | None = None,
+        affinity: bytes | None = None,
+        wait: float = 0.0,
+    ) -> Service:
         """The service to send a request for ``model`` to (not the upstream
-        ``avoid``, which just refused a connection)."""
+        ``avoid``, which just refused a connection): with an ``affinity`` key
+        (gateway/core/affinity.py) the key's own while it is not overloaded."""
         candidates = await self.services.serving(principal, model)
         live: list[Service] = [
             s
@@ -99,6 +147,12 @@ class ModelRouter:
             and s.upstream.url != avoid
         ]
         if not live:
+            if avoid is None and self.on_demand is not None:
+                deployment = self.on_demand.serving(principal, model)
+                if deployment is not None:
+                    return await self._started(
+                        principal, model, deployment, candidates, wait, affinity
+                    )
             raise await self._why_none(principal, model, candidates, avoid)
         if len(live) == 1:
             return live[0]
@@ -110,15 +164,8 @@ class ModelRouter:
             # All passed over: they may be back; better to try than to refuse.
             live = [s for s in live if _url(s) not in self._ejected] or live
         self._turn += 1
-        start = self._turn % len(live)
-        best = live[start]
-        best_load = self._outstanding.get(_url(best), 0)
-        for i in range(1, len(live)):
-            service = live[(start + i) % len(live)]
-            load = self._outstanding.get(_url(service), 0)
-            if load < best_load:
-                best, best_load = service, load
-        return best
+        loads = [self._outstanding.get(_url(s), 0) for s in live]
+        return live[CHOOSER.choose(affinity, [s.id for s in live], loads, self._turn)]
 
     @contextmanager
     def outstanding(self, upstream: Upstream) -> Iterator[None]:
@@ -140,6 +187,44 @@ class ModelRouter:
             self._ejected.clear()
         self._ejected[upstream.url] = self._clock() + self.eject_seconds
 
+    async def _started(
+        self,
+        principal: Principal,
+        model: str,
+        deployment: Deployment,
+        candidates: list[Service],
+        wait: float,
+        affinity: bytes | None,
+    ) -> Service:
+        """A replica of ``deployment``, started for this request if none is
+        starting, once it answers: within ``wait`` seconds (at most the
+        deployment's ``max_wait_seconds``), or 503 with when to come back."""
+        assert self.on_demand is not None
+        if not any(s.status in _COMING for s in candidates):
+            self.on_demand.wake(deployment.name)
+        bound = min(wait, deployment.spec.max_wait_seconds)
+        tenant = principal.tenant or ""
+        if bound > 0 and self._waiters.get(tenant, 0) < WAITERS_PER_TENANT:
+            deadline = self._clock() + bound
+            self._waiters[tenant] = self._waiters.get(tenant, 0) + 1
+            try:
+                while self._clock() < deadline:
+                    await asyncio.sleep(min(_WAIT_POLL, max(0.0, deadline - self._clock())))
+                    found = await self.services.serving(principal, model)
+                    if any(_running(s) for s in found):
+                        return await self.pick(principal, model, affinity=affinity)
+            finally:
+                self._waiters[tenant] -= 1
+                if not self._waiters[tenant]:
+                    del self._waiters[tenant]
+        ready_in = self.on_demand.ready_in(deployment.name)
+        raise ModelNotReady(
+            f"the model {model[:200]!r} is starting (deployment {deployment.name} was at "
+            f"zero replicas); it should answer in about {ready_in:.0f} s. Send "
+            f"'Prefer: wait={min(300, math.ceil(ready_in) + 30)}' to wait for it",
+            retry_after=ready_in,
+        )
+
     async def _why_none(
         self, principal: Principal, model: str, candidates: list[Service], avoid: str | None
     ) -> GatewayError:
@@ -155,6 +240,10 @@ class ModelRouter:
             return ModelNotReady(f"the model {model!r} has no working service: {states}")
         serving = await self.services.serving(principal)
         return ModelNotFound(model, sorted({s.served_model for s in serving}))
+
+
+def _running(service: Service) -> bool:
+    return service.status is ServiceStatus.RUNNING and service.upstream is not None
 
 
 def _url(service: Service) -> str:

@@ -50,6 +50,9 @@ class Scheduler(Protocol):
     async def release(self, job_id: int) -> None:
         """Let a job held by its begin time start now."""
 
+    async def shorten(self, job_id: int, minutes: int) -> None:
+        """Lower a job's time limit."""
+
     async def cancel(self, job_id: int, signal: str | None = None) -> None:
         """Cancelling a job that already ended is not an error."""
         ...

@@ -361,6 +361,12 @@ class ServiceManager:
             return Stopped(await self._gone(job, meta, reported), already_ended=False)
         return Stopped(await self.builder.service(final, meta, reported), already_ended=False)
 
+    async def shorten(self, service_id: str, minutes: int, principal: Principal) -> None:
+        """Lower the service's time limit, as its job's own user."""
+        job, _, _ = await self._job(service_id, principal)
+        if not job.state.is_terminal:
+            await self.acting_as(job.user_name, principal).shorten(job.job_id, minutes)
+
     async def _gone(
         self, job: JobInfo, meta: metadata.ServiceMeta, reported: metadata.Reported
     ) -> Service:

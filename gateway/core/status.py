@@ -49,11 +49,18 @@ def derive(job: JobInfo, reported: Reported, healthy: bool | None) -> tuple[Serv
     if state.is_terminal:
         if reported.phase == "failed" and state is not JobState.CANCELLED:
             return ServiceStatus.FAILED, reported.reason or "the service reported a failure"
+        if reported.phase == "completed" and state is JobState.COMPLETED:
+            # It stopped itself (idle stop): the reason says why.
+            return ServiceStatus.COMPLETED, reported.reason or "the service exited normally"
         status = _FROM_TERMINAL_JOB.get(state, ServiceStatus.FAILED)
         return status, _terminal_reason(job, status)
     # RUNNING or SUSPENDED: the job is on a node; its own phase says how far it got.
     if reported.phase == "failed":
         return ServiceStatus.FAILED, reported.reason or "the service reported a failure"
+    if reported.phase == "completed":
+        # It stopped itself and is ending (its server is being stopped): like a
+        # failure, it takes no more requests from the moment it says so.
+        return ServiceStatus.COMPLETED, reported.reason or "the service is ending"
     if reported.phase in ("starting", "running") and reported.endpoint:
         if healthy:
             return ServiceStatus.RUNNING, "the service answers its health check"

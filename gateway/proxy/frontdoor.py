@@ -30,6 +30,7 @@ import msgspec
 import structlog
 from litestar.types import Receive, Scope, Send
 
+from gateway.core.affinity import prefix_key
 from gateway.core.errors import GatewayError
 from gateway.core.principal import Principal
 from gateway.core.routing import ModelRouter
@@ -91,6 +92,9 @@ class _Head(msgspec.Struct):
     model: Annotated[str, msgspec.Meta(max_length=MODEL_MAX_LENGTH)] | None = None
     # Raw: whatever it is, never decoded (vLLM says if it is not a boolean).
     stream: msgspec.Raw = msgspec.Raw(b"false")
+    # Raw too: only their first bytes are read, for the prefix key (chat, completions).
+    messages: msgspec.Raw = msgspec.Raw()
+    prompt: msgspec.Raw = msgspec.Raw()
 
 
 class RequestBody:
@@ -128,6 +132,8 @@ class FrontDoor:
 
     router: ModelRouter
     vllm: VllmClient
+    # GATEWAY_ROUTING_PREFIX_AFFINITY: requests that start alike to one service.
+    prefix_affinity: bool = True
     # Service id -> the longest context vLLM reports for its model.
     _context: dict[str, int | None] = field(default_factory=dict)
 
@@ -163,11 +169,14 @@ class FrontDoor:
         send: Send,
         *,
         stream: bool = False,
+        affinity: bytes | None = None,
+        wait: float = 0.0,
     ) -> None:
         """``body`` to a service of ``model`` and its answer to the client, on
-        ``lease`` (whose bytes hold the body, given back once it is sent)."""
+        ``lease`` (whose bytes hold the body, given back once it is sent);
+        ``affinity``: the key of its prefix (gateway/core/affinity.py)."""
         tenant = tenant_of(principal)
-        service = await self.router.pick(principal, model)
+        service = await self.router.pick(principal, model, affinity=affinity, wait=wait)
         try:
             await self._once(service, tenant, path, body, lease, stream, receive, send)
         except UpstreamUnavailable as exc:
@@ -177,7 +186,9 @@ class FrontDoor:
             assert service.upstream is not None
             self.router.eject(service.upstream)
             try:
-                other = await self.router.pick(principal, model, avoid=service.upstream.url)
+                other = await self.router.pick(
+                    principal, model, avoid=service.upstream.url, affinity=affinity
+                )
             except GatewayError:
                 raise upstream_failure(service.id, exc) from None
             try:
@@ -358,9 +369,42 @@ async def _relay(
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
     model, stream = head.model, len(head.stream) == 4 and bytes(head.stream) == b"true"
-    del head  # its Raw holds the body
+    tenant = tenant_of(scope["user"])
+    key = prefix_key(head.messages or head.prompt, tenant) if door.prefix_affinity else None
+    del head  # its Raws hold the body
     if not model:
         raise BadRequest("model: required; GET /v1/models lists them", param="model")
     body = RequestBody(data)
     del data  # only ``body`` holds it now, and drops it once the service has it
-    await door.forward(scope["user"], model, path, body, lease, receive, send, stream=stream)
+    await door.forward(
+        scope["user"],
+        model,
+        path,
+        body,
+        lease,
+        receive,
+        send,
+        stream=stream,
+        affinity=key,
+        # A waiting request holds its body: only small ones may wait.
+        wait=prefer_wait(scope) if len(body.data) <= WAIT_BODY_MAX else 0.0,
+    )
+
+
+# The largest body a request may hold while it waits for a model to start.
+WAIT_BODY_MAX = 256 * 1024
+
+
+def prefer_wait(scope: Scope) -> float:
+    """Seconds the client will wait for a model to start: RFC 7240's
+    ``Prefer: wait=N`` (0 when absent or unreadable)."""
+    for name, value in scope["headers"]:
+        if name == b"prefer":
+            for part in value.split(b","):
+                token, _, number = part.strip().partition(b"=")
+                if token.strip().lower() == b"wait":
+                    try:
+                        return max(0.0, min(float(number.strip(b' "')), 3600.0))
+                    except ValueError:
+                        return 0.0
+    return 0.0

@@ -312,6 +312,17 @@ class SlurmClient:
             partial(adapter.parse_update, job_id=job_id),
         )
 
+    async def shorten(self, job_id: int, minutes: int) -> None:
+        """Lowers a job's time limit to ``minutes`` (a deployment's scale-down:
+        every gateway replica sees it in the job)."""
+        adapter = await self.adapter()
+        await self._run(
+            "shorten",
+            adapter,
+            adapter.shorten_request(job_id, minutes),
+            partial(adapter.parse_update, job_id=job_id),
+        )
+
     async def update_comment(self, job_id: int, comment: str) -> None:
         adapter = await self.adapter()
         await self._run(

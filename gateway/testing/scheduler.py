@@ -157,6 +157,7 @@ class FakeScheduler:
             state=JobState.PENDING,
             partition=job.partition or "",
             submit_time=datetime.now(tz=UTC),
+            time_limit_minutes=job.time_limit_minutes,
             comment=job.comment or "",
             working_directory=job.working_directory,
             standard_output=(job.standard_output or "").replace("%j", str(job_id)),
@@ -172,6 +173,11 @@ class FakeScheduler:
     async def release(self, job_id: int) -> None:
         await self._call("release", job_id)
         self._job(job_id)
+
+    async def shorten(self, job_id: int, minutes: int) -> None:
+        await self._call("shorten", job_id, minutes)
+        job = self._job(job_id)
+        self._state.jobs[job_id] = msgspec.structs.replace(job, time_limit_minutes=minutes)
 
     async def cancel(self, job_id: int, signal: str | None = None) -> None:
         await self._call("cancel", job_id)

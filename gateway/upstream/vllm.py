@@ -33,6 +33,7 @@ from gateway.upstream.answers import (
 )
 from gateway.upstream.limits import Lease, Limits
 from gateway.upstream.pool import Pool, TransportFailure
+from gateway.upstream.vllm_metrics import METRICS_ANSWER, Load, parse
 
 Api = Literal["chat", "completions"]
 # The most a completion may take (max_tokens is the model's business).
@@ -130,6 +131,17 @@ class VllmClient:
             return msgspec.json.decode(answer.content, type=_Models).data
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             raise UpstreamError(502, "vLLM's /v1/models answer is not a model list") from None
+
+    async def load(self, endpoint: str, key: str | None = None) -> Load:
+        """What vLLM's ``/metrics`` says it is doing: requests running and waiting."""
+        answer = await self._request("GET", f"{endpoint}/metrics", key, limit=METRICS_ANSWER)
+        _raise_for_status(answer)
+        if answer.status >= 300:
+            raise UpstreamError(502, f"vLLM's /metrics answered HTTP {answer.status}")
+        try:
+            return parse(answer.content.decode("utf-8", errors="replace"))
+        except ValueError as exc:
+            raise UpstreamError(502, f"vLLM's /metrics answer is unusable: {exc}") from None
 
     async def forward(
         self,

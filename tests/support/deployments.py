@@ -119,31 +119,43 @@ class Fleet:
             what=f"{name}: {what}",
         )
 
-    def squeue(self) -> list[tuple[int, str, str]]:
-        """(job id, state, reason) of the gateway's jobs, as Slurm lists them."""
-        command = ["squeue", "-h", "-u", self.cluster.user, "-o", "%i %T %r"]
+    def squeue(self, recipe: str = "") -> list[tuple[int, str, str]]:
+        """(job id, state, reason) of the gateway's jobs, as Slurm lists them;
+        with ``recipe``, those of its jobs only (their name holds it)."""
+        command = ["squeue", "-h", "-u", self.cluster.user, "-o", "%i %T %j %r"]
         out = subprocess.run(
             ["chroot", self.cluster.chroot, *command],
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout  # fmt: skip
-        return [(int(i), s, r) for i, s, r in (line.split(" ", 2) for line in out.splitlines())]
+        rows = (line.split(" ", 3) for line in out.splitlines())
+        return [(int(i), s, r) for i, s, name, r in rows if recipe.replace("/", "-") in name]
+
+    async def jobs(self) -> set[int]:
+        """The job ids of every replica of the deployments, as the first gateway sees them."""
+        with contextlib.suppress(Exception):
+            answer = await self.clients[0].get("/api/v1/deployments", headers=ADMIN)
+            return {int(m["service_id"]) for d in answer.json() for m in d.get("members", [])}
+        return set()
 
     async def close(self) -> None:
-        """Stops what the deployments made (the file emptied, then scancel of the rest)."""
+        """Stops what the deployments made (the file emptied, then scancel of
+        the rest): theirs only, as other tests may share the cluster."""
+        ours = await self.jobs()
         self.declare("")
+
+        async def left() -> list[int]:
+            listed = await asyncio.to_thread(self.squeue)
+            return [job_id for job_id, _, _ in listed if job_id in ours]
+
         with contextlib.suppress(Exception):
-            await poll(
-                lambda: asyncio.to_thread(self.squeue),
-                lambda jobs: not jobs,
-                timeout=40,
-                interval=1,
-            )
+            await poll(left, lambda jobs: not jobs, timeout=40, interval=1)
+        ours |= await self.jobs()
         for client in self.clients:
             await client.aclose()
         await asyncio.gather(*(asyncio.to_thread(g.stop) for g in self.gateways))
-        left = [str(job_id) for job_id, _, _ in await asyncio.to_thread(self.squeue)]
-        if left:
-            scancel = ["chroot", self.cluster.chroot, "scancel", *left]
+        left_over = [str(job_id) for job_id in await left()]
+        if left_over:
+            scancel = ["chroot", self.cluster.chroot, "scancel", *left_over]
             await asyncio.to_thread(subprocess.run, scancel, check=False, timeout=30)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import cast
 
 import uvicorn
@@ -22,7 +23,6 @@ from gateway.app import create_app, served
 from gateway.core.errors import NotFound
 from gateway.core.principal import Principal
 from gateway.core.services import Service, ServiceManager
-from gateway.proxy.frontdoor import FrontDoor
 from gateway.proxy.prompts import Prompting
 from gateway.settings import load_settings
 from tests.support.services import router, service
@@ -48,7 +48,8 @@ def given(app: Litestar, services: list[Service]) -> None:
     async def swap(app: Litestar) -> None:
         provided = app.state.provided
         vllm = provided.vllm
-        provided.front_door = FrontDoor(router=router(*services), vllm=vllm)
+        # The app's front door (its settings) with these services.
+        provided.front_door = replace(provided.front_door, router=router(*services))
         provided.prompting = Prompting(
             services=cast(ServiceManager, RunningServices(*services)), vllm=vllm
         )

@@ -14,10 +14,18 @@ stopped ``drain`` seconds later, or ``margin`` seconds before its limit if
 that is sooner. A successor still queued leaves the older job serving to its
 end. A slot whose job failed gets a new one after a backoff that doubles with
 each failure in a row; submissions are bounded per minute whatever happens.
+
+How many slots are wanted is the file's ``replicas``, or for an elastic
+deployment the count autoscale.py decides. A slot over it leaves: its job's
+time limit is lowered first (a scale-down every replica sees in the job, and
+that Slurm enforces should no replica stop it), then it drains and stops. A
+slot is free again only once its job left this way; a job that failed or was
+cancelled by someone else is replaced.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -59,6 +67,11 @@ class Replica:
     # Start plus time limit, once it runs.
     ends: float | None = None
     ended: float | None = None
+    started: float | None = None
+    # Its time limit now.
+    minutes: int | None = None
+    # Scaled down: its limit was lowered to end it soon (``leaving``).
+    leaving: bool = False
 
     @property
     def alive(self) -> bool:
@@ -81,6 +94,7 @@ class Submit:
             after=self.after,
             attempt=self.attempt,
             why=self.why,
+            minutes=deployment.resources.time_limit_minutes,
         )
 
     def key(self, deployment: Deployment) -> str:
@@ -91,6 +105,15 @@ class Submit:
 @dataclass(frozen=True, slots=True)
 class Stop:
     job_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shorten:
+    """Lower a leaving job's limit to ``minutes``: the scale-down, on record."""
+
+    job_id: int
+    minutes: int
     reason: str
 
 
@@ -106,6 +129,7 @@ class Planned:
 @dataclass(slots=True)
 class Plan:
     submits: list[Submit] = field(default_factory=list)
+    shortens: list[Shorten] = field(default_factory=list)
     stops: list[Stop] = field(default_factory=list)
     # Jobs that take no new requests (their successor answers, or they are unneeded).
     draining: set[int] = field(default_factory=set)
@@ -129,15 +153,22 @@ def plan(
     marks: dict[int, float],
     lead: float,
     read_for: float = float("inf"),
+    want: int | None = None,
+    grow: str = "new",
 ) -> Plan:
     """``deployment`` None: it was removed from the file, its jobs leave.
     ``marks`` holds when this replica first saw a job become unneeded (it is
     updated here, and forgets the jobs that no longer are): the drain counts
     from then. ``lead`` is the successor lead time in seconds; ``read_for``
-    how long this replica has read the declaration as it is now."""
+    how long this replica has read the declaration as it is now. ``want``:
+    the slots wanted (default the declared count); ``grow`` is why slots
+    past the current count are filled ("scale", "demand")."""
     out = Plan()
     jobs = sorted(replicas, key=lambda r: r.job_id)
-    alive = [r for r in jobs if r.alive]
+    for job in jobs:
+        if job.alive and job.leaving:
+            _drain(out, job, now, timing, marks, "the deployment scaled down")
+    alive = [r for r in jobs if r.alive and not r.leaving]
     change_due = now + timing.grace - read_for
     if deployment is None:
         if alive and now < change_due:
@@ -147,18 +178,22 @@ def plan(
                 _drain(out, job, now, timing, marks, "the deployment was removed")
         _forget_marks(marks, jobs, out)
         return out
-    want = deployment.replicas
+    if want is None:
+        want = deployment.maximum
     slots: dict[int, list[Replica]] = {}
     for job in jobs:
         slots.setdefault(job.placement.slot, []).append(job)
+    now_size = size(jobs)
     for slot, held in slots.items():
-        if slot >= want and any(job.alive for job in held):
+        if slot >= want and any(job.alive and not job.leaving for job in held):
             if now < change_due:
                 out.waiting.append(Planned("stop", f"slot {slot} over replicas={want}", change_due))
                 continue
             for job in held:
-                if job.alive:
-                    _drain(out, job, now, timing, marks, f"slot {slot} is over replicas={want}")
+                if job.alive and not job.leaving:
+                    why = f"slot {slot} is over replicas={want}"
+                    _leave(out, job, now, timing, why)
+                    _drain(out, job, now, timing, marks, why)
     budget = timing.per_minute - _recent_submissions(jobs, now)
     # A rolling update takes one slot at a time, once every slot runs one job.
     settled = all(_settled(slots.get(slot, [])) for slot in range(want))
@@ -166,7 +201,8 @@ def plan(
     rolling = old[0] if settled and old and now >= change_due else None
     for slot in range(want):
         held = slots.get(slot, [])
-        submit = _slot(out, deployment, slot, held, now, timing, marks, lead, slot == rolling)
+        why = grow if slot >= now_size else "new"
+        submit = _slot(out, deployment, slot, held, now, timing, marks, lead, slot == rolling, why)
         if submit is None:
             continue
         if budget <= 0:
@@ -196,13 +232,16 @@ def _slot(
     marks: dict[int, float],
     lead: float,
     may_roll: bool,
+    grow: str = "new",
 ) -> Submit | None:
     latest = held[-1].job_id if held else 0
+    if not held or held[-1].leaving:
+        # Never used, or scaled down since (its job leaves on its own).
+        return Submit(slot, latest, 0, grow, f"slot {slot} has no replica")
+    held = [r for r in held if not r.leaving]
     live = [r for r in held if r.alive]
     if not live:
-        last = held[-1] if held else None
-        if last is None:
-            return Submit(slot, 0, 0, "new", f"slot {slot} has no replica")
+        last = held[-1]
         attempt = last.placement.attempt + 1 if last.status is ServiceStatus.FAILED else 0
         reason = f"slot {slot}: replica {last.job_id} ended {last.status.value} ({last.reason})"
         return _after_backoff(out, slot, last, attempt, "replace", reason, latest, now, timing)
@@ -286,6 +325,55 @@ def _drain(
         out.stops.append(Stop(job.job_id, f"{why}; drained"))
     else:
         out.waiting.append(Planned("stop", f"replica {job.job_id}: {why}; draining", at))
+
+
+def leaving(
+    submitted_minutes: int,
+    minutes: int | None,
+    *,
+    ended: bool,
+    ends: float | None,
+    now: float,
+    timing: Timing,
+) -> bool:
+    """Whether a job's limit was lowered by a scale-down (``_leave``): lower
+    than it was submitted with, and, while it lives, to end it within the
+    drain (a pending one: to a minute). A limit a site caps at submission, or
+    an admin lowers for maintenance, ends it later than that: the job serves
+    to its end, and is replaced before it, like any other."""
+    if not submitted_minutes or minutes is None or minutes >= submitted_minutes:
+        return False
+    if ended:
+        return True
+    if ends is None:
+        return minutes <= 1
+    return ends - now <= timing.drain + timing.margin + 120
+
+
+def _leave(out: Plan, job: Replica, now: float, timing: Timing, why: str) -> None:
+    """Its limit lowered to its drain and margin from now (whole minutes);
+    one in its limit's last minutes loses a minute all the same, so that the
+    scale-down is on record for every replica."""
+    if job.started is None:
+        minutes = 1
+    else:
+        elapsed = now - job.started
+        minutes = max(1, math.ceil((elapsed + timing.drain + timing.margin) / 60))
+        if job.minutes is not None and minutes >= job.minutes:
+            minutes = job.minutes - 1
+            if minutes * 60 <= elapsed:
+                return  # Slurm ends it within the minute anyway
+    if job.minutes is None or minutes < job.minutes:
+        out.shortens.append(Shorten(job.job_id, minutes, why))
+
+
+def size(jobs: list[Replica]) -> int:
+    """The count a deployment runs now: one past the highest slot held by a
+    job that has not left (an ended one too: it is to be replaced)."""
+    last: dict[int, Replica] = {}
+    for job in sorted(jobs, key=lambda r: r.job_id):
+        last[job.placement.slot] = job
+    return max((slot for slot, job in last.items() if not job.leaving), default=-1) + 1
 
 
 def _forget_marks(marks: dict[int, float], jobs: list[Replica], out: Plan) -> None:

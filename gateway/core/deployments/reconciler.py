@@ -23,7 +23,16 @@ import structlog
 from gateway import metrics
 from gateway.core import metadata
 from gateway.core.deployments import view as views
-from gateway.core.deployments.plan import Plan, Replica, Submit, Timing, lead_time, plan
+from gateway.core.deployments.elastic import Elastic, LoadReader
+from gateway.core.deployments.plan import (
+    Plan,
+    Replica,
+    Submit,
+    Timing,
+    lead_time,
+    leaving,
+    plan,
+)
 from gateway.core.deployments.spec import Declared, Deployment, DeploymentsFile
 from gateway.core.errors import GatewayError, NotFound
 from gateway.core.model import Service
@@ -50,6 +59,7 @@ class Reconciler:
         timing: Timing | None = None,
         interval: float = 2.0,
         clock: Callable[[], float] = time.time,
+        read_load: LoadReader | None = None,
     ) -> None:
         self.services = services
         self.file = declared
@@ -57,6 +67,8 @@ class Reconciler:
         self.timing = timing or Timing()
         self.interval = interval
         self.clock = clock
+        self.elastic = Elastic(read_load, clock, self._note, self.timing.grace)
+        self._wanted: dict[str, int | None] = {}
         # When this replica first saw a job unneeded (its drain counts from then).
         self._marks: dict[int, float] = {}
         # When it first saw a job answer: the deployment's start-up time.
@@ -71,6 +83,8 @@ class Reconciler:
         self.statuses: dict[str, views.DeploymentStatus] = {}
         self._round = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
+        self.elastic.declared = lambda: self.file.declared if self.file is not None else None
+        self.elastic.startup = self._startup.get
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -93,7 +107,7 @@ class Reconciler:
                 log.warning("deployments_round_failed", error=str(exc)[:300])
             except Exception:  # never let the loop die
                 log.exception("deployments_round_failed")
-            await asyncio.sleep(self.interval)
+            await self.elastic.pause(self.interval)
 
     # -- reads ------------------------------------------------------------------
 
@@ -140,6 +154,8 @@ class Reconciler:
                     name, declared, None, built, Plan(), blocked or error, now
                 )
                 continue
+            want, grow = await self.elastic.want(deployment, built, now)
+            self._wanted[name] = want
             done = plan(
                 deployment,
                 replicas,
@@ -148,6 +164,8 @@ class Reconciler:
                 marks=self._marks,
                 lead=self._lead(name, deployment),
                 read_for=self._read_for(name, deployment, now),
+                want=want,
+                grow=grow,
             )
             draining |= done.draining
             statuses[name] = self._status(name, declared, deployment, built, done, error, now)
@@ -157,6 +175,7 @@ class Reconciler:
         self._gauge(statuses)
         self._round.set()
         self._forget(jobs)
+        self.elastic.forget(set(declared.deployments), {job.job_id for job in jobs})
         await asyncio.gather(*work)
 
     def _groups(self, jobs: list[JobInfo]) -> dict[str, Jobs]:
@@ -176,7 +195,8 @@ class Reconciler:
             if isinstance(service, BaseException):
                 continue  # logged by the listing of services already
             assert meta.placement is not None
-            out.append((_replica(job, meta.placement, service), service))
+            replica = _replica(job, meta.placement, service, self.clock(), self.timing)
+            out.append((replica, service))
         return sorted(out, key=lambda pair: pair[0].job_id)
 
     def _observe(self, name: str, built: list[tuple[Replica, Service]], now: float) -> None:
@@ -199,7 +219,9 @@ class Reconciler:
     def _read_for(self, name: str, deployment: Deployment | None, now: float) -> float:
         """How long this replica has read the deployment as it is declared now
         (a removal, another count, another generation is a new reading)."""
-        reading = (deployment.generation, deployment.replicas) if deployment else None
+        reading = (
+            (deployment.generation, deployment.minimum, deployment.maximum) if deployment else None
+        )
         known = self._readings.get(name)
         if known is None or known[0] != reading:
             self._readings[name] = (reading, now)
@@ -237,6 +259,10 @@ class Reconciler:
         try:
             # Stops are due whatever the submissions' trouble: a job past its
             # drain would be killed by Slurm mid-request.
+            principal = self._reconciler_principal()
+            for shorten in done.shortens:
+                await self.services.shorten(str(shorten.job_id), shorten.minutes, principal)
+                self._note(name, "leave", str(shorten.job_id), shorten.reason)
             for stop in done.stops:
                 await self.services.stop(str(stop.job_id), self._reconciler_principal())
                 self._note(name, "stop", str(stop.job_id), stop.reason)
@@ -304,10 +330,15 @@ class Reconciler:
             error=error,
             errors=self._errors.get(name, []),
             now=now,
+            want=self._wanted.get(name) if deployment is not None else None,
+            scaling=self.elastic.status(deployment),
+            loads=self.elastic.loads,
         )
 
     def _gauge(self, statuses: dict[str, views.DeploymentStatus]) -> None:
         for name, status in statuses.items():
+            if status.scaling is not None and status.scaling.load_per_replica is not None:
+                metrics.series(metrics.DEPLOYMENT_LOAD, name).set(status.scaling.load_per_replica)
             counts = status.replicas
             for state, value in (
                 ("wanted", counts.wanted),
@@ -325,17 +356,30 @@ class Reconciler:
             self._starting &= current
 
 
-def _replica(job: JobInfo, placement: metadata.Placement, service: Service) -> Replica:
+def _replica(
+    job: JobInfo, placement: metadata.Placement, service: Service, now: float, timing: Timing
+) -> Replica:
     ends = None
     # A pending job's start_time is Slurm's guess: the limit counts once it runs.
     if job.start_time is not None and job.time_limit_minutes and job.state is JobState.RUNNING:
         ends = job.start_time.timestamp() + 60 * job.time_limit_minutes
+    started = job.start_time.timestamp() if job.start_time and ends is not None else None
     return Replica(
         job_id=job.job_id,
         placement=placement,
         status=service.status,
         reason=service.status_reason,
         submitted=job.submit_time.timestamp() if job.submit_time else None,
+        started=started,
+        minutes=job.time_limit_minutes,
+        leaving=leaving(
+            placement.minutes,
+            job.time_limit_minutes,
+            ended=job.state.is_terminal,
+            ends=ends,
+            now=now,
+            timing=timing,
+        ),
         ends=ends,
         ended=job.end_time.timestamp() if job.end_time and job.state.is_terminal else None,
     )

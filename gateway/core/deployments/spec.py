@@ -13,6 +13,13 @@ replica's comment names its deployment, generation and slot). ::
     [deployments.qwen.config.resources]
     time_limit = 120
 
+Instead of a fixed ``replicas``, ``min_replicas`` and ``max_replicas`` bound
+a count the gateway sets from the load the replicas report (autoscale.py):
+``target_load`` requests (running and waiting) per replica, more after
+``scale_up_seconds`` above it, fewer after ``scale_down_seconds`` below, none
+after ``idle_seconds`` without a request when ``min_replicas = 0``; the
+first request then starts one again.
+
 A file that does not parse keeps the previous version in force (at start-up
 it stops the gateway); a deployment that does not check out keeps its
 previous version too, and says why in its status. Either is logged once per
@@ -34,7 +41,7 @@ import structlog
 
 from gateway.core.errors import GatewayError
 from gateway.core.filewatch import FileWatch
-from gateway.core.model import CreateRequest
+from gateway.core.model import CreateRequest, model_names
 from gateway.core.principal import SLURM_USER, TENANT
 from gateway.core.recipes import Recipe, RecipeCatalog, resolve_resources
 from gateway.core.resources import Resources
@@ -58,7 +65,17 @@ class DeploymentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     recipe_name: str
     config: ConfigSpec = ConfigSpec()
-    replicas: Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)] = 1
+    # A fixed count; or the bounds of one set by the load (not both).
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)] | None = None
+    min_replicas: Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)] | None = None
+    max_replicas: Annotated[int, msgspec.Meta(ge=1, le=MAX_REPLICAS)] | None = None
+    # Requests running and waiting per replica that the count aims at.
+    target_load: Annotated[float, msgspec.Meta(gt=0, le=100000)] = 8.0
+    scale_up_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
+    scale_down_seconds: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
+    idle_seconds: Annotated[float, msgspec.Meta(ge=10, le=604800)] = 900.0
+    # The longest a request for it at zero replicas may wait (``Prefer: wait``).
+    max_wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 300.0
     # Who owns it (its quota, its Slurm user); None: every tenant may use it.
     tenant: str | None = None
     # The Slurm user its jobs run as; default: the tenant's only one.
@@ -79,14 +96,36 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     generation: str
     # Where it is declared, for messages: "deployments.toml:12".
     where: str
+    # The model its servers load, and the name /v1 requests use for it.
+    loaded: str | None = None
+    served: str | None = None
 
     @property
     def shared(self) -> bool:
         return self.spec.tenant is None
 
     @property
+    def minimum(self) -> int:
+        spec = self.spec
+        if spec.replicas is not None:
+            return spec.replicas
+        return spec.min_replicas if spec.min_replicas is not None else 1
+
+    @property
+    def maximum(self) -> int:
+        spec = self.spec
+        if spec.replicas is not None:
+            return spec.replicas
+        return spec.max_replicas if spec.max_replicas is not None else max(self.minimum, 1)
+
+    @property
+    def elastic(self) -> bool:
+        return self.maximum > self.minimum
+
+    @property
     def replicas(self) -> int:
-        return self.spec.replicas
+        """The most it may run (its quota is checked against this)."""
+        return self.maximum
 
     def request(self) -> CreateRequest:
         return CreateRequest(
@@ -178,7 +217,9 @@ def check(name: str, table: Any, recipes: RecipeCatalog, where: str) -> Deployme
     extra = sorted(set(spec.config.resources) - set(_RESOURCES))
     if extra:
         raise _Invalid(f"config.resources.{extra[0]}", f"not a resource ({', '.join(_RESOURCES)})")
+    _bounds(spec)
     environment = _environment(recipe, spec)
+    names = model_names(recipe.spec.service, environment)
     resources = resolve_resources(
         recipe.spec.resources, spec.config.resources, field="config.resources"
     )
@@ -189,7 +230,26 @@ def check(name: str, table: Any, recipes: RecipeCatalog, where: str) -> Deployme
         resources=resources,
         generation=generation(recipe.name, environment, resources, spec.tenant),
         where=where,
+        loaded=names.model,
+        served=names.served or None,
     )
+
+
+def _bounds(spec: DeploymentSpec) -> None:
+    bounded = spec.min_replicas is not None or spec.max_replicas is not None
+    if spec.replicas is not None and bounded:
+        raise _Invalid("replicas", "give either replicas or min_replicas and max_replicas")
+    low, high = spec.min_replicas, spec.max_replicas
+    if low is not None and high is not None and low > high:
+        raise _Invalid("min_replicas", f"{low} is over max_replicas ({high})")
+    if low is not None and high is None and low > 1:
+        raise _Invalid("max_replicas", f"required with min_replicas = {low}")
+    if spec.scale_down_seconds < spec.scale_up_seconds:
+        raise _Invalid(
+            "scale_down_seconds",
+            f"{spec.scale_down_seconds:g} is under scale_up_seconds "
+            f"({spec.scale_up_seconds:g}): the count would flap",
+        )
 
 
 def generation(

@@ -42,8 +42,28 @@ class Member(msgspec.Struct, frozen=True, kw_only=True):
     time_left_seconds: int | None
     # It takes no new requests: its successor answers, or it is no longer needed.
     draining: bool
-    # Why it was submitted: new, replace, walltime or roll.
+    # Why it was submitted: new, replace, walltime, roll, scale or demand.
     submitted_for: str
+    submitted_at: datetime | None = None
+    # Requests running and waiting at its server, as last read (elastic only).
+    load: float | None = None
+    # Scaled down: it drains and stops.
+    leaving: bool = False
+
+
+class Scaling(msgspec.Struct, frozen=True, kw_only=True):
+    """An elastic deployment's bounds, its load and this replica's decisions."""
+
+    min_replicas: int
+    max_replicas: int
+    target_load: float
+    # Mean of the running replicas that reported (None: none did yet).
+    load_per_replica: float | None
+    reason: str
+    idle_seconds: float | None
+    # This gateway replica's decisions, newest last (each replica makes its own,
+    # from the same numbers).
+    decisions: list[Action]
 
 
 class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +83,9 @@ class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
     recent_actions: list[Action]
     # Why the declared version is not in force (file and line, field, reason).
     error: str | None = None
+    scaling: Scaling | None = None
+    # The name /v1 requests use for it.
+    model: str | None = None
 
 
 def status(
@@ -77,12 +100,16 @@ def status(
     error: str | None,
     errors: list[Action],
     now: float,
+    want: int | None = None,
+    scaling: Scaling | None = None,
+    loads: dict[int, float] | None = None,
 ) -> DeploymentStatus:
     shown = in_force or declared
     live = [(r, s) for r, s in built if r.alive]
     generation = shown.generation if shown else None
+    wanted = want if want is not None else shown.replicas if shown else 0
     counts = Counts(
-        wanted=shown.replicas if shown and in_force else 0,
+        wanted=wanted if shown and in_force else 0,
         running=sum(1 for r, _ in live if r.status is ServiceStatus.RUNNING),
         starting=sum(
             1 for r, _ in live if r.status in (ServiceStatus.BUILDING, ServiceStatus.STARTING)
@@ -103,7 +130,7 @@ def status(
         shared=shown.shared if shown else False,
         generation=generation,
         replicas=counts,
-        members=[_member(r, s, done, now) for r, s in live],
+        members=[_member(r, s, done, now, loads or {}) for r, s in live],
         next_action=Action(
             at=utc(planned.at) if planned.at is not None else None,
             action=planned.action,
@@ -113,6 +140,8 @@ def status(
         else None,
         recent_actions=_recent(built, errors),
         error=error,
+        scaling=scaling,
+        model=shown.served if shown else None,
     )
 
 
@@ -136,7 +165,10 @@ def _state(
     old = [r for r, _ in live if r.placement.generation != in_force.generation]
     if old:
         return "progressing", f"rolling update to generation {in_force.generation}"
-    if counts.running >= counts.wanted and len(live) == counts.wanted:
+    staying = [r for r, _ in live if not r.leaving]
+    if counts.wanted == 0 and not staying:
+        return "ready", "scaled to zero: the next request starts a replica"
+    if counts.running >= counts.wanted and len(staying) == counts.wanted:
         return "ready", f"{counts.running} of {counts.wanted} replicas answer"
     pending = [s for r, s in live if r.status is ServiceStatus.PENDING]
     if pending and counts.running < counts.wanted:
@@ -144,7 +176,9 @@ def _state(
     return "progressing", f"{counts.running} of {counts.wanted} replicas answer"
 
 
-def _member(replica: Replica, service: Service, done: Plan, now: float) -> Member:
+def _member(
+    replica: Replica, service: Service, done: Plan, now: float, loads: dict[int, float]
+) -> Member:
     left = int(replica.ends - now) if replica.ends is not None else None
     return Member(
         service_id=service.id,
@@ -157,6 +191,9 @@ def _member(replica: Replica, service: Service, done: Plan, now: float) -> Membe
         time_left_seconds=max(0, left) if left is not None else None,
         draining=replica.job_id in done.draining,
         submitted_for=replica.placement.why,
+        submitted_at=utc(replica.submitted) if replica.submitted else None,
+        load=loads.get(replica.job_id),
+        leaving=replica.leaving,
     )
 
 

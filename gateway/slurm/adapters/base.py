@@ -175,6 +175,14 @@ class Adapter(abc.ABC):
     def begin_value(self, begin: int) -> Any:
         return begin
 
+    def shorten_request(self, job_id: int, minutes: int) -> Request:
+        """A lower time limit (any user may lower their own job's)."""
+        body = {"time_limit": self.limit_value(minutes)}
+        return Request(method="POST", path=self.path(f"job/{job_id}"), body=body)
+
+    def limit_value(self, minutes: int) -> Any:
+        return minutes
+
     def submit_request(self, job: JobSubmission) -> Request:
         return Request(method="POST", path=self.path("job/submit"), body=self.submit_body(job))
 

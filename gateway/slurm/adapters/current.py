@@ -242,6 +242,9 @@ class CurrentAdapter(Adapter):
     def begin_value(self, begin: int) -> Any:
         return self.integer(begin)
 
+    def limit_value(self, minutes: int) -> Any:
+        return self.integer(minutes)
+
     def integer(self, value: int) -> Any:
         return {"set": True, "infinite": False, "number": value}
 

@@ -84,6 +84,9 @@ class V0038(V0039):
     def begin_value(self, begin: int) -> Any:
         return f"uts{begin}"
 
+    def limit_value(self, minutes: int) -> Any:
+        return minutes
+
     def parse_jobs(self, status: int, content: bytes) -> JobList:
         if status == 304:
             return JobList(jobs=(), last_update=None, unchanged=True)

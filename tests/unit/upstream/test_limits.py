@@ -61,7 +61,10 @@ async def test_a_service_that_never_finishes_an_answer_cannot_keep_others_waitin
     # Long enough for the pool to fill before the first requests end (10 s was
     # not, once, in a full run: the stub had read 784 of the 1,024 it was sent).
     deadline = 20.0
-    settings = settings_with(tmp_path, vllm_timeout=str(deadline))
+    # This loop is the clients' too: on a busy machine their 4,100 requests hold
+    # it past the default 3 s connect timeout, which would end connections the
+    # kernel made at once (the shares are the subject here, not that timeout).
+    settings = settings_with(tmp_path, vllm_timeout=str(deadline), vllm_connect_timeout="15")
     attack = 4096 + 4
     async with (
         hanging(trickle=0.5) as (bad, release),
