@@ -15,7 +15,7 @@ run: venv cluster vllm-runtime
 	$(PY) -m gateway
 
 test: lint node browser image cluster vllm-runtime
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra --durations=25 tests
 
 # The Swagger UI files too (seconds once, then a no-op): venv.sh runs only
 # when its inputs change, and a clone may lack them.

@@ -4,7 +4,10 @@ The scenarios wait on Slurm's time limits, so they run at once, one cluster
 each: rollovers under load through two gateway processes (22.05) and three
 (24.11); and, on 26.05, one gateway through a replica cancelled behind its
 back, a rolling update, a broken generation, a recipe that always fails, a
-restart of the gateway and a bad edit of the file.
+restart of the gateway and a bad edit of the file. Beside them, under secrets
+of their own: an elastic deployment's load ramp (24.11), a burst of first
+requests at zero and services that stop themselves when idle (26.05):
+tests/support/elastic.py and idle_stop.py.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from gateway.testing.clusters import LocalCluster
-from tests.support.clusters import CLUSTERS, NO_CLUSTERS, VLLM_CLUSTERS, named
+from tests.support import elastic
+from tests.support.clusters import CLUSTERS, NO_CLUSTERS, TIMINGS, VLLM_CLUSTERS, named
 from tests.support.deployments import ADMIN, STUB, Fleet, Load, stub_deployment, table
+from tests.support.idle_stop import idle_stop
 
 pytestmark = pytest.mark.skipif(not CLUSTERS, reason=NO_CLUSTERS)
 
@@ -246,7 +251,15 @@ async def test_deployments_keep_serving(tmp_path: Path) -> None:
         for cluster, gateways in zip(named("c2205", "c2411"), (2, 3), strict=False)
     ]
     scenarios += [_operations(cluster, tmp_path) for cluster in named("c2605")]
+    # Elastic deployments and idle stops wait on their windows too: beside these.
+    scenarios += [elastic.ramp(cluster, tmp_path) for cluster in named("c2411")]
+    scenarios += [elastic.burst(cluster, tmp_path) for cluster in named("c2605")]
+    scenarios += [idle_stop(cluster) for cluster in named("c2605")]
     results = await asyncio.gather(*scenarios, return_exceptions=True)
+    for line in results:
+        if isinstance(line, str):
+            print(line)
+            TIMINGS.append(line)
     errors = [
         f"{type(r).__name__}: {str(r)[:1500]}" for r in results if isinstance(r, BaseException)
     ]

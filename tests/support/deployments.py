@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from gateway.core.metadata import MetaCodec
 from gateway.testing.clusters import LocalCluster
 from tests.support.gateway_process import ROOT, GatewayProcess
 from tests.support.polling import poll
@@ -62,9 +63,24 @@ def table(
 class Fleet:
     """``count`` gateway processes on ``cluster`` reading one deployments file."""
 
-    def __init__(self, cluster: LocalCluster, folder: Path, count: int = 1, **env: str) -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        folder: Path,
+        count: int = 1,
+        *,
+        secret: str | None = None,
+        **env: str,
+    ) -> None:
+        """``secret``: the gateways' own (GATEWAY_SECRET): they see, and
+        manage, the jobs made under it only; their names carry its tag."""
         self.cluster = cluster
+        folder.mkdir(parents=True, exist_ok=True)
         self.file = folder / f"deployments-{cluster.name}.toml"
+        self.tag = ""
+        if secret is not None:
+            env = {**env, "GATEWAY_SECRET": secret}
+            self.tag = MetaCodec(secret.encode()).job_tag
         self.file.write_text("")
         self.env = {
             "GATEWAY_AUTH_FILE": str(ROOT / "deploy" / "local" / "tenants.toml"),
@@ -128,7 +144,8 @@ class Fleet:
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout  # fmt: skip
         rows = (line.split(" ", 3) for line in out.splitlines())
-        return [(int(i), s, r) for i, s, name, r in rows if recipe.replace("/", "-") in name]
+        needle = recipe.replace("/", "-") + (f"-{self.tag}" if self.tag else "")
+        return [(int(i), s, r) for i, s, name, r in rows if needle in name]
 
     async def jobs(self) -> set[int]:
         """The job ids of every replica of the deployments, as the first gateway sees them."""

@@ -39,7 +39,14 @@ vllm:request_success_created{{engine="0",finished_reason="stop",model_name="stub
 vllm:num_requests_running_total_not_this 5.0
 """
 
-JOB_BODY = """set -uo pipefail  # as the vLLM recipe runs
+# The metrics here are the test's own server, not the job's: the check that
+# every listener on the port is the server's (before the key is sent) is
+# passed over, except where OWN_LISTENER_CHECK is set.
+PASS_OVER = """[ -n "${OWN_LISTENER_CHECK:-}" ] || gw_own_listener() { return 0; }
+"""
+JOB_BODY = (
+    PASS_OVER
+    + """set -uo pipefail  # as the vLLM recipe runs
 gw_phase starting "fake server"
 gw_start sleep 300
 echo "$GW_SERVER" > "$BOX/server"
@@ -48,9 +55,12 @@ echo "$GW_IDLE_WATCHER" > "$BOX/watcher"
 wait "$GW_SERVER"
 echo "the recipe went on after wait: $?"
 """
+)
 # As recipes/inference/vllm publishes: GW_ENDPOINT set, then phase running,
 # with an EXIT trap of its own (which calls gw_stop_server).
-VLLM_BODY = """set -uo pipefail
+VLLM_BODY = (
+    PASS_OVER
+    + """set -uo pipefail
 trap 'gw_stop_server; echo "own exit trap" >&2' EXIT
 gw_phase starting "launching"
 gw_start sleep 300
@@ -61,6 +71,7 @@ echo "$GW_IDLE_WATCHER" > "$BOX/watcher"
 wait "$GW_SERVER"
 echo "the recipe went on after wait: $?"
 """
+)
 
 
 class Metrics:
@@ -122,7 +133,7 @@ def box() -> Iterator[Path]:
 
 
 def start_job(
-    box: Path, port: int, *, key: str = KEY, body: str = JOB_BODY
+    box: Path, port: int, *, key: str = KEY, body: str = JOB_BODY, **env: str
 ) -> subprocess.Popen[str]:
     """The preamble and JOB_BODY, as bash runs a batch script, idle stop asked."""
     recipe = RecipeCatalog.load([ROOT / "tests" / "recipes"]).get("testing/openai-stub")
@@ -148,6 +159,7 @@ def start_job(
             jobscript.KEY_VARIABLE: key,
             jobscript.IDLE_VARIABLE: str(LIMIT),
             "GW_IDLE_POLL_SECONDS": "0.5",
+            **env,
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -243,3 +255,18 @@ def test_a_server_with_requests_or_unreadable_metrics_is_not_stopped(
     assert gone(watcher), "the watcher outlived the job"
     # A refused poll is said once, however often it fails.
     assert err.count("idle stop: cannot read") == (1 if key != KEY else 0), err
+
+
+def test_the_key_goes_to_no_listener_but_the_servers_own(box: Path) -> None:
+    """Another process holds the port (here: the test's): the watcher never
+    asks it, so it never gets the service's key, and the service runs on."""
+    with Metrics(lambda: PAGE.format(running="0.0", done="7.0", now=time.time())) as metrics:
+        job = start_job(box, metrics.port, OWN_LISTENER_CHECK="1")
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                job.wait(timeout=2 * LIMIT)
+            assert metrics.asked == 0
+            assert not any("phase=completed" in line for line in published(box))
+        finally:
+            job.terminate()
+            job.communicate(timeout=30)
