@@ -73,6 +73,8 @@ async def _rollovers(cluster: LocalCluster, folder: Path, gateways: int, vllm: b
             if vllm:
                 served = await fleet.deployment("vllm")
                 if _settled(served) and not loads[1].running:
+                    # Once every gateway process sees it answer (each has its own view).
+                    await fleet.everywhere("vllm", "answers", _ready(1), timeout=30)
                     loads[1].start()
                 vllm_seen |= {m["service_id"] for m in served.get("members", [])}
                 done = done and len(vllm_seen) >= 2 and _settled(served)

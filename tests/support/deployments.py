@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -72,15 +73,15 @@ class Fleet:
         secret: str | None = None,
         **env: str,
     ) -> None:
-        """``secret``: the gateways' own (GATEWAY_SECRET): they see, and
-        manage, the jobs made under it only; their names carry its tag."""
+        """``secret``: the gateways' own (GATEWAY_SECRET; by default one of the
+        fleet's): they see, and manage, the jobs made under it only, and their
+        names carry its tag, so that fleets on one cluster leave each other be."""
         self.cluster = cluster
         folder.mkdir(parents=True, exist_ok=True)
         self.file = folder / f"deployments-{cluster.name}.toml"
-        self.tag = ""
-        if secret is not None:
-            env = {**env, "GATEWAY_SECRET": secret}
-            self.tag = MetaCodec(secret.encode()).job_tag
+        secret = secret or f"fleet-{os.urandom(12).hex()}"
+        env = {**env, "GATEWAY_SECRET": secret}
+        self.tag = MetaCodec(secret.encode()).job_tag
         self.file.write_text("")
         self.env = {
             "GATEWAY_AUTH_FILE": str(ROOT / "deploy" / "local" / "tenants.toml"),
@@ -144,7 +145,7 @@ class Fleet:
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout  # fmt: skip
         rows = (line.split(" ", 3) for line in out.splitlines())
-        needle = recipe.replace("/", "-") + (f"-{self.tag}" if self.tag else "")
+        needle = f"{recipe.replace('/', '-')}-{self.tag}"
         return [(int(i), s, r) for i, s, name, r in rows if needle in name]
 
     async def jobs(self) -> set[int]:

@@ -93,7 +93,7 @@ class Ramp:
 async def ramp(cluster: LocalCluster, folder: Path) -> str:
     """0 -> 1 -> 3 -> 1 -> 0 replicas through two gateway processes."""
     model, name = f"ramp-{cluster.name}", unique("ramp")
-    fleet = Fleet(cluster, folder / name, 2, secret=f"elastic-{name}-{os.urandom(8).hex()}")
+    fleet = Fleet(cluster, folder / name, 2)
     await fleet.start()
     ramp = Ramp(fleet, model)
     rows: list[str] = []
@@ -151,7 +151,7 @@ async def ramp(cluster: LocalCluster, folder: Path) -> str:
 async def burst(cluster: LocalCluster, folder: Path) -> str:
     """200 first requests at once to a deployment at zero: one job."""
     model, name = f"burst-{cluster.name}", unique("burst")
-    fleet = Fleet(cluster, folder / name, 1, secret=f"elastic-{name}-{os.urandom(8).hex()}")
+    fleet = Fleet(cluster, folder / name, 1)
     await fleet.start()
     try:
         fleet.declare(elastic(name, STUB, model, low=0, high=2, idle_seconds=600))
