@@ -74,11 +74,11 @@ class MemberResponse(msgspec.Struct, kw_only=True):
     submitted_for: Annotated[
         str, Meta(description="new, replace, walltime, roll, scale or demand", examples=["scale"])
     ]
-    submitted_at: datetime | None = None
+    submitted_at: datetime | None
     load: Annotated[
         float | None,
         Meta(description="requests running and waiting at its server, as last read"),
-    ] = None
+    ]
     leaving: Annotated[
         bool, Meta(description="scaled down: its time limit was lowered; it drains and stops")
     ] = False
@@ -126,10 +126,10 @@ class DeploymentResponse(msgspec.Struct, kw_only=True):
     scaling: Annotated[
         ScalingResponse | None,
         Meta(description="with min_replicas and max_replicas: the load and the decisions"),
-    ] = None
+    ]
     model: Annotated[
         str | None, Meta(description="the name /v1 requests use for it (its served model)")
-    ] = None
+    ]
 
     @classmethod
     def of(cls, status: DeploymentStatus) -> DeploymentResponse:

@@ -108,7 +108,7 @@ class ServiceResponse(msgspec.Struct, kw_only=True):
     idle_stop_minutes: Annotated[
         int | None,
         Meta(description="it stops itself after this many minutes without a request (null: never)"),
-    ] = None
+    ]
     slurm_state: str
     slurm_reason: str
 
