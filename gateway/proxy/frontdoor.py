@@ -369,8 +369,12 @@ async def _relay(
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
     model, stream = head.model, len(head.stream) == 4 and bytes(head.stream) == b"true"
-    tenant = tenant_of(scope["user"])
-    key = prefix_key(head.messages or head.prompt, tenant) if door.prefix_affinity else None
+    shared_start = head.messages or head.prompt
+    key = (
+        prefix_key(shared_start, tenant_of(scope["user"]))
+        if door.prefix_affinity and shared_start
+        else None
+    )
     del head  # its Raws hold the body
     if not model:
         raise BadRequest("model: required; GET /v1/models lists them", param="model")

@@ -68,7 +68,6 @@ class Reconciler:
         self.interval = interval
         self.clock = clock
         self.elastic = Elastic(read_load, clock, self._note, self.timing.grace)
-        self._wanted: dict[str, int | None] = {}
         # When this replica first saw a job unneeded (its drain counts from then).
         self._marks: dict[int, float] = {}
         # When it first saw a job answer: the deployment's start-up time.
@@ -141,7 +140,7 @@ class Reconciler:
         statuses: dict[str, views.DeploymentStatus] = {}
         for name in sorted(declared.names | groups.keys()):
             deployment = declared.deployments.get(name)
-            built = await self._build(groups.get(name, []))
+            built = await self._build(groups.get(name, []), now)
             replicas = [replica for replica, _ in built]
             if name not in declared.names and not any(r.alive for r in replicas):
                 continue  # removed, and gone: Slurm only remembers its jobs a while
@@ -155,7 +154,6 @@ class Reconciler:
                 )
                 continue
             want, grow = await self.elastic.want(deployment, built, now)
-            self._wanted[name] = want
             done = plan(
                 deployment,
                 replicas,
@@ -168,7 +166,7 @@ class Reconciler:
                 grow=grow,
             )
             draining |= done.draining
-            statuses[name] = self._status(name, declared, deployment, built, done, error, now)
+            statuses[name] = self._status(name, declared, deployment, built, done, error, now, want)
             work.append(self._act(name, deployment, done, now))
         self.services.draining = frozenset(draining)
         self.statuses = statuses
@@ -185,7 +183,7 @@ class Reconciler:
                 groups.setdefault(meta.placement.deployment, []).append((job, meta, reported))
         return groups
 
-    async def _build(self, jobs: Jobs) -> list[tuple[Replica, Service]]:
+    async def _build(self, jobs: Jobs, now: float) -> list[tuple[Replica, Service]]:
         built = await asyncio.gather(
             *(self.services.builder.service(job, meta, reported) for job, meta, reported in jobs),
             return_exceptions=True,
@@ -195,7 +193,7 @@ class Reconciler:
             if isinstance(service, BaseException):
                 continue  # logged by the listing of services already
             assert meta.placement is not None
-            replica = _replica(job, meta.placement, service, self.clock(), self.timing)
+            replica = _replica(job, meta.placement, service, now, self.timing)
             out.append((replica, service))
         return sorted(out, key=lambda pair: pair[0].job_id)
 
@@ -264,7 +262,7 @@ class Reconciler:
                 await self.services.shorten(str(shorten.job_id), shorten.minutes, principal)
                 self._note(name, "leave", str(shorten.job_id), shorten.reason)
             for stop in done.stops:
-                await self.services.stop(str(stop.job_id), self._reconciler_principal())
+                await self.services.stop(str(stop.job_id), principal)
                 self._note(name, "stop", str(stop.job_id), stop.reason)
             if retry is not None and now < retry[0]:
                 return
@@ -318,7 +316,9 @@ class Reconciler:
         done: Plan,
         error: str | None,
         now: float,
+        want: int | None = None,
     ) -> views.DeploymentStatus:
+        """``want``: the count this round wants (None: as declared)."""
         return views.status(
             name,
             listed=name in declared.names,
@@ -330,7 +330,7 @@ class Reconciler:
             error=error,
             errors=self._errors.get(name, []),
             now=now,
-            want=self._wanted.get(name) if deployment is not None else None,
+            want=want,
             scaling=self.elastic.status(deployment),
             loads=self.elastic.loads,
         )
