@@ -8,12 +8,14 @@ Differs from v0.0.40:
 * that one string is the flag alone while one is set, and a job that has
   ended but whose processes are still being cleaned up is just
   ``"COMPLETING"`` (v0.0.40+ send ``["CANCELLED", "COMPLETING"]``). Such a
-  job is terminal: it has its end time and exit code, and we derive its base
-  state from the exit code and keep ``COMPLETING`` in ``state_flags``: return
-  code 0 and no signal is COMPLETED, SIGKILL (9) or SIGTERM (15) is
-  CANCELLED (TIMEOUT when it ran for its whole time limit), anything else
-  FAILED. (A requeue can be COMPLETING too; the one word cannot tell, and the
-  flag tells callers to look again once it clears.)
+  job is terminal, and we derive its base state and keep ``COMPLETING`` in
+  ``state_flags``: the reason ``TimeLimit`` or a run of its whole time limit
+  is TIMEOUT (its exit code still reads 0 then); otherwise return code 0 is
+  COMPLETED, SIGKILL or SIGTERM (9, 15, or 137, 143 from a shell) CANCELLED,
+  anything else FAILED. A cancel also reads 0 until its script's code
+  arrives (during the epilog, seen on 22.05): that short window says
+  COMPLETED, and the flag tells callers to look again once it clears, as a
+  stop does. (A requeue can be COMPLETING too; the one word cannot tell.)
 * submit: ``script`` is top level (``job.script`` is ignored when both exist);
   ``environment`` is the ``["K=V"]`` list, as later;
 * ``update_time`` takes epoch seconds.
@@ -33,6 +35,8 @@ from gateway.slurm.models import JobExit, JobState, JobSubmission
 
 # Signals with which a cancel (scancel, DELETE job) ends a job.
 _CANCEL_SIGNALS = frozenset({9, 15})
+# The same signals as a shell's exit code: the job script traps TERM as 143.
+_CANCEL_RETURN_CODES = frozenset({128 + 9, 128 + 15})
 
 
 class Job(current.Job, frozen=True):
@@ -57,16 +61,23 @@ class V0039(V0040):
         return state, flags
 
     def completing_base_state(self, job: current.Job) -> JobState:
-        """How a job reported as bare "COMPLETING" ended, from its exit code."""
+        """How a job reported as bare "COMPLETING" ended.
+
+        Slurm marks a job COMPLETING at its time limit or cancel before its
+        script's exit code arrives (it reads 0 meanwhile), so the reason and
+        the times come first; the code decides only the rest.
+        """
+        start, end, limit = number(job.start_time), number(job.end_time), number(job.time_limit)
+        ran_out = bool(start and end and limit and end - start >= limit * 60)
+        if job.state_reason == "TimeLimit" or ran_out:
+            return JobState.TIMEOUT
         status = number(job.exit_code) if isinstance(job, Job) else None
         ended = JobExit.from_wait_status(status) if status is not None else None
         if ended is not None and ended.return_code == 0 and ended.signal is None:
             return JobState.COMPLETED
-        if ended is not None and ended.signal in _CANCEL_SIGNALS:
-            # Slurm also signals a job at its time limit: tell that apart by the times.
-            start, end, limit = number(job.start_time), number(job.end_time), number(job.time_limit)
-            if start and end and limit and end - start >= limit * 60:
-                return JobState.TIMEOUT
+        if ended is not None and (
+            ended.signal in _CANCEL_SIGNALS or ended.return_code in _CANCEL_RETURN_CODES
+        ):
             return JobState.CANCELLED
         return JobState.FAILED
 

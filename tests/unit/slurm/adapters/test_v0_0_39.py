@@ -41,6 +41,7 @@ COMPLETING_CASES = [
     # raw waitpid status, base state, exit
     (0, JobState.COMPLETED, JobExit(return_code=0)),
     (3 << 8, JobState.FAILED, JobExit(return_code=3)),
+    (143 << 8, JobState.CANCELLED, JobExit(return_code=143)),  # the script's TERM trap
     (9, JobState.CANCELLED, JobExit(signal=9)),
     (15, JobState.CANCELLED, JobExit(signal=15)),
     (6, JobState.FAILED, JobExit(signal=6)),  # SIGABRT
@@ -64,6 +65,20 @@ def test_bare_completing_is_a_terminal_job(
     assert job.end_time >= job.start_time
     listed = adapter.parse_jobs(200, body).jobs
     assert [(j.state, j.state_flags, j.exit) for j in listed] == [(state, ("COMPLETING",), ended)]
+
+
+@pytest.mark.parametrize("version", ["v0.0.38", "v0.0.39"])
+@pytest.mark.parametrize("status", [0, 143 << 8, 15])
+def test_a_job_at_its_time_limit_is_a_timeout_before_its_exit_code_arrives(
+    version: str, status: int
+) -> None:
+    """22.05 at a one-minute limit: COMPLETING with code 0 for a second, then
+    the trap's 143, then TIMEOUT. The first reading once said "completed"."""
+    body, job_id = (_completing_38 if version == "v0.0.38" else _completing_39)(status)
+    data = json.loads(body)
+    data["jobs"][0]["state_reason"] = "TimeLimit"
+    job = adapter_for(version).parse_job(200, json.dumps(data).encode(), job_id)
+    assert (job.state, job.state_flags) == (JobState.TIMEOUT, ("COMPLETING",))
 
 
 def test_other_single_words_of_v0_0_38_keep_their_meaning() -> None:
