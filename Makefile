@@ -7,14 +7,18 @@ export GATEWAY_LOCAL_ROOT ?= /var/lib/slurm-gateway-local
 # runtime), c2411 (Slurm 24.11) or c2605 (Slurm 26.05 from Debian sid).
 CLUSTER ?= c2205
 
-.PHONY: run test venv node browser image cluster vllm-runtime cluster-down cluster-status lint format unit integration fixtures openapi docs bench clean
+.PHONY: run test venv node browser image cluster vllm-runtime vllm-image cluster-down cluster-status lint format unit integration fixtures openapi docs bench clean
 
-run: venv cluster vllm-runtime
+# A cluster with a site overlay of its own (deploy/local/site-c2605.toml: vLLM
+# in Apptainer) runs with it.
+SITE_FILE = $(firstword $(wildcard deploy/local/site-$(CLUSTER).toml) deploy/local/site.toml)
+
+run: venv cluster vllm-runtime vllm-image
 	GATEWAY_SLURM_CLUSTER_FILE=$(GATEWAY_LOCAL_ROOT)/$(CLUSTER)/cluster.json \
-	GATEWAY_SITE_FILE=$${GATEWAY_SITE_FILE:-deploy/local/site.toml} \
+	GATEWAY_SITE_FILE=$${GATEWAY_SITE_FILE:-$(SITE_FILE)} \
 	$(PY) -m gateway
 
-test: lint node browser image cluster vllm-runtime
+test: lint node browser image cluster vllm-runtime vllm-image
 	$(PY) -m pytest -ra --durations=25 tests
 
 # The Swagger UI files too (seconds once, then a no-op): venv.sh runs only
@@ -46,6 +50,10 @@ cluster:
 vllm-runtime: cluster
 	deploy/local/vllm-runtime.sh
 
+# The same vLLM as an OCI image, where cluster c2605's nodes read it (Apptainer).
+vllm-image: image vllm-runtime
+	deploy/local/vllm-image.sh
+
 cluster-down:
 	deploy/local/cluster.sh down
 
@@ -70,7 +78,7 @@ format: venv
 unit: venv node
 	$(PY) -m pytest -ra tests/unit tests/tools
 
-integration: venv browser image cluster vllm-runtime
+integration: venv browser image cluster vllm-runtime vllm-image
 	$(PY) -m pytest -ra tests/integration
 
 # Latency of /prompt through the gateway against the same request straight to

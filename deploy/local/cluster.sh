@@ -13,6 +13,7 @@
 # host's own /etc/slurm and /etc/munge are never read or written. Needs root.
 set -euo pipefail
 
+HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="${GATEWAY_LOCAL_ROOT:-/var/lib/slurm-gateway-local}"
 MIRROR="${GATEWAY_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${GATEWAY_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
@@ -63,6 +64,7 @@ EOF
 # Sets the C_* globals for one cluster.
 load_cluster() {
     C_NAME="$1"
+    C_EXTRA_PACKAGES=()
     case "${C_NAME}" in
     c2205)
         C_SUITE="bookworm"
@@ -103,6 +105,8 @@ load_cluster() {
         C_CGROUP_CONF="CgroupPlugin=disabled"
         C_CGROUP_TRACK_CONF=$'CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup'
         C_API_CANDIDATES=(v0.0.46 v0.0.45 v0.0.44 v0.0.43 v0.0.42 v0.0.41 v0.0.40)
+        # Apptainer (unprivileged, on user namespaces) for the container recipes.
+        C_EXTRA_PACKAGES=(apptainer squashfs-tools squashfuse fuse3)
         ;;
     *) die "unknown cluster '${C_NAME}' (known: ${ALL_CLUSTERS[*]})" ;;
     esac
@@ -141,11 +145,12 @@ logfile_of() {
 # Processes
 
 # True if PID is alive (not a zombie) and its root directory is the chroot DIR.
+# Compared by device and inode: slurmd and its jobs live after pivot_root in a
+# mount namespace of their own, where /proc/PID/root reads "/".
 pid_in_chroot() {
-    local pid="$1" dir="$2" link state
+    local pid="$1" dir="$2" state
     [[ "${pid}" =~ ^[0-9]+$ ]] || return 1
-    link="$(readlink "/proc/${pid}/root" 2>/dev/null)" || return 1
-    [[ "${link}" == "${dir}" ]] || return 1
+    [[ "$(stat -Lc '%d:%i' "/proc/${pid}/root/" 2>/dev/null)" == "$(stat -c '%d:%i' "${dir}/")" ]] || return 1
     state="$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/${pid}/stat" 2>/dev/null)" || return 1
     [[ -n "${state}" && "${state}" != "Z" ]]
 }
@@ -329,6 +334,19 @@ in_chroot_as_node() {
         LANG=C.UTF-8 "$@"
 }
 
+# in_chroot_as_node, but entered with pivot_root (enter-root.sh) instead of
+# chroot, so that the jobs of slurmd may create user namespaces.
+in_root_as_node() {
+    unshare --uts --mount --propagation private -- /bin/sh -c \
+        'printf %s "$1" >/proc/sys/kernel/hostname && shift && exec "$@"' \
+        sh "${C_NODE}" "${HERE}/enter-root.sh" "${C_CHROOT}" "${CHROOT_PATH}" "$@"
+}
+
+# True if PID runs in a mount namespace other than the host's (in_root_as_node).
+own_mount_ns() {
+    [[ "$(readlink "/proc/$1/ns/mnt" 2>/dev/null)" != "$(readlink /proc/self/ns/mnt)" ]]
+}
+
 as_job_user() {
     chroot --userspec="${JOB_UID}:${JOB_UID}" "${C_CHROOT}" /usr/bin/env -i \
         PATH="${CHROOT_PATH}" HOME="/home/${JOB_USER}" USER="${JOB_USER}" LOGNAME="${JOB_USER}" LANG=C.UTF-8 "$@"
@@ -427,6 +445,22 @@ EOF
     printf '%s\n' "${PROVISION_VERSION}" >"${C_MARKER}.tmp"
     mv -f "${C_MARKER}.tmp" "${C_MARKER}"
     log "${C_NAME}: provisioned in $((SECONDS - t)) s"
+}
+
+# Packages added after the chroot was built (C_EXTRA_PACKAGES), installed on
+# `up` once: a new one costs an install, not a rebuild.
+install_extras() {
+    local want="${C_EXTRA_PACKAGES[*]}" t="${SECONDS}"
+    [[ -n "${want}" ]] || return 0
+    [[ "$(cat "${C_DIR}/.extras" 2>/dev/null)" == "${want}" ]] && return 0
+    log "${C_NAME}: installing ${want}"
+    in_chroot env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null ||
+        log "${C_NAME}: apt-get update reported errors"
+    in_chroot env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${C_EXTRA_PACKAGES[@]}" >/dev/null || die "${C_NAME}: cannot install ${want}"
+    in_chroot apt-get clean
+    printf '%s\n' "${want}" >"${C_DIR}/.extras"
+    log "${C_NAME}: ${want} installed in $((SECONDS - t)) s"
 }
 
 # ---------------------------------------------------------------------------
@@ -587,6 +621,13 @@ PartitionName=${PARTITION} Nodes=${C_NODE} Default=YES MaxTime=INFINITE State=UP
     write_if_changed "${C_CHROOT}/etc/slurm/gres.conf" 0644 "AutoDetect=off
 Name=gpu File=/dev/gwgpu[0-$((NODE_GPUS - 1))]"
 
+    # Apptainer (C_EXTRA_PACKAGES) mounts images through FUSE (squashfuse), as
+    # on most sites; /dev/pts here is no devpts of its own to mount again.
+    if [[ -e "${C_CHROOT}/etc/apptainer/apptainer.conf" ]]; then
+        [[ -e "${C_CHROOT}/dev/fuse" ]] || mknod -m 0666 "${C_CHROOT}/dev/fuse" c 10 229
+        sed -i 's/^mount devpts = yes$/mount devpts = no/' "${C_CHROOT}/etc/apptainer/apptainer.conf"
+    fi
+
     if [[ -n "${cgroup_conf}" ]]; then
         write_if_changed "${C_CHROOT}/etc/slurm/cgroup.conf" 0644 "${cgroup_conf}"
     elif [[ -e "${C_CHROOT}/etc/slurm/cgroup.conf" ]]; then
@@ -647,12 +688,13 @@ start_munged() {
 }
 
 start_slurm_daemon() {
-    local daemon="$1"
+    local daemon="$1" enter=in_chroot_as_node
     shift
     daemon_pid "${daemon}" >/dev/null && return 0
     clear_stale_pidfile "${daemon}"
     log "${C_NAME}: starting ${daemon}"
-    in_chroot_as_node "${daemon}" "$@" </dev/null >>"$(logfile_of "${daemon}-stdio")" 2>&1 9>&- ||
+    [[ "${daemon}" == slurmd ]] && enter=in_root_as_node
+    "${enter}" "${daemon}" "$@" </dev/null >>"$(logfile_of "${daemon}-stdio")" 2>&1 9>&- ||
         fail_with_logs "${daemon} failed to start" "${daemon}-stdio" "${daemon}"
     wait_for_daemon "${daemon}" 30 || fail_with_logs "${daemon} did not come up" "${daemon}-stdio" "${daemon}"
 }
@@ -798,10 +840,13 @@ check_job() {
 }
 
 all_daemons_running() {
-    local d
+    local d pid
     for d in munged slurmctld slurmd slurmrestd; do
-        daemon_pid "${d}" >/dev/null || return 1
+        pid="$(daemon_pid "${d}")" || return 1
     done
+    # A slurmd of an older cluster.sh, started under chroot: its jobs cannot
+    # use containers, so it is restarted.
+    own_mount_ns "$(daemon_pid slurmd)"
 }
 
 json_str() {
@@ -863,6 +908,7 @@ start_cluster() {
     load_cluster "$1"
     is_provisioned || die "${C_NAME}: chroot is not provisioned"
     mount_proc
+    install_extras
     mount_cgroup
     configure
     if ((CONFIG_CHANGED == 0)) && all_daemons_running && wait_for_rest 5; then
@@ -878,7 +924,11 @@ start_cluster() {
     fi
     start_munged
     start_slurm_daemon slurmctld
-    local slurmd_started=""
+    local slurmd_started="" pid
+    if pid="$(daemon_pid slurmd)" && ! own_mount_ns "${pid}"; then
+        log "${C_NAME}: restarting slurmd (chrooted: its jobs could not use containers)"
+        stop_daemon slurmd 20
+    fi
     if ! daemon_pid slurmd >/dev/null; then slurmd_started="$(date +%s)"; fi
     start_slurm_daemon slurmd -N "${C_NODE}"
     wait_for_node

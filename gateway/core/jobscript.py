@@ -45,13 +45,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.core import metadata
+from gateway.core import containers, metadata
 from gateway.core.recipes import Recipe
 from gateway.core.resources import Resources
 from gateway.core.shell import quote
 from gateway.slurm import JobSubmission
 
-_PLACEHOLDER = re.compile(r"__(?:META|LIMIT|REASON|RECIPE|BIND_WAIT)__")
+_PLACEHOLDER = re.compile(r"__(?:META|LIMIT|REASON|BIND_WAIT)__")
 # The job's PATH: the system's, not the gateway's.
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The job's copy of its upstream key; the recipe hands it to the server.
@@ -317,7 +317,6 @@ gw_bind() {
 }
 gw_bind
 gw_phase building
-# --- recipe __RECIPE__ ---
 """
 
 
@@ -329,11 +328,12 @@ def build(recipe: Recipe, unbound_meta: str, context: Mapping[str, Any]) -> str:
         "__BIND_WAIT__": str(BIND_WAIT_SECONDS),
         "__LIMIT__": str(metadata.COMMENT_LIMIT),
         "__REASON__": str(metadata.REASON_MAX),
-        "__RECIPE__": recipe.name,
     }
     # One pass, so that no value is read again as a placeholder.
     preamble = _PLACEHOLDER.sub(lambda m: values[m.group(0)], _PREAMBLE)
-    return preamble + recipe.render(context)
+    if containers.is_container(recipe.spec.runtime):
+        preamble += containers.preamble(recipe.spec.runtime)
+    return f"{preamble}# --- recipe {recipe.name} ---\n{recipe.render(context)}"
 
 
 def submission(

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import jinja2
 import msgspec
 
-from gateway.core import recipe_check, shell
+from gateway.core import containers, recipe_check, shell
 from gateway.core.errors import InvalidRequest, NotFound, RecipeError
 from gateway.core.resources import (
     MAX_CPUS,
@@ -315,6 +315,10 @@ def _load_recipe(name: str, meta: Path, overlay: SiteOverlay) -> Recipe:
                 "how the shell, the loader or Python run the job, or the gateway's own values"
             )
     _check_service_variables(spec, meta)
+    try:
+        containers.check(spec.runtime)
+    except ValueError as exc:
+        raise RecipeError(f"{meta}: {exc}") from None
     for key, value in spec.environment_defaults.items():
         var = spec.environment.get(key)
         if var is not None:

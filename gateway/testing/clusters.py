@@ -60,17 +60,26 @@ class LocalCluster(msgspec.Struct, frozen=True, kw_only=True):
             raise RuntimeError(f"{command[0]} as {user} failed: {done.stderr.strip()}")
         return done.stdout
 
+    def roots(self, proc: Path) -> bool:
+        """Whether the process ``/proc/PID`` runs in this cluster's tree.
+
+        Compared by device and inode: slurmd and its jobs run after pivot_root
+        in a mount namespace of their own, where ``/proc/PID/root`` reads "/".
+        Raises OSError for a process gone meanwhile.
+        """
+        mine, theirs = os.stat(self.chroot), os.stat(proc / "root")
+        return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
     def daemon_pids(self, command: str) -> list[int]:
         """The pids of ``command`` (slurmrestd, slurmctld...) running in this
         cluster's chroot."""
-        root = Path(self.chroot).resolve()
         found = []
         for proc in Path("/proc").iterdir():
             try:
                 if (
                     proc.name.isdigit()
                     and (proc / "comm").read_text().strip() == command
-                    and (proc / "root").resolve() == root
+                    and self.roots(proc)
                 ):
                     found.append(int(proc.name))
             except OSError:

@@ -68,7 +68,7 @@ def processes(cluster: LocalCluster, uids: set[int] | None = None) -> list[Proce
         if not proc.name.isdigit():
             continue
         try:
-            if str((proc / "root").readlink()) != cluster.chroot:
+            if not cluster.roots(proc):
                 continue
             uid = proc.stat().st_uid
             if uids is not None and uid not in uids:

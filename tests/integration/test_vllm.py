@@ -78,7 +78,7 @@ def chroot_processes(cluster: LocalCluster, wanted: Callable[[Path], bool]) -> l
         if not proc.name.isdigit():
             continue
         try:
-            if str((proc / "root").readlink()) == cluster.chroot and wanted(proc):
+            if cluster.roots(proc) and wanted(proc):
                 found.append(int(proc.name))
         except OSError:
             continue  # gone meanwhile
