@@ -154,7 +154,7 @@ gw_ct_build() {
 # Sets GW_IMAGE: the image file, converted into the cache when missing. One
 # job converts (flock); the others wait, then use it.
 gw_image() {
-  local ext cache dest lock tmp pid rc out started
+  local ext cache dest lock tmp pid rc out started next
   case "$GW_CT_KIND" in apptainer) ext=sif ;; charliecloud) ext=sqfs ;; *) ext=sqsh ;; esac
   case "$GW_CT_SOURCE" in
     /*.sif | /*.sqfs | /*.sqsh)
@@ -186,11 +186,14 @@ gw_image() {
       tmp=$cache/.$GW_CT_IMAGE.$SLURM_JOB_ID.part.$ext
       rm -rf -- "$tmp" "$tmp.log"
       started=$SECONDS
+      next=$(( started + 15 ))
       gw_ct_build "$tmp" >"$tmp.log" 2>&1 </dev/null &
       pid=$!
       while kill -0 "$pid" 2>/dev/null; do
-        sleep 1
-        if [ $(( (SECONDS - started) % 15 )) -eq 0 ]; then
+        sleep 0.2
+        # Progress in the reason every 15 s: one scontrol update each.
+        if [ "$SECONDS" -ge "$next" ]; then
+          next=$(( SECONDS + 15 ))
           gw_phase building "converting the image $GW_CT_IMAGE from $GW_CT_SOURCE" \
             "($(( SECONDS - started )) s)"
         fi
@@ -219,7 +222,7 @@ gw_image() {
 # GW_CONTAINER: the command prefix that runs a program in the image, which
 # is converted first when missing, then run once (a broken image ends here).
 gw_container() {
-  local b out mounts='' gpu=''
+  local b out mounts gpu=''
   if [ "${SLURM_GPUS_ON_NODE:-0}" != 0 ] || [ -n "${SLURM_JOB_GPUS:-}" ]; then gpu=$GW_CT_GPU; fi
   case "$GW_CT_KIND" in
     apptainer)
@@ -233,16 +236,17 @@ gw_container() {
       command -v ch-run >/dev/null 2>&1 \
         || gw_fail "charliecloud (ch-run) is not available on $(hostname)"
       gw_image
-      GW_CONTAINER=(ch-run)
+      # /tmp, as Apptainer binds it: the job's private folders (mktemp) are there.
+      GW_CONTAINER=(ch-run --bind=/tmp)
       for b in "${GW_CT_BINDS[@]}"; do GW_CONTAINER+=("--bind=$b"); done
       GW_CONTAINER+=("$GW_IMAGE" --) ;;
     pyxis)
       command -v enroot >/dev/null 2>&1 \
         || gw_fail "enroot (for pyxis) is not available on $(hostname)"
       gw_image
-      for b in "${GW_CT_BINDS[@]}"; do mounts=${mounts:+$mounts,}$b:$b; done
-      GW_CONTAINER=(srun --ntasks=1 "--container-image=$GW_IMAGE")
-      [ -z "$mounts" ] || GW_CONTAINER+=("--container-mounts=$mounts") ;;
+      mounts=/tmp:/tmp
+      for b in "${GW_CT_BINDS[@]}"; do mounts=$mounts,$b:$b; done
+      GW_CONTAINER=(srun --ntasks=1 "--container-image=$GW_IMAGE" "--container-mounts=$mounts") ;;
   esac
   if ! out=$("${GW_CONTAINER[@]}" true 2>&1 </dev/null); then
     out=$(printf '%s\n' "$out" | grep -v '^[[:space:]]*$' | tail -n 1)

@@ -134,9 +134,11 @@ def test_charliecloud_pulls_converts_and_binds(tmp_path: Path) -> None:
     assert calls[1:] == [
         "ch-image pull vllm/vllm-openai:v0.9",
         f"ch-convert -i ch-image -o squash vllm/vllm-openai:v0.9 {part}",
-        f"ch-run --bind=/opt/hf --bind=/scratch {dest} -- true",
+        f"ch-run --bind=/tmp --bind=/opt/hf --bind=/scratch {dest} -- true",
     ]
-    assert done.stdout.split() == ["ch-run", "--bind=/opt/hf", "--bind=/scratch", dest, "--"]
+    assert done.stdout.split() == [
+        "ch-run", "--bind=/tmp", "--bind=/opt/hf", "--bind=/scratch", dest, "--"
+    ]  # fmt: skip
 
 
 def test_pyxis_imports_with_enroot_and_runs_a_step(tmp_path: Path) -> None:
@@ -158,7 +160,7 @@ def test_pyxis_imports_with_enroot_and_runs_a_step(tmp_path: Path) -> None:
         "srun",
         "--ntasks=1",
         f"--container-image={dest}",
-        "--container-mounts=/opt/hf:/opt/hf",
+        "--container-mounts=/tmp:/tmp,/opt/hf:/opt/hf",
     ]
     assert calls[2] == " ".join([*prefix, "true"])
     assert done.stdout.split() == prefix
