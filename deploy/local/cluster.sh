@@ -117,6 +117,8 @@ load_cluster() {
     C_URL="http://127.0.0.1:${C_REST_PORT}"
     C_JSON="${C_DIR}/cluster.json"
     C_PLUGIN_CHOICE_FILE="${C_DIR}/slurmrestd.plugins"
+    # The cluster's folder in the host's freezer hierarchy (mount_cgroup).
+    C_FREEZER_NAME="gw-local-${C_NAME}-$(printf '%s' "${C_DIR}" | md5sum | cut -c1-8)"
 }
 
 # Host path of a daemon's PID file.
@@ -150,7 +152,12 @@ logfile_of() {
 pid_in_chroot() {
     local pid="$1" dir="$2" state
     [[ "${pid}" =~ ^[0-9]+$ ]] || return 1
-    [[ "$(stat -Lc '%d:%i' "/proc/${pid}/root/" 2>/dev/null)" == "$(stat -c '%d:%i' "${dir}/")" ]] || return 1
+    if [[ "$(stat -Lc '%d:%i' "/proc/${pid}/root/" 2>/dev/null)" != "$(stat -c '%d:%i' "${dir}/")" ]]; then
+        # A job's process in a container has the image for its root: it is
+        # found by the cluster's freezer cgroup instead.
+        [[ "${dir}" == "${C_CHROOT}" ]] && grep -qs ":freezer:/${C_FREEZER_NAME}/" "/proc/${pid}/cgroup" ||
+            return 1
+    fi
     state="$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/${pid}/stat" 2>/dev/null)" || return 1
     [[ -n "${state}" && "${state}" != "Z" ]]
 }
@@ -279,8 +286,7 @@ host_freezer() {
 
 # This cluster's own folder in the host's freezer hierarchy.
 freezer_dir() {
-    local freezer="$1"
-    printf '%s/gw-local-%s-%s\n' "${freezer}" "${C_NAME}" "$(printf '%s' "${C_DIR}" | md5sum | cut -c1-8)"
+    printf '%s/%s\n' "$1" "${C_FREEZER_NAME}"
 }
 
 # Sets C_FREEZER when jobs can be tracked by cgroup (proctrack/cgroup): Slurm

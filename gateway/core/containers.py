@@ -41,9 +41,11 @@ DEFAULT_CACHE = "~/.cache/gateway-images"
 DEFAULT_WAIT = 3600
 
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_REGISTRY = re.compile(r"(docker|oras)://[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,510}")
+# enroot writes a registry as docker://REGISTRY#IMAGE.
+_REGISTRY = re.compile(r"(docker|oras)://[A-Za-z0-9][A-Za-z0-9._/:@+#-]{0,510}")
 _ARCHIVE = re.compile(r"(oci-archive:|docker-archive:)?(/[A-Za-z0-9._/+-]{1,1023})")
 _PATH = re.compile(r"/[A-Za-z0-9._/+-]{0,1023}")
+# The ready image of each kind, in the order of KINDS.
 _READY = (".sif", ".sqfs", ".sqsh")
 
 
@@ -62,7 +64,28 @@ def check(runtime: Mapping[str, str]) -> None:
             f"runtime.image: {image!r} must be a name of letters, digits, '.', '_' or '-' "
             "(the image's file name in the cache)"
         )
-    source = runtime.get("image_source", "")
+    _check_source(kind, runtime.get("image_source", ""))
+    cache = runtime.get("image_cache", "") or DEFAULT_CACHE
+    if not (_PATH.fullmatch(cache) or (cache.startswith("~/") and _PATH.fullmatch(cache[1:]))):
+        raise ValueError(f"runtime.image_cache: {cache!r} must be an absolute path or ~/...")
+    gpu = runtime.get("gpu", "") or "nvidia"
+    if gpu not in GPUS:
+        raise ValueError(f"runtime.gpu: {gpu!r} must be one of {', '.join(GPUS)}")
+    # hf_home (the vLLM recipe's model cache) is bound into the container too.
+    for key in ("binds", "hf_home"):
+        for bind in runtime.get(key, "").split(" "):
+            if bind and not _PATH.fullmatch(bind):
+                raise ValueError(f"runtime.{key}: {bind!r} is not an absolute path")
+    try:
+        shlex.split(runtime.get("image_build_args", ""))
+    except ValueError as exc:
+        raise ValueError(f"runtime.image_build_args: {exc}") from None
+    wait = runtime.get("image_wait", "") or str(DEFAULT_WAIT)
+    if not re.fullmatch(r"[0-9]{1,5}", wait) or not 0 < int(wait) <= 86400:
+        raise ValueError(f"runtime.image_wait: {wait!r} must be seconds from 1 to 86400")
+
+
+def _check_source(kind: str, source: str) -> None:
     registry = _REGISTRY.fullmatch(source)
     archive = _ARCHIVE.fullmatch(source)
     if not (registry or archive) or ".." in source.split("/"):
@@ -70,7 +93,17 @@ def check(runtime: Mapping[str, str]) -> None:
             f"runtime.image_source: {source!r} must be docker://..., oras://..., "
             "oci-archive:/path, docker-archive:/path or an absolute path"
         )
-    if kind == "pyxis" and not (source.startswith("docker://") or source.endswith(".sqsh")):
+    ready = source.endswith(_READY)
+    if ready and not source.endswith(_READY[KINDS.index(kind)]):
+        raise ValueError(
+            f"runtime.image_source: {kind} runs {_READY[KINDS.index(kind)]} images, not {source!r}"
+        )
+    if kind == "apptainer" and source.startswith("/") and not ready:
+        raise ValueError(
+            f"runtime.image_source: apptainer takes a .sif file or oci-archive:/path, "
+            f"docker-archive:/path, docker:// or oras://, not {source!r}"
+        )
+    if kind == "pyxis" and not (source.startswith("docker://") or ready):
         raise ValueError(
             f"runtime.image_source: pyxis (enroot) imports docker://... or runs a .sqsh "
             f"file, not {source!r}"
@@ -80,22 +113,6 @@ def check(runtime: Mapping[str, str]) -> None:
             f"runtime.image_source: charliecloud converts docker://..., a tarball, a "
             f"folder or a .sqfs file, not {source!r}"
         )
-    cache = runtime.get("image_cache", "") or DEFAULT_CACHE
-    if not (_PATH.fullmatch(cache) or (cache.startswith("~/") and _PATH.fullmatch(cache[1:]))):
-        raise ValueError(f"runtime.image_cache: {cache!r} must be an absolute path or ~/...")
-    gpu = runtime.get("gpu", "") or "nvidia"
-    if gpu not in GPUS:
-        raise ValueError(f"runtime.gpu: {gpu!r} must be one of {', '.join(GPUS)}")
-    for bind in runtime.get("binds", "").split():
-        if not _PATH.fullmatch(bind):
-            raise ValueError(f"runtime.binds: {bind!r} is not an absolute path")
-    try:
-        shlex.split(runtime.get("image_build_args", ""))
-    except ValueError as exc:
-        raise ValueError(f"runtime.image_build_args: {exc}") from None
-    wait = runtime.get("image_wait", "") or str(DEFAULT_WAIT)
-    if not wait.isdigit() or not 0 < int(wait) <= 86400:
-        raise ValueError(f"runtime.image_wait: {wait!r} must be seconds from 1 to 86400")
 
 
 def preamble(runtime: Mapping[str, str]) -> str:
@@ -138,10 +155,25 @@ gw_ct_safe() {
     [ "${mode:0:1}" = d ] && [[ ${mode:9:1} == [tT] ]] || return 1
   fi
 }
+# Prints path $1 without symbolic links once it and every folder above it are
+# safe (gw_ct_safe): then no other user can change what it names later.
+gw_ct_chain() {
+  local real part=
+  real=$(realpath -e -- "$1" 2>/dev/null) || return 1
+  gw_ct_safe / || return 1
+  while IFS= read -r -d / name; do
+    [ -n "$name" ] || continue
+    part=$part/$name
+    gw_ct_safe "$part" || return 1
+  done <<<"${real#/}/"
+  printf '%s\n' "$real"
+}
 gw_ct_build() {
   case "$GW_CT_KIND" in
     apptainer) apptainer build "${GW_CT_BUILD_ARGS[@]}" "$1" "$GW_CT_SOURCE" ;;
     charliecloud)
+      # Its build storage in the cache, not in /var/tmp where anyone may write.
+      export CH_IMAGE_STORAGE=$2/.ch-storage
       case "$GW_CT_SOURCE" in
         docker://*)
           ch-image pull "${GW_CT_SOURCE#docker://}" && ch-convert -i ch-image -o squash \
@@ -151,43 +183,69 @@ gw_ct_build() {
     pyxis) enroot import "${GW_CT_BUILD_ARGS[@]}" -o "$1" "$GW_CT_SOURCE" ;;
   esac
 }
+# The folder this job's images go to: the cache when it is the job user's,
+# else (a site's shared cache) a folder of the user's own in it.
+gw_ct_folder() {
+  local cache=$1 own
+  [ "$(stat -c %u -- "$cache")" = "$(id -u)" ] && { printf '%s\n' "$cache"; return 0; }
+  own=$cache/$(id -un)
+  [ -w "$cache" ] && [ ! -e "$own" ] && (umask 022 && mkdir -- "$own") 2>/dev/null
+  gw_ct_chain "$own"
+}
 # Sets GW_IMAGE: the image file, converted into the cache when missing. One
 # job converts (flock); the others wait, then use it.
 gw_image() {
-  local ext cache dest lock tmp pid rc out started next
+  local ext cache folder dest lock tmp pid rc out started next
   case "$GW_CT_KIND" in apptainer) ext=sif ;; charliecloud) ext=sqfs ;; *) ext=sqsh ;; esac
   case "$GW_CT_SOURCE" in
     /*.sif | /*.sqfs | /*.sqsh)
-      [ -r "$GW_CT_SOURCE" ] \
-        || gw_fail "the image $GW_CT_SOURCE is missing or unreadable on $(hostname)"
-      GW_IMAGE=$GW_CT_SOURCE
+      GW_IMAGE=$(gw_ct_chain "$GW_CT_SOURCE") \
+        || gw_fail "the image $GW_CT_SOURCE is missing on $(hostname), or users other" \
+             "than $(id -un) may change it"
       return 0 ;;
+    /* | oci-archive:/* | docker-archive:/*)
+      gw_ct_chain "${GW_CT_SOURCE#*-archive:}" >/dev/null \
+        || gw_fail "the image source ${GW_CT_SOURCE#*-archive:} is missing on" \
+             "$(hostname), or users other than $(id -un) may change it" ;;
   esac
-  cache=$GW_CT_CACHE
-  dest=$cache/$GW_CT_IMAGE.$ext
+  (umask 022 && mkdir -p -- "$GW_CT_CACHE") 2>/dev/null
+  cache=$(gw_ct_chain "$GW_CT_CACHE") \
+    || gw_fail "the image cache $GW_CT_CACHE on $(hostname) is missing, or users other" \
+         "than $(id -un) may change it"
+  # A site's own copy, which jobs only read.
+  if [ -e "$cache/$GW_CT_IMAGE.$ext" ] && [ "$(stat -c %u -- "$cache")" != "$(id -u)" ]; then
+    GW_IMAGE=$(gw_ct_chain "$cache/$GW_CT_IMAGE.$ext") \
+      || gw_fail "the cached image $cache/$GW_CT_IMAGE.$ext may have been written by" \
+           "a user other than $(id -un); not run"
+    return 0
+  fi
+  folder=$(gw_ct_folder "$cache") \
+    || gw_fail "the image $GW_CT_IMAGE is not in the cache $cache on $(hostname), and" \
+         "$(id -un) has no safe folder of its own there"
+  dest=$folder/$GW_CT_IMAGE.$ext
   if [ ! -e "$dest" ] && [ ! -L "$dest" ]; then
-    (umask 022 && mkdir -p -- "$cache") 2>/dev/null
-    gw_ct_safe "$cache" \
-      || gw_fail "the image cache $cache on $(hostname) is missing," \
-           "or others than $(id -un) may write to it"
-    lock=$cache/.$GW_CT_IMAGE.$ext.lock
+    lock=$folder/.$GW_CT_IMAGE.$ext.lock
     command -v flock >/dev/null 2>&1 || gw_fail "flock (util-linux) is not available on $(hostname)"
-    [ -e "$lock" ] || (umask 022 && : >>"$lock") 2>/dev/null
-    # A plain file only: opening a FIFO someone put there would never return.
-    { [ -f "$lock" ] && [ ! -L "$lock" ] && exec {GW_CT_LOCK}<"$lock"; } \
+    # Read-write: NFS grants an exclusive lock only so (and a FIFO put
+    # there does not block such an open).
+    { [ ! -L "$lock" ] && exec {GW_CT_LOCK}<>"$lock" && [ -f "$lock" ]; } \
       || gw_fail "cannot open the lock $lock of the image cache on $(hostname)"
     if ! flock -n "$GW_CT_LOCK"; then
       gw_phase building "waiting for another job converting the image $GW_CT_IMAGE"
-      flock -w "$GW_CT_WAIT" "$GW_CT_LOCK" \
+      flock -E 75 -w "$GW_CT_WAIT" "$GW_CT_LOCK"
+      rc=$?
+      [ "$rc" -ne 75 ] \
         || gw_fail "another job held the image $GW_CT_IMAGE's lock $lock for over ${GW_CT_WAIT}s"
+      [ "$rc" -eq 0 ] || gw_fail "cannot lock $lock (a file system without flock?)"
     fi
     if [ ! -e "$dest" ]; then
       gw_phase building "converting the image $GW_CT_IMAGE from $GW_CT_SOURCE"
-      tmp=$cache/.$GW_CT_IMAGE.$SLURM_JOB_ID.part.$ext
-      rm -rf -- "$tmp" "$tmp.log"
+      # What a cancelled conversion left behind (only one converts at a time).
+      rm -rf -- "$folder/.$GW_CT_IMAGE".*.part."$ext" "$folder/.$GW_CT_IMAGE".*.part."$ext".log
+      tmp=$folder/.$GW_CT_IMAGE.$SLURM_JOB_ID.part.$ext
       started=$SECONDS
       next=$(( started + 15 ))
-      gw_ct_build "$tmp" >"$tmp.log" 2>&1 </dev/null &
+      gw_ct_build "$tmp" "$folder" >"$tmp.log" 2>&1 </dev/null &
       pid=$!
       while kill -0 "$pid" 2>/dev/null; do
         sleep 0.2
@@ -207,17 +265,16 @@ gw_image() {
         rm -rf -- "$tmp"
         gw_fail "could not convert the image $GW_CT_IMAGE from $GW_CT_SOURCE: ${out:-exit code $rc}"
       fi
-      if ! { chmod go-w -- "$tmp" && mv -f -- "$tmp" "$dest"; }; then
-        gw_fail "could not move the image $GW_CT_IMAGE into the cache $cache"
+      if ! { chmod go-w -- "$tmp" && mv -fT -- "$tmp" "$dest"; }; then
+        gw_fail "could not move the image $GW_CT_IMAGE into the cache $folder"
       fi
       echo "gateway: image $dest converted in $(( SECONDS - started )) s" >&2
     fi
-    exec {GW_CT_LOCK}<&-
+    exec {GW_CT_LOCK}>&-
   fi
-  gw_ct_safe "$dest" \
-    || gw_fail "the cached image $dest may have been written by another user than" \
+  GW_IMAGE=$(gw_ct_chain "$dest") \
+    || gw_fail "the cached image $dest may have been written by a user other than" \
          "$(id -un); not run"
-  GW_IMAGE=$dest
 }
 # GW_CONTAINER: the command prefix that runs a program in the image, which
 # is converted first when missing, then run once (a broken image ends here).
@@ -246,7 +303,10 @@ gw_container() {
       gw_image
       mounts=/tmp:/tmp
       for b in "${GW_CT_BINDS[@]}"; do mounts=$mounts,$b:$b; done
-      GW_CONTAINER=(srun --ntasks=1 "--container-image=$GW_IMAGE" "--container-mounts=$mounts") ;;
+      # --overlap: the model check and the server are steps beside the batch
+      # script; one container name: the image is unpacked once per job.
+      GW_CONTAINER=(srun --overlap --ntasks=1 "--container-image=$GW_IMAGE"
+        "--container-name=gw-$SLURM_JOB_ID" "--container-mounts=$mounts") ;;
   esac
   if ! out=$("${GW_CONTAINER[@]}" true 2>&1 </dev/null); then
     out=$(printf '%s\n' "$out" | grep -v '^[[:space:]]*$' | tail -n 1)

@@ -42,7 +42,10 @@ _RESERVED_NAMES = frozenset(
     {"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "PATH", "HOME", "CDPATH"}
     | {"GLOBIGNORE", "PROMPT_COMMAND", "TMPDIR", "SHELL", "USER", "LOGNAME"}
 )
-_RESERVED_PREFIXES = ("LD_", "PYTHON", "GW_", "SLURM_", "BASH_FUNC_", "SBATCH_", "SRUN_")
+_RESERVED_PREFIXES: tuple[str, ...] = ("LD_", "PYTHON", "GW_", "SLURM_", "BASH_FUNC_", "SBATCH_")
+_RESERVED_PREFIXES += ("SRUN_",)
+# The container runtimes' own (APPTAINERENV_LD_PRELOAD would be LD_PRELOAD inside).
+_RESERVED_PREFIXES += ("APPTAINER", "SINGULARITY", "ENROOT_", "PYXIS_", "CH_")
 # What any string variable may hold unless the recipe says otherwise.
 _DEFAULT_STRING = re.compile(r"[^\x00-\x1f\x7f]{0,4096}")
 _INT = re.compile(r"-?[0-9]{1,18}")

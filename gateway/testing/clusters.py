@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections.abc import Mapping
@@ -65,10 +66,16 @@ class LocalCluster(msgspec.Struct, frozen=True, kw_only=True):
 
         Compared by device and inode: slurmd and its jobs run after pivot_root
         in a mount namespace of their own, where ``/proc/PID/root`` reads "/".
-        Raises OSError for a process gone meanwhile.
+        A job's process in a container (its root is the image) is found by
+        the cluster's freezer cgroup (deploy/local/cluster.sh). Raises
+        OSError for a process gone meanwhile.
         """
         mine, theirs = os.stat(self.chroot), os.stat(proc / "root")
-        return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            return True
+        folder = hashlib.md5(str(Path(self.chroot).parent).encode(), usedforsecurity=False)
+        folder_name = folder.hexdigest()[:8]
+        return f":freezer:/gw-local-{self.name}-{folder_name}/" in (proc / "cgroup").read_text()
 
     def daemon_pids(self, command: str) -> list[int]:
         """The pids of ``command`` (slurmrestd, slurmctld...) running in this

@@ -398,10 +398,7 @@ async def test_startup_deadline_fails_the_service(gateway: GatewayProcess, tmp_p
             try:
                 final = await settled(api, sid, 180)
                 assert final["status"] == "failed", final
-                assert (
-                    "did not answer /health within 3s of the job's start"
-                    in (final["status_reason"])
-                )
+                assert "did not answer /health within 3s of its start" in (final["status_reason"])
                 await poll(
                     lambda: asyncio.to_thread(job_processes, cluster, sid),
                     lambda pids: not pids,

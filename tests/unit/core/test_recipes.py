@@ -229,7 +229,11 @@ def test_control_characters_are_refused_whatever_the_pattern() -> None:
         check_variable(spec, "a\nb", "config.environment.X")
 
 
-@pytest.mark.parametrize("name", ["BASH_ENV", "PS4", "SHELLOPTS", "LD_PRELOAD", "PYTHONPATH"])
+@pytest.mark.parametrize(
+    "name",
+    ["BASH_ENV", "PS4", "SHELLOPTS", "LD_PRELOAD", "PYTHONPATH", "APPTAINERENV_LD_PRELOAD"]
+    + ["SINGULARITYENV_PATH", "ENROOT_MOUNT_HOME", "CH_IMAGE_STORAGE"],
+)
 def test_a_recipe_may_not_let_requests_set_reserved_variables(tmp_path: Path, name: str) -> None:
     _write(tmp_path, "cat/reserved", f'description = "x"\n[environment.{name}]\n')
     with pytest.raises(RecipeError, match=f"environment variable {name} is reserved"):
