@@ -231,8 +231,17 @@ def test_control_characters_are_refused_whatever_the_pattern() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["BASH_ENV", "PS4", "SHELLOPTS", "LD_PRELOAD", "PYTHONPATH", "APPTAINERENV_LD_PRELOAD"]
-    + ["SINGULARITYENV_PATH", "ENROOT_MOUNT_HOME", "CH_IMAGE_STORAGE"],
+    [
+        "BASH_ENV",
+        "PS4",
+        "SHELLOPTS",
+        "LD_PRELOAD",
+        "PYTHONPATH",
+        "APPTAINERENV_LD_PRELOAD",
+        "SINGULARITYENV_PATH",
+        "ENROOT_MOUNT_HOME",
+        "CH_IMAGE_STORAGE",
+    ],
 )
 def test_a_recipe_may_not_let_requests_set_reserved_variables(tmp_path: Path, name: str) -> None:
     _write(tmp_path, "cat/reserved", f'description = "x"\n[environment.{name}]\n')
