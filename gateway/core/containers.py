@@ -142,6 +142,7 @@ def _cache(path: str) -> str:
 _HEADER = "# --- container runtime: gw_container sets GW_CONTAINER, a command prefix ---\n"
 
 _FUNCTIONS = r"""GW_IMAGE=
+GW_CT_REAL=
 GW_CONTAINER=()
 # Whether only this job's user or root can have written path $1: a folder
 # others may write to must be sticky (then they cannot replace what is ours).
@@ -159,7 +160,7 @@ gw_ct_safe() {
 # safe (gw_ct_safe): then no other user can change what it names later.
 gw_ct_chain() {
   local real part=
-  real=$(realpath -e -- "$1" 2>/dev/null) || return 1
+  real=$(realpath -e -- "$1" 2>/dev/null) || return 2
   gw_ct_safe / || return 1
   while IFS= read -r -d / name; do
     [ -n "$name" ] || continue
@@ -167,6 +168,16 @@ gw_ct_chain() {
     gw_ct_safe "$part" || return 1
   done <<<"${real#/}/"
   printf '%s\n' "$real"
+}
+# Sets GW_CT_REAL to path $2 resolved (gw_ct_chain), or fails the service
+# saying why ($1: what the path is).
+gw_ct_use() {
+  local rc
+  GW_CT_REAL=$(gw_ct_chain "$2")
+  rc=$?
+  [ "$rc" -ne 2 ] || gw_fail "$1 $2 does not exist on $(hostname)"
+  [ "$rc" -eq 0 ] \
+    || gw_fail "$1 $2 on $(hostname) may be changed by users other than $(id -un); not used"
 }
 gw_ct_build() {
   case "$GW_CT_KIND" in
@@ -199,24 +210,19 @@ gw_image() {
   case "$GW_CT_KIND" in apptainer) ext=sif ;; charliecloud) ext=sqfs ;; *) ext=sqsh ;; esac
   case "$GW_CT_SOURCE" in
     /*.sif | /*.sqfs | /*.sqsh)
-      GW_IMAGE=$(gw_ct_chain "$GW_CT_SOURCE") \
-        || gw_fail "the image $GW_CT_SOURCE is missing on $(hostname), or users other" \
-             "than $(id -un) may change it"
+      gw_ct_use "the image" "$GW_CT_SOURCE"
+      GW_IMAGE=$GW_CT_REAL
       return 0 ;;
     /* | oci-archive:/* | docker-archive:/*)
-      gw_ct_chain "${GW_CT_SOURCE#*-archive:}" >/dev/null \
-        || gw_fail "the image source ${GW_CT_SOURCE#*-archive:} is missing on" \
-             "$(hostname), or users other than $(id -un) may change it" ;;
+      gw_ct_use "the image source" "${GW_CT_SOURCE#*-archive:}" ;;
   esac
   (umask 022 && mkdir -p -- "$GW_CT_CACHE") 2>/dev/null
-  cache=$(gw_ct_chain "$GW_CT_CACHE") \
-    || gw_fail "the image cache $GW_CT_CACHE on $(hostname) is missing, or users other" \
-         "than $(id -un) may change it"
+  gw_ct_use "the image cache" "$GW_CT_CACHE"
+  cache=$GW_CT_REAL
   # A site's own copy, which jobs only read.
   if [ -e "$cache/$GW_CT_IMAGE.$ext" ] && [ "$(stat -c %u -- "$cache")" != "$(id -u)" ]; then
-    GW_IMAGE=$(gw_ct_chain "$cache/$GW_CT_IMAGE.$ext") \
-      || gw_fail "the cached image $cache/$GW_CT_IMAGE.$ext may have been written by" \
-           "a user other than $(id -un); not run"
+    gw_ct_use "the cached image" "$cache/$GW_CT_IMAGE.$ext"
+    GW_IMAGE=$GW_CT_REAL
     return 0
   fi
   folder=$(gw_ct_folder "$cache") \
@@ -272,9 +278,8 @@ gw_image() {
     fi
     exec {GW_CT_LOCK}>&-
   fi
-  GW_IMAGE=$(gw_ct_chain "$dest") \
-    || gw_fail "the cached image $dest may have been written by a user other than" \
-         "$(id -un); not run"
+  gw_ct_use "the cached image" "$dest"
+  GW_IMAGE=$GW_CT_REAL
 }
 # GW_CONTAINER: the command prefix that runs a program in the image, which
 # is converted first when missing, then run once (a broken image ends here).

@@ -38,6 +38,10 @@ async def test_broken_images_and_a_missing_runtime_fail_naming_them(
     (host_cache / "broken.sif").write_bytes(b"SIF_MAGIC but no image\n" * 1000)
     for path in (host_cache, *host_cache.iterdir()):
         os.chown(path, uid, gid)
+    # An attack: an archive another cluster user may change (in /tmp, 0666).
+    planted = Path(c2605.chroot) / "tmp" / f"gw-planted-{host_cache.name}.oci.tar"
+    planted.write_bytes(b"whatever the other user wants run\n")
+    planted.chmod(0o666)
     cases = {
         "missing": (
             c2605,
@@ -48,6 +52,10 @@ async def test_broken_images_and_a_missing_runtime_fail_naming_them(
             {"image": "garbage", "image_source": f"oci-archive:{home}/garbage.oci.tar"},
         ),
         "corrupt image": (c2605, {"image": "broken"}),
+        "planted source": (
+            c2605,
+            {"image": "planted", "image_source": f"oci-archive:/tmp/{planted.name}"},
+        ),
         "no runtime": (c2411, {}),
     }
 
@@ -63,14 +71,20 @@ async def test_broken_images_and_a_missing_runtime_fail_naming_them(
                 await api.delete(f"/api/v1/services/{sid}")
             return name, ended
 
-    results = dict(await asyncio.gather(*(one(name) for name in cases)))
+    try:
+        results = dict(await asyncio.gather(*(one(name) for name in cases)))
+    finally:
+        planted.unlink()
     reasons = {name: r["status_reason"] for name, r in results.items()}
     assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(cases, "failed"), (
         reasons
     )
     assert (
-        "could not convert the image missing from oci-archive:/srv/images/none.oci.tar"
-        in reasons["missing"]
+        reasons["missing"] == "the image source /srv/images/none.oci.tar does not exist on c2605-n1"
+    )
+    assert reasons["planted source"] == (
+        f"the image source /tmp/{planted.name} on c2605-n1 may be changed by users other "
+        f"than {c2605.user}; not used"
     )
     assert "could not convert the image garbage" in reasons["corrupt archive"]
     assert (

@@ -190,7 +190,7 @@ def test_a_ready_image_file_is_used_in_place(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert calls == [f"apptainer exec {sif} true"]
     done, _ = run(tmp_path, {**APPTAINER, "image_source": str(tmp_path / "gone.sif")})
-    assert done.stdout.startswith(f"failed: the image {tmp_path}/gone.sif is missing on ")
+    assert done.stdout.startswith(f"failed: the image {tmp_path}/gone.sif does not exist on ")
 
 
 def test_two_jobs_at_once_convert_once(tmp_path: Path) -> None:
@@ -219,7 +219,7 @@ def test_an_image_or_cache_others_may_write_is_not_run(tmp_path: Path) -> None:
     (cache / "vllm-1.sif").chmod(0o666)
     runtime = {**APPTAINER, "image_cache": str(cache)}
     done, calls = run(tmp_path, runtime)
-    assert done.stdout.startswith(f"failed: the cached image {cache}/vllm-1.sif may have been")
+    assert done.stdout.startswith(f"failed: the cached image {cache}/vllm-1.sif on ")
     assert calls == []
     (cache / "vllm-1.sif").unlink()
     cache.chmod(0o777)  # writable by all, and not sticky
@@ -241,7 +241,7 @@ def test_an_image_in_a_cache_others_may_change_is_not_run(tmp_path: Path) -> Non
     public.chmod(0o777)  # not sticky: cache/ could be swapped for another folder
     done, calls = run(tmp_path, {**APPTAINER, "image_cache": str(cache)})
     assert done.stdout.startswith(f"failed: the image cache {cache} on ")
-    assert "may change it" in done.stdout
+    assert "may be changed by users other than" in done.stdout
     assert calls == []
     cache.chmod(0o777)
     public.chmod(0o755)
@@ -256,14 +256,14 @@ def test_a_source_others_may_change_is_not_converted(tmp_path: Path) -> None:
     source.write_text("archive")
     source.chmod(0o666)
     done, calls = run(tmp_path, {**APPTAINER, "image_source": f"oci-archive:{source}"})
-    assert done.stdout.startswith(f"failed: the image source {source} is missing on ")
+    assert done.stdout.startswith(f"failed: the image source {source} on ")
     assert calls == []
     ready = tmp_path / "drop" / "site.sif"
     ready.write_text("image")
     source.chmod(0o644)
     tmp_path.joinpath("drop").chmod(0o777)
     done, calls = run(tmp_path, {**APPTAINER, "image_source": str(ready)})
-    assert done.stdout.startswith(f"failed: the image {ready} is missing on ")
+    assert done.stdout.startswith(f"failed: the image {ready} on ")
     assert calls == []
 
 
