@@ -20,7 +20,7 @@ IMAGE="localhost/gateway-vllm-cpu:${TAG}"
 BASE="localhost/slurm-gateway-base:bookworm-slim-2"
 ARCHIVE="${ROOT}/images/vllm-cpu-${TAG}.oci.tar"
 # The clusters whose nodes run containers (cluster.sh installs Apptainer there).
-CLUSTERS=(${GATEWAY_CONTAINER_CLUSTERS:-c2605})
+CLUSTERS=(c2605)
 export CONTAINERS_CONF="${HERE}/../image/containers.conf"
 
 log() { printf '[vllm-image %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
