@@ -98,6 +98,7 @@ async def ramp(cluster: LocalCluster, folder: Path) -> str:
     ramp = Ramp(fleet, model)
     rows: list[str] = []
     ran: set[int] = set()
+    seen: list[set[int]] = []
     most = 0
     try:
         fleet.declare(
@@ -118,20 +119,13 @@ async def ramp(cluster: LocalCluster, folder: Path) -> str:
                 jobs = await asyncio.to_thread(fleet.squeue, STUB)
                 ran |= {job for job, state, _ in jobs if state == "RUNNING"}
                 staying = [m for m in status["members"] if not m["leaving"]]
-                # A twin two gateways submitted for one step waits its
-                # idempotency hold (a begin time) until one is cancelled: the
-                # cancelled one never runs, so the count leaves held jobs out
-                # (and `ran` below counts every job that ever ran).
-                held = [
-                    job for job, state, why in jobs if state == "PENDING" and why == "BeginTime"
-                ]
-                most = max(most, len(jobs) - len(held))
+                seen.append({job for job, _, _ in jobs})
+                most = max(most, len(jobs))
                 rows.append(
                     f"{time.monotonic() - began:5.0f} s | workers {workers} | "
                     f"wanted {status['replicas']['wanted']} | running "
                     f"{status['replicas']['running']} | staying {len(staying)} | "
-                    f"squeue {len(jobs)} ({len(held)} held) | "
-                    f"load/replica {status['scaling']['load_per_replica']}"
+                    f"squeue {len(jobs)} | load/replica {status['scaling']['load_per_replica']}"
                 )
                 await asyncio.sleep(3)
         status = await fleet.deployment(name)
@@ -141,7 +135,11 @@ async def ramp(cluster: LocalCluster, folder: Path) -> str:
         print("decisions (gateway 0):\n  " + "\n  ".join(decisions))
         assert status["replicas"]["wanted"] == 0, status
         assert not await asyncio.to_thread(fleet.squeue, STUB)
-        assert most <= 3, rows
+        # When both gateways decide a step, the later one's twin job waits its
+        # idempotency hold and is cancelled before it runs: squeue may list it
+        # for a moment. Replicas are the jobs that ran; never more than 3 at once.
+        at_once = max(len(ids & ran) for ids in seen)
+        assert at_once <= 3, rows
         assert not ramp.failures, ramp.failures[:5]
         assert max(int(r.split("wanted ")[1].split()[0]) for r in rows) == 3, rows
         # One job per slot a scale step opened: 1 at the first request, 2 more at 6.
@@ -149,7 +147,8 @@ async def ramp(cluster: LocalCluster, folder: Path) -> str:
         return (
             f"elastic ramp on {cluster.name}: 0 -> 1 -> 3 -> 1 -> 0 replicas, "
             f"{sum(ramp.answers.values())} requests {dict(ramp.answers)}, 0 failed; "
-            f"squeue never over {most} (held twins apart); {len(ran)} jobs ran for 3 slots"
+            f"at most {at_once} replicas at once (squeue {most} with twins); "
+            f"{len(ran)} jobs ran for 3 slots"
         )
     finally:
         ramp.set(0)

@@ -15,16 +15,20 @@ from pathlib import Path
 from typing import Any
 
 NOBODY = 65534
+# Signals at their defaults, as slurmstepd starts a job: a suite started in
+# the background inherits SIGINT ignored (bash without job control does that),
+# and a script cannot trap a signal it was started ignoring.
+DEFAULT_SIGNALS = ["env", "--default-signal=INT,QUIT"]
 
 
 def unprivileged(argv: Sequence[str]) -> list[str]:
     """``argv``, run as nobody when the tests run as root."""
     if os.geteuid() != 0:
-        return list(argv)
+        return [*DEFAULT_SIGNALS, *argv]
     if shutil.which("setpriv") is None:
         raise RuntimeError("tests that run scripts as root need setpriv (util-linux)")
     return [
-        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        *DEFAULT_SIGNALS, "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
         "--no-new-privs", "--inh-caps=-all", *argv,
     ]  # fmt: skip
 
