@@ -23,6 +23,7 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -144,9 +145,21 @@ def _kubelet(scope: Scope) -> bool:
     return False
 
 
+def _fresh_ids() -> Iterator[str]:
+    """Random ids of 16 hex digits, read from the kernel 256 at a time (one
+    read a request was 3 % of a proxied request's CPU)."""
+    while True:
+        block = secrets.token_hex(8 * 256)
+        for start in range(0, len(block), 16):
+            yield block[start : start + 16]
+
+
+_IDS = _fresh_ids()
+
+
 def _request_id(scope: Scope) -> tuple[str, str | None]:
     """The request's id, and the caller's own when it sent a usable one."""
-    ours = secrets.token_hex(8)
+    ours = next(_IDS)
     for name, value in scope["headers"]:
         if name == HEADER:
             if _TOKEN.fullmatch(value):

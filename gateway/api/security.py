@@ -20,7 +20,7 @@ from litestar.middleware.authentication import (
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
 from litestar.types import ASGIApp
 
-from gateway.auth.authenticate import Authenticator
+from gateway.auth.authenticate import Authenticator, credentials
 from gateway.core.principal import Principal
 
 BEARER = "bearer"
@@ -35,8 +35,11 @@ class AuthenticationMiddleware(AbstractAuthenticationMiddleware):
         self.authenticator = authenticator
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
-        client = connection.client.host if connection.client else None
-        principal = await self.authenticator.authenticate(connection.headers, client=client)
+        scope = connection.scope
+        peer = scope.get("client")
+        client = peer[0] if peer else None
+        headers = credentials(scope["headers"])
+        principal = await self.authenticator.authenticate(headers, client=client)
         return AuthenticationResult(user=principal, auth=principal.method)
 
 

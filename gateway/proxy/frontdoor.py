@@ -25,7 +25,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import aiohttp
 import msgspec
 import structlog
 from litestar.types import Receive, Scope, Send
@@ -49,6 +48,7 @@ from gateway.upstream.answers import (
     read_all,
 )
 from gateway.upstream.limits import Lease, tenant_of
+from gateway.upstream.pool import Response
 from gateway.upstream.vllm import LARGE_ANSWER, VllmClient
 
 log = structlog.get_logger(__name__)
@@ -243,7 +243,7 @@ class FrontDoor:
 
     @staticmethod
     async def _pass(
-        response: aiohttp.ClientResponse,
+        response: Response,
         deadline: float,
         started: float,
         headers: list[tuple[bytes, bytes]],
@@ -290,7 +290,7 @@ class FrontDoor:
 
     @staticmethod
     async def _stream(
-        response: aiohttp.ClientResponse,
+        response: Response,
         deadline: float,
         started: float,
         headers: list[tuple[bytes, bytes]],

@@ -11,7 +11,7 @@ error shape, and ``scope["user"]`` is the caller.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -20,6 +20,10 @@ from gateway.proxy.prompts import Prompting, fast_path
 
 PROMPT = "proxy.prompt"
 RELAY = "proxy.relay"
+# Set by the front (front.py) in a scope it hands to Litestar: the failure to
+# raise in place of the data path, or that the prompt goes to its handler.
+RAISED = "gateway.front.raised"
+TO_HANDLER = "gateway.front.to_handler"
 
 
 class DataPath(Protocol):
@@ -39,6 +43,13 @@ def data_path(wiring: DataPath) -> Callable[[ASGIApp], ASGIApp]:
         async def answer(scope: Scope, receive: Receive, send: Send) -> None:
             handler = scope.get("route_handler")
             opt = handler.opt if handler is not None else {}
+            marks = cast(dict[str, Any], scope)
+            raised = marks.pop(RAISED, None)
+            if raised is not None:
+                raise raised
+            if TO_HANDLER in marks:
+                await app(scope, receive, send)
+                return
             if PROMPT in opt:
                 prompting: Prompting | None = getattr(wiring, "prompting", None)
                 if prompting is not None:  # not before the app has started

@@ -4,8 +4,7 @@ budget) or piece by piece as it arrives, with its failures as the gateway's.
 Each reader takes the request's deadline (loop time): a piece that arrives
 after it ends the answer with a timeout, so an upstream that trickles a byte
 at a time cannot hold it longer; one that sends nothing meets the pool's
-per-read timeout. (aiohttp's own total timeout cost ~10 µs of CPU a
-request: a timer, and a context around every read.)"""
+per-read timeout.)"""
 
 from __future__ import annotations
 
@@ -15,10 +14,10 @@ import math
 from collections.abc import AsyncGenerator
 from typing import Any, NamedTuple
 
-import aiohttp
 import msgspec
 
 from gateway.upstream.limits import Lease
+from gateway.upstream.pool import Response
 
 # The most a model list, a probe's answer or an error answer may take.
 SMALL_ANSWER = 1024 * 1024
@@ -51,24 +50,24 @@ class _ErrorBody(msgspec.Struct, frozen=True):
 class Opened(NamedTuple):
     """An answer with its body still to be read, and the request's deadline."""
 
-    response: aiohttp.ClientResponse
+    response: Response
     deadline: float = math.inf
 
 
 async def iter_chunks(
-    response: aiohttp.ClientResponse, deadline: float = math.inf
+    response: Response, deadline: float = math.inf
 ) -> AsyncGenerator[bytes, None]:
     """The answer's body as it arrives. Closing the iterator (a client that
     went away) closes the upstream connection, which makes vLLM abort."""
     loop = asyncio.get_running_loop()
     try:
-        async for chunk in response.content.iter_any():
+        while chunk := await response.read():
             if loop.time() > deadline:
                 raise TimeoutError
             yield chunk
     except TimeoutError:
         raise UpstreamUnavailable("vLLM's answer ran out of time", timeout=True) from None
-    except (aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:
         raise UpstreamUnavailable(f"the stream from vLLM broke off: {type(exc).__name__}") from None
     finally:
         # Closed, not released: an unfinished answer must end the upstream
@@ -78,7 +77,7 @@ async def iter_chunks(
 
 
 async def iter_answer(
-    response: aiohttp.ClientResponse, limit: int, deadline: float = math.inf
+    response: Response, limit: int, deadline: float = math.inf
 ) -> AsyncGenerator[bytes, None]:
     """A whole (not streamed) answer's body as it arrives, refused past
     ``limit`` bytes; released for reuse once read whole, else closed."""
@@ -86,7 +85,7 @@ async def iter_answer(
     size = 0
     whole = False
     try:
-        async for chunk in response.content.iter_any():
+        while chunk := await response.read():
             if loop.time() > deadline:
                 raise TimeoutError
             size += len(chunk)
@@ -97,7 +96,7 @@ async def iter_answer(
         whole = True
     except TimeoutError:
         raise UpstreamUnavailable("vLLM did not answer in time", timeout=True) from None
-    except (aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:
         raise UpstreamUnavailable(f"vLLM is unreachable: {type(exc).__name__}") from None
     finally:
         if whole:
@@ -112,7 +111,7 @@ class Answer(NamedTuple):
 
 
 async def read_all(
-    response: aiohttp.ClientResponse,
+    response: Response,
     limit: int = SMALL_ANSWER,
     lease: Lease | None = None,
     deadline: float = math.inf,

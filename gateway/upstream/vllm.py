@@ -12,12 +12,12 @@ Streams are passed through as vLLM sends them, chunk by chunk.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
-import aiohttp
 import msgspec
 
 from gateway.requestid import REQUEST_ID
@@ -32,7 +32,7 @@ from gateway.upstream.answers import (
     read_all,
 )
 from gateway.upstream.limits import Lease, Limits
-from gateway.upstream.pool import Pool, TransportFailure
+from gateway.upstream.pool import Pool, Response, TransportFailure
 from gateway.upstream.vllm_metrics import METRICS_ANSWER, Load, parse
 
 Api = Literal["chat", "completions"]
@@ -40,6 +40,11 @@ Api = Literal["chat", "completions"]
 LARGE_ANSWER = 64 * 1024 * 1024
 # Services and models whose API (chat or completions) is remembered.
 _REMEMBERED = 4096
+# What makes each request id sent unique: this process's own random prefix
+# (replicas and workers differ) and a count (a random suffix a request, read
+# from the kernel, was 3 % of a proxied request's CPU).
+_SUFFIX = secrets.token_hex(3)
+_SENT = itertools.count()
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -93,9 +98,9 @@ class Prompt(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class VllmClient:
-    """Straight on aiohttp's connection pool (gateway/upstream/pool.py): on
-    the prompt path even httpx's request and response objects cost as much
-    CPU as the call itself (py-spy under wrk, bench/proxy.py)."""
+    """On the data path's own connection pool (gateway/upstream/pool.py): on
+    the prompt path httpx's and then aiohttp's request and response objects
+    cost as much CPU as the call itself (py-spy under wrk, bench/proxy.py)."""
 
     def __init__(
         self,
@@ -265,7 +270,7 @@ class VllmClient:
         *,
         content: bytes | bytearray | None = None,
         deadline: float | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """The answer's status and headers (by ``deadline``, loop time); its
         body still to be read."""
         headers = auth_headers(key) or {}
@@ -273,7 +278,7 @@ class VllmClient:
         if request_id is not None:
             # vLLM takes it as its engine's request id, and older releases
             # refuse a second one in flight: unique, found by its prefix.
-            headers["X-Request-ID"] = f"{request_id}-{secrets.token_hex(4)}"
+            headers["X-Request-ID"] = f"{request_id}-{_SUFFIX}{next(_SENT):x}"
         if body is not None:
             content = msgspec.json.encode(body)
         if content is not None:
