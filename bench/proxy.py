@@ -16,8 +16,11 @@ before each streamed chunk. In front of the fast one it runs Debian's nginx
 
 Non-streamed: wrk at 1 and 64 connections (req/s, p50, p99). Streamed: an
 aiohttp client at 1 and 32 concurrent streams (streams/s, first-chunk p50).
+For each side, the CPU time its processes used during the test (from
+/proc: all threads, nginx's and the gateway's workers included; for direct,
+the stub's own), per request answered or per streamed chunk (SSE event).
 Then, on the paced stub: the gateway's RSS with 2,000 streams open, and how
-long 500 concurrent 16-chunk streams (3.2 s each on schedule) take, direct
+long 2,000 concurrent 16-chunk streams (3.2 s each on schedule) take, direct
 and through the gateway. Medians of the rounds; ratios of each gateway side
 to direct, nginx and vllm-router.
 
@@ -180,6 +183,13 @@ class Load:
     p50: float  # ms: latency, or first chunk for streams
     p99: float
     errors: int = 0
+    count: int = 0  # requests, or streamed chunks (SSE events), answered
+    cpu: float = 0.0  # seconds of CPU the proxy's processes used meanwhile
+
+    @property
+    def cpu_each(self) -> float:
+        """µs of the proxy's CPU per request, or per streamed chunk."""
+        return 1e6 * self.cpu / self.count if self.count else 0.0
 
 
 @dataclass
@@ -191,11 +201,14 @@ class Results:
 
     def median(self, test: str, side: str) -> Load:
         runs = self.data[(test, side)]
+        middle = sorted(runs, key=lambda r: r.cpu_each)[len(runs) // 2]
         return Load(
             rate=statistics.median(r.rate for r in runs),
             p50=statistics.median(r.p50 for r in runs),
             p99=statistics.median(r.p99 for r in runs),
             errors=sum(r.errors for r in runs),
+            count=middle.count,
+            cpu=middle.cpu,
         )
 
 
@@ -223,6 +236,7 @@ def wrk(url: str, body: dict[str, Any], connections: int, seconds: float) -> Loa
     ).stdout  # fmt: skip
     os.unlink(script.name)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = 0
@@ -230,24 +244,24 @@ def wrk(url: str, body: dict[str, Any], connections: int, seconds: float) -> Loa
         errors += int(m.group(1))
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         errors += sum(int(g) for g in m.groups())
-    return Load(rate, p50, p99, errors)
+    return Load(rate, p50, p99, errors, count=done)
 
 
 async def one_stream(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any]
-) -> tuple[float, float]:
-    """Seconds to the first chunk and to the end of one stream."""
+) -> tuple[float, float, int]:
+    """Seconds to the first chunk and to the end of one stream; its chunks."""
     t0 = time.perf_counter()
     async with session.post(url, json={**body, "stream": True}) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
-        seen = await r.content.readany()
+        seen = bytearray(await r.content.readany())
         first = time.perf_counter() - t0
         async for piece in r.content.iter_any():
-            seen = (seen + piece)[-64:]
-        if b"[DONE]" not in seen:
+            seen += piece
+        if b"[DONE]" not in seen[-64:]:
             raise RuntimeError("the stream ended without [DONE]")
-    return first, time.perf_counter() - t0
+    return first, time.perf_counter() - t0, seen.count(b"data:")
 
 
 async def streams(url: str, body: dict[str, Any], concurrency: int, seconds: float) -> Load:
@@ -255,17 +269,19 @@ async def streams(url: str, body: dict[str, Any], concurrency: int, seconds: flo
     failures: list[str] = []
     errors = 0
     done = 0
+    chunks = 0
     stop_at = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=HEADERS) as session:
 
         async def worker() -> None:
-            nonlocal errors, done
+            nonlocal errors, done, chunks
             while time.monotonic() < stop_at:
                 try:
-                    first, _ = await one_stream(session, url, body)
+                    first, _, events = await one_stream(session, url, body)
                     firsts.append(first)
                     done += 1
+                    chunks += events
                 except (aiohttp.ClientError, RuntimeError) as exc:
                     errors += 1
                     failures.append(repr(exc)[:300])
@@ -281,6 +297,7 @@ async def streams(url: str, body: dict[str, Any], concurrency: int, seconds: flo
         1000 * statistics.median(firsts),
         1000 * firsts[int(0.99 * (len(firsts) - 1))],
         errors,
+        count=chunks,
     )
 
 
@@ -331,6 +348,48 @@ async def open_streams(url: str, body: dict[str, Any], count: int, pid: int) -> 
         release.set()
         await asyncio.gather(*tasks, return_exceptions=True)
     return rss, failed
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (nginx's worker, the gateway's workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time the processes have used, all their threads."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / _TICK
+
+
+def listener(port: int) -> int:
+    """The pid of the process listening on ``port`` (the stub, a Slurm job)."""
+    out = subprocess.run(
+        ["ss", "-Htlnp", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"pid=(\d+)", out)
+    if found is None:
+        raise SystemExit(f"nothing listens on port {port}")
+    return int(found.group(1))
 
 
 def rss_mib(pid: int) -> float:
@@ -417,16 +476,27 @@ async def measure(
             f"gateway {gateway.url} ({gateway.env.get('GATEWAY_WORKERS', '1')} worker)",
             flush=True,
         )
+        assert nginx.process is not None
+        assert router.process is not None
+        pids = {
+            "direct": [listener(int(endpoint.rsplit(":", 1)[1]))],
+            "nginx": process_tree(nginx.process.pid),
+            "vllm-router": [router.process.pid],
+            "gateway": process_tree(gateway.process.pid),
+            "gateway /v1": process_tree(gateway.process.pid),
+        }
         results = Results()
         tests = [("1 conn", 1), ("64 conn", 64), ("1 stream", 1), ("32 streams", 32)]
         for n in range(args.rounds):
             for test, concurrency in tests:
                 for side in SIDES:
                     url, body = urls[side]
+                    before = cpu_seconds(pids[side])
                     if "stream" in test:
                         load = await streams(url, body, concurrency, args.seconds)
                     else:
                         load = await asyncio.to_thread(wrk, url, body, concurrency, args.seconds)
+                    load.cpu = cpu_seconds(pids[side]) - before
                     results.add(test, side, load)
             print(f"round {n + 1} of {args.rounds} done", flush=True)
         report(results, tests)
@@ -460,7 +530,11 @@ async def measure(
 
 def _cell(load: Load, unit: str) -> str:
     errors = f", {load.errors} errors" if load.errors else ""
-    return f"{load.rate:,.0f} {unit} · p50 {load.p50:.2f} · p99 {load.p99:.2f} ms{errors}"
+    each = "chunk" if unit == "streams/s" else "req"
+    return (
+        f"{load.rate:,.0f} {unit} · p50 {load.p50:.2f} · p99 {load.p99:.2f} ms · "
+        f"{load.cpu_each:.0f} µs CPU/{each}{errors}"
+    )
 
 
 def report(results: Results, tests: list[tuple[str, int]]) -> None:
@@ -471,6 +545,19 @@ def report(results: Results, tests: list[tuple[str, int]]) -> None:
         latency = "first chunk" if "stream" in test else "latency"
         cells = " | ".join(_cell(results.median(test, side), unit) for side in SIDES)
         print(f"| {test} ({latency}) | {cells} |")
+    print("\nCPU of each proxy's processes per request (per streamed chunk for streams):\n")
+    print(
+        "| test | nginx | vllm-router | gateway | gateway /v1 | gateway / router | /v1 / router |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for test, _ in tests:
+        each = {side: results.median(test, side).cpu_each for side in SIDES}
+        print(
+            f"| {test} | {each['nginx']:.0f} µs | {each['vllm-router']:.0f} µs | "
+            f"{each['gateway']:.0f} µs | {each['gateway /v1']:.0f} µs | "
+            f"{ratio(each['gateway'], each['vllm-router'])}x | "
+            f"{ratio(each['gateway /v1'], each['vllm-router'])}x |"
+        )
     print("\n| test | side | vs direct | vs nginx | vs vllm-router |")
     print("|---|---|---|---|---|")
     for test, _ in tests:
@@ -482,7 +569,8 @@ def report(results: Results, tests: list[tuple[str, int]]) -> None:
             print(
                 f"| {test} | {side} | {ratio(g.rate, direct.rate)}x rate, "
                 f"+{g.p50 - direct.p50:.2f} ms p50, +{g.p99 - direct.p99:.2f} ms p99 | "
-                f"{ratio(g.rate, nginx.rate)}x rate | {ratio(g.rate, router.rate)}x rate |"
+                f"{ratio(g.rate, nginx.rate)}x rate | {ratio(g.rate, router.rate)}x rate, "
+                f"{ratio(g.p99, router.p99)}x p99 |"
             )
 
 
@@ -493,7 +581,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--open-streams", type=int, default=2000)
-    parser.add_argument("--burst", type=int, default=500)
+    parser.add_argument("--burst", type=int, default=2000)
     parser.add_argument(
         "--auth",
         choices=["key", "none"],

@@ -6,13 +6,17 @@ with deploy/local/tenants.toml, starts one vLLM service of the recipe's
 default tiny chat model through it (served as "tiny-chat"), then runs
 `vllm bench serve` from the cluster's chroot (which shares the host's
 network) in interleaved rounds: gateway, direct, gateway, direct... Each
-round sends the same random dataset (fixed seed) to /v1/completions. The
+round sends the same random dataset (fixed seed) to /v1/completions, at each
+of several request rates (Poisson arrivals; ``inf``: all at once). With
+``--pin`` (the default on a machine of 2 CPUs or more) vLLM's processes run on
+the first CPU and the gateway and the benchmark client on the second, so that
+what the gateway costs is not vLLM's contention for the same core. The
 gateway path uses team-a's API key; the direct path the service's own key
 (vLLM checks it), which only the gateway's secret derives. Prints request
 and output token throughput, mean and median time to first token for both
 paths, and their ratios (gateway / direct). Stops the service at the end.
 
-    python bench/vllm_serve.py [--rounds 2] [--prompts 32] [--input-len 32] [--output-len 16]
+    python bench/vllm_serve.py [--rounds 2] [--prompts 32] [--rates 2,8,inf] [--no-pin]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.proxy import listener, process_tree  # noqa: E402
 from gateway.testing.clusters import LocalCluster, discover, upstream_key  # noqa: E402
 from tests.support.gateway_process import GatewayProcess  # noqa: E402
 
@@ -73,8 +79,23 @@ async def start_service(api: httpx.AsyncClient, limit: float) -> tuple[str, dict
     raise SystemExit(f"service {sid} not running after {limit}s")
 
 
+def pin(pids: list[int], cpu: int) -> None:
+    """Every thread of ``pids`` onto ``cpu``."""
+    for pid in pids:
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", str(cpu), str(pid)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+
 def bench_serve(
-    cluster: LocalCluster, base_url: str, key: str, args: argparse.Namespace, tag: str
+    cluster: LocalCluster,
+    base_url: str,
+    key: str,
+    args: argparse.Namespace,
+    tag: str,
+    rate: str = "inf",
 ) -> dict[str, Any]:
     """One `vllm bench serve` run against ``base_url``; its saved result."""
     # A fresh folder in the chroot's /tmp, for the result and vLLM's caches.
@@ -97,7 +118,10 @@ def bench_serve(
         "--save-result",
         "--result-dir", out_dir,
         "--result-filename", "result.json",
+        "--request-rate", rate,
     ]  # fmt: skip
+    if args.pin:
+        command = ["taskset", "-c", "1", *command]
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": out_dir,
@@ -133,33 +157,43 @@ async def run(cluster: LocalCluster, gateway: GatewayProcess, args: argparse.Nam
         try:
             endpoint: str = status["endpoint"]
             key = await upstream_key(cluster, gateway.env, int(sid))
+            if args.pin:
+                assert gateway.process is not None
+                vllm = process_tree(listener(int(endpoint.rsplit(":", 1)[1])))
+                pin(vllm, 0)
+                pin(process_tree(gateway.process.pid), 1)
             print(
-                f"service {sid} at {endpoint}; {args.rounds} rounds of {args.prompts} prompts, "
-                f"random dataset (seed {args.seed}), input {args.input_len}, "
-                f"output {args.output_len} tokens, all sent at once",
+                f"service {sid} at {endpoint}; {args.rounds} rounds of {args.prompts} prompts "
+                f"at each rate of {args.rates} req/s, random dataset (seed {args.seed}), "
+                f"input {args.input_len}, output {args.output_len} tokens; "
+                + ("vLLM on CPU 0, gateway and client on CPU 1" if args.pin else "not pinned"),
                 flush=True,
             )
             paths = {"gateway": (f"{gateway.url}", TEAM_A), "direct": (endpoint, key)}
             # One untimed round each first: vLLM's first requests are slower.
             for name, (url, credential) in paths.items():
                 await asyncio.to_thread(bench_serve, cluster, url, credential, args, f"warm-{name}")
-            results: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
-            for _ in range(args.rounds):
-                for name, (url, credential) in paths.items():
-                    result = await asyncio.to_thread(
-                        bench_serve, cluster, url, credential, args, name
-                    )
-                    results[name].append(result)
+            results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for rate in args.rates.split(","):
+                print(f"request rate {rate}:", flush=True)
+                for _ in range(args.rounds):
+                    for name, (url, credential) in paths.items():
+                        result = await asyncio.to_thread(
+                            bench_serve, cluster, url, credential, args, name, rate
+                        )
+                        results.setdefault((rate, name), []).append(result)
         finally:
             await api.delete(f"/api/v1/services/{sid}")
-    print(f"\nmedian over {args.rounds} rounds (gateway / direct):")
-    for metric, unit in METRICS.items():
-        gw = statistics.median(r[metric] for r in results["gateway"])
-        direct = statistics.median(r[metric] for r in results["direct"])
-        print(
-            f"  {metric:>18}: gateway {gw:8.2f} {unit:<5}  direct {direct:8.2f} {unit:<5}  "
-            f"ratio {gw / direct:.3f}"
-        )
+    print(f"\nmedians over {args.rounds} rounds:\n")
+    print("| rate (req/s) | metric | gateway | direct | gateway / direct |")
+    print("|---|---|---|---|---|")
+    for rate in args.rates.split(","):
+        for metric, unit in METRICS.items():
+            gw = statistics.median(r[metric] for r in results[(rate, "gateway")])
+            direct = statistics.median(r[metric] for r in results[(rate, "direct")])
+            print(
+                f"| {rate} | {metric} | {gw:.2f} {unit} | {direct:.2f} {unit} | {gw / direct:.3f} |"
+            )
 
 
 def main() -> int:
@@ -170,6 +204,13 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cluster", default="c2205", help="local cluster with the vLLM runtime")
+    parser.add_argument("--rates", default="2,8,inf", help="request rates, comma-separated")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=len(os.sched_getaffinity(0)) >= 2,
+        help="vLLM on CPU 0, the gateway and the client on CPU 1",
+    )
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2")

@@ -25,6 +25,7 @@ from gateway.settings import (
     SettingsError,
     is_loopback,
     load_settings,
+    server_workers,
     unknown_variables,
 )
 
@@ -46,11 +47,12 @@ def main() -> int:
         )
     _say_who_may_call(settings, app)
     _raise_open_files_limit()
+    workers = server_workers(settings)
     config = uvicorn.Config(
         # Several workers each build their app (and job view) from the environment.
-        "gateway.__main__:worker_app" if settings.workers > 1 else _served(app, settings),
-        factory=settings.workers > 1,
-        workers=settings.workers,
+        "gateway.__main__:worker_app" if workers > 1 else _served(app, settings),
+        factory=workers > 1,
+        workers=workers,
         host=settings.listen_host,
         port=settings.port,
         log_level=settings.log_level,
@@ -64,7 +66,7 @@ def main() -> int:
         # cancels them.
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
-    if settings.workers > 1:
+    if workers > 1:
         # Each worker counts in files here; a scrape of any one sums them all.
         # A fresh directory each start: old files would add a past run's counts.
         with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as counts:

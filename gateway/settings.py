@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -36,9 +37,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     port: Port = 8001
     #: uvicorn log level
     log_level: str = "info"
-    #: server processes sharing the port; each is a replica with its own job view, so the
-    #: slurmctld RPC bound of `GATEWAY_VIEW_MIN_GAP_SECONDS` is per worker
-    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    #: server processes sharing the port; 0: one per CPU the gateway may use (its CPU
+    #: affinity and cgroup quota), at most 8. Each is a replica with its own job view:
+    #: the slurmctld RPC bound of `GATEWAY_VIEW_MIN_GAP_SECONDS`, and the per-tenant and
+    #: per-service limits, are per worker
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     #: one JSON line per request on stdout, written straight to the stream (uvicorn's own
     #: access log cost 0.15-0.2 ms of a proxied prompt's 0.5): [logs](operations.md#logs)
     access_log: bool = True
@@ -263,6 +266,28 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[st
             close = difflib.get_close_matches(name.removeprefix(PREFIX).lower(), fields, n=1)
             found.append((name, env_name(close[0]) if close else None))
     return found
+
+
+# The most workers GATEWAY_WORKERS=0 starts: each lists Slurm's jobs on its own.
+AUTO_WORKERS_MAX = 8
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may run on: its affinity, within its cgroup's (v2)
+    quota, which is how Kubernetes applies a CPU limit."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity alone
+    return max(1, cpus)
+
+
+def server_workers(settings: Settings) -> int:
+    """The worker processes to start (``GATEWAY_WORKERS``, 0 resolved)."""
+    return settings.workers or min(usable_cpus(), AUTO_WORKERS_MAX)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

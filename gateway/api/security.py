@@ -8,7 +8,7 @@ path reads the same scope entry.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from litestar.connection import ASGIConnection, Request
 from litestar.enums import HttpMethod
@@ -22,6 +22,7 @@ from litestar.types import ASGIApp
 
 from gateway.auth.authenticate import Authenticator, credentials
 from gateway.core.principal import Principal
+from gateway.proxy.middleware import RAISED
 
 BEARER = "bearer"
 SLURM_TOKEN = "slurmToken"  # noqa: S105 - a scheme name
@@ -36,6 +37,11 @@ class AuthenticationMiddleware(AbstractAuthenticationMiddleware):
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
         scope = connection.scope
+        raised = cast(dict[str, Any], scope).pop(RAISED, None)
+        if raised is not None:
+            # The front (gateway/proxy/front.py) authenticated already, or
+            # tried: what it failed on is raised here, for the route's handlers.
+            raise raised
         peer = scope.get("client")
         client = peer[0] if peer else None
         headers = credentials(scope["headers"])

@@ -9,12 +9,13 @@ it can do so exactly as Litestar would: it authenticates the caller with the
 same authenticator, counts the request in the same metrics under the same
 route template, and runs the same data path.
 
-Anything else goes to Litestar unchanged: another route or method, a caller
-whose credentials do not check out (Litestar authenticates again and refuses
-in the route's error shape), and every failure raised before the answer
-started, which Litestar raises again in place of the data path (middleware.py,
-``RAISED``) so that its exception handlers answer in the route's shape and its
-middleware count it. Nothing was sent by then, and the body was read already.
+Anything else goes to Litestar: another route or method, unchanged; a caller
+whose credentials do not check out, and every failure raised before the
+answer started, marked in the scope (``RAISED``): Litestar's authentication
+middleware raises it again instead of checking the caller (a Slurm token is
+not checked twice), so that its exception handlers answer in the route's
+shape and its middleware count it. Nothing was sent by then; the body was
+read already, and is not read again.
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ class Front:
             principal = await self._authenticator.authenticate(
                 credentials(scope["headers"]), client=peer[0] if peer else None
             )
-        except Exception:
-            await self.app(scope, receive, send)  # Litestar refuses it in the route's shape
+        except Exception as exc:
+            # Litestar refuses it in the route's shape, without checking again.
+            cast(dict[str, Any], scope)[RAISED] = exc
+            await self.app(scope, receive, send)
             return
         scope["user"] = principal
         scope["auth"] = principal.method

@@ -17,7 +17,7 @@ import httpx
 from litestar import Litestar
 from litestar.types import HTTPDisconnectEvent, HTTPRequestEvent, Message, ReceiveMessage
 
-from gateway.app import create_app
+from gateway.app import create_app, served
 from gateway.core.services import Service
 from gateway.settings import Settings
 from tests.support.app import TENANTS, app_client, stub_settings
@@ -60,7 +60,8 @@ class Gateway:
 
     async def chat(self, who: dict[str, str], model: str, **more: Any) -> httpx.Response:
         body = json.dumps({"model": model, "messages": [], **more}).encode()
-        return await self.client.post(CHAT, content=body, headers=who)
+        headers = {"Content-Type": "application/json", **who}
+        return await self.client.post(CHAT, content=body, headers=headers)
 
     async def prompt(self, who: dict[str, str], sid: str, **more: Any) -> httpx.Response:
         body = {"prompt": "hi", **more}
@@ -68,12 +69,20 @@ class Gateway:
 
 
 @asynccontextmanager
-async def gateway(settings: Settings, *services: Service) -> AsyncIterator[Gateway]:
-    """The app in this loop, its data path built from ``settings``."""
+async def gateway(
+    settings: Settings, *services: Service, front: bool = True
+) -> AsyncIterator[Gateway]:
+    """The app in this loop, its data path built from ``settings``, served as
+    in production (the access log, the front: gateway/proxy/front.py); with
+    ``front=False`` the bare Litestar app, whose own data path middleware
+    answers the same routes."""
     app = create_app(settings)
     given(app, list(services))
     limits = httpx.Limits(max_connections=None)
-    async with app_client(app, timeout=60, limits=limits) as client:
+    outer = served(app, settings) if front else None
+    # A loopback name: without authentication the web-page guard refuses others.
+    where = "http://127.0.0.1:8001"
+    async with app_client(app, outer, base_url=where, timeout=60, limits=limits) as client:
         yield Gateway(app, client)
 
 

@@ -35,6 +35,9 @@ class GatewayProcess(Running):
             "GATEWAY_SITE_FILE": str(ROOT / "deploy" / "local" / "site.toml"),
             "GATEWAY_RECIPES_DIRS": f"{ROOT / 'recipes'}:{ROOT / 'tests' / 'recipes'}",
             "GATEWAY_HEALTH_CACHE_SECONDS": "1",
+            # One process, as the tests count what it holds and does (the
+            # default is one per CPU).
+            "GATEWAY_WORKERS": "1",
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None

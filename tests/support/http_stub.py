@@ -28,6 +28,7 @@ class Stub:
     url: str
     port: int = 0
     seen: list[Seen] = field(default_factory=list)
+    connections: int = 0  # accepted so far
 
     def paths(self) -> list[str]:
         return [s.path for s in self.seen]
@@ -46,6 +47,7 @@ async def http_stub(answer: Answer, host: str = "127.0.0.1") -> AsyncIterator[St
     stub = Stub("")
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stub.connections += 1
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")

@@ -1,12 +1,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jwt
 import pytest
 
-from gateway.settings import SettingsError, SlurmAuthMode, load_settings
+from gateway.settings import (
+    AUTO_WORKERS_MAX,
+    SettingsError,
+    SlurmAuthMode,
+    load_settings,
+    server_workers,
+    usable_cpus,
+)
 from gateway.slurm import StaticToken
 from gateway.wiring import metadata_codec, token_provider
 
@@ -181,3 +189,16 @@ def test_slurm_token_check_budgets() -> None:
         with pytest.raises(SettingsError) as info:
             load_settings({**BASE, f"GATEWAY_SLURM_TOKEN_CHECKS_{variable}": "0"})
         assert str(info.value).startswith(f"GATEWAY_SLURM_TOKEN_CHECKS_{variable}: Expected")
+
+
+def test_workers_default_to_the_cpus_the_gateway_may_use(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == affinity  # no cgroup quota to read
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a limit of 1.5 CPUs
+    assert usable_cpus(tmp_path) == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == affinity
+    defaults = load_settings(BASE)
+    assert defaults.workers == 0
+    assert server_workers(defaults) == min(usable_cpus(), AUTO_WORKERS_MAX)
+    assert server_workers(load_settings({**BASE, "GATEWAY_WORKERS": "3"})) == 3
