@@ -333,6 +333,8 @@ async def open_streams(url: str, body: dict[str, Any], count: int, pid: int) -> 
             try:
                 async with session.post(url, json={**body, "stream": True}) as r:
                     await r.content.readany()
+                    if r.status != 200:
+                        raise aiohttp.ClientResponseError(r.request_info, (), status=r.status)
                     opened += 1
                     if opened + failed == count:
                         all_open.set()
@@ -604,6 +606,10 @@ def main() -> int:
         GATEWAY_RECIPES_DIRS=recipes,
         GATEWAY_WORKERS=str(args.workers),
         GATEWAY_HEALTH_CACHE_SECONDS="3",
+        # Room for the 2,000-stream runs at one service (1,024 by default):
+        # what they measure is the proxy, not its bounds.
+        GATEWAY_VLLM_MAX_PER_SERVICE="4096",
+        GATEWAY_VLLM_MAX_PER_TENANT="4096",
         **auth_env,
     ) as gateway:
         asyncio.run(run(args, cluster, gateway))

@@ -8,7 +8,6 @@ per-read timeout.)"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 from collections.abc import AsyncGenerator
@@ -59,9 +58,9 @@ async def iter_chunks(
 ) -> AsyncGenerator[bytes, None]:
     """The answer's body as it arrives. Closing the iterator (a client that
     went away) closes the upstream connection, which makes vLLM abort."""
-    loop = asyncio.get_running_loop()
+    loop = response.loop
     try:
-        while chunk := await response.read():
+        while chunk := await response.read(deadline):
             if loop.time() > deadline:
                 raise TimeoutError
             yield chunk
@@ -81,11 +80,11 @@ async def iter_answer(
 ) -> AsyncGenerator[bytes, None]:
     """A whole (not streamed) answer's body as it arrives, refused past
     ``limit`` bytes; released for reuse once read whole, else closed."""
-    loop = asyncio.get_running_loop()
+    loop = response.loop
     size = 0
     whole = False
     try:
-        while chunk := await response.read():
+        while chunk := await response.read(deadline):
             if loop.time() > deadline:
                 raise TimeoutError
             size += len(chunk)

@@ -37,7 +37,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self._on_free = on_free
         self._parser = httptools.HttpResponseParser(self)
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -82,7 +82,7 @@ class Connection(asyncio.Protocol):
         self.close()
 
     def pause_writing(self) -> None:
-        self._drained = self._loop.create_future()
+        self._drained = self.loop.create_future()
 
     def resume_writing(self) -> None:
         self._wake_writer()
@@ -147,15 +147,15 @@ class Connection(asyncio.Protocol):
         """Until the answer's status and headers have come: TimeoutError at
         ``deadline`` (loop time), or when nothing comes for ``idle`` seconds."""
         while not self._headers_done:
-            await self._wait(min(self._loop.time() + idle, deadline))
+            await self._wait(min(self.loop.time() + idle, deadline))
 
-    async def read(self, idle: float) -> bytes:
+    async def read(self, idle: float, deadline: float) -> bytes:
         """The body's next pieces (all that has come, joined), b"" at its end;
-        TimeoutError when nothing comes for ``idle`` seconds."""
+        TimeoutError when nothing comes for ``idle`` seconds, or at ``deadline``."""
         while not self._pieces:
             if self._complete:
                 return b""
-            await self._wait(self._loop.time() + idle)
+            await self._wait(min(self.loop.time() + idle, deadline))
         if len(self._pieces) == 1:
             data = self._pieces.popleft()
         else:
@@ -174,7 +174,7 @@ class Connection(asyncio.Protocol):
             return
         if self._complete and not self._pieces and self._keep_alive:
             self._reset()
-            self.idle_since = self._loop.time()
+            self.idle_since = self.loop.time()
             self._on_free(self, True)
         else:
             self.close()
@@ -195,8 +195,8 @@ class Connection(asyncio.Protocol):
             raise self._error
         if self.closed:
             raise Disconnected("the connection was closed")
-        waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_at(until, self._time_out, waiter)
+        waiter = self._waiter = self.loop.create_future()
+        timer = self.loop.call_at(until, self._time_out, waiter)
         try:
             await waiter
         finally:

@@ -5,6 +5,7 @@ with whole requests' deadlines."""
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import deque
 from collections.abc import Mapping
@@ -34,20 +35,22 @@ class Response:
     """An answer whose body is still to be read: ``read`` it, then ``release``
     (or ``close``) it."""
 
-    __slots__ = ("_connection", "_timeout", "content_length", "content_type", "status")
+    __slots__ = ("_connection", "_timeout", "content_length", "content_type", "loop", "status")
 
     def __init__(self, connection: Connection, timeout: float) -> None:
         self._connection = connection
+        # Kept: asyncio.get_running_loop() costs a getpid() system call each time.
+        self.loop = connection.loop
         self._timeout = timeout
         self.status = connection.status
         self.content_type = connection.content_type
         self.content_length = connection.content_length
 
-    async def read(self) -> bytes:
+    async def read(self, deadline: float = math.inf) -> bytes:
         """What has come of the body since the last read; b"" at its end.
-        TimeoutError when nothing comes for the pool's ``timeout``; an
-        OSError when the service breaks off."""
-        return await self._connection.read(self._timeout)
+        TimeoutError when nothing comes for the pool's ``timeout``, or at
+        ``deadline`` (loop time); an OSError when the service breaks off."""
+        return await self._connection.read(self._timeout, deadline)
 
     def release(self) -> None:
         self._connection.release()
@@ -110,6 +113,7 @@ class Pool:
         self._waiting: deque[tuple[str, asyncio.Future[Connection | None]]] = deque()
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one its connections are of
 
     async def open(
         self,
@@ -133,7 +137,10 @@ class Pool:
         if content is not None or method in ("POST", "PUT", "PATCH"):
             head += b"Content-Length: %d\r\n" % len(content or b"")
         head += b"\r\n"
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # Kept: asyncio.get_running_loop() costs a getpid() system call each time.
+            loop = self._loop = asyncio.get_running_loop()
         connection = await self._acquire(target, loop)
         try:
             await connection.send(bytes(head), content)
