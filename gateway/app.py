@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
         )
         services.view.start()
         reconciler.start()
-        _collect_less()
+        _freeze_startup_objects()
         try:
             yield
         finally:
@@ -210,7 +210,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
     )
 
 
-def _collect_less() -> None:
+def _freeze_startup_objects() -> None:
     """The start-up's objects (the app, its routes and schemas, the recipes)
     kept out of every later collection: the collector's passes over them were
     the proxied requests' longest stalls (p99 at 32 streams 70 ms with them,

@@ -20,7 +20,7 @@ from litestar.middleware.authentication import (
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
 from litestar.types import ASGIApp
 
-from gateway.auth.authenticate import Authenticator, credentials
+from gateway.auth.authenticate import Authenticator
 from gateway.core.principal import Principal
 from gateway.proxy.middleware import RAISED
 
@@ -42,10 +42,7 @@ class AuthenticationMiddleware(AbstractAuthenticationMiddleware):
             # The front (gateway/proxy/front.py) authenticated already, or
             # tried: what it failed on is raised here, for the route's handlers.
             raise raised
-        peer = scope.get("client")
-        client = peer[0] if peer else None
-        headers = credentials(scope["headers"])
-        principal = await self.authenticator.authenticate(headers, client=client)
+        principal = await self.authenticator.authenticate_asgi(scope)
         return AuthenticationResult(user=principal, auth=principal.method)
 
 

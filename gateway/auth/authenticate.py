@@ -305,6 +305,12 @@ class Authenticator:
             found.append("Slurm tokens (X-SLURM-USER-TOKEN)")
         return found
 
+    async def authenticate_asgi(self, scope: Mapping[str, Any]) -> Principal:
+        """``authenticate`` of an ASGI request: its raw headers and its peer."""
+        peer = scope.get("client")
+        client = peer[0] if peer else None
+        return await self.authenticate(credentials(scope["headers"]), client=client)
+
     async def authenticate(
         self, headers: Mapping[str, str], *, client: str | None = None
     ) -> Principal:

@@ -27,7 +27,7 @@ from typing import Any, cast
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth.authenticate import Authenticator, credentials
+from gateway.auth.authenticate import Authenticator
 from gateway.metrics import IN_FLIGHT, REQUESTS, series
 from gateway.proxy.frontdoor import relay_request
 from gateway.proxy.middleware import PROMPT, RAISED, RELAY, TO_HANDLER, DataPath
@@ -84,11 +84,8 @@ class Front:
             await self.app(scope, receive, send)  # not the data path's, or not started
             return
         route, value = matched
-        peer = scope.get("client")
         try:
-            principal = await self._authenticator.authenticate(
-                credentials(scope["headers"]), client=peer[0] if peer else None
-            )
+            principal = await self._authenticator.authenticate_asgi(scope)
         except Exception as exc:
             # Litestar refuses it in the route's shape, without checking again.
             cast(dict[str, Any], scope)[RAISED] = exc

@@ -20,8 +20,9 @@ from gateway.proxy.prompts import Prompting, fast_path
 
 PROMPT = "proxy.prompt"
 RELAY = "proxy.relay"
-# Set by the front (front.py) in a scope it hands to Litestar: the failure to
-# raise in place of the data path, or that the prompt goes to its handler.
+# Set by the front (front.py) in a scope it hands to Litestar: the failure that
+# Litestar's authentication middleware raises instead of checking the caller
+# (api/security.py), or that the prompt goes to its handler.
 RAISED = "gateway.front.raised"
 TO_HANDLER = "gateway.front.to_handler"
 
@@ -43,11 +44,8 @@ def data_path(wiring: DataPath) -> Callable[[ASGIApp], ASGIApp]:
         async def answer(scope: Scope, receive: Receive, send: Send) -> None:
             handler = scope.get("route_handler")
             opt = handler.opt if handler is not None else {}
-            marks = cast(dict[str, Any], scope)
-            raised = marks.pop(RAISED, None)
-            if raised is not None:
-                raise raised
-            if TO_HANDLER in marks:
+            # (RAISED is raised by the authentication middleware, before this one.)
+            if TO_HANDLER in cast(dict[str, Any], scope):
                 await app(scope, receive, send)
                 return
             if PROMPT in opt:

@@ -40,7 +40,6 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:

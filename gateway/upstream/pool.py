@@ -62,7 +62,7 @@ class Response:
 class _Target:
     """What a URL's requests need, split once (URLs repeat: a service's routes)."""
 
-    __slots__ = ("host", "key", "path", "port", "prefix", "tls")
+    __slots__ = ("host", "key", "port", "prefix", "tls")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -200,7 +200,7 @@ class Pool:
                 if entry in self._waiting:
                     self._waiting.remove(entry)
                 elif waiter.done() and not waiter.cancelled():
-                    self._pass_on(key, waiter.result())  # given as this one gave up
+                    self._pass_on(waiter.result())  # given as this one gave up
                 if isinstance(exc, TimeoutError):
                     raise TransportFailure("PoolTimeout", timeout=True, unsent=True) from exc
                 raise
@@ -261,7 +261,7 @@ class Pool:
             idle.remove(connection)
         self._gone(key)
 
-    def _pass_on(self, key: str, handed: Connection | None) -> None:
+    def _pass_on(self, handed: Connection | None) -> None:
         if handed is not None:
             self._freed(handed, True)
         else:

@@ -6,6 +6,8 @@ every refusal in its route's error shape."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway.auth.authenticate import Authenticator
-from tests.support.front_door import TEAM_A, gateway, openai_error, settings_with
+from tests.support.front_door import TEAM_A, Gateway, gateway, openai_error, settings_with
 from tests.support.http_stub import Seen, http_stub, response
 from tests.support.services import service
 
@@ -36,6 +38,16 @@ async def answer(seen: Seen, writer: asyncio.StreamWriter) -> None:
     writer.write(response(200, COMPLETION))
 
 
+@asynccontextmanager
+async def one_service(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """The gateway, served as in production, with service 1 (model "m") answering."""
+    async with (
+        http_stub(answer) as up,
+        gateway(settings_with(tmp_path), service("1", url=up.url)) as gw,
+    ):
+        yield gw
+
+
 @pytest.fixture
 def checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Each check of a caller's credentials, by the Authorization it read."""
@@ -55,10 +67,7 @@ async def test_a_relayed_request_is_counted_and_checked_once_whoever_answers_it(
 ) -> None:
     chat = "/v1/chat/completions"
     before = {status: counted(chat, status) for status in (200, 401, 404)}
-    async with (
-        http_stub(answer) as up,
-        gateway(settings_with(tmp_path), service("1", url=up.url)) as gw,
-    ):
+    async with one_service(tmp_path) as gw:
         ok = await gw.chat(TEAM_A, "m")
         refused = await gw.chat(WRONG, "m")
         unknown = await gw.chat(TEAM_A, "no-such-model")
@@ -76,10 +85,7 @@ async def test_a_relayed_request_is_counted_and_checked_once_whoever_answers_it(
 
 async def test_the_prompt_route_keeps_its_handler_for_what_it_refuses(tmp_path: Path) -> None:
     before = {status: counted(PROMPT_ROUTE, status) for status in (200, 401, 422)}
-    async with (
-        http_stub(answer) as up,
-        gateway(settings_with(tmp_path), service("1", url=up.url)) as gw,
-    ):
+    async with one_service(tmp_path) as gw:
         ok = await gw.prompt(TEAM_A, "1")
         refused = await gw.prompt(WRONG, "1")
         bad = await gw.prompt(TEAM_A, "1", max_tokens=0)
