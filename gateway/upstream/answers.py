@@ -69,10 +69,10 @@ async def iter_chunks(
     except OSError as exc:
         raise UpstreamUnavailable(f"the stream from vLLM broke off: {type(exc).__name__}") from None
     finally:
-        # Closed, not released: an unfinished answer must end the upstream
-        # request (vLLM aborts on the disconnect). Synchronous, so a
-        # cancelled client cannot interrupt it.
-        response.close()
+        # Kept alive only if the answer ended; an unfinished one is closed,
+        # which ends the upstream request (vLLM aborts on the disconnect).
+        # Synchronous, so a cancelled client cannot interrupt it.
+        response.release()
 
 
 async def iter_answer(
