@@ -29,6 +29,7 @@ from gateway.api.openai_errors import openai_error
 from gateway.api.recipes import RecipesController
 from gateway.api.services import ServicesController
 from gateway.api.vllm import VllmController
+from gateway.api.vllm_apis import VllmApisController
 from gateway.auth.authenticate import Authenticator
 from gateway.core.deployments.plan import Timing
 from gateway.core.deployments.reconciler import Reconciler
@@ -183,6 +184,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             RecipesController,
             VllmController,
             OpenAIController,
+            VllmApisController,
             MetricsController,
         ],
         dependencies={

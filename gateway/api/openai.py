@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
@@ -76,7 +77,7 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
 
 # Each type the app maps to problem details (problems.plugin()) is mapped here
 # too: the most specific class in an exception's MRO wins, at any layer.
-_HANDLERS: ExceptionHandlersMap = {
+OPENAI_HANDLERS: ExceptionHandlersMap = {
     cls: openai_error
     for cls in (
         GatewayError,
@@ -89,9 +90,18 @@ _HANDLERS: ExceptionHandlersMap = {
 }
 
 
-def _relayed_route(path: str, operation_id: str, summary: str, *, stream: bool) -> post:
-    """A POST the data path answers (gateway/proxy/middleware.py), documented
-    as vLLM's answer."""
+def relayed_route(
+    path: str,
+    operation_id: str,
+    summary: str,
+    *,
+    stream: bool,
+    upstream: str | None = None,
+    answer: type[msgspec.Struct] = OpenAIAnswer,
+) -> post:
+    """A POST the data path answers (gateway/proxy/middleware.py), relayed to
+    ``upstream`` (``/v1`` + ``path`` by default) of a service of the body's
+    model; documented as vLLM's answer."""
     return post(
         path,
         operation_id=operation_id,
@@ -99,18 +109,18 @@ def _relayed_route(path: str, operation_id: str, summary: str, *, stream: bool) 
         status_code=200,
         responses={
             **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
-            200: ResponseSpec(OpenAIAnswer, description="vLLM's answer", generate_examples=False),
+            200: ResponseSpec(answer, description="vLLM's answer", generate_examples=False),
         },
         # The JSON answer or a text/event-stream one.
         operation_class=EventStreamOperation if stream else Operation,
-        opt={RELAY: f"/v1{path}"},
+        opt={RELAY: upstream or f"/v1{path}"},
     )
 
 
 class OpenAIController(Controller):
     path = "/v1"
     tags = ("openai",)
-    exception_handlers = _HANDLERS
+    exception_handlers = OPENAI_HANDLERS
 
     @get(
         "/models",
@@ -150,7 +160,7 @@ class OpenAIController(Controller):
             raise ModelNotFound(name, sorted({*models, *asleep}))
         return await _card(front_door, name, models[name])
 
-    @_relayed_route(
+    @relayed_route(
         "/chat/completions",
         "createChatCompletion",
         "A chat completion from a service of the model (streamed with stream=true)",
@@ -159,25 +169,25 @@ class OpenAIController(Controller):
     async def chat_completions(
         self, data: Annotated[ChatCompletionRequest, Body()]
     ) -> OpenAIAnswer:
-        raise _relayed()
+        raise relayed()
 
-    @_relayed_route(
+    @relayed_route(
         "/completions",
         "createCompletion",
         "A completion from a service of the model (streamed with stream=true)",
         stream=True,
     )
     async def completions(self, data: Annotated[CompletionRequest, Body()]) -> OpenAIAnswer:
-        raise _relayed()
+        raise relayed()
 
-    @_relayed_route(
+    @relayed_route(
         "/embeddings", "createEmbedding", "Embeddings from a service of the model", stream=False
     )
     async def embeddings(self, data: Annotated[EmbeddingRequest, Body()]) -> OpenAIAnswer:
-        raise _relayed()
+        raise relayed()
 
 
-def _relayed() -> Exception:
+def relayed() -> Exception:
     # The data path (gateway/proxy/frontdoor.py) answers every request: these handlers
     # exist for the OpenAPI document only.
     return RuntimeError("answered by the relay middleware, which did not run")

@@ -340,6 +340,47 @@ async def test_unknown_v1_paths_answer_in_openais_shape(api: httpx.AsyncClient) 
     assert error_of(wrong_method)["type"] == "invalid_request_error"
 
 
+# -- vLLM's APIs beyond OpenAI's ----------------------------------------------------
+
+
+async def test_vllms_other_apis_reach_the_same_path_of_a_service_of_the_model(
+    api: httpx.AsyncClient, pair: list[str]
+) -> None:
+    # The stub answers them in vLLM's shapes; its ids name the path it was asked.
+    rerank = {"model": MODEL, "query": "q", "documents": ["a", "b", "c"], "top_n": 2}
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):  # Jina's, and Cohere's v2
+        answer = await api.post(path, json=rerank)
+        assert answer.status_code == 200, (path, answer.text)
+        assert answer.json()["id"] == f"rerank-stub{path}"
+        assert [r["index"] for r in answer.json()["results"]] == [0, 1]
+        assert answer.headers["x-gateway-service-id"] in pair
+    score = {"model": MODEL, "queries": "q", "documents": ["a", "b"]}
+    for path in ("/score", "/v1/score"):
+        answer = await api.post(path, json=score)
+        assert answer.status_code == 200, (path, answer.text)
+        assert [d["score"] for d in answer.json()["data"]] == [0.5, 0.5]
+    tokens = await api.post("/tokenize", json={"model": MODEL, "prompt": "hello"})
+    assert tokens.status_code == 200, tokens.text
+    assert tokens.json()["count"] == 5
+    text = await api.post("/detokenize", json={"model": MODEL, "tokens": tokens.json()["tokens"]})
+    assert text.json() == {"prompt": "hello"}
+    embed = await api.post("/v2/embed", json={"model": MODEL, "texts": ["a", "b"]})
+    assert embed.json()["embeddings"]["float"] == [[0.25, -0.5, 1.0]] * 2, embed.text
+    pooled = await api.post("/pooling", json={"model": MODEL, "input": ["a"]})
+    assert pooled.json()["data"][0]["object"] == "pooling", pooled.text
+    classes = await api.post("/classify", json={"model": MODEL, "input": ["a", "b"]})
+    assert [d["label"] for d in classes.json()["data"]] == ["LABEL_0"] * 2, classes.text
+
+    # Routed like /v1: a model the caller's tenant cannot use is not found,
+    # a body without one is refused, both in OpenAI's shape.
+    other = await api.post("/rerank", json=rerank, headers=TEAM_B)
+    assert other.status_code == 404
+    assert error_of(other)["code"] == "model_not_found"
+    unnamed = await api.post("/tokenize", json={"prompt": "hello"})
+    assert unnamed.status_code == 400
+    assert error_of(unnamed)["param"] == "model"
+
+
 async def test_a_model_still_pending_is_503_with_retry_after(
     api: httpx.AsyncClient, services: Services, stub_cluster: LocalCluster
 ) -> None:

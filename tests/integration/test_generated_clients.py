@@ -6,7 +6,8 @@ async API against a real gateway on cluster c2411, with the OpenAI-shaped stub
 recipe: create, read, list, status until running, vLLM listing and models,
 prompt, logs, the OpenAI front door's five operations (model listing, a served
 model and an unknown one: 404 in OpenAI's error shape; a chat completion, embeddings,
-a completion for an unknown model), stop, recipes, health. Where the document and
+a completion for an unknown model), two of vLLM's other APIs (tokenize, Cohere's
+rerank), stop, recipes, health. Where the document and
 the server disagree, a generated client quietly answers ``None`` (an undocumented
 status) or files unknown fields under ``additional_properties``: every call
 therefore uses the ``*_detailed`` variant and checks that ``.parsed`` is the
@@ -165,6 +166,7 @@ async def test_generated_python_client_walks_a_service(
     )}  # fmt: skip
     vllm = {n: module(f"api.vllm.{n}") for n in ("list_vllm_services", "list_vllm_models")}
     prompt_vllm = module("api.vllm.prompt_vllm")
+    vllm_apis = {n: module(f"api.vllm.{n}") for n in ("tokenize", "rerank_v2")}
     openai = {n: module(f"api.openai.{n}") for n in (
         "list_open_ai_models", "get_open_ai_model", "create_chat_completion",
         "create_embedding", "create_completion",
@@ -322,6 +324,27 @@ async def test_generated_python_client_walks_a_service(
             assert nowhere.error.code == "model_not_found", nowhere
             assert "stub" in nowhere.error.message, nowhere  # it lists the served models
             driven += ["openai chat", "openai embeddings", "openai completion 404"]
+
+            # vLLM's other APIs: the answer in vLLM's shape, all of it kept.
+            tokenized = await vllm_apis["tokenize"].asyncio_detailed(
+                client=api, body=models.TokenizeRequest(model="stub", prompt="hi")
+            )
+            assert tokenized.status_code == 200, tokenized.content
+            assert tokenized.headers["x-gateway-service-id"] == sid
+            assert isinstance(tokenized.parsed, models.VllmAnswer), tokenized.content
+            assert tokenized.parsed["tokens"] == [104, 105], tokenized.content
+            reranked = await vllm_apis["rerank_v2"].asyncio_detailed(
+                client=api,
+                body=models.RerankRequest(model="stub", query="q", documents=["a", "b"], top_n=1),
+            )
+            assert reranked.status_code == 200, reranked.content
+            assert isinstance(reranked.parsed, models.VllmAnswer), reranked.content
+            assert reranked.parsed.model == "stub"
+            assert [r["index"] for r in reranked.parsed["results"]] == [0], reranked.content
+            for answer in (tokenized, reranked):
+                sent = json.loads(answer.content)
+                assert _same_json(sent, _wire(answer.parsed.to_dict())), answer.content
+            driven += ["vllm tokenize", "vllm rerank (Cohere's v2)"]
         finally:
             stopped = documented(
                 await services["stop_service"].asyncio_detailed(sid, client=api),

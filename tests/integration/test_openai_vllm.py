@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.testing.clusters import LocalCluster
+from gateway.testing.clusters import LocalCluster, upstream_key
 from tests.support.clusters import NO_VLLM, TIMINGS, VLLM_CLUSTERS, parametrize
 from tests.support.gateway_process import GatewayProcess
 from tests.support.polling import poll
@@ -164,3 +164,61 @@ def test_sdk_errors(gateway: GatewayProcess, client: openai.OpenAI, pair: list[s
         pytest.raises(openai.AuthenticationError),
     ):
         wrong.models.list()
+
+
+def test_tokenize_and_detokenize_round_trip(gateway: GatewayProcess, pair: list[str]) -> None:
+    # vLLM's own routes, at its paths under the gateway's root, routed by model.
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as api:
+        tokens = api.post("/tokenize", json={"model": ALIAS, "prompt": "Once upon a time"})
+        assert tokens.status_code == 200, tokens.text
+        ids = tokens.json()["tokens"]
+        assert tokens.json()["count"] == len(ids) > 0
+        assert tokens.json()["max_model_len"] == 512
+        assert tokens.headers["x-gateway-service-id"] in pair
+        text = api.post("/detokenize", json={"model": ALIAS, "tokens": ids})
+    assert text.status_code == 200, text.text
+    assert text.json()["prompt"].endswith("Once upon a time"), text.json()
+    print(f"tokenize through the gateway: {len(ids)} tokens, detokenized {text.json()}")
+
+
+# vLLM's management routes (vllm/entrypoints/serve/dev, lora, profile,
+# instrumentator, rl, elastic_ep, fault_tolerance in 0.32.0).
+MANAGEMENT = (
+    ("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping"),
+    ("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused"),
+    ("POST", "/collective_rpc"), ("POST", "/reset_prefix_cache"), ("POST", "/reset_mm_cache"),
+    ("POST", "/reset_encoder_cache"), ("POST", "/release_kv_cache_memory"),
+    ("POST", "/start_profile"), ("POST", "/stop_profile"), ("GET", "/server_info"),
+    ("POST", "/update_weights"), ("POST", "/init_weight_transfer_engine"),
+    ("POST", "/start_weight_update"), ("POST", "/finish_weight_update"), ("GET", "/weight_info"),
+    ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"),
+    ("POST", "/scale_elastic_ep"), ("GET", "/is_scaling_elastic_ep"), ("POST", "/abort_requests"),
+    ("POST", "/fault_tolerance/apply"), ("GET", "/load"), ("GET", "/kv_event_sources"),
+)  # fmt: skip
+
+
+def test_vllms_management_routes_are_not_reachable(
+    gateway: GatewayProcess, pair: list[str]
+) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": ALIAS, "lora_name": "x", "lora_path": "/tmp", "method": "x"}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as api:
+        endpoint = api.get(f"/api/v1/services/{pair[0]}").json()["endpoint"]
+        through = {
+            (method, path): api.request(method, path, json=body if method == "POST" else None)
+            for method, path in MANAGEMENT
+        }
+    reached = {
+        key: answer.status_code for key, answer in through.items() if answer.status_code != 404
+    }
+    assert not reached, reached
+    # The same vLLM answers some of them itself, to the gateway's key for it:
+    # the routes exist behind the gateway.
+    key = asyncio.run(upstream_key(gateway.cluster, gateway.env, int(pair[0])))
+    with httpx.Client(
+        base_url=endpoint, timeout=60, headers={"Authorization": f"Bearer {key}"}
+    ) as direct:
+        load = direct.get("/load")
+    assert load.status_code == 200, load.text
+    print(f"{len(MANAGEMENT)} management routes: 404 through the gateway; GET /load direct: 200")

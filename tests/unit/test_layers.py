@@ -16,7 +16,7 @@ MAX_LINES = 450
 
 # Top to bottom; a module may import from its own layer and any layer below.
 LAYERS: list[tuple[str, ...]] = [
-    ("gateway.__main__", "gateway.app", "gateway.wiring", "gateway.testing"),
+    ("gateway.__main__", "gateway.app", "gateway.wiring", "gateway.httpserver", "gateway.testing"),
     ("gateway.api",),
     ("gateway.proxy",),
     ("gateway.upstream",),

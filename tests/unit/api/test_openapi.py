@@ -124,8 +124,9 @@ def test_request_bodies_allow_no_other_fields(document: dict[str, Any]) -> None:
         op["requestBody"]["content"]["application/json"]["schema"]
         for path, item in document["paths"].items()
         for op in item.values()
-        # /v1 passes bodies to vLLM untouched: OpenAI's fields, and vLLM's own.
-        if "requestBody" in op and not path.startswith("/v1/")
+        # /v1 and vLLM's other APIs pass bodies to vLLM untouched: OpenAI's
+        # fields, and vLLM's own.
+        if "requestBody" in op and path.startswith("/api/")
     ]
     assert len(bodies) == 2  # createService, promptVllm
     closed = {"CreateServiceRequest", "ServiceConfigRequest", "ResourcesRequest", "PromptRequest"}
@@ -133,7 +134,17 @@ def test_request_bodies_allow_no_other_fields(document: dict[str, Any]) -> None:
         assert document["components"]["schemas"][name]["additionalProperties"] is False, name
     for body in bodies:
         assert _schema(document, body)["additionalProperties"] is False
-    relayed = {"ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest"}
+    relayed = {
+        "ChatCompletionRequest",
+        "CompletionRequest",
+        "EmbeddingRequest",
+        "TokenizeRequest",
+        "DetokenizeRequest",
+        "ScoreRequest",
+        "RerankRequest",
+        "CohereEmbedRequest",
+        "PoolingRequest",
+    }
     for name in relayed:
         assert document["components"]["schemas"][name].get("additionalProperties") is not False
     # Answers stay open: a client must accept fields added later.
