@@ -18,7 +18,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Operation
-from litestar.params import Body, PathParameter
+from litestar.params import Body, PathParameter, QueryParameter
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.types import ExceptionHandlersMap
 
@@ -32,6 +32,7 @@ from gateway.api.openai_schemas import (
     OpenAIError,
     OpenAIModel,
     OpenAIModelList,
+    ResponseRequest,
 )
 from gateway.api.openapi import EventStreamOperation
 from gateway.core.deployments.spec import Deployment
@@ -40,7 +41,7 @@ from gateway.core.principal import Principal
 from gateway.core.routing import ModelNotFound
 from gateway.core.services import Service
 from gateway.proxy.frontdoor import FrontDoor
-from gateway.proxy.middleware import RELAY
+from gateway.proxy.middleware import RELAY, STORED
 from gateway.slurm import SlurmError
 
 _MEANINGS = {
@@ -178,6 +179,50 @@ class OpenAIController(Controller):
         stream=True,
     )
     async def completions(self, data: Annotated[CompletionRequest, Body()]) -> OpenAIAnswer:
+        raise relayed()
+
+    @relayed_route(
+        "/responses",
+        "createResponse",
+        "A response (OpenAI's Responses API) from a service of the model, or of the "
+        "service holding `previous_response_id` (streamed with stream=true)",
+        stream=True,
+    )
+    async def create_response(self, data: Annotated[ResponseRequest, Body()]) -> OpenAIAnswer:
+        raise relayed()
+
+    @get(
+        "/responses/{response_id:str}",
+        operation_id="getResponse",
+        summary="A stored response, from the service that holds it (streamed with stream=true)",
+        responses=_errors(400, 404, 429, 500, 502, 503, 504),
+        operation_class=EventStreamOperation,
+        opt={STORED: True},
+    )
+    async def get_response(
+        self,
+        response_id: Annotated[str, PathParameter(description="the id the response came with")],
+        stream: Annotated[
+            bool, QueryParameter(description="the response's events as server-sent events")
+        ] = False,
+        starting_after: Annotated[
+            int | None, QueryParameter(description="with stream: the events after this one")
+        ] = None,
+    ) -> OpenAIAnswer:
+        raise relayed()
+
+    @post(
+        "/responses/{response_id:str}/cancel",
+        operation_id="cancelResponse",
+        summary="Cancel a response made in the background, at the service that holds it",
+        status_code=200,
+        responses=_errors(400, 404, 429, 500, 502, 503, 504),
+        opt={STORED: True},
+    )
+    async def cancel_response(
+        self,
+        response_id: Annotated[str, PathParameter(description="the id the response came with")],
+    ) -> OpenAIAnswer:
         raise relayed()
 
     @relayed_route(

@@ -109,6 +109,27 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False
     input: Annotated[str | list[Any], Meta(description="text, texts, or token ids")]
 
 
+class ResponseRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    __doc__ = (
+        "OpenAI's Responses API request. The gateway names the response "
+        "(`resp_<service id>_<hex>`, vLLM's `request_id`, which it sets), so that "
+        "`previous_response_id` and GET /v1/responses/{id} reach the service that "
+        f"holds it. {_PASSED_ON}"
+    )
+
+    model: RequestedModel
+    input: Annotated[str | list[Any], Meta(description="text, or a list of input items")]
+    previous_response_id: str | None = None
+    stream: bool | None = None
+    store: Annotated[
+        bool | None,
+        Meta(
+            description="kept for GET /v1/responses/{id} and `previous_response_id`, where "
+            "the service's vLLM keeps responses (the recipe's VLLM_ENABLE_RESPONSES_API_STORE)"
+        ),
+    ] = None
+
+
 class OpenAIAnswer(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     """vLLM's answer as it sent it (OpenAI's shape for the operation)."""
 

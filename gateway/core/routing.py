@@ -126,6 +126,20 @@ class ModelRouter:
                 found.setdefault(deployment.served, deployment)
         return found
 
+    async def holding(
+        self, principal: Principal, service_id: str, model: str | None = None
+    ) -> Service | None:
+        """The running service ``service_id`` if the caller may use it (and it
+        serves ``model``): where state it keeps lives (a stored response)."""
+        for service in await self.services.serving(principal, model):
+            if (
+                service.id == service_id
+                and service.status is ServiceStatus.RUNNING
+                and service.upstream is not None
+            ):
+                return service
+        return None
+
     async def pick(
         self,
         principal: Principal,

@@ -37,6 +37,7 @@ from gateway.core.services import Service
 from gateway.metrics import PROMPT_FIRST_BYTE, PROMPTS, series
 from gateway.proxy.asgi import JSON, SSE_HEADERS, read_body, send_stream, send_whole
 from gateway.proxy.prompts import upstream_failure
+from gateway.proxy.response_ids import CREATE_PATH, holding, new_id, stamped
 from gateway.proxy.sse import AnswerUsage, count_usage, relay
 from gateway.proxy.wire import MODEL_MAX_LENGTH
 from gateway.upstream.answers import (
@@ -95,6 +96,8 @@ class _Head(msgspec.Struct):
     # Raw too: only their first bytes are read, for the prefix key (chat, completions).
     messages: msgspec.Raw = msgspec.Raw()
     prompt: msgspec.Raw = msgspec.Raw()
+    # The Responses API: a response whose service the request must reach.
+    previous_response_id: str | None = None
 
 
 class RequestBody:
@@ -171,16 +174,25 @@ class FrontDoor:
         stream: bool = False,
         affinity: bytes | None = None,
         wait: float = 0.0,
+        previous: str | None = None,
     ) -> None:
         """``body`` to a service of ``model`` and its answer to the client, on
         ``lease`` (whose bytes hold the body, given back once it is sent);
-        ``affinity``: the key of its prefix (gateway/core/affinity.py)."""
+        ``affinity``: the key of its prefix (gateway/core/affinity.py). A new
+        response (``path``: the Responses API) is named for its service, and
+        goes to the service of its ``previous`` one (gateway/proxy/response_ids.py)."""
         tenant = tenant_of(principal)
-        service = await self.router.pick(principal, model, affinity=affinity, wait=wait)
+        naming = path == CREATE_PATH
+        if previous is not None and naming:
+            service = await holding(self.router, principal, previous, model)
+        else:
+            service = await self.router.pick(principal, model, affinity=affinity, wait=wait)
+        if naming:
+            body.data = stamped(body.data, new_id(service.id))
         try:
-            await self._once(service, tenant, path, body, lease, stream, receive, send)
+            await self.send_to(service, tenant, "POST", path, body, lease, stream, receive, send)
         except UpstreamUnavailable as exc:
-            if not exc.unsent:
+            if not exc.unsent or (previous is not None and naming):
                 raise upstream_failure(service.id, exc) from None
             # Nothing reached it: another service of the model may take it, once.
             assert service.upstream is not None
@@ -191,18 +203,21 @@ class FrontDoor:
                 )
             except GatewayError:
                 raise upstream_failure(service.id, exc) from None
+            if naming:  # named again: JSON's last duplicate wins
+                body.data = stamped(body.data, new_id(other.id))
             try:
-                await self._once(other, tenant, path, body, lease, stream, receive, send)
+                await self.send_to(other, tenant, "POST", path, body, lease, stream, receive, send)
             except UpstreamUnavailable as again:
                 if again.unsent:
                     assert other.upstream is not None
                     self.router.eject(other.upstream)
                 raise upstream_failure(other.id, again) from None
 
-    async def _once(
+    async def send_to(
         self,
         service: Service,
         tenant: str | None,
+        method: str,
         path: str,
         body: RequestBody,
         lease: Lease,
@@ -217,7 +232,7 @@ class FrontDoor:
             with self.router.outstanding(upstream):
                 started = time.perf_counter()
                 response, deadline = await self.vllm.forward(
-                    upstream.url, path, body.data, upstream.key, stream=stream
+                    upstream.url, path, body.data, upstream.key, stream=stream, method=method
                 )
                 body.drop(lease)  # it has reached the service: never sent again
                 headers = [(SERVICE_HEADER, service.id.encode())]
@@ -375,6 +390,7 @@ async def _relay(
         if door.prefix_affinity and shared_start
         else None
     )
+    previous = head.previous_response_id
     del head  # its Raws hold the body
     if not model:
         raise BadRequest("model: required; GET /v1/models lists them", param="model")
@@ -390,6 +406,7 @@ async def _relay(
         send,
         stream=stream,
         affinity=key,
+        previous=previous,
         # A waiting request holds its body: only small ones may wait.
         wait=prefer_wait(scope) if len(body.data) <= WAIT_BODY_MAX else 0.0,
     )

@@ -17,9 +17,12 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.proxy.frontdoor import FrontDoor, relay_request
 from gateway.proxy.prompts import Prompting, fast_path
+from gateway.proxy.responses import relay_stored
 
 PROMPT = "proxy.prompt"
 RELAY = "proxy.relay"
+# A stored response's routes: to the service that holds it (responses.py).
+STORED = "proxy.stored"
 # Set by the front (front.py) in a scope it hands to Litestar: the failure that
 # Litestar's authentication middleware raises instead of checking the caller
 # (api/security.py), or that the prompt goes to its handler.
@@ -55,6 +58,9 @@ def data_path(wiring: DataPath) -> Callable[[ASGIApp], ASGIApp]:
                     return
             elif RELAY in opt:
                 await relay_request(wiring.front_door, opt[RELAY], scope, receive, send)
+                return
+            elif STORED in opt:
+                await relay_stored(wiring.front_door, scope, receive, send)
                 return
             await app(scope, receive, send)
 

@@ -157,12 +157,14 @@ class VllmClient:
         key: str | None = None,
         *,
         stream: bool = False,
+        method: str = "POST",
     ) -> Opened:
-        """``body`` POSTed to ``path`` as it came (the OpenAI front door); the
-        answer with its body unread: read it by its deadline, then release or
-        close it."""
+        """``body`` POSTed to ``path`` as it came (the OpenAI front door), or
+        nothing with another ``method``; the answer with its body unread: read
+        it by its deadline, then release or close it."""
         deadline = self._deadline(stream)
-        answer = await self._start("POST", endpoint + path, key, content=body, deadline=deadline)
+        content = body if method == "POST" else None
+        answer = await self._start(method, endpoint + path, key, content=content, deadline=deadline)
         return Opened(answer, deadline)
 
     async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:

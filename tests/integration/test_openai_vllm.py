@@ -53,7 +53,13 @@ def pair(gateway: GatewayProcess) -> Iterator[list[str]]:
         async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=60) as api:
             body = {
                 "recipe_name": "inference/vllm",
-                "config": {"environment": {"VLLM_SERVED_MODEL_NAME": ALIAS}},
+                # Responses kept for GET /v1/responses/{id} and previous_response_id.
+                "config": {
+                    "environment": {
+                        "VLLM_SERVED_MODEL_NAME": ALIAS,
+                        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
+                    }
+                },
             }
             for _ in range(2):
                 created = await api.post("/api/v1/services", json=body)
@@ -222,3 +228,63 @@ def test_vllms_management_routes_are_not_reachable(
         load = direct.get("/load")
     assert load.status_code == 200, load.text
     print(f"{len(MANAGEMENT)} management routes: 404 through the gateway; GET /load direct: 200")
+
+
+def test_responses_plain_streamed_stored_and_followed_up(
+    gateway: GatewayProcess, client: openai.OpenAI, pair: list[str]
+) -> None:
+    # OpenAI's Responses API: each response is named for its service, so a
+    # follow-up and a retrieval reach the vLLM that keeps it.
+    first = client.responses.with_raw_response.create(
+        model=ALIAS, input="Tell me a story", max_output_tokens=8
+    )
+    made = first.parse()
+    holder = first.headers["x-gateway-service-id"]
+    assert made.id.startswith(f"resp_{holder}_"), made.id
+    assert made.output_text, made
+
+    events = list(
+        client.responses.create(
+            model=ALIAS, input="Count to five", max_output_tokens=8, stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    streamed = events[-1].response  # type: ignore[union-attr]
+    assert holder_of(streamed.id) in pair
+
+    # Follow-ups reach the holder, whichever service the model's load would pick.
+    reached = Counter()
+    previous = made.id
+    for _ in range(4):
+        raw = client.responses.with_raw_response.create(
+            model=ALIAS, input="And then?", previous_response_id=previous, max_output_tokens=4
+        )
+        reached[raw.headers["x-gateway-service-id"]] += 1
+        assert raw.parse().previous_response_id == previous
+    assert set(reached) == {holder}, reached
+
+    # Any gateway replica finds it: a second process, nothing shared but Slurm.
+    tenants = str(ROOT / "deploy" / "local" / "tenants.toml")
+    with (
+        GatewayProcess(gateway.cluster, GATEWAY_AUTH_FILE=tenants) as other,
+        openai.OpenAI(base_url=f"{other.url}/v1", api_key=KEY, max_retries=0) as sdk,
+    ):
+        again = sdk.responses.retrieve(made.id)
+        assert again.id == made.id and again.output_text == made.output_text
+        with pytest.raises(openai.NotFoundError) as gone:
+            sdk.responses.retrieve("resp_999999_" + "0" * 32)
+    assert gone.value.code == "response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_not-ours")
+    # A cancel reaches the holder too, which refuses it for a finished response.
+    with pytest.raises(openai.BadRequestError) as finished:
+        client.responses.cancel(made.id)
+    assert "synchronous" in str(finished.value), finished.value
+    print(
+        f"Responses: {made.id} on {holder}; 4 follow-ups on {dict(reached)}; {len(events)} events"
+    )
+
+
+def holder_of(response_id: str) -> str:
+    return response_id.split("_")[1]

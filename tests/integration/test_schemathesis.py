@@ -90,7 +90,7 @@ values = ["stub"]
 
 [[operations]]
 include-operation-id = [
-    "createChatCompletion", "createCompletion", "createEmbedding",
+    "createChatCompletion", "createCompletion", "createEmbedding", "createResponse",
     "tokenize", "detokenize", "score", "scoreV1", "rerank", "rerankV1", "rerankV2",
     "embedV2", "pool", "classify",
 ]
@@ -121,6 +121,7 @@ SERVED = (
     "POST /v1/chat/completions",
     "POST /v1/completions",
     "POST /v1/embeddings",
+    "POST /v1/responses",
     "POST /tokenize",
     "POST /detokenize",
     "POST /score",
