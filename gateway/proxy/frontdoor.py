@@ -380,7 +380,10 @@ async def _relay(
     try:
         head = _read_head(data)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"the body is not an OpenAI request: {exc}", param="model") from None
+        # msgspec ends its message with where: "... - at `$.model`".
+        _, at, where = str(exc).rpartition("at `$.")
+        where = where.rstrip("`") if at else "model"
+        raise BadRequest(f"the body is not an OpenAI request: {exc}", param=where) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
     model, stream = head.model, len(head.stream) == 4 and bytes(head.stream) == b"true"

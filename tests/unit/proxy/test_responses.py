@@ -1,0 +1,63 @@
+"""Stored responses' routes (gateway/proxy/responses.py) against real sockets:
+the request reaches the service its id names, with its query; a gone or
+unreachable holder is a clear 404 or 502, never a crash."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.core.errors import UpstreamFailed
+from gateway.proxy.response_ids import ResponseNotFound, new_id
+from gateway.proxy.responses import relay_stored
+from tests.support.front_door import closed_port
+from tests.support.http_stub import http_stub
+from tests.unit.proxy.test_frontdoor import CALLER, Client, answering, door
+
+
+def scope(response_id: str, method: str = "GET", query: bytes = b"") -> Any:
+    return {
+        "type": "http",
+        "method": method,
+        "path": f"/root/v1/responses/{response_id}",
+        "path_params": {"response_id": response_id},
+        "query_string": query,
+        "headers": [],
+        "user": CALLER,
+    }
+
+
+async def test_the_holder_gets_the_request_by_the_ids_path_and_its_query() -> None:
+    stored = {"id": "x", "object": "response", "model": "m"}
+    async with (
+        http_stub(answering(200, stored)) as other,
+        http_stub(answering(200, stored)) as up,
+        door(other.url, up.url) as front,
+    ):
+        response_id = new_id("2")
+        got, cancelled = Client(), Client()
+        await relay_stored(front, scope(response_id, query=b"stream=0"), got.receive, got.send)
+        cancel = scope(response_id, "POST")
+        await relay_stored(front, cancel, cancelled.receive, cancelled.send)
+    assert got.status == cancelled.status == 200
+    assert [s.path for s in up.seen] == [
+        f"/v1/responses/{response_id}?stream=0",
+        f"/v1/responses/{response_id}/cancel",
+    ]
+    assert [s.method for s in up.seen] == ["GET", "POST"]
+    assert not other.seen
+
+
+async def test_a_gone_holder_is_a_404_and_an_unreachable_one_a_502() -> None:
+    async with door(closed_port()) as front:
+        client = Client()
+        with pytest.raises(ResponseNotFound) as gone:
+            await relay_stored(front, scope(new_id("7")), client.receive, client.send)
+        assert gone.value.status_code == 404 and gone.value.param == "response_id"
+        assert "service 7" in gone.value.detail
+        with pytest.raises(ResponseNotFound):
+            await relay_stored(front, scope("resp_made-elsewhere"), client.receive, client.send)
+        with pytest.raises(UpstreamFailed) as unreachable:
+            await relay_stored(front, scope(new_id("1")), client.receive, client.send)
+    assert unreachable.value.status_code == 502
