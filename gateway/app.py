@@ -20,6 +20,7 @@ from litestar.types import ASGIApp
 from gateway import __version__, wiring
 from gateway.accesslog import AccessLog
 from gateway.api import audit, litestar_fixes, problems, reference, security
+from gateway.api.anthropic import AnthropicController
 from gateway.api.deployments import DeploymentsController
 from gateway.api.health import HealthController, drain_on_sigterm
 from gateway.api.loopback import LoopbackOnly
@@ -185,6 +186,7 @@ def create_app(settings: Settings | None = None, recipes: RecipeCatalog | None =
             VllmController,
             OpenAIController,
             VllmApisController,
+            AnthropicController,
             MetricsController,
         ],
         dependencies={

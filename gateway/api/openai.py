@@ -69,9 +69,9 @@ _MEANINGS = {
 }
 
 
-def _errors(*codes: int) -> dict[int, ResponseSpec]:
+def _errors(*codes: int, shape: type[msgspec.Struct] = OpenAIError) -> dict[int, ResponseSpec]:
     return {
-        code: ResponseSpec(OpenAIError, description=_MEANINGS[code], generate_examples=False)
+        code: ResponseSpec(shape, description=_MEANINGS[code], generate_examples=False)
         for code in sorted({*codes, 401, 403})
     }
 
@@ -99,6 +99,7 @@ def relayed_route(
     stream: bool,
     upstream: str | None = None,
     answer: type[msgspec.Struct] = OpenAIAnswer,
+    errors: type[msgspec.Struct] = OpenAIError,
 ) -> post:
     """A POST the data path answers (gateway/proxy/middleware.py), relayed to
     ``upstream`` (``/v1`` + ``path`` by default) of a service of the body's
@@ -109,7 +110,7 @@ def relayed_route(
         summary=summary,
         status_code=200,
         responses={
-            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504),
+            **_errors(400, 404, 413, 422, 429, 500, 502, 503, 504, shape=errors),
             200: ResponseSpec(answer, description="vLLM's answer", generate_examples=False),
         },
         # The JSON answer or a text/event-stream one.

@@ -46,16 +46,25 @@ log = structlog.get_logger(__name__)
 TOKEN_HEADER = "x-slurm-user-token"  # noqa: S105 - a header name
 USER_HEADER = "x-slurm-user-name"
 _READ = (b"authorization", TOKEN_HEADER.encode(), USER_HEADER.encode())
+# Anthropic's API, where a key may come as X-Api-Key.
+ANTHROPIC_PREFIX = "/v1/messages"
 
 
-def credentials(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+def credentials(raw: Iterable[tuple[bytes, bytes]], *, api_key: bool = False) -> dict[str, str]:
     """Of a request's raw (ASGI) headers, those ``Authenticator.authenticate``
     reads, the first of each name as Litestar's ``Headers`` gives it: building
-    those was a twentieth of a proxied request's CPU (py-spy under wrk)."""
+    those was a twentieth of a proxied request's CPU (py-spy under wrk).
+    ``api_key``: an ``X-Api-Key`` (as Anthropic's SDKs send the key) stands
+    for ``Authorization: Bearer`` when that is absent."""
     found: dict[str, str] = {}
     for name, value in raw:
         if name in _READ:
             found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        elif api_key and name == b"x-api-key":
+            found.setdefault("x-api-key", value.decode("latin-1"))
+    key = found.pop("x-api-key", None)
+    if key is not None and "authorization" not in found:
+        found["authorization"] = f"Bearer {key}"
     return found
 
 
@@ -309,7 +318,10 @@ class Authenticator:
         """``authenticate`` of an ASGI request: its raw headers and its peer."""
         peer = scope.get("client")
         client = peer[0] if peer else None
-        return await self.authenticate(credentials(scope["headers"]), client=client)
+        api_key = scope["path"].startswith(ANTHROPIC_PREFIX)
+        return await self.authenticate(
+            credentials(scope["headers"], api_key=api_key), client=client
+        )
 
     async def authenticate(
         self, headers: Mapping[str, str], *, client: str | None = None

@@ -216,3 +216,22 @@ class ClosingStream(Stream):
             # Same slots, one more behaviour: swapping the class is enough.
             response.__class__ = _ClosingASGIStreamingResponse
         return response
+
+
+# The largest body a request may hold while it waits for a model to start.
+WAIT_BODY_MAX = 256 * 1024
+
+
+def prefer_wait(scope: Scope) -> float:
+    """Seconds the client will wait for a model to start: RFC 7240's
+    ``Prefer: wait=N`` (0 when absent or unreadable)."""
+    for name, value in scope["headers"]:
+        if name == b"prefer":
+            for part in value.split(b","):
+                token, _, number = part.strip().partition(b"=")
+                if token.strip().lower() == b"wait":
+                    try:
+                        return max(0.0, min(float(number.strip(b' "')), 3600.0))
+                    except ValueError:
+                        return 0.0
+    return 0.0

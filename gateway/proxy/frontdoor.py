@@ -29,13 +29,22 @@ import msgspec
 import structlog
 from litestar.types import Receive, Scope, Send
 
+from gateway.auth.authenticate import ANTHROPIC_PREFIX
 from gateway.core.affinity import prefix_key
 from gateway.core.errors import GatewayError
 from gateway.core.principal import Principal
 from gateway.core.routing import ModelRouter
 from gateway.core.services import Service
 from gateway.metrics import PROMPT_FIRST_BYTE, PROMPTS, series
-from gateway.proxy.asgi import JSON, SSE_HEADERS, read_body, send_stream, send_whole
+from gateway.proxy.asgi import (
+    JSON,
+    SSE_HEADERS,
+    WAIT_BODY_MAX,
+    prefer_wait,
+    read_body,
+    send_stream,
+    send_whole,
+)
 from gateway.proxy.prompts import upstream_failure
 from gateway.proxy.response_ids import CREATE_PATH, holding, new_id, stamped
 from gateway.proxy.sse import AnswerUsage, count_usage, relay
@@ -175,6 +184,7 @@ class FrontDoor:
         affinity: bytes | None = None,
         wait: float = 0.0,
         previous: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """``body`` to a service of ``model`` and its answer to the client, on
         ``lease`` (whose bytes hold the body, given back once it is sent);
@@ -190,7 +200,9 @@ class FrontDoor:
         if naming:
             body.data = stamped(body.data, new_id(service.id))
         try:
-            await self.send_to(service, tenant, "POST", path, body, lease, stream, receive, send)
+            await self.send_to(
+                service, tenant, "POST", path, body, lease, stream, receive, send, headers
+            )
         except UpstreamUnavailable as exc:
             if not exc.unsent or (previous is not None and naming):
                 raise upstream_failure(service.id, exc) from None
@@ -206,7 +218,9 @@ class FrontDoor:
             if naming:  # named again: JSON's last duplicate wins
                 body.data = stamped(body.data, new_id(other.id))
             try:
-                await self.send_to(other, tenant, "POST", path, body, lease, stream, receive, send)
+                await self.send_to(
+                    other, tenant, "POST", path, body, lease, stream, receive, send, headers
+                )
             except UpstreamUnavailable as again:
                 if again.unsent:
                     assert other.upstream is not None
@@ -224,7 +238,10 @@ class FrontDoor:
         stream: bool,
         receive: Receive,
         send: Send,
+        passed: dict[str, str] | None = None,
     ) -> None:
+        """``body`` to ``service`` and its answer to the client; ``passed``:
+        headers of the client's that vLLM is to see."""
         upstream = service.upstream
         assert upstream is not None  # the router picks running services only
         await lease.admit(upstream.url, tenant)
@@ -232,7 +249,7 @@ class FrontDoor:
             with self.router.outstanding(upstream):
                 started = time.perf_counter()
                 response, deadline = await self.vllm.forward(
-                    upstream.url, path, body.data, upstream.key, stream=stream, method=method
+                    upstream.url, path, body.data, upstream.key, stream, method, passed
                 )
                 body.drop(lease)  # it has reached the service: never sent again
                 headers = [(SERVICE_HEADER, service.id.encode())]
@@ -410,25 +427,16 @@ async def _relay(
         stream=stream,
         affinity=key,
         previous=previous,
+        headers=_anthropic_headers(scope) if path.startswith(ANTHROPIC_PREFIX) else None,
         # A waiting request holds its body: only small ones may wait.
         wait=prefer_wait(scope) if len(body.data) <= WAIT_BODY_MAX else 0.0,
     )
 
 
-# The largest body a request may hold while it waits for a model to start.
-WAIT_BODY_MAX = 256 * 1024
-
-
-def prefer_wait(scope: Scope) -> float:
-    """Seconds the client will wait for a model to start: RFC 7240's
-    ``Prefer: wait=N`` (0 when absent or unreadable)."""
-    for name, value in scope["headers"]:
-        if name == b"prefer":
-            for part in value.split(b","):
-                token, _, number = part.strip().partition(b"=")
-                if token.strip().lower() == b"wait":
-                    try:
-                        return max(0.0, min(float(number.strip(b' "')), 3600.0))
-                    except ValueError:
-                        return 0.0
-    return 0.0
+def _anthropic_headers(scope: Scope) -> dict[str, str]:
+    """Anthropic's version and beta headers, which its API reads, as sent."""
+    return {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in scope["headers"]
+        if name in (b"anthropic-version", b"anthropic-beta")
+    }

@@ -155,16 +155,18 @@ class VllmClient:
         path: str,
         body: bytes | bytearray,
         key: str | None = None,
-        *,
         stream: bool = False,
         method: str = "POST",
+        headers: dict[str, str] | None = None,
     ) -> Opened:
         """``body`` POSTed to ``path`` as it came (the OpenAI front door), or
         nothing with another ``method``; the answer with its body unread: read
         it by its deadline, then release or close it."""
         deadline = self._deadline(stream)
         content = body if method == "POST" else None
-        answer = await self._start(method, endpoint + path, key, content=content, deadline=deadline)
+        answer = await self._start(
+            method, endpoint + path, key, content=content, deadline=deadline, headers=headers
+        )
         return Opened(answer, deadline)
 
     async def ready(self, endpoint: str, model: str | None = None, key: str | None = None) -> bool:
@@ -273,10 +275,11 @@ class VllmClient:
         *,
         content: bytes | bytearray | None = None,
         deadline: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Response:
         """The answer's status and headers (by ``deadline``, loop time); its
-        body still to be read."""
-        headers = auth_headers(key) or {}
+        body still to be read. ``headers``: the client's, passed on."""
+        headers = {**headers, **(auth_headers(key) or {})} if headers else auth_headers(key) or {}
         request_id = REQUEST_ID.get()
         if request_id is not None:
             # vLLM takes it as its engine's request id, and older releases

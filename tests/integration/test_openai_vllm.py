@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -288,3 +289,30 @@ def test_responses_plain_streamed_stored_and_followed_up(
 
 def holder_of(response_id: str) -> str:
     return response_id.split("_")[1]
+
+
+def test_anthropics_sdk_plain_streamed_counted_and_refused(
+    gateway: GatewayProcess, pair: list[str]
+) -> None:
+    # Anthropic's SDK sends the key as X-Api-Key, with anthropic-version.
+    asked = [{"role": "user", "content": "Tell me a joke"}]
+    with anthropic.Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0) as sdk:
+        message = sdk.messages.create(model=ALIAS, max_tokens=8, messages=asked)
+        assert message.content and message.content[0].text, message
+        assert message.usage.output_tokens > 0
+        with sdk.messages.stream(model=ALIAS, max_tokens=8, messages=asked) as stream:
+            text = "".join(stream.text_stream)
+        assert text
+        counted = sdk.messages.count_tokens(model=ALIAS, messages=asked)
+        assert counted.input_tokens > 0
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            sdk.messages.create(model="no-such-model", max_tokens=8, messages=asked)
+        assert ALIAS in str(missing.value)
+    with (
+        anthropic.Anthropic(base_url=gateway.url, api_key="sgw_wrong", max_retries=0) as wrong,
+        pytest.raises(anthropic.AuthenticationError) as refused,
+    ):
+        wrong.messages.create(model=ALIAS, max_tokens=8, messages=asked)
+    assert refused.value.body["error"]["type"] == "authentication_error"
+    said = message.content[0].text
+    print(f"Anthropic's SDK: {said!r}, stream {text!r}, {counted.input_tokens} input tokens")

@@ -92,7 +92,7 @@ values = ["stub"]
 include-operation-id = [
     "createChatCompletion", "createCompletion", "createEmbedding", "createResponse",
     "tokenize", "detokenize", "score", "scoreV1", "rerank", "rerankV1", "rerankV2",
-    "embedV2", "pool", "classify",
+    "embedV2", "pool", "classify", "createMessage", "countMessageTokens",
 ]
 parameters = { "body.model" = { dictionary = "served", probability = 0.5 } }
 
@@ -132,6 +132,8 @@ SERVED = (
     "POST /v2/embed",
     "POST /pooling",
     "POST /classify",
+    "POST /v1/messages",
+    "POST /v1/messages/count_tokens",
 )
 
 

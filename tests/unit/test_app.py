@@ -167,7 +167,12 @@ def test_openapi_documents_one_error_shape(api: AsyncTestClient[Any]) -> None:
             for code, response in operation["responses"].items():
                 if not code.startswith(("4", "5")):
                     continue
-                if path.startswith(("/v1/", "/v2/")) or path in VLLM_ROOT_PATHS:
+                if path.startswith("/v1/messages"):
+                    # Anthropic's API answers in Anthropic's shape, which its SDKs read.
+                    content = response["content"]
+                    ref = content["application/json"]["schema"]["$ref"]
+                    assert ref.endswith("/AnthropicError"), (method, path, code)
+                elif path.startswith(("/v1/", "/v2/")) or path in VLLM_ROOT_PATHS:
                     # The OpenAI front door and vLLM's other APIs answer in
                     # OpenAI's shape, which its SDKs (and vLLM's clients) read.
                     content = response["content"]

@@ -1152,3 +1152,24 @@ async def test_an_attacker_chosen_token_header_yields_a_clean_401(
     assert not any(c in value for c in "\r\n\x00"), f"control characters in the header: {value!r}"
     assert value.count('"') == 6
     assert "set-cookie" not in response.headers
+
+
+async def test_an_x_api_key_counts_on_anthropics_routes_only(api: AsyncTestClient[Any]) -> None:
+    # As Anthropic's SDKs send the key; anywhere else it is no credential.
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    elsewhere = await api.get("/api/v1/recipes", headers={"X-Api-Key": KEY_A})
+    assert elsewhere.status_code == 401
+    chat = await api.post("/v1/chat/completions", json=body, headers={"X-Api-Key": KEY_A})
+    assert chat.status_code == 401
+    # Past authentication, to the services' view, which has no slurmrestd
+    # here: a 503, in Anthropic's error shape.
+    message = await api.post("/v1/messages", json=body, headers={"X-Api-Key": KEY_A})
+    assert message.status_code == 503, message.text
+    assert message.json()["type"] == "error"
+    assert message.json()["error"]["type"] == "overloaded_error"
+    wrong = await api.post("/v1/messages", json=body, headers={"X-Api-Key": "sgw_nope"})
+    assert wrong.status_code == 401
+    assert wrong.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "unknown API key"},
+    }
