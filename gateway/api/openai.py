@@ -15,6 +15,7 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
+from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Operation
@@ -25,6 +26,8 @@ from litestar.types import ExceptionHandlersMap
 from gateway.api.openai_errors import openai_error
 from gateway.api.openai_schemas import (
     MODEL_MAX_LENGTH,
+    AudioAnswer,
+    AudioRequest,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -223,6 +226,31 @@ class OpenAIController(Controller):
     async def cancel_response(
         self,
         response_id: Annotated[str, PathParameter(description="the id the response came with")],
+    ) -> OpenAIAnswer:
+        raise relayed()
+
+    @relayed_route(
+        "/audio/transcriptions",
+        "createTranscription",
+        "The text of an audio file, from a service of the model (a form; streamed with "
+        "stream=true)",
+        stream=True,
+        answer=AudioAnswer,
+    )
+    async def transcriptions(
+        self, data: Annotated[AudioRequest, Body(media_type=RequestEncodingType.MULTI_PART)]
+    ) -> OpenAIAnswer:
+        raise relayed()
+
+    @relayed_route(
+        "/audio/translations",
+        "createTranslation",
+        "An audio file's text in English, from a service of the model (a form)",
+        stream=True,
+        answer=AudioAnswer,
+    )
+    async def translations(
+        self, data: Annotated[AudioRequest, Body(media_type=RequestEncodingType.MULTI_PART)]
     ) -> OpenAIAnswer:
         raise relayed()
 

@@ -7,9 +7,12 @@ OpenAI adds later) work without a change here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
+from litestar.datastructures import UploadFile
+from litestar.params import KwargDefinition
 from msgspec import Meta
 
 # The longest model name a request may send (the prompt route's too): a name
@@ -128,6 +131,36 @@ class ResponseRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False)
             "the service's vLLM keeps responses (the recipe's VLLM_ENABLE_RESPONSES_API_STORE)"
         ),
     ] = None
+
+
+@dataclass
+class AudioRequest:
+    """OpenAI's transcription or translation request, as multipart/form-data
+    (up to the front door's 32 MiB in all). The gateway reads ``model`` and
+    ``stream``; the form goes to vLLM as sent, with every other field."""
+
+    file: UploadFile
+    # (Litestar reads a dataclass field's bounds from its KwargDefinition.)
+    model: Annotated[
+        str,
+        KwargDefinition(
+            min_length=1,
+            max_length=MODEL_MAX_LENGTH,
+            description="a model as GET /v1/models lists it, served by a speech model",
+        ),
+    ]
+    language: str | None = None
+    prompt: str | None = None
+    response_format: str | None = None
+    temperature: float | None = None
+    stream: bool | None = None
+
+
+class AudioAnswer(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """vLLM's answer as it sent it: the text (or, with ``response_format``
+    text, srt or vtt, the text itself; a stream of events with stream=true)."""
+
+    text: str | None = None
 
 
 class OpenAIAnswer(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):

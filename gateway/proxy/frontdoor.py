@@ -45,6 +45,7 @@ from gateway.proxy.asgi import (
     send_stream,
     send_whole,
 )
+from gateway.proxy.multipart import boundary_of, form_fields
 from gateway.proxy.prompts import upstream_failure
 from gateway.proxy.response_ids import CREATE_PATH, holding, new_id, stamped
 from gateway.proxy.sse import AnswerUsage, count_usage, relay
@@ -52,6 +53,7 @@ from gateway.proxy.wire import MODEL_MAX_LENGTH
 from gateway.upstream.answers import (
     UpstreamError,
     UpstreamUnavailable,
+    error_kind,
     iter_answer,
     iter_chunks,
     message_of,
@@ -124,18 +126,6 @@ class RequestBody:
 
 
 _read_head = msgspec.json.Decoder(_Head).decode
-
-
-class _UpstreamError(msgspec.Struct):
-    type: str | None = None
-
-
-class _UpstreamErrorBody(msgspec.Struct):
-    error: _UpstreamError | str | None = None
-    type: str | None = None  # vLLM before 0.6 put it at the top
-
-
-_read_error = msgspec.json.Decoder(_UpstreamErrorBody).decode
 
 
 @dataclass(slots=True)
@@ -264,7 +254,7 @@ class FrontDoor:
                     raise UpstreamAnswer(
                         answer.status,
                         message_of(answer.content, answer.status),
-                        _kind(answer.content),
+                        error_kind(answer.content),
                     )
                 if response.content_type == "text/event-stream":
                     await self._stream(response, deadline, started, headers, receive, send)
@@ -364,16 +354,6 @@ async def _passed(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGen
         series(PROMPTS, "false", outcome).inc()
 
 
-def _kind(content: bytes | bytearray) -> str | None:
-    try:
-        body = _read_error(content)
-    except msgspec.DecodeError:
-        return None
-    if isinstance(body.error, _UpstreamError):
-        return body.error.type
-    return body.type
-
-
 async def relay_request(
     door: FrontDoor, path: str, scope: Scope, receive: Receive, send: Send
 ) -> None:
@@ -394,26 +374,20 @@ async def _relay(
         if len(data) <= MAX_BODY:
             return  # the client left before sending it all
         raise BadRequest(f"the body is over {MAX_BODY // (1024 * 1024)} MiB", status=413)
-    try:
-        head = _read_head(data)
-    except msgspec.ValidationError as exc:
-        # msgspec ends its message with where: "... - at `$.model`".
-        _, at, where = str(exc).rpartition("at `$.")
-        where = where.rstrip("`") if at else "model"
-        raise BadRequest(f"the body is not an OpenAI request: {exc}", param=where) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
-    model, stream = head.model, len(head.stream) == 4 and bytes(head.stream) == b"true"
-    shared_start = head.messages or head.prompt
-    key = (
-        prefix_key(shared_start, tenant_of(scope["user"]))
-        if door.prefix_affinity and shared_start
-        else None
-    )
-    previous = head.previous_response_id
-    del head  # its Raws hold the body
+    passed: dict[str, str] | None = None
+    key = previous = None
+    content_type = _header(scope, b"content-type")
+    boundary = boundary_of(content_type)
+    if boundary is not None:  # a form (audio): passed on with its boundary
+        fields = form_fields(data, boundary)
+        model, stream = fields.get("model"), fields.get("stream", "").lower() == "true"
+        passed = {"Content-Type": content_type}
+    else:
+        model, stream, key, previous = _json_head(door, data, scope)
     if not model:
         raise BadRequest("model: required; GET /v1/models lists them", param="model")
+    if path.startswith(ANTHROPIC_PREFIX):
+        passed = _anthropic_headers(scope)
     body = RequestBody(data)
     del data  # only ``body`` holds it now, and drops it once the service has it
     await door.forward(
@@ -427,10 +401,40 @@ async def _relay(
         stream=stream,
         affinity=key,
         previous=previous,
-        headers=_anthropic_headers(scope) if path.startswith(ANTHROPIC_PREFIX) else None,
+        headers=passed,
         # A waiting request holds its body: only small ones may wait.
         wait=prefer_wait(scope) if len(body.data) <= WAIT_BODY_MAX else 0.0,
     )
+
+
+def _json_head(
+    door: FrontDoor, data: bytes | bytearray, scope: Scope
+) -> tuple[str | None, bool, bytes | None, str | None]:
+    """A JSON body's model, stream flag, prefix key and previous response."""
+    try:
+        head = _read_head(data)
+    except msgspec.ValidationError as exc:
+        # msgspec ends its message with where: "... - at `$.model`".
+        _, at, where = str(exc).rpartition("at `$.")
+        where = where.rstrip("`") if at else "model"
+        raise BadRequest(f"the body is not an OpenAI request: {exc}", param=where) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    stream = len(head.stream) == 4 and bytes(head.stream) == b"true"
+    shared_start = head.messages or head.prompt
+    key = (
+        prefix_key(shared_start, tenant_of(scope["user"]))
+        if door.prefix_affinity and shared_start
+        else None
+    )
+    return head.model, stream, key, head.previous_response_id
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
 
 
 def _anthropic_headers(scope: Scope) -> dict[str, str]:

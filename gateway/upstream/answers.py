@@ -142,3 +142,26 @@ def message_of(content: bytes | bytearray, status: int) -> str:
     if isinstance(body.error, dict) and body.error.get("message"):
         return str(body.error["message"])[:500]
     return (body.message or (str(body.error) if body.error else f"HTTP {status}"))[:500]
+
+
+class _UpstreamError(msgspec.Struct):
+    type: str | None = None
+
+
+class _UpstreamErrorBody(msgspec.Struct):
+    error: _UpstreamError | str | None = None
+    type: str | None = None  # vLLM before 0.6 put it at the top
+
+
+_read_error = msgspec.json.Decoder(_UpstreamErrorBody).decode
+
+
+def error_kind(content: bytes | bytearray) -> str | None:
+    """The ``type`` of vLLM's error answer, where it says one."""
+    try:
+        body = _read_error(content)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(body.error, _UpstreamError):
+        return body.error.type
+    return body.type

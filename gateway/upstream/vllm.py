@@ -288,7 +288,7 @@ class VllmClient:
         if body is not None:
             content = msgspec.json.encode(body)
         if content is not None:
-            headers["Content-Type"] = "application/json"
+            headers.setdefault("Content-Type", "application/json")
         try:
             return await self._http.open(
                 method, url, content=content, headers=headers, deadline=deadline

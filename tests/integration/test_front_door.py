@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from gateway.testing.clusters import LocalCluster
@@ -377,6 +378,31 @@ async def test_vllms_other_apis_reach_the_same_path_of_a_service_of_the_model(
     assert other.status_code == 404
     assert error_of(other)["code"] == "model_not_found"
     unnamed = await api.post("/tokenize", json={"prompt": "hello"})
+    assert unnamed.status_code == 400
+    assert error_of(unnamed)["param"] == "model"
+
+
+async def test_an_audio_form_reaches_a_service_of_its_model_whole(
+    gateway: GatewayProcess, pair: list[str]
+) -> None:
+    # OpenAI's SDK sends a form (multipart), the model among its fields. The
+    # stub says how much of the form came, and whether whole.
+    audio = bytes(range(256)) * 4096  # 1 MiB
+    with openai.OpenAI(
+        base_url=f"{gateway.url}/v1", api_key=TEAM_A["Authorization"][7:], max_retries=0
+    ) as sdk:
+        heard = sdk.audio.transcriptions.with_raw_response.create(
+            model=MODEL, file=("a.wav", audio), language="en"
+        )
+        translated = sdk.audio.translations.create(model=MODEL, file=("a.wav", audio))
+        with pytest.raises(openai.NotFoundError):
+            sdk.audio.transcriptions.create(model="no-such-model", file=("a.wav", b"RIFF"))
+    assert heard.headers["x-gateway-service-id"] in pair
+    text = heard.parse().text
+    assert text.endswith("bytes, form whole") and int(text.split()[0]) > len(audio), text
+    assert translated.text.endswith("form whole"), translated
+    async with httpx.AsyncClient(base_url=gateway.url, headers=TEAM_A) as api:
+        unnamed = await api.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")})
     assert unnamed.status_code == 400
     assert error_of(unnamed)["param"] == "model"
 

@@ -91,6 +91,7 @@ values = ["stub"]
 [[operations]]
 include-operation-id = [
     "createChatCompletion", "createCompletion", "createEmbedding", "createResponse",
+    "createTranscription", "createTranslation",
     "tokenize", "detokenize", "score", "scoreV1", "rerank", "rerankV1", "rerankV2",
     "embedV2", "pool", "classify", "createMessage", "countMessageTokens",
 ]
@@ -122,6 +123,8 @@ SERVED = (
     "POST /v1/completions",
     "POST /v1/embeddings",
     "POST /v1/responses",
+    "POST /v1/audio/transcriptions",
+    "POST /v1/audio/translations",
     "POST /tokenize",
     "POST /detokenize",
     "POST /score",
