@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar import Controller, Request, Response, post
 from litestar.params import Body
-from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.types import ExceptionHandlersMap
 
 from gateway.api.anthropic_schemas import (
@@ -23,10 +21,8 @@ from gateway.api.anthropic_schemas import (
     CountTokensRequest,
     MessagesRequest,
 )
-from gateway.api.openai import relayed, relayed_route
+from gateway.api.openai import OPENAI_HANDLERS, relayed, relayed_route
 from gateway.api.openai_errors import openai_error
-from gateway.core.errors import GatewayError
-from gateway.slurm import SlurmError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -52,17 +48,21 @@ def anthropic_error(request: Request[Any, Any, Any], exc: Exception) -> Response
     )
 
 
-_HANDLERS: ExceptionHandlersMap = {
-    cls: anthropic_error
-    for cls in (
-        GatewayError,
-        SlurmError,
-        ValidationException,
-        HTTPException,
-        ProblemDetailsException,
-        Exception,
+# Where /v1 answers in OpenAI's shape, these answer in Anthropic's.
+_HANDLERS: ExceptionHandlersMap = {cls: anthropic_error for cls in OPENAI_HANDLERS}
+
+
+def _route(path: str, operation_id: str, summary: str, *, stream: bool) -> post:
+    """Relayed to the same path of a service of the body's model."""
+    return relayed_route(
+        path,
+        operation_id,
+        summary,
+        stream=stream,
+        upstream=f"/v1/messages{path.rstrip('/')}",
+        answer=AnthropicAnswer,
+        errors=AnthropicError,
     )
-}
 
 
 class AnthropicController(Controller):
@@ -70,26 +70,20 @@ class AnthropicController(Controller):
     tags = ("anthropic",)
     exception_handlers = _HANDLERS
 
-    @relayed_route(
+    @_route(
         "/",
         "createMessage",
         "A message from a service of the model, in Anthropic's API (streamed with stream=true)",
         stream=True,
-        upstream="/v1/messages",
-        answer=AnthropicAnswer,
-        errors=AnthropicError,
     )
     async def create_message(self, data: Annotated[MessagesRequest, Body()]) -> AnthropicAnswer:
         raise relayed()
 
-    @relayed_route(
+    @_route(
         "/count_tokens",
         "countMessageTokens",
         "The input tokens of a message, counted by a service of the model",
         stream=False,
-        upstream="/v1/messages/count_tokens",
-        answer=AnthropicAnswer,
-        errors=AnthropicError,
     )
     async def count_tokens(self, data: Annotated[CountTokensRequest, Body()]) -> AnthropicAnswer:
         raise relayed()

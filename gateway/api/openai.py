@@ -239,7 +239,7 @@ class OpenAIController(Controller):
     )
     async def transcriptions(
         self, data: Annotated[AudioRequest, Body(media_type=RequestEncodingType.MULTI_PART)]
-    ) -> OpenAIAnswer:
+    ) -> AudioAnswer:
         raise relayed()
 
     @relayed_route(
@@ -251,7 +251,7 @@ class OpenAIController(Controller):
     )
     async def translations(
         self, data: Annotated[AudioRequest, Body(media_type=RequestEncodingType.MULTI_PART)]
-    ) -> OpenAIAnswer:
+    ) -> AudioAnswer:
         raise relayed()
 
     @relayed_route(

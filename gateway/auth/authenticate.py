@@ -57,14 +57,14 @@ def credentials(raw: Iterable[tuple[bytes, bytes]], *, api_key: bool = False) ->
     ``api_key``: an ``X-Api-Key`` (as Anthropic's SDKs send the key) stands
     for ``Authorization: Bearer`` when that is absent."""
     found: dict[str, str] = {}
+    key: bytes | None = None
     for name, value in raw:
         if name in _READ:
             found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-        elif api_key and name == b"x-api-key":
-            found.setdefault("x-api-key", value.decode("latin-1"))
-    key = found.pop("x-api-key", None)
-    if key is not None and "authorization" not in found:
-        found["authorization"] = f"Bearer {key}"
+        elif api_key and key is None and name == b"x-api-key":
+            key = value
+    if key is not None:
+        found.setdefault("authorization", f"Bearer {key.decode('latin-1')}")
     return found
 
 

@@ -90,11 +90,17 @@ async def read_body(
             return body, True
 
 
-def _declared_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of the request's header ``name`` (lower case)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
     return None
+
+
+def _declared_length(scope: Scope) -> int | None:
+    value = header(scope, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def replaying(body: bytes | bytearray, whole: bool, receive: Receive) -> Receive:

@@ -40,6 +40,7 @@ from gateway.proxy.asgi import (
     JSON,
     SSE_HEADERS,
     WAIT_BODY_MAX,
+    header,
     prefer_wait,
     read_body,
     send_stream,
@@ -376,7 +377,7 @@ async def _relay(
         raise BadRequest(f"the body is over {MAX_BODY // (1024 * 1024)} MiB", status=413)
     passed: dict[str, str] | None = None
     key = previous = None
-    content_type = _header(scope, b"content-type")
+    content_type = (header(scope, b"content-type") or b"").decode("latin-1")
     boundary = boundary_of(content_type)
     if boundary is not None:  # a form (audio): passed on with its boundary
         fields = form_fields(data, boundary)
@@ -428,13 +429,6 @@ def _json_head(
         else None
     )
     return head.model, stream, key, head.previous_response_id
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return ""
 
 
 def _anthropic_headers(scope: Scope) -> dict[str, str]:
