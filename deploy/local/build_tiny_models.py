@@ -5,10 +5,12 @@ spot: a 2-layer Llama with a byte-level BPE tokenizer trained on the licence
 texts every Debian system has. Their output is gibberish; the protocol around
 them is vLLM's own.
 
-Two are built into MODELS (a folder of plain model folders):
-  tiny-chat  with a ChatML chat template (answers /v1/chat/completions)
-  tiny-base  without one (answers /v1/completions only)
-and both are also placed in the Hugging Face cache HF_HOME under the ids of
+Built into MODELS (a folder of plain model folders):
+  tiny-chat    with a ChatML chat template (answers /v1/chat/completions)
+  tiny-base    without one (answers /v1/completions only)
+  tiny-lora    a LoRA adapter of tiny-chat (rank 8 on q_proj and v_proj)
+  tiny-rerank  a 2-layer BERT cross-encoder with one label (rerank, score)
+and the first two are also placed in the Hugging Face cache HF_HOME under the ids of
 the API document's examples, Qwen/Qwen2.5-0.5B-Instruct (tiny-chat) and gpt2
 (tiny-base), so that those examples run offline. They are stand-ins, not those
 models.
@@ -19,13 +21,29 @@ Usage: python build_tiny_models.py HF_HOME MODELS
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from safetensors.torch import save_file
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 CHATML = (
     "{% for message in messages %}"
@@ -92,6 +110,82 @@ def build(folder: Path, chat: bool) -> None:
     tok.save_pretrained(folder)
 
 
+def build_lora(folder: Path, base: Path, rank: int = 8) -> None:
+    """A PEFT-format adapter of ``base`` with random (non-zero) weights, so
+    that its answers differ from the base model's."""
+    torch.manual_seed(1)
+    config = json.loads((base / "config.json").read_text())
+    hidden, head = config["hidden_size"], config["head_dim"]
+    out = {"q_proj": config["num_attention_heads"] * head,
+           "v_proj": config["num_key_value_heads"] * head}  # fmt: skip
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, width in out.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden) * 0.1
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(width, rank) * 0.1
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    adapter = {
+        "base_model_name_or_path": str(base),
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(out),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+
+
+def build_cross_encoder(folder: Path) -> None:
+    """A BERT sequence classifier with one label: what vLLM serves as a
+    cross-encoder (/rerank, /score), with a WordPiece tokenizer that pairs
+    texts as [CLS] a [SEP] b [SEP]."""
+    torch.manual_seed(2)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(
+        corpus(), trainer=trainers.WordPieceTrainer(vocab_size=1024, special_tokens=special)
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+    config = BertConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=512,
+        num_labels=1,
+        pad_token_id=fast.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = BertForSequenceClassification(config).to(torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
 def cache(hf_home: Path, repo_id: str, source: Path) -> None:
     """Lay ``source`` out as the hub cache does, so ``repo_id`` resolves offline."""
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
@@ -109,6 +203,9 @@ def main() -> int:
     for name, chat in (("tiny-chat", True), ("tiny-base", False)):
         build(models_dir / name, chat)
         print(f"built {models_dir / name}")
+    build_lora(models_dir / "tiny-lora", models_dir / "tiny-chat")
+    build_cross_encoder(models_dir / "tiny-rerank")
+    print(f"built {models_dir / 'tiny-lora'} and {models_dir / 'tiny-rerank'}")
     for repo_id, name in STAND_INS.items():
         cache(hf_home, repo_id, models_dir / name)
         print(f"cached {name} as {repo_id} in {hf_home}")

@@ -20,7 +20,7 @@ WHEELS="${GATEWAY_TORCH_WHEELS:-/opt/wheels}"
 VENV=/opt/vllm
 HF_HOME_IN=/opt/hf
 MARK="${CHROOT}/opt/.gateway-vllm-${VLLM_VERSION}"
-MODELS_MARK="${CHROOT}/opt/.gateway-models-v2"
+MODELS_MARK="${CHROOT}/opt/.gateway-models-v3"
 
 log() { printf '[vllm-runtime %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -268,11 +268,13 @@ def relayed() -> Exception:
 
 
 def _asleep(name: str, deployment: Deployment) -> OpenAIModel:
+    adapter = name != deployment.served
     return OpenAIModel(
         id=name,
         created=0,
         owned_by=deployment.spec.tenant or "shared",
-        root=deployment.loaded,
+        root=None if adapter else deployment.loaded,
+        parent=deployment.served if adapter else None,
         max_model_len=None,
         services=0,
         scaled_to_zero=True,
@@ -281,11 +283,13 @@ def _asleep(name: str, deployment: Deployment) -> OpenAIModel:
 
 async def _card(front_door: FrontDoor, name: str, services: list[Service]) -> OpenAIModel:
     first = min(services, key=lambda s: int(s.id))
+    adapter = name != first.served_model
     return OpenAIModel(
         id=name,
         created=int(first.created_at.timestamp()),
         owned_by=first.tenant or first.owner,
-        root=first.model,
-        max_model_len=await front_door.max_model_len(first, name),
+        root=first.adapters.get(name) if adapter else first.model,
+        parent=first.served_model if adapter else None,
+        max_model_len=await front_door.max_model_len(first),
         services=len(services),
     )

@@ -44,7 +44,14 @@ class OpenAIModel(msgspec.Struct, kw_only=True):
     object: Literal["model"] = "model"
     created: Annotated[int, Meta(description="when its first service was created (Unix time)")]
     owned_by: Annotated[str, Meta(description="the tenant (or Slurm user) that runs it")]
-    root: Annotated[str | None, Meta(description="the model vLLM loaded (VLLM_MODEL)")]
+    root: Annotated[
+        str | None,
+        Meta(description="the model vLLM loaded (VLLM_MODEL); for a LoRA adapter, its path"),
+    ]
+    parent: Annotated[
+        str | None,
+        Meta(description="for a LoRA adapter, the model it adapts (its name on /v1)"),
+    ] = None
     max_model_len: Annotated[
         int | None, Meta(description="the longest context, where vLLM reports it")
     ]

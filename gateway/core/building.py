@@ -229,6 +229,7 @@ def build(
         model=names.model,
         served_model=names.served,
         max_model_len=names.max_model_len,
+        adapters=names.adapters,
         idle_stop_minutes=meta.idle_stop_minutes,
     )
 
@@ -257,6 +258,7 @@ def submitted(job_id: int, recipe: Recipe, meta: metadata.ServiceMeta) -> Servic
         model=names.model,
         served_model=names.served,
         max_model_len=names.max_model_len,
+        adapters=names.adapters,
         idle_stop_minutes=meta.idle_stop_minutes,
     )
 

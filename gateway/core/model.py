@@ -70,17 +70,32 @@ class Service(msgspec.Struct, frozen=True, kw_only=True):
     model: str | None = None
     served_model: str = ""
     max_model_len: str | None = None
+    # LoRA adapter -> where it is loaded from: models it serves besides
+    # ``served_model``, on the same server.
+    adapters: dict[str, str] = msgspec.field(default_factory=dict)
     # It stops itself after this many minutes without a request (None: never).
     idle_stop_minutes: int | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Every name /v1 requests reach it by: its model's, its adapters'."""
+        return [self.served_model, *(a for a in self.adapters if a != self.served_model)]
 
 
 class ModelNames(NamedTuple):
     """The model a service loads, the name it serves it under (else the
-    loaded one's, else ""), and its context length, as the request set them."""
+    loaded one's, else ""), its context length and its LoRA adapters (name ->
+    path), as the request set them."""
 
     model: str | None = None
     served: str = ""
     max_model_len: str | None = None
+    adapters: dict[str, str] = {}  # noqa: RUF012 - never mutated
+
+    @property
+    def names(self) -> list[str]:
+        """Every name /v1 requests reach it by: its model's, then its adapters'."""
+        return [self.served, *(a for a in self.adapters if a != self.served)]
 
 
 def model_names(spec: ServiceSpec | None, environment: Mapping[str, str]) -> ModelNames:
@@ -94,7 +109,11 @@ def model_names(spec: ServiceSpec | None, environment: Mapping[str, str]) -> Mod
 
     model = value(spec.model_variable)
     served = value(spec.served_name_variable) or model or ""
-    return ModelNames(model, served, value(spec.max_model_len_variable))
+    adapters: dict[str, str] = {}
+    for module in (value(spec.adapters_variable) or "").split():
+        name, _, path = module.partition("=")
+        adapters.setdefault(name, path)
+    return ModelNames(model, served, value(spec.max_model_len_variable), adapters)
 
 
 def service_spec(recipes: RecipeCatalog, recipe_name: str) -> ServiceSpec | None:

@@ -90,6 +90,9 @@ class ServiceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     model_variable: str | None = None
     served_name_variable: str | None = None
     max_model_len_variable: str | None = None
+    # LoRA adapters it serves besides its model, as "name=path name=path":
+    # each name is a model of its own on /v1.
+    adapters_variable: str | None = None
 
 
 class RecipeSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -362,7 +365,7 @@ def _check_service_variables(spec: RecipeSpec, meta: Path) -> None:
         )
     declared = spec.environment.keys() | spec.environment_defaults.keys()
     for field in ("port_variable", "model_variable", "served_name_variable",
-                  "max_model_len_variable"):  # fmt: skip
+                  "max_model_len_variable", "adapters_variable"):  # fmt: skip
         name = getattr(service, field)
         if name is not None and name not in declared:
             raise RecipeError(

@@ -151,8 +151,8 @@ class Recognizer:
         return self._first_of
 
     def models(self) -> dict[str, list[ModelEntry]]:
-        """Served model -> the vLLM jobs serving it that have not ended, by
-        job id, as of the view's generation."""
+        """Served model (or LoRA adapter) -> the vLLM jobs serving it that
+        have not ended, by job id, as of the view's generation."""
         if self._models_generation != self.view.generation:
             index: dict[str, list[ModelEntry]] = {}
             for job in self.view.snapshot():
@@ -165,8 +165,8 @@ class Recognizer:
                 spec = service_spec(self.recipes, meta.recipe)
                 if spec is None or spec.kind != "vllm":
                     continue
-                served = model_names(spec, meta.environment).served
-                index.setdefault(served, []).append((job, meta, reported))
+                for name in model_names(spec, meta.environment).names:
+                    index.setdefault(name, []).append((job, meta, reported))
             for group in index.values():
                 group.sort(key=lambda entry: entry[0].job_id)
             self._models = index

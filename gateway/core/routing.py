@@ -108,11 +108,13 @@ class ModelRouter:
         self._turn = 0
 
     async def models(self, principal: Principal) -> dict[str, list[Service]]:
-        """Served model -> the running services of it the caller may use."""
+        """Served model (or LoRA adapter) -> the running services of it the
+        caller may use."""
         models: dict[str, list[Service]] = {}
         for service in await self.services.serving(principal):
             if service.status is ServiceStatus.RUNNING and service.upstream is not None:
-                models.setdefault(service.served_model, []).append(service)
+                for name in service.names:
+                    models.setdefault(name, []).append(service)
         return models
 
     def asleep(self, principal: Principal) -> dict[str, Deployment]:
@@ -122,8 +124,8 @@ class ModelRouter:
             return {}
         found: dict[str, Deployment] = {}
         for deployment in self.on_demand.sleeping(principal):
-            if deployment.served:
-                found.setdefault(deployment.served, deployment)
+            for name in deployment.names:
+                found.setdefault(name, deployment)
         return found
 
     async def holding(
@@ -253,7 +255,7 @@ class ModelRouter:
             states = ", ".join(f"service {s.id} is {s.status.value}" for s in candidates[:5])
             return ModelNotReady(f"the model {model!r} has no working service: {states}")
         serving = await self.services.serving(principal)
-        return ModelNotFound(model, sorted({s.served_model for s in serving}))
+        return ModelNotFound(model, sorted({n for s in serving for n in s.names}))
 
 
 def _running(service: Service) -> bool:

@@ -140,9 +140,10 @@ class FrontDoor:
     # Service id -> the longest context vLLM reports for its model.
     _context: dict[str, int | None] = field(default_factory=dict)
 
-    async def max_model_len(self, service: Service, model: str) -> int | None:
+    async def max_model_len(self, service: Service) -> int | None:
         """From the request (the recipe's ``max_model_len_variable``), else
-        vLLM's own model list (asked once per service)."""
+        vLLM's own model list (asked once per service): its base model's,
+        which its LoRA adapters share."""
         configured = service.max_model_len
         if configured and configured.isdigit():
             return int(configured)
@@ -155,7 +156,7 @@ class FrontDoor:
             cards = await self.vllm.model_cards(upstream.url, upstream.key)
         except (UpstreamError, UpstreamUnavailable):
             return None  # asked again next time
-        found = next((c.max_model_len for c in cards if c.id == model), None)
+        found = next((c.max_model_len for c in cards if c.id == service.served_model), None)
         if len(self._context) > 4096:
             self._context.clear()
         self._context[service.id] = found

@@ -93,10 +93,14 @@ def tenant_blob(owner: str, tenant: str, idempotency: str = "") -> str:
     return CODEC.unbound(meta)
 
 
-def vllm_blob(owner: str, tenant: str, model: str, *, shared: bool = False, alias: str = "") -> str:
+def vllm_blob(
+    owner: str, tenant: str, model: str, *, shared: bool = False, alias: str = "", lora: str = ""
+) -> str:
     environment = {"VLLM_MODEL": model}
     if alias:
         environment["VLLM_SERVED_MODEL_NAME"] = alias
+    if lora:
+        environment["VLLM_LORA_MODULES"] = lora
     meta = CODEC.new_meta(
         recipe="testing/openai-stub",
         created=CREATED,
@@ -132,9 +136,14 @@ def fake_manager(*jobs: JobInfo, **options: Any) -> tuple[ServiceManager, FakeSc
 
 
 def service(
-    sid: str, model: str = "m", status: ServiceStatus = ServiceStatus.RUNNING, url: str = ""
+    sid: str,
+    model: str = "m",
+    status: ServiceStatus = ServiceStatus.RUNNING,
+    url: str = "",
+    adapters: dict[str, str] | None = None,
 ) -> Service:
-    """A vLLM service of ``model`` (the name it is served under too)."""
+    """A vLLM service of ``model`` (the name it is served under too), with
+    LoRA ``adapters`` (name -> path)."""
     running = status in (ServiceStatus.RUNNING, ServiceStatus.STARTING)
     return Service(
         id=sid,
@@ -156,6 +165,7 @@ def service(
         upstream=Upstream(url or f"http://node1:{sid}", "key") if running else None,
         model=model,
         served_model=model,
+        adapters=adapters or {},
     )
 
 
@@ -166,7 +176,7 @@ class Services:
         self.services = list(services)
 
     async def serving(self, principal: Principal, model: str | None = None) -> list[Service]:
-        return [s for s in self.services if model is None or s.served_model == model]
+        return [s for s in self.services if model is None or model in s.names]
 
 
 def router(*services: Service, clock: Clock | None = None) -> ModelRouter:

@@ -76,7 +76,7 @@ class Elastic:
 
     def serving(self, principal: Principal, model: str) -> Deployment | None:
         """A deployment the caller may use that serves ``model`` and may be at zero."""
-        return next((d for d in self._zeroable(principal) if d.served == model), None)
+        return next((d for d in self._zeroable(principal) if model in d.names), None)
 
     def sleeping(self, principal: Principal) -> list[Deployment]:
         """The deployments the caller may use that run no replica now."""

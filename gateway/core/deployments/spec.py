@@ -99,6 +99,13 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     # The model its servers load, and the name /v1 requests use for it.
     loaded: str | None = None
     served: str | None = None
+    # The LoRA adapters its servers serve besides, by name (models of their own).
+    adapters: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        """Every name /v1 requests reach its replicas by."""
+        return [self.served, *self.adapters] if self.served else []
 
     @property
     def shared(self) -> bool:
@@ -232,6 +239,7 @@ def check(name: str, table: Any, recipes: RecipeCatalog, where: str) -> Deployme
         where=where,
         loaded=names.model,
         served=names.served or None,
+        adapters=tuple(a for a in names.adapters if a != names.served),
     )
 
 

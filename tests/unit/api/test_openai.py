@@ -115,6 +115,31 @@ async def test_the_body_arrives_byte_for_byte_and_vllms_answer_comes_back(
     assert got.headers["x-gateway-service-id"] == "1"
 
 
+async def test_a_lora_adapter_is_listed_with_its_base_and_reaches_its_service(
+    settings: Settings,
+) -> None:
+    async def vllm(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        if seen.path == "/v1/models":  # vLLM's cards: an adapter's has no max_model_len
+            cards = [{"id": "m", "max_model_len": 333}, {"id": "sql", "parent": "m"}]
+            writer.write(response(200, {"object": "list", "data": cards}))
+        else:
+            writer.write(response(200, COMPLETION))
+
+    async with http_stub(vllm) as a, http_stub(vllm) as b:
+        lora = service("1", url=a.url, adapters={"sql": "/models/sql-lora"})
+        async with gateway(settings, lora, service("2", url=b.url)) as gw:
+            listed = (await gw.client.get("/v1/models", headers=TEAM_A)).json()["data"]
+            one = (await gw.client.get("/v1/models/sql", headers=TEAM_A)).json()
+            answered = [(await gw.chat({"model": "sql"})).headers for _ in range(4)]
+    cards = {card["id"]: card for card in listed}
+    assert cards["m"]["parent"] is None and cards["m"]["services"] == 2
+    assert cards["sql"] == one
+    assert (one["parent"], one["root"], one["services"]) == ("m", "/models/sql-lora", 1)
+    assert one["max_model_len"] == 333  # its base model's
+    assert {h["x-gateway-service-id"] for h in answered} == {"1"}
+    assert [s.path for s in b.seen if s.path == CHAT] == []
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/embeddings"])
 async def test_each_route_asks_the_service_at_its_own_path(settings: Settings, path: str) -> None:
     async with (

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.core import jobscript, metadata
 from gateway.core.errors import InvalidRequest, NotFound, RecipeError
+from gateway.core.model import model_names
 from gateway.core.recipes import RecipeCatalog, VariableSpec, check_variable, resolve_resources
 from tests.support import sandbox
 
@@ -177,6 +178,45 @@ def test_site_overlay_changes_defaults(tmp_path: Path) -> None:
     assert recipe.spec.partitions.cpu == "batch"
     assert recipe.spec.partitions.gpu == "gpu"
     assert (recipe.default_resources.memory_mb, recipe.default_resources.gpus) == (6144, 0)
+
+
+def test_lora_adapters_come_from_the_request_or_the_sites_overlay(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(
+        '[recipes."inference/vllm".environment_defaults]\n'
+        'VLLM_LORA_MODULES = "sql=/models/sql-lora chat/v2=org/chat-lora"\n'
+    )
+    recipe = RecipeCatalog.load([RECIPES], site).get("inference/vllm")
+    spec = recipe.spec.service
+    names = model_names(spec, recipe.environment({"VLLM_SERVED_MODEL_NAME": "base"}))
+    assert names.adapters == {"sql": "/models/sql-lora", "chat/v2": "org/chat-lora"}
+    assert names.names == ["base", "sql", "chat/v2"]
+    # A request's own list replaces the site's.
+    mine = recipe.environment({"VLLM_LORA_MODULES": "mine=/home/me/lora"})
+    assert model_names(spec, mine).adapters == {"mine": "/home/me/lora"}
+    assert model_names(spec, recipe.environment({})).names == [
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "sql",
+        "chat/v2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "sql",  # no path
+        "=/models/x",  # no name
+        "sql=/models/x;rm -rf ~",
+        "sql=/models/x\nother=/y",
+        "a=/x  b=/y",  # words are one space apart
+        " ".join(f"a{i}=/m/{i}" for i in range(17)),  # 16 at most
+        '{"name": "sql", "path": "/models/x"}',  # vLLM's JSON form is not taken
+    ],
+)
+def test_malformed_lora_modules_are_refused_by_name(catalog: RecipeCatalog, modules: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        catalog.get("inference/vllm").environment({"VLLM_LORA_MODULES": modules})
+    assert "VLLM_LORA_MODULES" in info.value.detail
 
 
 def test_site_overlay_for_unknown_recipe_fails(tmp_path: Path) -> None:

@@ -90,6 +90,23 @@ async def test_models_lists_running_services_only() -> None:
     assert {name: [s.id for s in group] for name, group in models.items()} == {"alpha": ["1", "2"]}
 
 
+async def test_a_lora_adapter_is_a_model_of_the_services_that_serve_it() -> None:
+    lora = {"sql": "/models/sql-lora"}
+    r = router(service("1", "base", adapters=lora), service("2", "base"), service("3", "other"))
+    models = await r.models(CALLER)
+    assert {name: [s.id for s in group] for name, group in models.items()} == {
+        "base": ["1", "2"],
+        "sql": ["1"],
+        "other": ["3"],
+    }
+    # Only the service that loaded it takes its requests; the base model's go to both.
+    assert {(await r.pick(CALLER, "sql")).id for _ in range(6)} == {"1"}
+    assert {(await r.pick(CALLER, "base")).id for _ in range(6)} == {"1", "2"}
+    with pytest.raises(ModelNotFound) as raised:
+        await r.pick(CALLER, "sql-v2")
+    assert raised.value.available == ["base", "other", "sql"]
+
+
 # -- routing, more closely ------------------------------------------------------------
 
 
@@ -201,6 +218,29 @@ async def test_a_shared_service_takes_every_tenants_requests_an_unshared_one_its
         assert raised.value.available == ["m"]
         assert (await r.pick(ALICE, "private")).id == "4"
         assert sorted(await r.models(CAROL)) == ["m"]
+
+
+async def test_a_lora_adapter_reaches_the_jobs_that_serve_it() -> None:
+    # As Slurm lists them: the adapters read from each job's recorded environment.
+    async with contextlib.AsyncExitStack() as stack:
+        ports = [
+            (await stack.enter_async_context(http_stub(vllm_answer, tests.NODE_ADDRESS))).port
+            for _ in range(3)
+        ]
+        jobs = [
+            running(1, "alice", "team-a", ports[0], lora="sql=/models/sql a=/models/a"),
+            running(2, "alice", "team-a", ports[1]),
+            running(3, "bob", "team-b", ports[2], lora="sql=/models/sql"),
+        ]
+        services, _ = await stack.enter_async_context(slurm_with(*jobs))
+        r = ModelRouter(services)
+        assert await picked(r, ALICE, "sql") == {"1"}
+        assert await picked(r, ALICE, "a") == {"1"}
+        assert await picked(r, ALICE) == {"1", "2"}
+        assert sorted(await r.models(ALICE)) == ["a", "m", "sql"]
+        assert await picked(r, BOB, "sql") == {"3"}
+        with pytest.raises(ModelNotFound):
+            await r.pick(BOB, "a")  # team-a's adapter
 
 
 async def test_a_service_being_stopped_takes_no_more_requests(

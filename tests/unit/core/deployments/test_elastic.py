@@ -187,6 +187,24 @@ async def test_at_zero_a_burst_of_requests_starts_exactly_one_job(tmp_path: Path
     assert fake.count("shorten") >= 1
 
 
+async def test_a_request_for_an_adapter_of_a_deployment_at_zero_starts_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "deployments.toml").write_text(
+        file(min_replicas=0, max_replicas=1) + 'VLLM_LORA_MODULES = "sql=/models/sql-lora"\n'
+    )
+    clock, loads = [1_000_000.0], Loads()
+    first, fake = gateway(tmp_path, clock, loads)
+    await rounds(clock, fake, first, n=2)
+    router = ModelRouter(first.services, on_demand=first.elastic)
+    assert sorted(router.asleep(TEAM_A)) == ["sql", "tiny"]
+    with pytest.raises(ModelNotReady):
+        await router.pick(TEAM_A, "sql")
+    await rounds(clock, fake, first, n=3)
+    assert len(alive(fake)) == 1
+    assert (await first.get("m", TEAM_A)).members[0].submitted_for == "demand"
+
+
 async def test_a_request_waits_as_long_as_it_asked_then_hears_when_to_come_back(
     tmp_path: Path,
 ) -> None:
