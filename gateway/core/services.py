@@ -225,7 +225,9 @@ class ServiceManager:
         await self.view.jobs_ready()
         index = self.recognizer.models()
         if model is None:
-            entries = [entry for group in index.values() for entry in group]
+            # A job serving adapters is in several groups: each once.
+            unique = {entry[0].job_id: entry for group in index.values() for entry in group}
+            entries = list(unique.values())
         else:
             entries = index.get(model, [])
         allowed = [

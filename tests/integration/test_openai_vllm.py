@@ -4,7 +4,9 @@ runtime (c2205).
 
 Two services serve the recipe's default chat model under one alias
 (VLLM_SERVED_MODEL_NAME): the SDK sees one model, and requests spread over
-both. The caller is tenant team-a with its API key, sent as the SDK sends it.
+both; the first also serves a LoRA adapter of it, a model of its own. A third
+serves a tiny cross-encoder (rerank, score). The caller is tenant team-a with
+its API key, sent as the SDK sends it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import anthropic
 import httpx
@@ -28,8 +31,10 @@ from tests.support.polling import poll
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sgw_local-team-a-key"  # deploy/local/tenants.toml: tenant team-a
 ALIAS = "tiny-chat"
+ADAPTER = "tiny-lora"  # deploy/local/build_tiny_models.py: a LoRA adapter of tiny-chat
+RERANKER = "tiny-rerank"
 ROOT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"  # the recipe's default, a tiny local stand-in
-STARTUP = 420.0  # seconds; two vLLMs starting at once on two cores
+STARTUP = 420.0  # seconds; three vLLMs starting at once on two cores
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -44,25 +49,32 @@ def gateway(request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
         yield process
 
 
+class Services(NamedTuple):
+    pair: list[str]  # two replicas of the chat model, the first with a LoRA adapter
+    reranker: str  # a cross-encoder
+
+
 @pytest.fixture(scope="module")
-def pair(gateway: GatewayProcess) -> Iterator[list[str]]:
-    """Two running vLLM services of one model under one alias."""
+def started(gateway: GatewayProcess) -> Iterator[Services]:
+    """Two vLLM services of one model under one alias, the first also serving
+    a LoRA adapter of it; and one of a tiny cross-encoder. All three start at once."""
     headers = {"Authorization": f"Bearer {KEY}"}
     ids: list[str] = []
+    chat = {
+        "VLLM_SERVED_MODEL_NAME": ALIAS,
+        # Responses kept for GET /v1/responses/{id} and previous_response_id.
+        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
+    }
+    environments = [
+        {**chat, "VLLM_LORA_MODULES": f"{ADAPTER}=/opt/models/tiny-lora"},
+        chat,
+        {"VLLM_MODEL": "/opt/models/tiny-rerank", "VLLM_SERVED_MODEL_NAME": RERANKER},
+    ]
 
     async def start() -> None:
         async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=60) as api:
-            body = {
-                "recipe_name": "inference/vllm",
-                # Responses kept for GET /v1/responses/{id} and previous_response_id.
-                "config": {
-                    "environment": {
-                        "VLLM_SERVED_MODEL_NAME": ALIAS,
-                        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
-                    }
-                },
-            }
-            for _ in range(2):
+            for environment in environments:
+                body = {"recipe_name": "inference/vllm", "config": {"environment": environment}}
                 created = await api.post("/api/v1/services", json=body)
                 assert created.status_code == 201, created.text
                 ids.append(created.json()["id"])
@@ -77,7 +89,7 @@ def pair(gateway: GatewayProcess) -> Iterator[list[str]]:
                 )
                 assert state.json()["status"] == "running", state.text
             TIMINGS.append(
-                f"/v1 with the SDK: two vLLMs running in {time.monotonic() - started:.0f} s"
+                f"/v1 with the SDK: three vLLMs running in {time.monotonic() - started:.0f} s"
             )
 
     async def stop() -> None:
@@ -87,9 +99,14 @@ def pair(gateway: GatewayProcess) -> Iterator[list[str]]:
 
     try:
         asyncio.run(start())
-        yield ids
+        yield Services(ids[:2], ids[2])
     finally:
         asyncio.run(stop())
+
+
+@pytest.fixture(scope="module")
+def pair(started: Services) -> list[str]:
+    return started.pair
 
 
 @pytest.fixture
@@ -107,6 +124,34 @@ def test_the_sdk_lists_one_model_served_twice(client: openai.OpenAI, pair: list[
     assert card["owned_by"] == "team-a"
     assert card["max_model_len"] == 512  # the site's --max-model-len, as vLLM reports it
     assert client.models.retrieve(ALIAS).id == ALIAS
+
+
+def test_a_lora_adapter_is_a_model_reaching_the_replica_that_loaded_it(
+    client: openai.OpenAI, pair: list[str]
+) -> None:
+    card = client.models.retrieve(ADAPTER).model_dump()
+    assert (card["parent"], card["root"]) == (ALIAS, "/opt/models/tiny-lora")
+    assert card["services"] == 1
+    assert card["max_model_len"] == 512  # its base model's
+    assert ADAPTER in [m.id for m in client.models.list()]
+    question = [{"role": "user", "content": "Once upon a time"}]
+    served = set()
+    for _ in range(4):
+        raw = client.chat.completions.with_raw_response.create(
+            model=ADAPTER, messages=question, max_tokens=8, temperature=0
+        )
+        served.add(raw.headers["x-gateway-service-id"])
+        assert raw.parse().model == ADAPTER
+    assert served == {pair[0]}
+    adapted = client.chat.completions.create(
+        model=ADAPTER, messages=question, max_tokens=8, temperature=0
+    )
+    base = client.chat.completions.create(
+        model=ALIAS, messages=question, max_tokens=8, temperature=0
+    )
+    # The adapter's weights are its own: greedy decoding tells them apart.
+    assert adapted.choices[0].message.content != base.choices[0].message.content
+    print(f"LoRA {ADAPTER} on service {pair[0]}: {adapted.choices[0].message.content!r}")
 
 
 def test_chat_plain_and_streamed_and_completions(client: openai.OpenAI, pair: list[str]) -> None:
@@ -187,6 +232,33 @@ def test_tokenize_and_detokenize_round_trip(gateway: GatewayProcess, pair: list[
     assert text.status_code == 200, text.text
     assert text.json()["prompt"].endswith("Once upon a time"), text.json()
     print(f"tokenize through the gateway: {len(ids)} tokens, detokenized {text.json()}")
+
+
+def test_rerank_and_score_in_jinas_and_cohere_shapes(
+    gateway: GatewayProcess, started: Services
+) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    query = "what does the licence allow"
+    documents = ["the gnu general public license", "a recipe for bread", "apache license 2.0"]
+    asked = {"model": RERANKER, "query": query, "documents": documents}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as api:
+        jina = api.post("/v1/rerank", json={**asked, "top_n": 2})
+        cohere = api.post("/v2/rerank", json=asked)
+        scored = api.post("/v1/score", json={"model": RERANKER, "queries": query,
+                                             "documents": documents})  # fmt: skip
+        bare = api.post("/score", json={"model": RERANKER, "text_1": query, "text_2": documents})
+    for answer in (jina, cohere, scored, bare):
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-gateway-service-id"] == started.reranker
+    scores = [item["score"] for item in scored.json()["data"]]
+    assert len(scores) == 3 and [item["score"] for item in bare.json()["data"]] == scores
+    # Reranked: the same scores, best first; top_n kept two.
+    ranked = sorted(range(3), key=lambda i: -scores[i])
+    results = cohere.json()["results"]
+    assert [r["index"] for r in results] == ranked
+    assert [r["relevance_score"] for r in results] == pytest.approx([scores[i] for i in ranked])
+    assert [r["index"] for r in jina.json()["results"]] == ranked[:2]
+    print(f"rerank through the gateway: {ranked} with scores {scores}")
 
 
 # vLLM's management routes (vllm/entrypoints/serve/dev, lora, profile,

@@ -237,7 +237,9 @@ async def test_a_lora_adapter_reaches_the_jobs_that_serve_it() -> None:
         assert await picked(r, ALICE, "sql") == {"1"}
         assert await picked(r, ALICE, "a") == {"1"}
         assert await picked(r, ALICE) == {"1", "2"}
-        assert sorted(await r.models(ALICE)) == ["a", "m", "sql"]
+        # Each service once under each of its names.
+        models = {name: [s.id for s in group] for name, group in (await r.models(ALICE)).items()}
+        assert models == {"m": ["1", "2"], "sql": ["1"], "a": ["1"]}
         assert await picked(r, BOB, "sql") == {"3"}
         with pytest.raises(ModelNotFound):
             await r.pick(BOB, "a")  # team-a's adapter
