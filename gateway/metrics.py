@@ -53,7 +53,8 @@ SLURM_CALLS = Histogram(
 )
 PROMPTS = Counter(
     f"{PREFIX}_prompts_total",
-    "Prompts relayed to services, by streaming or not and outcome (ok, upstream_error, "
+    "Requests relayed to services (prompts, and the other model routes: tokenize, rerank, "
+    "a stored response...), by streaming or not and outcome (ok, upstream_error, "
     "timeout, unreachable, client_gone)",
     ["stream", "outcome"],
 )

@@ -70,27 +70,46 @@ def count_tokens(prompt: int | None, completion: int | None) -> None:
 
 
 class _Usage(msgspec.Struct):
+    # OpenAI's chat and completions name them so; its Responses API and
+    # Anthropic's Messages API name them input and output.
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+    def count(self) -> None:
+        count_tokens(
+            self.prompt_tokens or self.input_tokens, self.completion_tokens or self.output_tokens
+        )
+
+
+class _Response(msgspec.Struct):
+    usage: _Usage | None = None
 
 
 class _UsageChunk(msgspec.Struct):
     usage: _Usage | None = None
+    # A Responses stream's last event (response.completed) holds the response.
+    response: _Response | None = None
 
 
 _read_usage = msgspec.json.Decoder(_UsageChunk).decode
 
 
 def count_usage(answer: bytes | bytearray) -> None:
-    """Tokens of a whole OpenAI answer (its top-level ``usage``), if it has one."""
+    """Tokens of a whole answer (its top-level ``usage``), or of a stream's
+    event (a Responses stream's in its ``response``), if it has them. An
+    Anthropic stream's message_start has them in ``message``, its last event
+    (message_delta) again, in all: only the last is counted."""
     if b'"usage"' not in answer:
         return
     try:
-        usage = _read_usage(answer).usage
+        chunk = _read_usage(answer)
     except msgspec.DecodeError:  # ValidationError included
         return
+    usage = chunk.usage or (chunk.response.usage if chunk.response else None)
     if usage is not None:
-        count_tokens(usage.prompt_tokens, usage.completion_tokens)
+        usage.count()
 
 
 _END = b"\n\n"
@@ -208,4 +227,4 @@ class AnswerUsage:
             counts = msgspec.convert(usage, _Usage)
         except (ValueError, msgspec.ValidationError):
             return
-        count_tokens(counts.prompt_tokens, counts.completion_tokens)
+        counts.count()

@@ -308,6 +308,7 @@ def test_responses_plain_streamed_stored_and_followed_up(
 ) -> None:
     # OpenAI's Responses API: each response is named for its service, so a
     # follow-up and a retrieval reach the vLLM that keeps it.
+    before = token_counts(gateway)
     first = client.responses.with_raw_response.create(
         model=ALIAS, input="Tell me a story", max_output_tokens=8
     )
@@ -325,6 +326,13 @@ def test_responses_plain_streamed_stored_and_followed_up(
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
     streamed = events[-1].response  # type: ignore[union-attr]
     assert holder_of(streamed.id) in pair
+    # Both answers' tokens are in the gateway's token metrics.
+    assert made.usage is not None and streamed.usage is not None
+    after = token_counts(gateway)
+    assert (after[0] - before[0], after[1] - before[1]) == (
+        made.usage.input_tokens + streamed.usage.input_tokens,
+        made.usage.output_tokens + streamed.usage.output_tokens,
+    )
 
     # Follow-ups reach the holder, whichever service the model's load would pick.
     reached = Counter()
@@ -359,6 +367,19 @@ def test_responses_plain_streamed_stored_and_followed_up(
     )
 
 
+def token_counts(gateway: GatewayProcess) -> tuple[float, float]:
+    """gateway_prompt_tokens_total's prompt and completion counts."""
+    answer = httpx.get(f"{gateway.url}/metrics")  # a scrape without credentials
+    assert answer.status_code == 200, answer.text
+    text = answer.text
+    found = dict.fromkeys(("prompt", "completion"), 0.0)
+    for line in text.splitlines():
+        for kind in found:
+            if line.startswith(f'gateway_prompt_tokens_total{{kind="{kind}"}} '):
+                found[kind] = float(line.rsplit(" ", 1)[1])
+    return found["prompt"], found["completion"]
+
+
 def holder_of(response_id: str) -> str:
     return response_id.split("_")[1]
 
@@ -368,13 +389,20 @@ def test_anthropics_sdk_plain_streamed_counted_and_refused(
 ) -> None:
     # Anthropic's SDK sends the key as X-Api-Key, with anthropic-version.
     asked = [{"role": "user", "content": "Tell me a joke"}]
+    before = token_counts(gateway)
     with anthropic.Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0) as sdk:
         message = sdk.messages.create(model=ALIAS, max_tokens=8, messages=asked)
         assert message.content and message.content[0].text, message
         assert message.usage.output_tokens > 0
         with sdk.messages.stream(model=ALIAS, max_tokens=8, messages=asked) as stream:
             text = "".join(stream.text_stream)
+            streamed = stream.get_final_message().usage
         assert text
+        # Both answers' tokens are in the gateway's token metrics.
+        used = (message.usage.input_tokens + streamed.input_tokens,
+                message.usage.output_tokens + streamed.output_tokens)  # fmt: skip
+        after = token_counts(gateway)
+        assert (after[0] - before[0], after[1] - before[1]) == used
         counted = sdk.messages.count_tokens(model=ALIAS, messages=asked)
         assert counted.input_tokens > 0
         with pytest.raises(anthropic.NotFoundError) as missing:

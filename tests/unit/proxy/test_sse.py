@@ -105,6 +105,53 @@ def test_usage_null_on_every_chunk_counts_nothing() -> None:
     assert counted(lambda: reader.feed(chunk * 10)) == (0, 0)
 
 
+def event(name: str, data: dict[str, object]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def test_a_responses_stream_counts_the_usage_of_its_completed_response() -> None:
+    # As vLLM sends it: "usage": null until the last event, which holds the response.
+    response = {"id": "resp_1", "object": "response", "usage": None}
+    done = {**response, "usage": {"input_tokens": 14, "output_tokens": 5, "total_tokens": 19}}
+    stream = (
+        event("response.created", {"type": "response.created", "response": response})
+        + event("response.output_text.delta", {"type": "response.output_text.delta", "delta": "x"})
+        + event("response.completed", {"type": "response.completed", "response": done})
+    )
+    for size in (1, 7, len(stream)):
+        reader = SseUsage()
+        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        assert counted(lambda r=reader, cs=chunks: [r.feed(c) for c in cs]) == (14, 5)
+
+
+def test_an_anthropic_stream_counts_its_last_usage_only() -> None:
+    # message_start has the input tokens in "message"; message_delta has the
+    # totals at its top level.
+    opened = {"usage": {"input_tokens": 14, "output_tokens": 0}}
+    start = {"type": "message_start", "message": opened}
+    delta = {"type": "message_delta", "usage": {"input_tokens": 14, "output_tokens": 5}}
+    stream = event("message_start", start) + event("message_delta", delta)
+    reader = SseUsage()
+    assert counted(lambda: reader.feed(stream)) == (14, 5)
+
+
+@pytest.mark.parametrize("kind", ["responses", "anthropic"])
+def test_a_whole_answer_with_input_and_output_tokens_is_counted(kind: str) -> None:
+    usage = {"input_tokens": 21, "output_tokens": 8}
+    if kind == "responses":
+        usage |= {"input_tokens_details": {"cached_tokens": 0}, "total_tokens": 29}
+    answer = json.dumps({"id": "x", "type": "message", "usage": usage, "model": "m"}).encode()
+    assert counted(lambda: count_usage(answer)) == (21, 8)
+    pieces = AnswerUsage()
+
+    def feed() -> None:
+        for i in range(0, len(answer), 5):
+            pieces.feed(answer[i : i + 5])
+        pieces.finish()
+
+    assert counted(feed) == (21, 8)
+
+
 # -- whole answers -------------------------------------------------------------------
 
 ANSWER = {
