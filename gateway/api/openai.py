@@ -273,7 +273,7 @@ def _asleep(name: str, deployment: Deployment) -> OpenAIModel:
         id=name,
         created=0,
         owned_by=deployment.spec.tenant or "shared",
-        root=None if adapter else deployment.loaded,
+        root=deployment.adapters.get(name) if adapter else deployment.loaded,
         parent=deployment.served if adapter else None,
         max_model_len=None,
         services=0,

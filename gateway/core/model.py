@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from gateway.core.errors import NotFound
-from gateway.core.recipes import RecipeCatalog, ServiceSpec
+from gateway.core.recipes import RecipeCatalog, ServiceSpec, adapter_modules
 from gateway.core.status import ServiceStatus
 
 _SERVICE_ID = re.compile(r"[0-9]{1,12}")
@@ -109,10 +109,7 @@ def model_names(spec: ServiceSpec | None, environment: Mapping[str, str]) -> Mod
 
     model = value(spec.model_variable)
     served = value(spec.served_name_variable) or model or ""
-    adapters: dict[str, str] = {}
-    for module in (value(spec.adapters_variable) or "").split():
-        name, _, path = module.partition("=")
-        adapters.setdefault(name, path)
+    adapters = dict(adapter_modules(value(spec.adapters_variable) or ""))
     return ModelNames(model, served, value(spec.max_model_len_variable), adapters)
 
 

@@ -134,6 +134,7 @@ class Recipe:
                     field, f"not a variable of recipe {self.name} (allowed: {allowed})"
                 )
             merged[key] = check_variable(spec, value, field)
+        _check_adapters(self.spec.service, merged)
         return merged
 
     def partition(self, resources: Resources) -> str | None:
@@ -199,6 +200,30 @@ def check_variable(spec: VariableSpec, value: Any, field: str) -> str:
     if pattern is not None and not re.fullmatch(pattern, text):
         raise InvalidRequest.field(field, f"{text!r} does not match {pattern}")
     return text
+
+
+def adapter_modules(text: str) -> list[tuple[str, str]]:
+    """``name=path`` words (a recipe's ``adapters_variable``) as pairs."""
+    return [(name, path) for name, _, path in (word.partition("=") for word in text.split())]
+
+
+def _check_adapters(service: ServiceSpec, environment: Mapping[str, str]) -> None:
+    """Names vLLM would refuse at its start, after the wait in Slurm's queue
+    and the model's load: one given twice, or the model's own."""
+    variable = service.adapters_variable
+    if variable is None or not environment.get(variable):
+        return
+    served = environment.get(service.served_name_variable or "") or environment.get(
+        service.model_variable or ""
+    )
+    seen: set[str] = {served} if served else set()
+    for name, _ in adapter_modules(environment[variable]):
+        if name in seen:
+            why = "is the model's own name" if name == served else "is given twice"
+            raise InvalidRequest.field(
+                f"config.environment.{variable}", f"the adapter name {name!r} {why}"
+            )
+        seen.add(name)
 
 
 def resolve_resources(

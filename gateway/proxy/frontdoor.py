@@ -21,7 +21,6 @@ Authentication is app middleware and has run by now: ``scope["user"]``.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -49,7 +48,7 @@ from gateway.proxy.asgi import (
 from gateway.proxy.multipart import boundary_of, form_fields
 from gateway.proxy.prompts import upstream_failure
 from gateway.proxy.response_ids import CREATE_PATH, holding, new_id, stamped
-from gateway.proxy.sse import AnswerUsage, count_usage, relay
+from gateway.proxy.sse import count_usage, passed_on, relay
 from gateway.proxy.wire import MODEL_MAX_LENGTH
 from gateway.upstream.answers import (
     UpstreamError,
@@ -231,9 +230,12 @@ class FrontDoor:
         receive: Receive,
         send: Send,
         passed: dict[str, str] | None = None,
+        *,
+        metered: bool = True,
     ) -> None:
         """``body`` to ``service`` and its answer to the client; ``passed``:
-        headers of the client's that vLLM is to see."""
+        headers of the client's that vLLM is to see; ``metered``: whether the
+        answer's tokens count (not when it repeats a stored answer's)."""
         upstream = service.upstream
         assert upstream is not None  # the router picks running services only
         await lease.admit(upstream.url, tenant)
@@ -259,9 +261,9 @@ class FrontDoor:
                         error_kind(answer.content),
                     )
                 if response.content_type == "text/event-stream":
-                    await self._stream(response, deadline, started, headers, receive, send)
+                    await self._stream(response, deadline, started, headers, receive, send, metered)
                 else:
-                    await self._pass(response, deadline, started, headers, receive, send)
+                    await self._pass(response, deadline, started, headers, receive, send, metered)
         finally:
             lease.leave()
 
@@ -273,6 +275,7 @@ class FrontDoor:
         headers: list[tuple[bytes, bytes]],
         receive: Receive,
         send: Send,
+        metered: bool,
     ) -> None:
         """A whole answer, passed on as it arrives: never held whole."""
         length = response.content_length
@@ -299,13 +302,19 @@ class FrontDoor:
                 # the machinery of a stream (two tasks a request).
                 async for _ in chunks:
                     pass  # its end: the connection goes back to the pool
-                count_usage(first)
+                if metered:
+                    count_usage(first)
                 series(PROMPTS, "false", "ok").inc()
                 await send_whole(send, response.status, [JSON, *headers], first)
                 return
         try:
             await send_stream(
-                _passed(first, chunks), chunks, receive, send, [JSON, *headers], response.status
+                passed_on(first, chunks, metered=metered),
+                chunks,
+                receive,
+                send,
+                [JSON, *headers],
+                response.status,
             )
         except (UpstreamError, UpstreamUnavailable) as exc:
             # Too late for an error answer: returning without its end makes
@@ -320,6 +329,7 @@ class FrontDoor:
         headers: list[tuple[bytes, bytes]],
         receive: Receive,
         send: Send,
+        metered: bool,
     ) -> None:
         chunks = iter_chunks(response, deadline)
         try:
@@ -331,29 +341,9 @@ class FrontDoor:
             series(PROMPTS, "true", "timeout" if exc.timeout else "unreachable").inc()
             raise
         series(PROMPT_FIRST_BYTE, "true").observe(time.perf_counter() - started)
-        await send_stream(relay(first, chunks), chunks, receive, send, [*SSE_HEADERS, *headers])
-
-
-async def _passed(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
-    """A whole answer's pieces as they come, its usage read on the way."""
-    outcome = "client_gone"  # unless it ends
-    usage = AnswerUsage()
-    try:
-        usage.feed(first)
-        yield first
-        async for chunk in chunks:
-            usage.feed(chunk)
-            yield chunk
-        outcome = "ok"
-        usage.finish()
-    except UpstreamError:
-        outcome = "upstream_error"
-        raise
-    except UpstreamUnavailable as exc:
-        outcome = "timeout" if exc.timeout else "unreachable"
-        raise
-    finally:
-        series(PROMPTS, "false", outcome).inc()
+        await send_stream(
+            relay(first, chunks, metered=metered), chunks, receive, send, [*SSE_HEADERS, *headers]
+        )
 
 
 async def relay_request(

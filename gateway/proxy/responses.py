@@ -32,9 +32,10 @@ async def relay_stored(door: FrontDoor, scope: Scope, receive: Receive, send: Se
     stream = asked.lower() in _TRUE
     lease = door.vllm.limits.lease()
     try:
+        # A stored response's tokens counted when it was made: not again.
         await door.send_to(
             service, tenant_of(scope["user"]), method, path, RequestBody(b""), lease, stream,
-            receive, send,
+            receive, send, metered=False,
         )  # fmt: skip
     except UpstreamUnavailable as exc:
         raise upstream_failure(service.id, exc) from None

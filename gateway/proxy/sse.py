@@ -1,5 +1,6 @@
-"""Answers relayed as they come: a stream's events (``relay``), and the token
-usage read from vLLM's answers as they pass, into the token metrics.
+"""Answers relayed as they come: a stream's events (``relay``), a whole
+answer's pieces (``passed_on``), and the token usage read from vLLM's answers
+as they pass, into the token metrics.
 
 Answers are relayed as they arrive, so usage is read on the way: from a
 stream's whole events (``SseUsage``) and from the top-level ``usage`` of a
@@ -23,13 +24,17 @@ from gateway.upstream.limits import Lease
 
 
 async def relay(
-    first: bytes, chunks: AsyncGenerator[bytes, None], lease: Lease | None = None
+    first: bytes,
+    chunks: AsyncGenerator[bytes, None],
+    lease: Lease | None = None,
+    *,
+    metered: bool = True,
 ) -> AsyncGenerator[bytes, None]:
     """The chunks as they come; a failure after the headers ends the stream
     with an error event. Closing it closes the upstream (vLLM then aborts),
-    and ``lease`` if given."""
+    and ``lease`` if given. ``metered``: whether its usage counts."""
     result = "client_gone"  # unless the stream ends
-    usage = SseUsage()
+    usage = SseUsage() if metered else UNMETERED
     try:
         yield first
         usage.feed(first)
@@ -55,6 +60,31 @@ async def relay(
             lease.close()
 
 
+async def passed_on(
+    first: bytes, chunks: AsyncGenerator[bytes, None], *, metered: bool = True
+) -> AsyncGenerator[bytes, None]:
+    """A whole answer's pieces as they come, its usage read on the way (when
+    ``metered``)."""
+    outcome = "client_gone"  # unless it ends
+    usage = AnswerUsage() if metered else UNMETERED
+    try:
+        usage.feed(first)
+        yield first
+        async for chunk in chunks:
+            usage.feed(chunk)
+            yield chunk
+        outcome = "ok"
+        usage.finish()
+    except UpstreamError:
+        outcome = "upstream_error"
+        raise
+    except UpstreamUnavailable as exc:
+        outcome = "timeout" if exc.timeout else "unreachable"
+        raise
+    finally:
+        series(PROMPTS, "false", outcome).inc()
+
+
 def outcome(exc: Exception) -> str:
     """The prompt metric's outcome of an upstream failure."""
     if isinstance(exc, UpstreamUnavailable):
@@ -62,25 +92,36 @@ def outcome(exc: Exception) -> str:
     return "upstream_error"
 
 
+# More tokens than any answer has: an upstream saying so is not believed.
+_MOST_TOKENS = 1 << 30
+
+
 def count_tokens(prompt: int | None, completion: int | None) -> None:
-    if prompt:
+    if prompt and 0 < prompt < _MOST_TOKENS:
         series(PROMPT_TOKENS, "prompt").inc(prompt)
-    if completion:
+    if completion and 0 < completion < _MOST_TOKENS:
         series(PROMPT_TOKENS, "completion").inc(completion)
 
 
 class _Usage(msgspec.Struct):
     # OpenAI's chat and completions name them so; its Responses API and
-    # Anthropic's Messages API name them input and output.
+    # Anthropic's Messages API name them input and output. Anthropic's input
+    # leaves out the cached prompt tokens, counted apart.
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
 
     def count(self) -> None:
-        count_tokens(
-            self.prompt_tokens or self.input_tokens, self.completion_tokens or self.output_tokens
-        )
+        prompt = self.prompt_tokens
+        if prompt is None and self.input_tokens is not None:
+            prompt = self.input_tokens
+            for cached in (self.cache_read_input_tokens, self.cache_creation_input_tokens):
+                if cached is not None and cached > 0:
+                    prompt += cached
+        count_tokens(prompt, self.completion_tokens or self.output_tokens)
 
 
 class _Response(msgspec.Struct):
@@ -111,6 +152,20 @@ def count_usage(answer: bytes | bytearray) -> None:
     if usage is not None:
         usage.count()
 
+
+class _Unmetered:
+    """In place of a usage reader where an answer's tokens do not count."""
+
+    @staticmethod
+    def feed(chunk: bytes) -> None:
+        pass
+
+    @staticmethod
+    def finish() -> None:
+        pass
+
+
+UNMETERED = _Unmetered()
 
 _END = b"\n\n"
 

@@ -99,8 +99,8 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     # The model its servers load, and the name /v1 requests use for it.
     loaded: str | None = None
     served: str | None = None
-    # The LoRA adapters its servers serve besides, by name (models of their own).
-    adapters: tuple[str, ...] = ()
+    # The LoRA adapters its servers serve besides (models of their own): name -> path.
+    adapters: dict[str, str] = msgspec.field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -239,7 +239,7 @@ def check(name: str, table: Any, recipes: RecipeCatalog, where: str) -> Deployme
         where=where,
         loaded=names.model,
         served=names.served or None,
-        adapters=tuple(a for a in names.adapters if a != names.served),
+        adapters=names.adapters,
     )
 
 

@@ -199,6 +199,31 @@ def test_lora_adapters_come_from_the_request_or_the_sites_overlay(tmp_path: Path
         "sql",
         "chat/v2",
     ]
+    # An empty one: none, whatever the site offers.
+    assert model_names(spec, recipe.environment({"VLLM_LORA_MODULES": ""})).names == [
+        "Qwen/Qwen2.5-0.5B-Instruct"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("environment", "why"),
+    [
+        ({"VLLM_LORA_MODULES": "a=/x b=/y a=/z"}, "the adapter name 'a' is given twice"),
+        (
+            {"VLLM_SERVED_MODEL_NAME": "chat", "VLLM_LORA_MODULES": "chat=/x"},
+            "the adapter name 'chat' is the model's own name",
+        ),
+        ({"VLLM_MODEL": "org/m", "VLLM_LORA_MODULES": "org/m=/x"}, "is the model's own name"),
+        ({"VLLM_LORA_MODULES": "a=/x", "VLLM_MAX_LORA_RANK": "24"}, "must be one of 1, 8, 16"),
+    ],
+)
+def test_adapters_vllm_would_refuse_at_its_start_are_refused_now(
+    catalog: RecipeCatalog, environment: dict[str, str], why: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        catalog.get("inference/vllm").environment(environment)
+    assert why in info.value.detail
+    assert "VLLM_" in info.value.detail
 
 
 @pytest.mark.parametrize(

@@ -152,6 +152,31 @@ def test_a_whole_answer_with_input_and_output_tokens_is_counted(kind: str) -> No
     assert counted(feed) == (21, 8)
 
 
+def test_anthropics_cached_prompt_tokens_count_as_prompt_tokens() -> None:
+    # vLLM leaves the cached ones out of Anthropic's input_tokens, as Anthropic does.
+    usage = {"input_tokens": 4, "cache_read_input_tokens": 10, "output_tokens": 3}
+    answer = json.dumps({"type": "message", "usage": usage}).encode()
+    assert counted(lambda: count_usage(answer)) == (14, 3)
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -5, "completion_tokens": -1},
+        {"input_tokens": -5, "output_tokens": 2**64 - 1},
+        {"prompt_tokens": 2**40},
+    ],
+)
+def test_usage_no_answer_can_have_is_not_believed_nor_fails_the_answer(
+    usage: dict[str, int],
+) -> None:
+    answer = json.dumps({"object": "chat.completion", "usage": usage}).encode()
+    assert counted(lambda: count_usage(answer)) == (0, 0)
+    pieces = AnswerUsage()
+    pieces.feed(answer)
+    assert counted(pieces.finish) == (0, 0)
+
+
 # -- whole answers -------------------------------------------------------------------
 
 ANSWER = {
