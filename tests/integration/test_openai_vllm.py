@@ -5,14 +5,18 @@ runtime (c2205).
 Two services serve the recipe's default chat model under one alias
 (VLLM_SERVED_MODEL_NAME): the SDK sees one model, and requests spread over
 both; the first also serves a LoRA adapter of it, a model of its own. A third
-serves a tiny cross-encoder (rerank, score). The caller is tenant team-a with
-its API key, sent as the SDK sends it.
+serves a tiny cross-encoder (rerank, score), a fourth a tiny Whisper (audio).
+The caller is tenant team-a with its API key, sent as the SDK sends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import math
+import struct
 import time
+import wave
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +37,9 @@ KEY = "sgw_local-team-a-key"  # deploy/local/tenants.toml: tenant team-a
 ALIAS = "tiny-chat"
 ADAPTER = "tiny-lora"  # deploy/local/build_tiny_models.py: a LoRA adapter of tiny-chat
 RERANKER = "tiny-rerank"
+LISTENER = "tiny-whisper"
 ROOT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"  # the recipe's default, a tiny local stand-in
-STARTUP = 420.0  # seconds; three vLLMs starting at once on two cores
+STARTUP = 420.0  # seconds; four vLLMs starting at once on two cores
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -52,12 +57,14 @@ def gateway(request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
 class Services(NamedTuple):
     pair: list[str]  # two replicas of the chat model, the first with a LoRA adapter
     reranker: str  # a cross-encoder
+    listener: str  # a Whisper
 
 
 @pytest.fixture(scope="module")
 def started(gateway: GatewayProcess) -> Iterator[Services]:
     """Two vLLM services of one model under one alias, the first also serving
-    a LoRA adapter of it; and one of a tiny cross-encoder. All three start at once."""
+    a LoRA adapter of it; one of a tiny cross-encoder, one of a tiny Whisper.
+    All four start at once."""
     headers = {"Authorization": f"Bearer {KEY}"}
     ids: list[str] = []
     chat = {
@@ -69,6 +76,7 @@ def started(gateway: GatewayProcess) -> Iterator[Services]:
         {**chat, "VLLM_LORA_MODULES": f"{ADAPTER}=/opt/models/tiny-lora"},
         chat,
         {"VLLM_MODEL": "/opt/models/tiny-rerank", "VLLM_SERVED_MODEL_NAME": RERANKER},
+        {"VLLM_MODEL": "/opt/models/tiny-whisper", "VLLM_SERVED_MODEL_NAME": LISTENER},
     ]
 
     async def start() -> None:
@@ -89,7 +97,7 @@ def started(gateway: GatewayProcess) -> Iterator[Services]:
                 )
                 assert state.json()["status"] == "running", state.text
             TIMINGS.append(
-                f"/v1 with the SDK: three vLLMs running in {time.monotonic() - started:.0f} s"
+                f"/v1 with the SDK: four vLLMs running in {time.monotonic() - started:.0f} s"
             )
 
     async def stop() -> None:
@@ -99,7 +107,7 @@ def started(gateway: GatewayProcess) -> Iterator[Services]:
 
     try:
         asyncio.run(start())
-        yield Services(ids[:2], ids[2])
+        yield Services(ids[:2], ids[2], ids[3])
     finally:
         asyncio.run(stop())
 
@@ -259,6 +267,50 @@ def test_rerank_and_score_in_jinas_and_cohere_shapes(
     assert [r["relevance_score"] for r in results] == pytest.approx([scores[i] for i in ranked])
     assert [r["index"] for r in jina.json()["results"]] == ranked[:2]
     print(f"rerank through the gateway: {ranked} with scores {scores}")
+
+
+def tone(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A WAV of a 440 Hz tone."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        samples = (
+            int(8000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(int(seconds * rate))
+        )
+        wav.writeframes(b"".join(struct.pack("<h", sample) for sample in samples))
+    return out.getvalue()
+
+
+def test_audio_transcribed_and_translated_by_a_whisper_plain_and_streamed(
+    client: openai.OpenAI, started: Services
+) -> None:
+    # A form (multipart) routed by its model field to the Whisper's service.
+    audio = ("tone.wav", tone())
+    heard = client.audio.transcriptions.with_raw_response.create(
+        model=LISTENER, file=audio, language="en"
+    )
+    assert heard.headers["x-gateway-service-id"] == started.listener
+    assert heard.parse().text
+    # vLLM streams its own chunks (choices' deltas), which OpenAI's SDK does
+    # not read: counted raw, as they come.
+    form = {"model": LISTENER, "language": "en", "stream": "true"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with (
+        httpx.Client(base_url=str(client.base_url), headers=headers, timeout=60) as api,
+        api.stream("POST", "/audio/transcriptions", data=form, files={"file": audio}) as streamed,
+    ):
+        assert streamed.status_code == 200
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    deltas = [e for e in events if '"transcription.chunk"' in e]
+    assert deltas and events[-1] == "data: [DONE]", events[-3:]
+    translated = client.audio.translations.create(model=LISTENER, file=audio)
+    assert translated.text
+    print(
+        f"Whisper through the gateway: {len(deltas)} streamed deltas, {heard.parse().text[:40]!r}"
+    )
 
 
 # vLLM's management routes (vllm/entrypoints/serve/dev, lora, profile,
