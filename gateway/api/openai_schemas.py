@@ -50,8 +50,8 @@ class OpenAIModel(msgspec.Struct, kw_only=True):
     ]
     parent: Annotated[
         str | None,
-        Meta(description="for a LoRA adapter, the model it adapts (its name on /v1)"),
-    ] = None
+        Meta(description="for a LoRA adapter, the model it adapts (its name on /v1); else null"),
+    ]
     max_model_len: Annotated[
         int | None, Meta(description="the longest context, where vLLM reports it")
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 import tomllib
@@ -57,7 +58,13 @@ def own_cache() -> Iterator[tuple[str, Path]]:
     it, where the host sees it). Removed afterwards."""
     (cluster,) = named("c2605")
     name = f".cache/gw-test-{uuid.uuid4().hex[:8]}"
-    host = Path(cluster.chroot) / "home" / cluster.user / name
+    home = Path(cluster.chroot) / "home" / cluster.user
+    host = home / name
+    if not (home / ".cache").exists():
+        # The user's, as a job of its would make it: made by root, no job of
+        # the user could make its cache in it (a fresh machine's first run).
+        (home / ".cache").mkdir()
+        os.chown(home / ".cache", *cluster.user_ids(cluster.user))
     try:
         yield f"~/{name}", host
     finally:
@@ -83,7 +90,8 @@ def phases(seen: dict[str, float]) -> str:
 
 
 async def cold_and_warm(folder: Path) -> str:
-    """Two services at once on a cold cache (one conversion), a third warm; a
+    """Two services at once on a cold cache (one conversion), a third warm once
+    the image is there, while those start; a
     prompt, a stream and /v1 through the first. The summary's line."""
     (cluster,) = named("c2605")
     with own_cache() as (image_cache, host_cache):
@@ -101,9 +109,11 @@ async def _cold_and_warm(cluster: LocalCluster, site: Path, host_cache: Path) ->
             ]
             for _ in range(2)
         ]
+        warm: asyncio.Task[dict[str, Any]] | None = None
         try:
             seen: list[dict[str, float]] = [{}, {}]
             reasons: list[set[str]] = [set(), set()]
+            converted_once = asyncio.Event()  # both have left building
 
             async def follow(i: int) -> dict[str, Any]:
                 async def status() -> dict[str, Any]:
@@ -113,19 +123,35 @@ async def _cold_and_warm(cluster: LocalCluster, site: Path, host_cache: Path) ->
                     seen[i].setdefault(body["status"], round(time.monotonic() - t0, 1))
                     if body["status"] == "building":
                         reasons[i].add(body["status_reason"])
+                    if all({"starting", "running"} & s.keys() for s in seen):
+                        converted_once.set()
                     return body
 
                 return await poll(
                     status, lambda s: s["status"] not in ACTIVE, timeout=STARTUP, interval=0.5
                 )
 
+            # Warm: once the image is in the cache, a third, while the two start.
+            warm_seen: dict[str, float] = {}
+
+            async def warm_walk() -> dict[str, Any]:
+                await converted_once.wait()
+                started = time.monotonic()
+                created = await api.post("/api/v1/services", json={"recipe_name": "inference/vllm"})
+                ids.append(created.json()["id"])
+                return await walk(api, ids[2], warm_seen, started)
+
+            warm = asyncio.create_task(warm_walk())
             ended = await asyncio.gather(follow(0), follow(1))
             assert [e["status"] for e in ended] == ["running", "running"], ended
             for walked in seen:
                 order = [s for s in ("pending", "building", "starting", "running") if s in walked]
                 assert list(walked) == order, walked
             # One conversion: one job's log says it converted, the other's that it waited.
-            logs = [(await api.get(f"/api/v1/services/{sid}/logs")).json()["logs"] for sid in ids]
+            cold_ids = ids[:2]  # the warm one may be there too by now
+            logs = [
+                (await api.get(f"/api/v1/services/{sid}/logs")).json()["logs"] for sid in cold_ids
+            ]
             converted = [("converted in" in log) for log in logs]
             assert sorted(converted) == [False, True], logs
             waiter = logs[converted.index(False)]
@@ -136,16 +162,7 @@ async def _cold_and_warm(cluster: LocalCluster, site: Path, host_cache: Path) ->
             assert not [p for p in host_cache.iterdir() if ".part" in p.name]
             cold = [phases(s) for s in seen]
 
-            # Warm: the image is in the cache; no conversion.
             await api.delete(f"/api/v1/services/{ids[1]}")
-            t0 = time.monotonic()
-            warm_seen: dict[str, float] = {}
-            ids.append(
-                (await api.post("/api/v1/services", json={"recipe_name": "inference/vllm"})).json()[
-                    "id"
-                ]
-            )
-            warm = asyncio.create_task(walk(api, ids[2], warm_seen, t0))
 
             # Meanwhile, the first: its model, a prompt, a stream, the front door.
             sid = ids[0]
@@ -188,5 +205,7 @@ async def _cold_and_warm(cluster: LocalCluster, site: Path, host_cache: Path) ->
                 f"prompt, stream and /v1/chat/completions 200"
             )
         finally:
+            if warm is not None and not warm.done():
+                warm.cancel()  # the cold ones failed: it waits for nothing
             for sid in ids:
                 await api.delete(f"/api/v1/services/{sid}")
