@@ -71,16 +71,22 @@ def corpus() -> list[str]:
     return texts
 
 
-def tokenizer(chat: bool) -> PreTrainedTokenizerFast:
+def byte_bpe(special: list[str]) -> Tokenizer:
+    """A byte-level BPE of 1,024 tokens trained on corpus(), ``special`` first."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1024,
-        special_tokens=SPECIAL,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    return tok
+
+
+def tokenizer(chat: bool) -> PreTrainedTokenizerFast:
+    tok = byte_bpe(SPECIAL)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>" if chat else "<|endoftext|>",
@@ -203,17 +209,8 @@ def build_whisper(folder: Path) -> None:
         "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
         "<|notimestamps|>",
     ]  # fmt: skip
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus(), trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
+    byte_bpe(special).save(str(folder / "tokenizer.json"))
     end = "<|endoftext|>"
     fast = WhisperTokenizerFast(
         tokenizer_file=str(folder / "tokenizer.json"),

@@ -79,7 +79,7 @@ class Service(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def names(self) -> list[str]:
         """Every name /v1 requests reach it by: its model's, its adapters'."""
-        return [self.served_model, *(a for a in self.adapters if a != self.served_model)]
+        return served_names(self.served_model, self.adapters)
 
 
 class ModelNames(NamedTuple):
@@ -95,7 +95,13 @@ class ModelNames(NamedTuple):
     @property
     def names(self) -> list[str]:
         """Every name /v1 requests reach it by: its model's, then its adapters'."""
-        return [self.served, *(a for a in self.adapters if a != self.served)]
+        return served_names(self.served, self.adapters)
+
+
+def served_names(served: str, adapters: Mapping[str, str]) -> list[str]:
+    """The model's name, then its adapters' (one named like the model, which
+    jobs submitted before that was refused may have, once)."""
+    return [served, *(a for a in adapters if a != served)]
 
 
 def model_names(spec: ServiceSpec | None, environment: Mapping[str, str]) -> ModelNames:

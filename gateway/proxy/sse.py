@@ -97,9 +97,9 @@ _MOST_TOKENS = 1 << 30
 
 
 def count_tokens(prompt: int | None, completion: int | None) -> None:
-    if prompt and 0 < prompt < _MOST_TOKENS:
+    if prompt is not None and 0 < prompt < _MOST_TOKENS:
         series(PROMPT_TOKENS, "prompt").inc(prompt)
-    if completion and 0 < completion < _MOST_TOKENS:
+    if completion is not None and 0 < completion < _MOST_TOKENS:
         series(PROMPT_TOKENS, "completion").inc(completion)
 
 
